@@ -1,0 +1,33 @@
+"""Shared test set-up: an isolated data home and output root for the whole session."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Isolate from the user's cache before any project module reads the environment.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="vlmsae-test-home-"))
+os.environ.setdefault("VLMSAE_HOME", str(_SESSION_HOME / "home"))
+os.environ.setdefault("VLMSAE_OUTPUTS", str(_SESSION_HOME / "outputs"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def fixture():
+    """The embedded fixture (built once per test session)."""
+    from vlmsae_utils.fixtures import ensure_fixture
+
+    return ensure_fixture()
+
+
+@pytest.fixture(scope="session")
+def val_images(fixture):
+    """A few fixture validation images as PIL images, from different classes."""
+    from PIL import Image
+
+    paths = sorted((fixture.images / "val").rglob("*.png"))
+    return [Image.open(p).convert("RGB") for p in paths[:: max(1, len(paths) // 5)][:5]]

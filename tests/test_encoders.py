@@ -1,0 +1,173 @@
+"""Encoders: loaders round-trip the tiny models, hooks capture the right tensors and vanish."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmsae_utils.encoders import load_encoder, select_tokens
+
+HF_MODELS = ("clip", "siglip", "dinov2")
+ALL_MODELS = HF_MODELS + ("open_clip",)
+
+
+@pytest.fixture(scope="module")
+def encoders(fixture):
+    """Every tiny fixture encoder, loaded through the public loader."""
+    loaded = {name: load_encoder(fixture.model(name)) for name in ALL_MODELS}
+    for enc in loaded.values():
+        _BASELINE[id(enc)] = sum(len(m._forward_hooks) for m in enc.model.modules())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def pixels(encoders, val_images):
+    """Preprocessed fixture images per encoder."""
+    return {name: enc.preprocess(val_images) for name, enc in encoders.items()}
+
+
+_BASELINE: dict[int, int] = {}
+
+
+def _hooks_left(encoder) -> int:
+    """Forward hooks added since the encoder was loaded (transformers installs some of its own)."""
+    count = sum(len(m._forward_hooks) for m in encoder.model.modules())
+    return count - _BASELINE[id(encoder)]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_loader_round_trips_weights_from_disk(fixture, encoders, name):
+    # transformers may rename keys between its file layout and its modules, so match tensors
+    # by content: every tensor of the loaded model must be one written to disk.
+    stored = load_file(str(next(fixture.model(name).glob("*.safetensors"))))
+    on_disk = {_fingerprint(t) for t in stored.values()}
+    state = encoders[name].model.state_dict()
+    missing = [key for key, value in state.items() if _fingerprint(value) not in on_disk]
+    assert not missing
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    """Shape and exact sums: equal only for (practically) identical tensors."""
+    t = tensor.detach().double()
+    return tuple(t.shape), float(t.sum()), float(t.abs().sum()), float((t * t).sum())
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_block_output_equals_hidden_states(encoders, pixels, name, layer):
+    enc = encoders[name]
+    with torch.no_grad():
+        hidden = enc.model(pixel_values=pixels[name], output_hidden_states=True).hidden_states
+    _BASELINE[id(enc)] = sum(len(m._forward_hooks) for m in enc.model.modules())
+    expected = hidden[enc.block_index(layer) + 1]
+    torch.testing.assert_close(enc.capture(pixels[name], "post_mlp_residual", layer), expected)
+    assert _hooks_left(enc) == 0
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_open_clip_block_output_equals_direct_computation(encoders, pixels, layer):
+    enc = encoders["open_clip"]
+    visual = enc.model.visual
+    with torch.no_grad():
+        x = visual._embeds(pixels["open_clip"])
+        for block in visual.transformer.resblocks[: layer + 1]:
+            x = block(x)
+    torch.testing.assert_close(enc.capture(pixels["open_clip"], "post_mlp_residual", layer), x)
+    assert _hooks_left(enc) == 0
+
+
+def test_post_projection_is_the_models_own_embedding(encoders, pixels):
+    with torch.no_grad():
+        clip = encoders["clip"].model(pixel_values=pixels["clip"]).image_embeds
+        dino = encoders["dinov2"].model(pixel_values=pixels["dinov2"]).pooler_output
+        siglip = encoders["siglip"].model(pixel_values=pixels["siglip"]).pooler_output
+        oc = encoders["open_clip"].model.encode_image(pixels["open_clip"])
+    torch.testing.assert_close(encoders["clip"].embed_images(pixels["clip"]), clip)
+    torch.testing.assert_close(encoders["dinov2"].embed_images(pixels["dinov2"]), dino)
+    torch.testing.assert_close(encoders["siglip"].embed_images(pixels["siglip"]), siglip)
+    torch.testing.assert_close(encoders["open_clip"].embed_images(pixels["open_clip"]), oc)
+
+
+@pytest.mark.parametrize("name", ("clip", "open_clip", "dinov2"))
+def test_token_modes_shapes_and_values(encoders, pixels, name):
+    enc, px = encoders[name], pixels[name]
+    full = enc.capture(px, "post_mlp_residual", 1)
+    batch, length, dim = full.shape
+    every = enc.activations(px, "post_mlp_residual", 1, "all")
+    assert every.shape == (batch * length, dim)
+    torch.testing.assert_close(every.reshape(batch, length, dim), full)
+    torch.testing.assert_close(enc.activations(px, "post_mlp_residual", 1, "mean"), full.mean(1))
+    torch.testing.assert_close(enc.activations(px, "post_mlp_residual", 1, "cls"), full[:, 0])
+    picked = enc.activations(px, "post_mlp_residual", 1, "random_k", 3, torch.Generator().manual_seed(0))
+    assert picked.shape == (batch * 3, dim)
+    for row, vector in enumerate(picked):  # every picked row is a token of its own image
+        image = row // 3
+        assert torch.isclose(full[image], vector).all(dim=1).any()
+
+
+def test_random_k_is_reproducible_with_a_generator():
+    hidden = torch.randn(4, 10, 6)
+    first = select_tokens(hidden, "random_k", 5, torch.Generator().manual_seed(7))
+    again = select_tokens(hidden, "random_k", 5, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+
+
+def test_siglip_has_no_cls_token(encoders, pixels):
+    with pytest.raises(ValueError, match="no CLS token"):
+        encoders["siglip"].activations(pixels["siglip"], "post_mlp_residual", 0, "cls")
+
+
+def test_bad_hook_layer_and_tokens_fail_with_valid_values(encoders, pixels):
+    enc, px = encoders["clip"], pixels["clip"]
+    with pytest.raises(ValueError, match="post_mlp_residual, post_projection"):
+        enc.activations(px, "pre_mlp", 0)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        enc.activations(px, "post_mlp_residual", 4)
+    with pytest.raises(ValueError, match="cls, mean, random_k, all"):
+        enc.activations(px, "post_mlp_residual", 0, "max")
+    with pytest.raises(ValueError, match="random_k must be"):
+        enc.activations(px, "post_mlp_residual", 0, "random_k", 0)
+    assert _hooks_left(enc) == 0
+
+
+def test_unknown_encoder_name_lists_valid_forms(tmp_path):
+    with pytest.raises(ValueError, match="fixture:NAME"):
+        load_encoder("not-a-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_encoder(tmp_path / "empty")
+
+
+def test_fixture_prefix_loads_the_fixture_model(fixture):
+    assert load_encoder("fixture:dinov2").num_layers == load_encoder(fixture.model("dinov2")).num_layers
+
+
+@pytest.mark.parametrize("name", ("clip", "open_clip"))
+def test_splice_replaces_block_output_and_is_removed(encoders, pixels, name):
+    enc, px = encoders[name], pixels[name]
+    before_final = enc.embed_images(px)
+    with enc.splice("post_mlp_residual", 1, lambda h: h * 0.0):
+        assert torch.count_nonzero(enc.capture(px, "post_mlp_residual", 1)) == 0
+        changed = enc.embed_images(px)
+    assert not torch.allclose(changed, before_final)
+    assert _hooks_left(enc) == 0
+    torch.testing.assert_close(enc.embed_images(px), before_final)
+
+
+def test_splice_hook_is_removed_after_an_exception(encoders, pixels):
+    enc, px = encoders["clip"], pixels["clip"]
+
+    def boom(h):
+        raise RuntimeError("inside the block")
+
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with enc.splice("post_mlp_residual", 0, boom):
+            enc.embed_images(px)
+    assert _hooks_left(enc) == 0
+
+
+def test_splice_refuses_a_shape_change(encoders, pixels):
+    enc, px = encoders["clip"], pixels["clip"]
+    with pytest.raises(ValueError, match="changed the shape"):
+        with enc.splice("post_mlp_residual", 0, lambda h: h[:, :1]):
+            enc.embed_images(px)

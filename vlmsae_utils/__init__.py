@@ -1,0 +1,1 @@
+"""vlmsae helper package."""

@@ -1,0 +1,411 @@
+"""Vision encoders behind one interface: preprocess, capture activations at a hook point, embed.
+
+Supported: transformers CLIP (vision tower with projection), SigLIP, DINOv2, and open_clip
+models, from hub ids or local folders. Activations are captured with forward hooks that are
+always removed; the forward pass stops right after the captured block, so extracting an
+early layer costs only that part of the network. :meth:`VisionEncoder.splice` replaces a
+hook point's output by any callable, which is how SAEs are spliced into a model.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HOOKS = ("post_mlp_residual", "post_projection")
+TOKEN_MODES = ("cls", "mean", "random_k", "all")
+OPEN_CLIP_PREFIX = "open_clip:"
+FIXTURE_PREFIX = "fixture:"
+
+#: Hub models the paper uses, with the family that loads them.
+KNOWN_HUB_MODELS = {
+    "openai/clip-vit-large-patch14-336": "clip",
+    "openai/clip-vit-base-patch32": "clip",
+    "google/siglip-so400m-patch14-384": "siglip",
+    "facebook/dinov2-base": "dinov2",
+    "open_clip:ViT-L-14-336/openai": "open_clip",
+    "open_clip:ViT-B-32/openai": "open_clip",
+}
+
+#: transformers ``model_type`` → encoder family.
+MODEL_TYPE_FAMILY = {
+    "clip": "clip", "clip_vision_model": "clip",
+    "siglip": "siglip", "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
+}
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the rest of the forward pass."""
+
+
+@dataclass
+class VisionEncoder:
+    """A frozen vision encoder with hook points ``post_mlp_residual`` (per block) and ``post_projection``."""
+
+    name: str
+    family: str
+    model: nn.Module
+    processor: Callable
+    blocks: nn.ModuleList
+    projection: nn.Module
+    has_cls_token: bool
+    hidden_size: int
+    projection_dim: int
+    sequence_first: bool = False  # open_clip models built with batch_first=False
+    take_first_token_of_projection: bool = False  # DINOv2: pooler = layernorm(seq)[:, 0]
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    @property
+    def hook_points(self) -> tuple[str, ...]:
+        """Names of the hook points this encoder offers."""
+        return HOOKS
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model parameters."""
+        return next(self.model.parameters()).device
+
+    def output_dim(self, hook: str) -> int:
+        """Width of the activations at ``hook``."""
+        check_hook(hook)
+        return self.hidden_size if hook == "post_mlp_residual" else self.projection_dim
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        """PIL images → pixel tensor ``[B, 3, H, W]`` with the model's own preprocessing."""
+        if not images:
+            raise ValueError("preprocess() needs at least one image")
+        return self.processor(list(images)).to(self.device)
+
+    def block_index(self, layer: int) -> int:
+        """0-based block index; negative counts from the end, like Python lists."""
+        if not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
+            raise ValueError(
+                f"layer {layer!r} is out of range for {self.name}: it has {self.num_layers} blocks, "
+                f"valid layers are 0..{self.num_layers - 1} or -{self.num_layers}..-1"
+            )
+        return layer % self.num_layers
+
+    def hook_module(self, hook: str, layer: int | None) -> nn.Module:
+        """The module whose output is the hook point."""
+        check_hook(hook)
+        return self.blocks[self.block_index(layer)] if hook == "post_mlp_residual" else self.projection
+
+    def _run(self, pixel_values: torch.Tensor) -> None:
+        """Full forward pass of the vision model (outputs are taken by hooks)."""
+        if self.family == "open_clip":
+            self.model.encode_image(pixel_values)
+        else:
+            self.model(pixel_values=pixel_values)
+
+    def capture(self, pixel_values: torch.Tensor, hook: str, layer: int | None = None) -> torch.Tensor:
+        """Raw output of a hook point: ``[B, T, D]`` for blocks, ``[B, D]`` after the projection."""
+        module = self.hook_module(hook, layer)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, _inputs, output):
+            captured.append(_first(output))
+            raise _StopForward
+
+        handle = module.register_forward_hook(grab)
+        try:
+            with torch.inference_mode():
+                self._run(pixel_values)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"hook {hook} of {self.name} was never reached in the forward pass")
+        return self._normalise_layout(captured[0], hook)
+
+    def _normalise_layout(self, output: torch.Tensor, hook: str) -> torch.Tensor:
+        """Bring a captured output to ``[B, T, D]`` (blocks) or ``[B, D]`` (projection)."""
+        if hook == "post_mlp_residual":
+            return output.transpose(0, 1) if self.sequence_first else output
+        return output[:, 0] if self.take_first_token_of_projection else output
+
+    def activations(
+        self,
+        pixel_values: torch.Tensor,
+        hook: str,
+        layer: int | None = None,
+        tokens: str = "cls",
+        random_k: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Activations at a hook point with token selection; rows are image-major ``[B*r, D]``."""
+        check_tokens(tokens, random_k)
+        out = self.capture(pixel_values, hook, layer)
+        if out.ndim == 2:  # post_projection: one vector per image
+            if tokens == "random_k":
+                raise ValueError("post_projection has one vector per image: use tokens='cls', 'mean' or 'all'")
+            return out
+        if tokens == "cls" and not self.has_cls_token:
+            raise ValueError(f"{self.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
+        return select_tokens(out, tokens, random_k, generator)
+
+    def rows_per_image(self, hook: str, tokens: str, random_k: int = 2, num_tokens: int | None = None) -> int:
+        """How many activation rows one image yields for this hook and token mode."""
+        check_tokens(tokens, random_k)
+        if hook == "post_projection" or tokens in ("cls", "mean"):
+            return 1
+        if tokens == "random_k":
+            return random_k
+        if num_tokens is None:
+            raise ValueError("tokens='all' needs the sequence length (num_tokens)")
+        return num_tokens
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Scoring embedding: CLIP ``image_embeds``, DINOv2/SigLIP ``pooler_output``, open_clip ``encode_image``."""
+        return self.capture(pixel_values, "post_projection")
+
+    @contextlib.contextmanager
+    def splice(self, hook: str, layer: int | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, the hook point's output (``[B, T, D]`` or ``[B, D]``) is replaced by ``fn(output)``."""
+        module = self.hook_module(hook, layer)
+        handle = module.register_forward_hook(self._splice_hook(hook, fn))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _splice_hook(self, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        """A forward hook that swaps the first output for ``fn`` of it, in the module's own layout."""
+        transpose = hook == "post_mlp_residual" and self.sequence_first
+
+        def replace(_module, _inputs, output):
+            value = _first(output)
+            new = fn(value.transpose(0, 1)) if transpose else fn(value)
+            new = new.transpose(0, 1) if transpose else new
+            if new.shape != value.shape:
+                raise ValueError(f"spliced function changed the shape {tuple(value.shape)} → {tuple(new.shape)}")
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        return replace
+
+
+def _first(output) -> torch.Tensor:
+    """Hidden states of a module output that may be a tensor, a tuple or a ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[0]  # transformers ModelOutput supports indexing
+
+
+def check_hook(hook: str) -> None:
+    """Fail with the valid names when ``hook`` is unknown."""
+    if hook not in HOOKS:
+        raise ValueError(f"unknown hook {hook!r}; valid hooks: {', '.join(HOOKS)}")
+
+
+def check_tokens(tokens: str, random_k: int = 2) -> None:
+    """Fail with the valid names when ``tokens`` is unknown or ``random_k`` < 1."""
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"unknown token mode {tokens!r}; valid modes: {', '.join(TOKEN_MODES)}")
+    if tokens == "random_k" and (not isinstance(random_k, int) or random_k < 1):
+        raise ValueError(f"random_k must be an integer >= 1, got {random_k!r}")
+
+
+def select_tokens(
+    hidden: torch.Tensor, tokens: str, random_k: int = 2, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Token selection on ``[B, T, D]``: CLS (token 0), mean over all tokens, k random tokens
+    per image drawn with replacement, or every token; returns image-major rows ``[B*r, D]``."""
+    check_tokens(tokens, random_k)
+    batch, length, dim = hidden.shape
+    if tokens == "cls":
+        return hidden[:, 0]
+    if tokens == "mean":
+        return hidden.mean(dim=1)
+    if tokens == "all":
+        return hidden.reshape(batch * length, dim)
+    index = torch.randint(0, length, (batch, random_k), generator=generator, device="cpu").to(hidden.device)
+    return torch.gather(hidden, 1, index[..., None].expand(-1, -1, dim)).reshape(batch * random_k, dim)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder or
+    ``fixture:NAME`` (a tiny model of the embedded fixture)."""
+    spec = str(name_or_path)
+    if spec.startswith(FIXTURE_PREFIX):
+        from .fixtures import ensure_fixture
+
+        spec = str(ensure_fixture().model(spec[len(FIXTURE_PREFIX):]))
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        encoder = _load_open_clip_hub(spec)
+    elif Path(spec).expanduser().is_dir():
+        encoder = _load_local(Path(spec).expanduser())
+    elif spec in KNOWN_HUB_MODELS or spec.count("/") == 1:
+        encoder = _load_transformers(spec, _hub_family(spec))
+    else:
+        raise ValueError(
+            f"unknown encoder {spec!r}: not a local folder, an open_clip spec or a hub id. "
+            f"Valid: 'fixture:NAME' (clip, siglip, dinov2, open_clip), a folder with config.json or open_clip_config.json, 'open_clip:ARCH/PRETRAINED', "
+            f"or a hub id such as {', '.join(KNOWN_HUB_MODELS)}"
+        )
+    encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return encoder
+
+
+def _hub_family(model_id: str) -> str:
+    """Family of a hub model, from the known list or its downloaded config."""
+    if model_id in KNOWN_HUB_MODELS:
+        return KNOWN_HUB_MODELS[model_id]
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_id).model_type
+    except Exception as err:  # offline, typo, private repo
+        raise ValueError(f"could not load the config of hub model {model_id!r} ({err}). Known models: "
+                         f"{', '.join(KNOWN_HUB_MODELS)}") from err
+    return _family_of(model_type, model_id)
+
+
+def _family_of(model_type: str, where: str) -> str:
+    """Encoder family of a transformers ``model_type``, or a clear error."""
+    if model_type not in MODEL_TYPE_FAMILY:
+        raise ValueError(f"{where}: model type {model_type!r} is not a supported vision encoder; "
+                         f"supported types: {', '.join(sorted(MODEL_TYPE_FAMILY))}")
+    return MODEL_TYPE_FAMILY[model_type]
+
+
+def _load_local(path: Path) -> VisionEncoder:
+    """A local folder in transformers or open_clip format."""
+    import json
+
+    if (path / "open_clip_config.json").is_file():
+        return _load_open_clip(f"local-dir:{path}", None, str(path))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has neither config.json (transformers) nor open_clip_config.json")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    return _load_transformers(str(path), _family_of(model_type, str(path)))
+
+
+def _load_transformers(source: str, family: str) -> VisionEncoder:
+    """transformers CLIP / SigLIP / DINOv2 from a hub id or folder."""
+    from transformers import AutoImageProcessor
+
+    with quiet_transformers():
+        return _build_transformers(source, family, AutoImageProcessor.from_pretrained(source))
+
+
+def _build_transformers(source: str, family: str, image_processor) -> VisionEncoder:
+    """Instantiate the vision model of ``family`` and wrap it."""
+    processor = _hf_preprocess(image_processor)
+    if family == "clip":
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(source)
+        return wrap_clip_vision(model, processor, source)
+    if family == "siglip":
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel.from_pretrained(source)
+        vision = getattr(model, "vision_model", model)  # transformers 5 flattens the wrapper
+        head = getattr(vision, "head", None)
+        if head is None:
+            raise ValueError(f"{source}: SigLIP model without attention-pool head has no post_projection")
+        return VisionEncoder(source, family, model, processor, vision.encoder.layers, head, False,
+                             model.config.hidden_size, model.config.hidden_size)
+    from transformers import Dinov2Model
+
+    model = Dinov2Model.from_pretrained(source)
+    return VisionEncoder(source, family, model, processor, model.encoder.layer, model.layernorm, True,
+                         model.config.hidden_size, model.config.hidden_size,
+                         take_first_token_of_projection=True)
+
+
+def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> VisionEncoder:
+    """Wrap a transformers CLIP vision model (with or without projection, e.g. LLaVA's tower)."""
+    vision = getattr(model, "vision_model", model)
+    projection = getattr(model, "visual_projection", None) or vision.post_layernorm
+    width = model.config.hidden_size
+    projection_dim = getattr(model.config, "projection_dim", width) if projection is not vision.post_layernorm else width
+    return VisionEncoder(name, "clip", model, processor, vision.encoder.layers, projection, True, width, projection_dim)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and weight-loading progress bars (unused text towers etc.)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_preprocess(image_processor) -> Callable:
+    """PIL list → pixel tensor through a transformers image processor."""
+
+    def run(images: list) -> torch.Tensor:
+        return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    return run
+
+
+def _load_open_clip_hub(spec: str) -> VisionEncoder:
+    """``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-L-14-336/openai``)."""
+    arch, _, tag = spec[len(OPEN_CLIP_PREFIX):].partition("/")
+    if not arch or not tag:
+        raise ValueError(f"open_clip spec must be 'open_clip:ARCH/PRETRAINED', got {spec!r}")
+    return _load_open_clip(arch, tag, spec)
+
+
+def _load_open_clip(model_name: str, pretrained: str | None, name: str) -> VisionEncoder:
+    """open_clip model through ``create_model_and_transforms``; only the visual tower is used."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    visual = model.visual
+    if not hasattr(visual, "transformer"):
+        raise ValueError(f"{name}: only ViT open_clip models are supported (no visual.transformer)")
+    width = visual.transformer.width
+    embed_dim = visual.output_dim
+
+    def run(images: list) -> torch.Tensor:
+        return torch.stack([preprocess(image) for image in images])
+
+    sequence_first = not getattr(visual.transformer, "batch_first", True)
+    has_cls = getattr(visual, "pool_type", "tok") == "tok" or getattr(visual, "class_embedding", None) is not None
+    return VisionEncoder(name, "open_clip", model, run, visual.transformer.resblocks, visual, has_cls,
+                         width, embed_dim, sequence_first=sequence_first)
+
+
+def describe(encoder: VisionEncoder) -> dict:
+    """One table row about an encoder: family, blocks, widths, CLS token, hook points."""
+    return {"encoder": encoder.name, "family": encoder.family, "blocks": encoder.num_layers,
+            "width": encoder.hidden_size, "projection dim": encoder.projection_dim,
+            "CLS token": encoder.has_cls_token, "hooks": ", ".join(encoder.hook_points)}
+
+
+def activation_shapes(encoder: VisionEncoder, pixel_values: torch.Tensor, random_k: int = 2) -> list[dict]:
+    """Shapes of the activations per hook point and token mode on one batch (invalid combinations noted)."""
+    rows = []
+    for hook, layer in (("post_mlp_residual", -1), ("post_projection", None)):
+        for tokens in TOKEN_MODES:
+            try:
+                shape = tuple(encoder.activations(pixel_values, hook, layer, tokens, random_k).shape)
+            except ValueError as err:
+                shape = f"n/a ({err})"
+            rows.append({"encoder": encoder.name, "hook": hook, "layer": layer, "tokens": tokens, "shape": shape})
+    return rows
