@@ -31,3 +31,12 @@ def val_images(fixture):
 
     paths = sorted((fixture.images / "val").rglob("*.png"))
     return [Image.open(p).convert("RGB") for p in paths[:: max(1, len(paths) // 5)][:5]]
+
+
+@pytest.fixture(scope="session")
+def executed_00(tmp_path_factory, fixture):
+    """Notebook 00 executed through the runner with a parameter override (run and book tests)."""
+    from vlmsae_utils import run
+
+    out = tmp_path_factory.mktemp("run00")
+    return run.run_notebook("00", {"images_per_class": 2, "random_k": 3}, out)

@@ -1,0 +1,38 @@
+# vlmsae — two commands on a fresh machine: `make demo` (build the book) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CHAPTERS := book/chapters
+
+.PHONY: install fixture notebooks book demo test lab clean
+
+# Create or refresh the virtual environment whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,book]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fixture: install
+	$(PY) -m vlmsae_utils.fixtures
+
+notebooks: fixture
+	$(PY) -m vlmsae_utils.run --all --out $(CHAPTERS)
+
+book: install
+	$(PY) -m vlmsae_utils.book
+
+demo: notebooks book
+	@echo "book: book/_build/html/index.html"
+
+test: install
+	$(PY) -m pytest
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf book/_build $(CHAPTERS) outputs

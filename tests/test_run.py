@@ -1,0 +1,77 @@
+"""The papermill runner: parameters, failures, unknown names."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from vlmsae_utils import run
+
+BROKEN = """---
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+# Broken
+
+```{code-cell} ipython3
+:tags: [parameters]
+answer = 41
+```
+
+```{code-cell} ipython3
+raise ZeroDivisionError(f"answer was {answer}")
+```
+"""
+
+
+def _outputs_text(notebook) -> str:
+    return json.dumps([cell.get("outputs", []) for cell in notebook.cells])
+
+
+@pytest.mark.slow
+def test_notebook_00_runs_with_override(executed_00):
+    notebook = nbformat.read(executed_00, as_version=4)
+    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "images_per_class = 2" in injected[0].source
+    text = _outputs_text(notebook)
+    assert "image/png" in text  # the class grid was drawn
+    assert "(12, 32)" in text  # random_k = 3 on 4 images with the 32-wide fixture models
+    assert executed_00.with_suffix(".log").is_file()
+
+
+def test_unknown_parameter_is_refused_before_running(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['imagez_per_class'\]"):
+        run.run_notebook("00", {"imagez_per_class": 3}, tmp_path)
+    assert not (tmp_path / "00_data_and_models.ipynb").exists()
+
+
+def test_broken_notebook_fails_loudly_with_cell_and_error(tmp_path, capsys):
+    source = tmp_path / "99_broken.md"
+    source.write_text(BROKEN)
+    with pytest.raises(run.NotebookError, match="ZeroDivisionError: answer was 7") as err:
+        run.run_notebook(source, {"answer": 7}, tmp_path / "out")
+    assert "raise ZeroDivisionError" in str(err.value)
+    assert run.main([str(source), "--out", str(tmp_path / "out")]) == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_cli_parses_yaml_values_and_rejects_bad_combinations():
+    assert run.parse_value("3") == 3 and run.parse_value("0.5") == 0.5
+    assert run.parse_value("[1, 2]") == [1, 2] and run.parse_value("true") is True
+    assert run.parse_value("fixture:clip") == "fixture:clip"
+    with pytest.raises(SystemExit):
+        run.main(["00", "--all"])
+
+
+def test_unknown_notebook_lists_available():
+    with pytest.raises(FileNotFoundError, match="00_data_and_models"):
+        run.find_notebook("42")
+
+
+def test_every_notebook_declares_parameters():
+    for source in run.all_notebooks():
+        text = source.read_text()
+        assert text.count(":tags: [parameters]") == 1, source.name

@@ -1,0 +1,41 @@
+"""One plotting style for the whole book, and the figures several chapters share."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+
+
+def set_style() -> None:
+    """The book's look: seaborn whitegrid, readable fonts, compact figures (call once per notebook)."""
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 120, "figure.figsize": (7, 4),
+                         "axes.titlesize": 11, "axes.labelsize": 10})
+
+
+def class_grid(images_by_class: Mapping[str, Sequence], labels: Mapping[str, str] | None = None,
+               *, thumb: float = 0.9, title: str | None = None) -> Figure:
+    """One row of thumbnails per class, labelled on the left (e.g. with the class's taxonomy)."""
+    classes = list(images_by_class)
+    ncols = max(len(v) for v in images_by_class.values())
+    label_width = 3.2
+    fig, axes = plt.subplots(len(classes), ncols + 1, squeeze=False,
+                             figsize=(label_width + thumb * ncols, thumb * len(classes)),
+                             gridspec_kw={"width_ratios": [label_width / thumb] + [1] * ncols})
+    for row, name in enumerate(classes):
+        label_ax = axes[row, 0]
+        label_ax.axis("off")
+        label_ax.text(1.0, 0.5, (labels or {}).get(name, name), ha="right", va="center", fontsize=8,
+                      transform=label_ax.transAxes)
+        for col in range(ncols):
+            ax = axes[row, col + 1]
+            ax.axis("off")
+            if col < len(images_by_class[name]):
+                ax.imshow(np.asarray(images_by_class[name][col]))
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.01, right=0.99, top=0.97 if title else 0.99, bottom=0.01)
+    return fig

@@ -1,0 +1,179 @@
+"""Execute the book's MyST notebooks headless with papermill.
+
+``python -m vlmsae_utils.run NOTEBOOK [-p NAME VALUE]... [--out DIR]`` converts a jupytext
+MyST notebook to ``.ipynb``, checks the parameter names against the notebook's
+``parameters`` cell, executes it and writes the executed notebook beside a run log.
+``--all`` runs every notebook in order on its defaults. A failing cell exits non-zero and
+prints the cell and the error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .paths import outputs_root, repo_root
+
+KERNEL_NAME = "python3"
+
+
+class NotebookError(RuntimeError):
+    """A notebook cell failed; the message holds the cell source and the error."""
+
+
+def notebooks_dir() -> Path:
+    """The folder with the MyST notebooks of the book."""
+    root = repo_root()
+    if root is None:
+        raise FileNotFoundError("notebooks/ not found: run from a source checkout (pip install -e .)")
+    return root / "notebooks"
+
+
+def all_notebooks() -> list[Path]:
+    """Every ``NN_*.md`` notebook in book order."""
+    return sorted(p for p in notebooks_dir().glob("[0-9][0-9]_*.md"))
+
+
+def find_notebook(name: str | Path) -> Path:
+    """A notebook by path, file name, stem or number prefix (``00``, ``00_data_and_models``)."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    matches = [p for p in all_notebooks() if p.stem == path.stem or p.name.startswith(f"{path.stem}_")]
+    if len(matches) != 1:
+        names = ", ".join(p.stem for p in all_notebooks())
+        raise FileNotFoundError(f"notebook {str(name)!r} not found (or ambiguous); available: {names}")
+    return matches[0]
+
+
+def to_ipynb(source: Path, target: Path) -> Path:
+    """Write the jupytext MyST notebook ``source`` as an unexecuted ``.ipynb``."""
+    import jupytext
+
+    notebook = jupytext.read(source)
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
+    jupytext.write(notebook, target, fmt="ipynb")
+    return target
+
+
+def notebook_parameters(ipynb: Path) -> dict[str, Any]:
+    """Names and defaults declared in the notebook's ``parameters`` cell."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(ipynb))
+    return {name: info.get("default") for name, info in declared.items()}
+
+
+def check_parameters(ipynb: Path, parameters: dict[str, Any]) -> None:
+    """Refuse names the notebook does not declare (papermill would inject them silently)."""
+    declared = notebook_parameters(ipynb)
+    if not declared and parameters:
+        raise ValueError(f"{ipynb.stem} has no cell tagged 'parameters'; cannot set {sorted(parameters)}")
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for {ipynb.stem}; valid: {sorted(declared)}")
+
+
+def run_notebook(source: str | Path, parameters: dict[str, Any] | None = None,
+                 out_dir: str | Path | None = None, *, progress: bool = False) -> Path:
+    """Execute one notebook with ``parameters``; returns the executed ``.ipynb`` (log beside it)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = find_notebook(source)
+    parameters = dict(parameters or {})
+    out = Path(out_dir) if out_dir is not None else outputs_root() / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / f"{source.stem}.ipynb"
+    log_path = out / f"{source.stem}.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        unexecuted = to_ipynb(source, Path(tmp) / f"{source.stem}.ipynb")
+        check_parameters(unexecuted, parameters)
+        with _log_to(log_path):
+            try:
+                papermill.execute_notebook(
+                    str(unexecuted), str(executed), parameters=parameters, kernel_name=KERNEL_NAME,
+                    cwd=str(source.parent), log_output=True, progress_bar=progress,
+                )
+            except PapermillExecutionError as err:
+                raise NotebookError(_describe_failure(executed, err)) from None
+    return executed
+
+
+def _describe_failure(executed: Path, err) -> str:
+    """The failing cell's source and the error, for the terminal."""
+    import nbformat
+
+    cell_source = "?"
+    if executed.is_file():  # papermill inserts a banner cell, so find the cell holding the error
+        cells = nbformat.read(executed, as_version=4).cells
+        failed = [c for c in cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+        cell_source = failed[0].source if failed else cell_source
+    return (f"{executed.stem}: cell {err.exec_count} failed with {err.ename}: {err.evalue}\n"
+            f"--- cell source ---\n{cell_source}\n--- executed notebook: {executed}")
+
+
+class _log_to:
+    """Context manager that copies papermill's log (cell outputs included) to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("papermill")
+
+    def __enter__(self) -> None:
+        self.previous_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.previous_level)
+        self.handler.close()
+
+
+def parse_value(text: str) -> Any:
+    """A command-line parameter value: YAML scalars and lists (``3``, ``0.5``, ``[1, 2]``, ``true``)."""
+    value = yaml.safe_load(text)
+    return text if value is None and text.strip() not in ("null", "~", "") else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``python -m vlmsae_utils.run``."""
+    parser = argparse.ArgumentParser(prog="python -m vlmsae_utils.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebook", nargs="?", help="notebook path, name or number (e.g. 00)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="override a parameter (value parsed as YAML)")
+    parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
+    parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    if args.all == bool(args.notebook):
+        build_parser().error("give exactly one of NOTEBOOK or --all")
+    if args.all and args.parameter:
+        build_parser().error("--all runs notebooks on their defaults; -p needs a single NOTEBOOK")
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    targets = all_notebooks() if args.all else [args.notebook]
+    try:
+        for target in targets:
+            print(f"running {Path(target).stem} ...", flush=True)
+            executed = run_notebook(target, parameters, args.out)
+            print(f"  wrote {executed}", flush=True)
+    except (NotebookError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
