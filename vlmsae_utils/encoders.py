@@ -172,7 +172,7 @@ class VisionEncoder:
     def splice(self, hook: str, layer: int | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
         """Within the block, the hook point's output (``[B, T, D]`` or ``[B, D]``) is replaced by ``fn(output)``."""
         module = self.hook_module(hook, layer)
-        handle = module.register_forward_hook(self._splice_hook(hook, fn))
+        handle = module.register_forward_hook(self._splice_hook(hook, fn), prepend=True)
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -270,7 +271,13 @@ def write_open_clip(path: Path) -> None:
     config_dir.mkdir(parents=True)
     (config_dir / "vlmsae-tiny-vit.json").write_text(json.dumps(OPEN_CLIP_MODEL_CFG, indent=2))
     open_clip.add_model_config(config_dir)
-    model = open_clip.create_model("vlmsae-tiny-vit", pretrained=None)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # open_clip warns that a model without weights is random: intended
+    try:
+        model = open_clip.create_model("vlmsae-tiny-vit", pretrained=None)
+    finally:
+        root_logger.setLevel(level)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     save_file(state, str(path / "open_clip_model.safetensors"))
     preprocess = {"size": MODEL_IMAGE_SIZE, "mean": list(open_clip.OPENAI_DATASET_MEAN),
@@ -282,8 +289,10 @@ def write_open_clip(path: Path) -> None:
 
 
 def write_llava(path: Path) -> None:
-    """Tiny ``LlavaForConditionalGeneration`` with a CLIP vision tower and a local tokenizer."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    """Tiny ``LlavaForConditionalGeneration`` whose vision tower is the fixture CLIP's vision model
+    (as LLaVA-1.5's tower is CLIP ViT-L/14-336), with a local tokenizer and chat template."""
+    from transformers import (CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
 
     tokenizer = build_tokenizer()
     text = LlamaConfig(
@@ -297,7 +306,10 @@ def write_llava(path: Path) -> None:
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
-    LlavaForConditionalGeneration(config).save_pretrained(path)
+    model = LlavaForConditionalGeneration(config)
+    clip_vision = CLIPVisionModel.from_pretrained(path.parent / "clip")  # written first
+    model.model.vision_tower.load_state_dict(clip_vision.state_dict())
+    model.save_pretrained(path)
     LlavaProcessor(
         image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=MODEL_PATCH_SIZE,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -305,7 +317,7 @@ def write_llava(path: Path) -> None:
     ).save_pretrained(path)
 
 
-MODEL_WRITERS = {
+MODEL_WRITERS = {  # order matters: LLaVA reuses the CLIP vision weights
     "clip": write_clip,
     "siglip": write_siglip,
     "dinov2": write_dinov2,
@@ -360,6 +372,7 @@ def build_fixture(target: Path, seed: int = 0) -> None:
 
     counts = write_images(target / "images", seed)
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     for offset, (name, writer) in enumerate(MODEL_WRITERS.items()):
         torch.manual_seed(seed * 1000 + offset)
         folder = target / "models" / name

@@ -1,0 +1,264 @@
+"""Steer a multimodal LLM (LLaVA) by clamping SAE latents inside its vision tower.
+
+:func:`steer` splices an SAE into the output of one vision block through
+:meth:`VisionEncoder.splice` (a forward hook, always removed). Clamps can differ per
+image of a batch, so a sweep over many latents is one batched generation. The steering
+score (PAPER.md §7) compares the CLIP text embedding of the model's one-word answer with
+the mean CLIP image embedding of the latent's top images.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .encoders import VisionEncoder, wrap_clip_vision
+
+STEER_MODES = ("replace", "pre_zero", "error_preserving")
+DEFAULT_PROMPT = "What is shown in this image? Use exactly one word!"
+Clamp = Mapping[int, float]
+
+
+def vision_tower(model: nn.Module) -> VisionEncoder:
+    """The CLIP vision tower of a transformers LLaVA model, wrapped for splicing."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
+    if tower is None:
+        raise ValueError(f"{type(model).__name__} has no vision_tower: expected a LlavaForConditionalGeneration")
+    return wrap_clip_vision(tower, processor=_no_preprocess, name="llava.vision_tower")
+
+
+def _no_preprocess(images):
+    raise RuntimeError("use the LLaVA processor to prepare images")
+
+
+def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
+    """The SAE must read the block's width, and every clamped latent must exist."""
+    if sae.activation_dim != width:
+        raise ValueError(f"SAE reads {sae.activation_dim}-d activations but the vision block outputs {width}-d")
+    for clamp in clamps:
+        bad = [j for j in clamp if not 0 <= int(j) < sae.dict_size]
+        if bad:
+            raise ValueError(f"latent(s) {bad} out of range: the SAE has {sae.dict_size} latents (0..{sae.dict_size - 1})")
+
+
+def clamp_codes(codes: torch.Tensor, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
+    """Codes ``[B, T, ω]`` with latent j set to α on every token of row b (``clamps[b]``)."""
+    out = torch.zeros_like(codes) if mode == "pre_zero" else codes.clone()
+    for row, clamp in enumerate(clamps):
+        for latent, alpha in clamp.items():
+            out[row, :, int(latent)] = float(alpha)
+    return out
+
+
+def steered_block_output(hidden: torch.Tensor, sae: nn.Module, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
+    """New block output for ``hidden`` ``[B, T, D]``: SAE decode of the clamped code, or (mode
+    ``error_preserving``) ``hidden`` plus the change the clamp makes to the reconstruction."""
+    batch, length, width = hidden.shape
+    flat = hidden.reshape(batch * length, width).float()
+    codes = sae.encode(flat).reshape(batch, length, -1)
+    clamped = clamp_codes(codes, clamps, mode)
+    decoded = sae.decode(clamped.reshape(batch * length, -1)).reshape(batch, length, width)
+    if mode == "error_preserving":
+        delta = decoded - sae.decode(codes.reshape(batch * length, -1)).reshape(batch, length, width)
+        return (hidden.float() + delta).to(hidden.dtype)
+    return decoded.to(hidden.dtype)
+
+
+def _per_row(clamp: Clamp | Sequence[Clamp] | None, batch: int) -> list[Clamp]:
+    """One clamp per batch row (a single mapping applies to every row)."""
+    if clamp is None:
+        return [{}] * batch
+    if isinstance(clamp, Mapping):
+        return [clamp] * batch
+    if len(clamp) != batch:
+        raise ValueError(f"{len(clamp)} per-row clamps for a batch of {batch} images")
+    return list(clamp)
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[Clamp] | None = None,
+          mode: str = "replace") -> Iterator[None]:
+    """Within the block, vision block ``layer``'s output is replaced by the SAE's clamped reconstruction.
+
+    ``clamp`` maps latent → α for every image, or is a list with one mapping per image of the
+    batch. Modes: ``replace`` (the paper), ``pre_zero`` (other latents zeroed), and
+    ``error_preserving`` (the SAE error is added back, so only the clamped latent changes).
+    """
+    if mode not in STEER_MODES:
+        raise ValueError(f"unknown steering mode {mode!r}; valid: {', '.join(STEER_MODES)}")
+    tower = vision_tower(model)
+    tower.block_index(layer)
+    rows = [clamp] if isinstance(clamp, Mapping) or clamp is None else list(clamp)
+    _check_sae(sae, tower.hidden_size, [r or {} for r in rows])
+    sae_device = next(sae.parameters()).device
+
+    def replace(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            new = steered_block_output(hidden.to(sae_device), sae, _per_row(clamp, hidden.shape[0]), mode)
+        return new.to(hidden.device)
+
+    with tower.splice("post_mlp_residual", layer, replace):
+        yield
+
+
+@contextlib.contextmanager
+def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
+    """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` (DiffMean steering)."""
+    tower = vision_tower(model)
+    if vector.shape != (tower.hidden_size,):
+        raise ValueError(f"steering vector has shape {tuple(vector.shape)}, the block width is {tower.hidden_size}")
+    with tower.splice("post_mlp_residual", layer, lambda h: h + scale * vector.to(h.device, h.dtype)):
+        yield
+
+
+def block_mean(model: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """Mean output of vision block ``layer`` over images and tokens."""
+    return vision_tower(model).capture(pixel_values, "post_mlp_residual", layer).float().mean(dim=(0, 1))
+
+
+def diffmean_vector(model: nn.Module, with_concept: torch.Tensor, without_concept: torch.Tensor,
+                    layer: int) -> torch.Tensor:
+    """DiffMean steering vector: mean block output on images with the concept minus without it."""
+    return block_mean(model, with_concept, layer) - block_mean(model, without_concept, layer)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def chat_prompt(processor, prompt: str) -> str:
+    """The model's chat template around one image and the user's prompt."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 5,
+             *, sae: nn.Module | None = None, layer: int | None = None,
+             clamp: Clamp | Sequence[Clamp] | None = None, mode: str = "replace",
+             steering: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[str]:
+    """Greedy answers for a batch of images; with ``sae`` and ``clamp`` the vision tower is steered
+    (one clamp for all images, or one per image), with ``steering`` any other context (DiffMean)."""
+    if not images:
+        return []
+    inputs = prepare_inputs(processor, images, prompt).to(model.device)
+    context = contextlib.nullcontext()
+    if sae is not None:
+        if layer is None:
+            raise ValueError("steering with an SAE needs the vision block index `layer`")
+        context = steer(model, sae, layer, clamp, mode)
+    elif steering is not None:
+        context = steering()
+    with context, torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def prepare_inputs(processor, images: Sequence, prompt: str):
+    """Left-padded processor inputs for batched generation."""
+    processor.tokenizer.padding_side = "left"
+    text = chat_prompt(processor, prompt)
+    return processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
+
+
+def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images: Sequence,
+                 latents: Sequence[int], alphas: Sequence[float], prompt: str = DEFAULT_PROMPT,
+                 max_new_tokens: int = 5, mode: str = "replace", batch_size: int = 16) -> list[dict]:
+    """Answers for every (image, latent, α), batching different clamps on different rows."""
+    jobs = [(i, latent, alpha) for i in range(len(images)) for latent in latents for alpha in alphas]
+    rows = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        answers = generate(model, processor, [images[i] for i, _, _ in chunk], prompt, max_new_tokens,
+                           sae=sae, layer=layer, clamp=[{latent: alpha} for _, latent, alpha in chunk], mode=mode)
+        rows += [{"image": i, "latent": latent, "alpha": alpha, "answer": answer}
+                 for (i, latent, alpha), answer in zip(chunk, answers)]
+    return rows
+
+
+# ----------------------------------------------------------------------------- steering score
+
+
+def first_word(answer: str) -> str:
+    """First word of an answer, without punctuation (the paper keeps only it)."""
+    for token in answer.replace("\n", " ").split():
+        word = token.strip(".,;:!?\"'()[]").lower()
+        if word:
+            return word
+    return ""
+
+
+@dataclass
+class ClipTextImage:
+    """A CLIP model's text and image towers, returning unit-norm embeddings."""
+
+    embed_text: Callable[[list[str]], torch.Tensor]
+    embed_images: Callable[[Sequence], torch.Tensor]
+
+
+def load_clip_text_image(name_or_path: str, device: str = "cpu") -> ClipTextImage:
+    """CLIP text + image embedders from a transformers ``CLIPModel`` (hub id, folder or ``fixture:clip``)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .encoders import FIXTURE_PREFIX, quiet_transformers
+
+    source = name_or_path
+    if source.startswith(FIXTURE_PREFIX):
+        from .fixtures import ensure_fixture
+
+        source = str(ensure_fixture().model(source[len(FIXTURE_PREFIX):]))
+    with quiet_transformers():
+        model = CLIPModel.from_pretrained(source).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(source)
+
+    def texts(words: list[str]) -> torch.Tensor:
+        tokens = processor(text=list(words), return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            return _unit(model.get_text_features(**tokens))
+
+    def pictures(images: Sequence) -> torch.Tensor:
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
+        with torch.inference_mode():
+            return _unit(model.get_image_features(pixel_values=pixels))
+
+    return ClipTextImage(texts, pictures)
+
+
+def _unit(x) -> torch.Tensor:
+    """Rows scaled to unit norm (accepts ModelOutput-style returns)."""
+    tensor = x if isinstance(x, torch.Tensor) else x.pooler_output
+    return torch.nn.functional.normalize(tensor.float(), dim=-1)
+
+
+def concept_embeddings(image_embeddings: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+    """Mean unit image embedding of each latent's top images ``[L, k]`` (−1 = absent) → ``[L, E]``."""
+    unit = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    present = top_indices >= 0
+    if not present.any(dim=1).all():
+        raise ValueError("a latent has no top images; it cannot be scored")
+    gathered = unit[top_indices.clamp(min=0)] * present[..., None]
+    return gathered.sum(dim=1) / present.sum(dim=1, keepdim=True)
+
+
+def steering_scores(text_embeddings: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Cosine between each answer's text embedding and its latent's concept embedding (row-wise)."""
+    return torch.nn.functional.cosine_similarity(text_embeddings.float(), concepts.float(), dim=-1)
+
+
+def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: torch.Tensor,
+                        labels: Sequence[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Similarity of each image to its true class name and to a shuffled (other) class name."""
+    labels_t = torch.as_tensor(list(labels))
+    unit = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    true = (unit * class_text_embeddings[labels_t]).sum(-1)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = labels_t[torch.randperm(len(labels_t), generator=generator)]
+    clash = shuffled == labels_t
+    n_classes = class_text_embeddings.shape[0]
+    shuffled[clash] = (shuffled[clash] + 1 + torch.randint(0, n_classes - 1, (int(clash.sum()),), generator=generator)) % n_classes
+    wrong = (unit * class_text_embeddings[shuffled]).sum(-1)
+    return {"true class": true, "shuffled class": wrong}
