@@ -9,9 +9,12 @@ prints the cell and the error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import yaml
 from .paths import outputs_root, repo_root
 
 KERNEL_NAME = "python3"
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 class NotebookError(RuntimeError):
@@ -94,7 +98,7 @@ def run_notebook(source: str | Path, parameters: dict[str, Any] | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         unexecuted = to_ipynb(source, Path(tmp) / f"{source.stem}.ipynb")
         check_parameters(unexecuted, parameters)
-        with _log_to(log_path):
+        with _log_to(log_path), _inline_figures():
             try:
                 papermill.execute_notebook(
                     str(unexecuted), str(executed), parameters=parameters, kernel_name=KERNEL_NAME,
@@ -103,6 +107,20 @@ def run_notebook(source: str | Path, parameters: dict[str, Any] | None = None,
             except PapermillExecutionError as err:
                 raise NotebookError(_describe_failure(executed, err)) from None
     return executed
+
+
+@contextlib.contextmanager
+def _inline_figures() -> Iterator[None]:
+    """Kernels inherit the environment: make sure figures are captured inline, not sent to Agg."""
+    previous = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = previous
 
 
 def _describe_failure(executed: Path, err) -> str:

@@ -1,0 +1,226 @@
+"""Matryoshka levels against a taxonomy: LCA depth of each latent's top images, per level.
+
+A class folder name such as ``00042_Animalia_Chordata_Aves_..._Genus_species`` encodes a
+path through the taxonomy. Two images share the first ``d`` ranks of their paths: their
+LCA depth is ``d``. A latent whose top images share deep ranks encodes a specific concept;
+the paper finds deeper (more specific) latents in later Matryoshka levels (PAPER.md §6).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+INATURALIST_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+
+def parse_taxonomy(folder: str, *, separator: str = "_", id_prefix: bool = True,
+                   num_ranks: int | None = len(INATURALIST_RANKS)) -> tuple[str, ...]:
+    """Taxonomy path of a class folder name, iNaturalist style: ``NNNNN_Kingdom_…_species`` → 7 ranks.
+
+    ``id_prefix`` drops a leading numeric id; ``num_ranks`` (``None`` = any) is the number of
+    ranks a name must have. A name with too few ranks raises ``ValueError`` naming it.
+    """
+    parts = [p for p in folder.split(separator)]
+    if id_prefix:
+        if not parts or not parts[0].isdigit():
+            raise ValueError(f"class folder {folder!r} does not start with a numeric id followed by {separator!r}")
+        parts = parts[1:]
+    if any(p == "" for p in parts) or not parts:
+        raise ValueError(f"class folder {folder!r} has an empty taxonomy rank")
+    if num_ranks is not None and len(parts) != num_ranks:
+        raise ValueError(f"class folder {folder!r} has {len(parts)} taxonomy ranks after the id; expected "
+                         f"{num_ranks} ({', '.join(INATURALIST_RANKS) if num_ranks == 7 else 'see num_ranks'})")
+    return tuple(parts)
+
+
+def load_taxonomy_map(path: str | os.PathLike, *, separator: str = "/") -> dict[str, tuple[str, ...]]:
+    """A ``class → path`` mapping file for data sets without taxonomic folder names.
+
+    JSON (``{"class": ["rank1", "rank2", …]}`` or ``{"class": "rank1/rank2"}``) or a CSV/TSV
+    with two columns ``class,path`` where ``path`` uses ``separator``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"taxonomy map {path} not found")
+    if path.suffix.lower() == ".json":
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object class → path")
+        items = raw.items()
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["class", "path"]:
+            rows = rows[1:]
+        bad = [row for row in rows if len(row) != 2]
+        if bad:
+            raise ValueError(f"{path}: every row needs exactly two columns class,path; bad row {bad[0]}")
+        items = rows
+    mapping = {}
+    for name, value in items:
+        ranks = tuple(value) if isinstance(value, list) else tuple(str(value).split(separator))
+        if not ranks or any(not r for r in ranks):
+            raise ValueError(f"{path}: class {name!r} has an empty taxonomy path {value!r}")
+        mapping[str(name)] = ranks
+    return mapping
+
+
+def taxonomy_of_classes(class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None,
+                        **parse_kwargs) -> dict[str, tuple[str, ...]]:
+    """Taxonomy path of each distinct class, from ``mapping`` or by parsing the folder names."""
+    out = {}
+    for name in dict.fromkeys(class_names):
+        if mapping is not None:
+            if name not in mapping:
+                raise ValueError(f"class {name!r} is missing from the taxonomy map")
+            out[name] = tuple(mapping[name])
+        else:
+            out[name] = parse_taxonomy(name, **parse_kwargs)
+    return out
+
+
+def lca_depth(a: Sequence[str], b: Sequence[str]) -> int:
+    """Number of leading ranks two taxonomy paths share (0 = different kingdoms)."""
+    depth = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def rank_codes(paths: Sequence[Sequence[str]]) -> np.ndarray:
+    """Integer code per rank of each path ``[N, R]``; a code identifies the whole prefix up to that rank."""
+    if not paths:
+        raise ValueError("no taxonomy paths given")
+    num_ranks = len(paths[0])
+    if any(len(p) != num_ranks for p in paths):
+        raise ValueError("all taxonomy paths must have the same number of ranks")
+    codes = np.zeros((len(paths), num_ranks), dtype=np.int64)
+    for rank in range(num_ranks):
+        prefixes = {}
+        for i, p in enumerate(paths):
+            codes[i, rank] = prefixes.setdefault(tuple(p[: rank + 1]), len(prefixes))
+    return codes
+
+
+def pair_depths(top_indices: torch.Tensor | np.ndarray, image_codes: np.ndarray) -> np.ndarray:
+    """LCA depth of every pair ``i < j`` of each latent's top images: ``[K, k(k−1)/2]`` (−1 where absent)."""
+    top = np.asarray(top_indices)
+    if top.ndim != 2:
+        raise ValueError(f"top_indices must be [K, k], got shape {top.shape}")
+    k = top.shape[1]
+    rows, cols = np.triu_indices(k, 1)
+    safe = np.where(top < 0, 0, top)
+    if safe.size and safe.max() >= len(image_codes):
+        raise ValueError(f"top image index {int(safe.max())} is out of range for {len(image_codes)} images")
+    codes = image_codes[safe]  # [K, k, R]
+    same = codes[:, rows] == codes[:, cols]  # [K, P, R]; prefix codes make 'same' monotone
+    depths = same.sum(axis=2).astype(np.int64)
+    absent = (top[:, rows] < 0) | (top[:, cols] < 0)
+    depths[absent] = -1
+    return depths
+
+
+def latent_depths(top_indices: torch.Tensor | np.ndarray, image_paths: Sequence[Sequence[str]]) -> pd.DataFrame:
+    """Per latent: mean pair depth, its rounding, the majority depth, and whether it is excluded.
+
+    A latent is excluded (``excluded=True``, depths NaN) when any of its top-k slots is absent
+    (fewer than k images with a positive activation), as in the paper.
+    """
+    codes = rank_codes(image_paths)
+    depths = pair_depths(top_indices, codes)
+    excluded = (np.asarray(top_indices) < 0).any(axis=1)
+    num_ranks = codes.shape[1]
+    counts = np.stack([(depths == d).sum(axis=1) for d in range(num_ranks + 1)], axis=1)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(excluded, np.nan, depths.clip(min=0).mean(axis=1))
+    majority = np.where(excluded, np.nan, counts.argmax(axis=1).astype(float))  # ties → shallower depth
+    return pd.DataFrame({"latent": np.arange(len(depths)), "depth_mean": mean,
+                         "depth_rounded": np.round(mean), "depth_majority": majority, "excluded": excluded})
+
+
+def level_of_latents(group_sizes: Sequence[int]) -> np.ndarray:
+    """Matryoshka level (0 = coarsest) of each latent, from the group sizes."""
+    if not group_sizes or any(int(g) < 1 for g in group_sizes):
+        raise ValueError(f"group_sizes must be positive integers, got {list(group_sizes)}")
+    return np.repeat(np.arange(len(group_sizes)), [int(g) for g in group_sizes])
+
+
+def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
+                  group_sizes: Sequence[int]) -> pd.DataFrame:
+    """Table A8 of the paper: per level, LCA depth (rounded mean / majority) and MS avg/max/min.
+
+    Depth and MS averages use the latents that are not excluded (fewer than k positive
+    images); ``excluded %`` reports how many were left out.
+    """
+    levels = level_of_latents(group_sizes)
+    if len(levels) != len(depths):
+        raise ValueError(f"group sizes cover {len(levels)} latents but {len(depths)} latents have depths")
+    frame = depths.assign(level=levels)
+    if ms is not None:
+        ms = np.asarray(ms, dtype=float)
+        if ms.shape != (len(levels),):
+            raise ValueError(f"ms must have one score per latent ({len(levels)}), got shape {ms.shape}")
+        frame = frame.assign(ms=ms)
+    rows = []
+    prefix = 0
+    for level, size in enumerate(group_sizes):
+        prefix += int(size)
+        part = frame[frame.level == level]
+        kept = part[~part.excluded]
+        row = {"level": level, "prefix": prefix, "latents": len(part),
+               "excluded %": 100.0 * part.excluded.mean(),
+               "LCA depth (mean)": kept.depth_rounded.mean(), "LCA depth (majority)": kept.depth_majority.mean()}
+        if ms is not None:
+            scores = kept.ms.dropna()
+            row |= {"MS avg": scores.mean(), "MS max": scores.max(), "MS min": scores.min()}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("level")
+
+
+def shared_prefix(paths: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The taxonomy ranks all given paths share (a node's label in the concept tree)."""
+    if not paths:
+        return ()
+    depth = min(lca_depth(paths[0], p) for p in paths)
+    return tuple(paths[0][:depth])
+
+
+def parent_links(decoder: torch.Tensor, group_sizes: Sequence[int], codes: torch.Tensor | None = None) -> pd.DataFrame:
+    """For each latent of level ≥ 1: its most similar latent one level up (decoder cosine) and co-activation.
+
+    ``decoder`` is ``W_dec [ω, d]``. ``codes [N, ω]`` (optional) adds ``coactivation`` =
+    P(parent active | child active) over the images.
+    """
+    levels = level_of_latents(group_sizes)
+    if decoder.shape[0] != len(levels):
+        raise ValueError(f"decoder has {decoder.shape[0]} latents, group sizes cover {len(levels)}")
+    directions = torch.nn.functional.normalize(decoder.detach().float(), dim=1)
+    starts = np.concatenate([[0], np.cumsum(group_sizes)])
+    rows = []
+    for level in range(1, len(group_sizes)):
+        parents = slice(int(starts[level - 1]), int(starts[level]))
+        children = slice(int(starts[level]), int(starts[level + 1]))
+        cosine = directions[children] @ directions[parents].T
+        best, which = cosine.max(dim=1)
+        child_ids = np.arange(children.start, children.stop)
+        parent_ids = which.numpy() + parents.start
+        frame = pd.DataFrame({"child": child_ids, "child_level": level, "parent": parent_ids,
+                              "cosine": best.numpy()})
+        if codes is not None:
+            active = codes > 0
+            child_active = active[:, children].float()
+            both = (child_active * active[:, parent_ids].float()).sum(0)
+            frame["coactivation"] = (both / child_active.sum(0).clamp(min=1)).numpy()
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["child", "child_level", "parent", "cosine"])
