@@ -53,7 +53,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return _high_depth_to_rgb(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+    if image.mode in ("LA", "PA", "RGBA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

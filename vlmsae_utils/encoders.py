@@ -258,6 +258,8 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
             f"or a hub id such as {', '.join(KNOWN_HUB_MODELS)}"
         )
     encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if str(name_or_path).startswith(FIXTURE_PREFIX):
+        encoder.name = str(name_or_path)  # a stable name, independent of where the data home lives
     return encoder
 
 

@@ -1,0 +1,196 @@
+"""Extraction into the sharded store: content, bad files, resume, multi-process, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmsae_utils import data, encoders, extract, store
+
+
+@pytest.fixture(scope="module")
+def small_set(fixture, tmp_path_factory):
+    """Three fixture classes × 5 images, plus an empty file and a text file posing as images."""
+    root = tmp_path_factory.mktemp("small") / "imgs"
+    for folder in sorted((fixture.images / "train").iterdir())[:3]:
+        target = root / "train" / folder.name
+        target.mkdir(parents=True)
+        for path in sorted(folder.glob("*.png"))[:5]:
+            shutil.copy(path, target / path.name)
+    bad = root / "train" / sorted((fixture.images / "train").iterdir())[1].name
+    (bad / "zz_empty.png").write_bytes(b"")
+    (bad / "zz_text.jpg").write_text("not an image")
+    return data.ImageFolderDataset(root, "train")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return encoders.load_encoder("fixture:clip")
+
+
+def _extract(encoder, dataset, out, **kwargs):
+    kwargs = {"batch_size": 4, "shard_images": 8, "progress": False} | kwargs
+    return extract.extract_activations(encoder, dataset, out, **kwargs)
+
+
+def test_rows_match_single_image_forward_and_ids(clip, small_set, tmp_path):
+    st = _extract(clip, small_set, tmp_path / "s")
+    assert len(st.image_ids) == 15 and len(st) == 15 and st.dim == 32
+    assert {p for p, _ in st.skipped} == {r.image_id for r in small_set if r.image_id.endswith(("zz_empty.png", "zz_text.jpg"))}
+    rows = st.to_tensor()
+    ids = small_set.image_ids
+    for position in (0, 7, 14):
+        image_id = st.image_ids[position]
+        image = small_set.load(ids.index(image_id))
+        expected = clip.activations(clip.preprocess([image]), "post_mlp_residual", -2, "cls")
+        torch.testing.assert_close(rows[position], expected[0], atol=1e-5, rtol=1e-5)
+    assert [small_set[ids.index(i)].class_name for i in st.image_ids] == st.class_names
+
+
+def test_random_tokens_do_not_depend_on_batching(clip, small_set, tmp_path):
+    a = _extract(clip, small_set, tmp_path / "a", tokens="random_k", random_k=3, batch_size=4, shard_images=8)
+    b = _extract(clip, small_set, tmp_path / "b", tokens="random_k", random_k=3, batch_size=2, shard_images=2)
+    assert len(a) == 45 and a.rows_per_image == 3
+    np.testing.assert_array_equal(a.row_image_index()[:7], [0, 0, 0, 1, 1, 1, 2])
+    torch.testing.assert_close(a.to_tensor(), b.to_tensor(), atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_run_resumes_bit_identical(clip, small_set, tmp_path, monkeypatch):
+    reference = _extract(clip, small_set, tmp_path / "ref", tokens="random_k")
+    original = store.StoreWriter.write_shard
+    calls = {"n": 0}
+
+    def crash_on_second_shard(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.StoreWriter, "write_shard", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(clip, small_set, tmp_path / "resumed", tokens="random_k")
+    with pytest.raises(store.StoreError, match="resume"):
+        store.ActivationStore.open(tmp_path / "resumed")
+    monkeypatch.setattr(store.StoreWriter, "write_shard", original)
+    written = []
+    monkeypatch.setattr(store.StoreWriter, "write_shard",
+                        lambda self, shard, *a, **k: (written.append(shard), original(self, shard, *a, **k)))
+    resumed = _extract(clip, small_set, tmp_path / "resumed", tokens="random_k")
+    assert written == [1, 2]  # shard 0 was kept from the interrupted run
+    assert resumed.manifest["content_hash"] == reference.manifest["content_hash"]
+    assert torch.equal(resumed.to_tensor(), reference.to_tensor())
+
+
+def test_rerun_with_other_parameters_is_refused(clip, small_set, tmp_path):
+    _extract(clip, small_set, tmp_path / "s")
+    assert len(_extract(clip, small_set, tmp_path / "s")) == 15  # same parameters: the finished store
+    with pytest.raises(store.StoreError, match="differs in: layer"):
+        _extract(clip, small_set, tmp_path / "s", layer=1)
+
+
+def test_float16_round_trip_and_batches(clip, small_set, tmp_path):
+    full = _extract(clip, small_set, tmp_path / "f32").to_tensor()
+    half = _extract(clip, small_set, tmp_path / "f16", dtype="float16")
+    assert half.dtype == "float16" and half.nbytes == 15 * 32 * 2
+    torch.testing.assert_close(half.to_tensor(), full, atol=2e-3 * full.abs().max().item(), rtol=1e-3)
+    ordered = torch.cat(list(half.iter_batches(4)))
+    assert torch.equal(ordered, half.to_tensor())
+    shuffled = list(half.iter_batches(4, shuffle=True, seed=3))
+    assert [len(b) for b in shuffled] == [4, 4, 4, 3]
+    again = torch.cat(list(half.iter_batches(4, shuffle=True, seed=3)))
+    assert torch.equal(torch.cat(shuffled), again)
+    assert not torch.equal(torch.cat(shuffled), ordered)
+    assert torch.equal(torch.cat(shuffled).sort(0).values, ordered.sort(0).values)
+
+
+def test_open_refuses_inconsistent_folders(clip, small_set, tmp_path):
+    path = tmp_path / "s"
+    _extract(clip, small_set, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    first = path / manifest["shards"][0]["file"]
+    np.save(first, np.zeros((3, 32), np.float32))
+    with pytest.raises(store.StoreError, match="shape"):
+        store.ActivationStore.open(path)
+    first.unlink()
+    with pytest.raises(store.StoreError, match="missing"):
+        store.ActivationStore.open(path)
+    with pytest.raises(FileNotFoundError):
+        store.ActivationStore.open(tmp_path / "nothing")
+
+
+def test_verify_detects_corrupted_bytes(clip, small_set, tmp_path):
+    path = tmp_path / "s"
+    st = _extract(clip, small_set, path)
+    shard = path / st.manifest["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    store.ActivationStore.open(path)  # shapes still agree
+    with pytest.raises(store.StoreError, match="SHA-256"):
+        store.ActivationStore.open(path, verify=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hook": "pre_mlp"}, "unknown hook"),
+    ({"tokens": "cls_and_mean"}, "unknown token mode"),
+    ({"tokens": "random_k", "random_k": 0}, "random_k must be"),
+    ({"layer": 4}, "out of range"),
+    ({"layer": None}, "needs a layer"),
+    ({"dtype": "int8"}, "unknown dtype"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"hook": "post_projection", "tokens": "random_k"}, "one vector per image"),
+    ({"shard_images": 6}, "multiple of batch_size"),
+])
+def test_bad_parameters_fail_before_work(clip, small_set, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _extract(clip, small_set, tmp_path / "s", **kwargs)
+    assert not (tmp_path / "s" / "plan.json").exists()
+
+
+def test_unwritable_out_dir_and_missing_data(clip, small_set, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        _extract(clip, small_set, blocker / "sub")
+    with pytest.raises(ValueError, match="data_dir is empty"):
+        extract.open_dataset("", "train")
+    with pytest.raises(FileNotFoundError):
+        extract.open_dataset(tmp_path / "missing", "train")
+
+
+def test_siglip_refuses_cls_tokens(small_set, tmp_path):
+    with pytest.raises(ValueError, match="no CLS token"):
+        _extract(encoders.load_encoder("fixture:siglip"), small_set, tmp_path / "s", tokens="cls")
+
+
+def test_scorer_embeddings_share_the_format(small_set, tmp_path):
+    dino = encoders.load_encoder("fixture:dinov2")
+    emb = extract.extract_embeddings(dino, small_set, tmp_path / "e", batch_size=4, progress=False)
+    assert emb.params["hook"] == "post_projection" and emb.dim == 32 and len(emb) == 15
+    image = small_set.load(small_set.image_ids.index(emb.image_ids[0]))
+    torch.testing.assert_close(emb.to_tensor()[0], dino.embed_images(dino.preprocess([image]))[0], atol=1e-5, rtol=1e-5)
+
+
+def _rank_main(rank: int, world_size: int, root: str, out: str, init_file: str) -> None:
+    """One process of a 2-process gloo extraction."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dataset = data.ImageFolderDataset(root, "train")
+        extract.extract_activations("fixture:clip", dataset, out, tokens="random_k", batch_size=4,
+                                    shard_images=4, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_equals_one_process(clip, small_set, tmp_path):
+    single = _extract(clip, small_set, tmp_path / "one", tokens="random_k", shard_images=4)
+    torch.multiprocessing.spawn(_rank_main, args=(2, str(small_set.root), str(tmp_path / "two"),
+                                                  str(tmp_path / "init")), nprocs=2, join=True)
+    double = store.ActivationStore.open(tmp_path / "two", verify=True)
+    assert double.image_ids == single.image_ids
+    assert double.manifest["content_hash"] == single.manifest["content_hash"]

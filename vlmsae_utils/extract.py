@@ -1,0 +1,199 @@
+"""Stage 1: run a frozen vision encoder over an image set and write its activations to a store.
+
+Batched, under ``torch.inference_mode``, resumable after an interruption (complete shards
+are kept), and splittable over processes (``torchrun --nproc_per_node N``): process ``r``
+writes shards ``r, r+N, …`` and rank 0 assembles the manifest, so the store is identical to
+a single-process run. Random tokens are drawn with a per-image seed, so they do not depend
+on batching, resumption or the number of processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import encoders as enc
+from .data import ImageFolderDataset, load_batch
+from .io import check_writable
+from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_BATCHES = 16  # a shard holds this many batches of images
+
+
+def validate_extraction(encoder: enc.VisionEncoder, hook: str, layer: int | None, tokens: str,
+                        random_k: int, dtype: str, batch_size: int) -> None:
+    """Every parameter check that can fail, done before any image is read."""
+    enc.check_hook(hook)
+    enc.check_tokens(tokens, random_k)
+    check_dtype(dtype)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if hook == "post_mlp_residual":
+        if layer is None:
+            raise ValueError("hook 'post_mlp_residual' needs a layer (0-based block index, negative from the end)")
+        encoder.block_index(layer)
+    if hook == "post_projection" and tokens == "random_k":
+        raise ValueError("post_projection has one vector per image: use tokens='cls' (or 'mean'/'all', the same)")
+    if hook == "post_mlp_residual" and tokens == "cls" and not encoder.has_cls_token:
+        raise ValueError(f"{encoder.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
+
+
+def image_seed(seed: int, image_index: int) -> int:
+    """Seed of one image's random token draw, independent of how images are batched."""
+    return (seed * 1_000_003 + image_index) % (2**63 - 1)
+
+
+def random_token_rows(hidden: torch.Tensor, image_indices: Sequence[int], random_k: int, seed: int) -> torch.Tensor:
+    """``random_k`` tokens per image drawn with replacement using each image's own seed; rows image-major."""
+    batch, length, dim = hidden.shape
+    picks = torch.stack([torch.randint(0, length, (random_k,), generator=torch.Generator().manual_seed(image_seed(seed, i)))
+                         for i in image_indices]).to(hidden.device)
+    return torch.gather(hidden, 1, picks[..., None].expand(-1, -1, dim)).reshape(batch * random_k, dim)
+
+
+def batch_rows(encoder: enc.VisionEncoder, pixel_values: torch.Tensor, hook: str, layer: int | None, tokens: str,
+               random_k: int, image_indices: Sequence[int], seed: int) -> torch.Tensor:
+    """Activation rows of one batch (image-major) for the chosen hook and token mode."""
+    if tokens != "random_k":
+        return encoder.activations(pixel_values, hook, layer, tokens)
+    return random_token_rows(encoder.capture(pixel_values, hook, layer), image_indices, random_k, seed)
+
+
+def _rows_per_image(encoder: enc.VisionEncoder, hook: str, tokens: str, random_k: int) -> int:
+    """Rows per image; for ``tokens='all'`` the sequence length is measured on a blank image."""
+    num_tokens = None
+    if tokens == "all" and hook == "post_mlp_residual":
+        num_tokens = encoder.capture(encoder.preprocess([Image.new("RGB", (64, 64))]), hook, -1).shape[1]
+    return encoder.rows_per_image(hook, tokens, random_k, num_tokens)
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size: given, or from an initialised ``torch.distributed`` group, or 0/1."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def extract_activations(
+    encoder: enc.VisionEncoder | str,
+    dataset: ImageFolderDataset,
+    out_dir: str | os.PathLike,
+    *,
+    hook: str = "post_mlp_residual",
+    layer: int | None = -2,
+    tokens: str = "cls",
+    random_k: int = 2,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    shard_images: int | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> ActivationStore | None:
+    """Write the activations of ``encoder`` on ``dataset`` to a store in ``out_dir`` and open it.
+
+    Reruns with the same parameters resume (or return the finished store); other parameters
+    are refused. With several processes, every rank returns the store once all are done
+    (``torch.distributed`` initialised) or ``None`` while other ranks are still writing.
+    """
+    encoder = enc.load_encoder(encoder) if isinstance(encoder, str) else encoder
+    validate_extraction(encoder, hook, layer, tokens, random_k, dtype, batch_size)
+    rank, world_size = _distributed(rank, world_size)
+    shard_images = shard_images or batch_size * DEFAULT_SHARD_BATCHES
+    if shard_images % batch_size:
+        raise ValueError(f"shard_images ({shard_images}) must be a multiple of batch_size ({batch_size})")
+    writer = StoreWriter(check_writable(out_dir), _plan(encoder, dataset, hook, layer, tokens, random_k, dtype,
+                                                        batch_size, shard_images, seed))
+    writer.begin()
+    if writer.is_complete():
+        return ActivationStore.open(out_dir)
+    _write_my_shards(writer, encoder, dataset, rank, world_size, progress)
+    return _finish(writer, rank, world_size)
+
+
+def _plan(encoder: enc.VisionEncoder, dataset: ImageFolderDataset, hook: str, layer: int | None, tokens: str,
+          random_k: int, dtype: str, batch_size: int, shard_images: int, seed: int) -> StorePlan:
+    """The store plan: parameters that fix the content, the image list, the sharding."""
+    block = encoder.block_index(layer) if hook == "post_mlp_residual" else None
+    params = {"encoder": encoder.name, "family": encoder.family, "hook": hook, "layer": block, "tokens": tokens,
+              "random_k": random_k if tokens == "random_k" else None, "seed": seed, "batch_size": batch_size,
+              "data_root": str(dataset.root.resolve()), "split": dataset.split}
+    return StorePlan(params, dataset.image_ids, dataset.class_names, encoder.output_dim(hook), dtype,
+                     _rows_per_image(encoder, hook, tokens, random_k), shard_images)
+
+
+def _write_my_shards(writer: StoreWriter, encoder: enc.VisionEncoder, dataset: ImageFolderDataset,
+                     rank: int, world_size: int, progress: bool) -> None:
+    """Extract every shard of this rank that is not on disk yet."""
+    from tqdm.auto import tqdm
+
+    plan, params = writer.plan, writer.plan.params
+    todo = [s for s in range(rank, plan.num_shards, world_size) if not writer.shard_done(s)]
+    total = sum(len(plan.shard_range(s)) for s in todo)
+    with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
+        for shard in todo:
+            rows, kept, skipped = [], [], []
+            indices = plan.shard_range(shard)
+            for start in range(0, len(indices), params["batch_size"]):
+                batch = indices[start:start + params["batch_size"]]
+                images, good, bad = load_batch(dataset, batch)
+                skipped += bad
+                if images:
+                    pixel_values = encoder.preprocess(images)
+                    out = batch_rows(encoder, pixel_values, params["hook"], params["layer"], params["tokens"],
+                                     params["random_k"] or 1, good, params["seed"])
+                    rows.append(out.float().cpu().numpy())
+                    kept += good
+                bar.update(len(batch))
+            array = np.concatenate(rows) if rows else np.zeros((0, plan.dim), np.float32)
+            writer.write_shard(shard, array, kept, skipped)
+
+
+def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore | None:
+    """Assemble the manifest once all shards exist; with torch.distributed, rank 0 does it after a barrier."""
+    dist = torch.distributed
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        if rank == 0:
+            writer.finalize()
+        dist.barrier()
+        return ActivationStore.open(writer.path)
+    if writer.all_shards_done():
+        return writer.finalize()
+    log.info("rank %d done; waiting for other ranks to write their shards", rank)
+    return None
+
+
+def extract_embeddings(scorer: enc.VisionEncoder | str, dataset: ImageFolderDataset, out_dir: str | os.PathLike,
+                       **kwargs) -> ActivationStore | None:
+    """Scoring-encoder embeddings (``post_projection``, one per image) in the same store format."""
+    return extract_activations(scorer, dataset, out_dir, hook="post_projection", layer=None, tokens="cls", **kwargs)
+
+
+def store_summary(store: ActivationStore) -> dict:
+    """One table row about a store: what produced it, rows, dim, dtype, skipped files."""
+    p = store.params
+    return {"encoder": p["encoder"], "hook": p["hook"], "layer": p["layer"], "tokens": p["tokens"],
+            "images": len(store.image_ids), "rows": len(store), "dim": store.dim, "dtype": store.dtype,
+            "skipped": len(store.skipped), "MB": round(store.nbytes / 2**20, 2)}
+
+
+def open_dataset(data_dir: str | os.PathLike, split: str | None) -> ImageFolderDataset:
+    """The image set of a notebook's ``data_dir``/``split`` (``"fixture"`` = the embedded default)."""
+    from .fixtures import resolve_data_dir
+
+    if data_dir in (None, ""):
+        raise ValueError("data_dir is empty: give an image folder or 'fixture'")
+    return ImageFolderDataset(resolve_data_dir(data_dir), split or None)
+

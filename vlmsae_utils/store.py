@@ -1,0 +1,321 @@
+"""A sharded, resumable, memory-mapped on-disk store of activation rows.
+
+Layout of a store folder::
+
+    plan.json                 what is being extracted (parameters, image list) — written first
+    shards/shard-00000.npy    rows of one shard (float16/float32), written atomically
+    shards/shard-00000.json   the shard's metadata (images kept and skipped, rows, sha256) —
+                              written after the rows, so its presence marks a complete shard
+    manifest.json             written last, once every shard is complete: the store's contract
+
+A shard holds a fixed number of *dataset images* (``shard_images``, a multiple of the batch
+size), so its rows are ``kept images × rows_per_image``: batches never straddle shards and a
+resumed or multi-process run sees exactly the batches of an uninterrupted one, which is what
+makes it bit-identical.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import atomic_write, atomic_write_json, library_versions, read_json, sha256_file, sha256_json
+
+STORE_FORMAT = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+PLAN_FILE, MANIFEST_FILE, SHARD_DIR = "plan.json", "manifest.json", "shards"
+
+
+class StoreError(ValueError):
+    """A store folder that is incomplete, inconsistent, or was made with other parameters."""
+
+
+def check_dtype(dtype: str) -> str:
+    """Validate a storage dtype name."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return dtype
+
+
+def shard_name(index: int) -> str:
+    """File stem of shard ``index``."""
+    return f"shard-{index:05d}"
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """What one extraction writes: parameters (the fingerprint), the image list and the sharding."""
+
+    params: dict[str, Any]
+    image_ids: list[str]
+    class_names: list[str]
+    dim: int
+    dtype: str
+    rows_per_image: int
+    shard_images: int
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards the image list is cut into."""
+        return max(1, -(-len(self.image_ids) // self.shard_images))
+
+    def shard_range(self, shard: int) -> range:
+        """Dataset image indices of one shard."""
+        start = shard * self.shard_images
+        return range(start, min(start + self.shard_images, len(self.image_ids)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as written to ``plan.json``."""
+        return {"format": STORE_FORMAT, "params": self.params, "image_ids": self.image_ids,
+                "class_names": self.class_names, "dim": self.dim, "dtype": self.dtype,
+                "rows_per_image": self.rows_per_image, "shard_images": self.shard_images,
+                "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the store's content."""
+        return sha256_json({"params": self.params, "image_ids": self.image_ids, "dim": self.dim,
+                            "dtype": self.dtype, "rows_per_image": self.rows_per_image,
+                            "shard_images": self.shard_images})
+
+
+class StoreWriter:
+    """Writes shards of one :class:`StorePlan` into a folder; resumable and shareable between processes."""
+
+    def __init__(self, path: str | os.PathLike, plan: StorePlan):
+        self.path = Path(path)
+        self.plan = plan
+        check_dtype(plan.dtype)
+
+    def begin(self) -> None:
+        """Create the folder and ``plan.json``, or check that an existing one has the same parameters."""
+        (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST_FILE, PLAN_FILE):
+            existing = self.path / name
+            if existing.is_file():
+                _refuse_if_different(existing, self.plan)
+        if not (self.path / PLAN_FILE).is_file():
+            atomic_write_json(self.path / PLAN_FILE, self.plan.to_json())
+
+    def is_complete(self) -> bool:
+        """Whether ``manifest.json`` exists (the store is finished)."""
+        return (self.path / MANIFEST_FILE).is_file()
+
+    def shard_done(self, shard: int) -> bool:
+        """A shard is done when its metadata (written after its rows) exists."""
+        return (self.path / SHARD_DIR / f"{shard_name(shard)}.json").is_file()
+
+    def write_shard(self, shard: int, rows: np.ndarray, kept: Sequence[int], skipped: Sequence[tuple[str, str]]) -> None:
+        """Write one shard's rows, then its metadata (both atomically)."""
+        expected = len(kept) * self.plan.rows_per_image
+        if rows.shape != (expected, self.plan.dim):
+            raise ValueError(f"shard {shard}: rows have shape {rows.shape}, expected ({expected}, {self.plan.dim})")
+        rows = np.ascontiguousarray(rows, dtype=DTYPES[self.plan.dtype])
+        array_path = self.path / SHARD_DIR / f"{shard_name(shard)}.npy"
+        atomic_write(array_path, lambda stream: np.save(stream, rows, allow_pickle=False))
+        meta = {"shard": shard, "kept": [int(i) for i in kept], "skipped": [list(s) for s in skipped],
+                "rows": int(rows.shape[0]), "sha256": sha256_file(array_path)}
+        atomic_write_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json", meta)
+
+    def all_shards_done(self) -> bool:
+        """Every shard of the plan has been written (by any process)."""
+        return all(self.shard_done(s) for s in range(self.plan.num_shards))
+
+    def finalize(self) -> "ActivationStore":
+        """Assemble ``manifest.json`` from the shard metadata, in dataset order, and open the store."""
+        if not self.all_shards_done():
+            missing = [s for s in range(self.plan.num_shards) if not self.shard_done(s)]
+            raise StoreError(f"{self.path}: shards {missing[:5]} are not written yet")
+        metas = [read_json(self.path / SHARD_DIR / f"{shard_name(s)}.json") for s in range(self.plan.num_shards)]
+        kept = [i for meta in metas for i in meta["kept"]]
+        if not kept:
+            raise StoreError(f"{self.path}: no image could be used; skipped: {metas[0]['skipped'][:3]}")
+        shards = [{"file": f"{SHARD_DIR}/{shard_name(m['shard'])}.npy", "rows": m["rows"], "sha256": m["sha256"]}
+                  for m in metas]
+        image_ids = [self.plan.image_ids[i] for i in kept]
+        manifest = self.plan.to_json() | {
+            "image_ids": image_ids,
+            "class_names": [self.plan.class_names[i] for i in kept],
+            "num_images_planned": len(self.plan.image_ids),
+            "skipped": [s for m in metas for s in m["skipped"]],
+            "shards": shards,
+            "rows": sum(s["rows"] for s in shards),
+            "versions": library_versions(),
+            "content_hash": sha256_json({"shards": [s["sha256"] for s in shards], "image_ids": image_ids}),
+        }
+        atomic_write_json(self.path / MANIFEST_FILE, manifest)
+        return ActivationStore.open(self.path)
+
+
+def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
+    """Refuse to write into a folder that holds a store made with other parameters."""
+    old = read_json(existing)
+    if old.get("fingerprint") == plan.fingerprint():
+        return
+    new = plan.to_json()
+    changed = sorted(k for k in set(old.get("params", {})) | set(plan.params)
+                     if old.get("params", {}).get(k) != plan.params.get(k))
+    changed += [k for k in ("dim", "dtype", "rows_per_image", "shard_images", "image_ids") if old.get(k) != new[k]]
+    raise StoreError(f"{existing.parent} already holds a store made with different parameters "
+                     f"(differs in: {', '.join(changed) or 'format'}). Use another out_dir or delete that folder.")
+
+
+class ActivationStore:
+    """Read side of a finished store: rows memory-mapped from the shards, in dataset order."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self._arrays: list[np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = False) -> "ActivationStore":
+        """Open a finished store; ``verify=True`` also checks every shard's SHA-256."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"activation store {path} does not exist")
+        if not (path / MANIFEST_FILE).is_file():
+            if (path / PLAN_FILE).is_file():
+                raise StoreError(f"{path}: extraction is incomplete (no manifest.json); rerun it with the same "
+                                 "parameters to resume")
+            raise FileNotFoundError(f"{path} is not an activation store (no manifest.json)")
+        store = cls(path, read_json(path / MANIFEST_FILE))
+        store._check(verify)
+        return store
+
+    def _check(self, verify: bool) -> None:
+        """Refuse a folder whose manifest and shards disagree."""
+        m = self.manifest
+        for key in ("shards", "image_ids", "dim", "dtype", "rows_per_image", "rows"):
+            if key not in m:
+                raise StoreError(f"{self.path}/manifest.json lacks {key!r}")
+        if m["rows"] != len(m["image_ids"]) * m["rows_per_image"] or m["rows"] != sum(s["rows"] for s in m["shards"]):
+            raise StoreError(f"{self.path}: manifest row count {m['rows']} disagrees with its images and shards")
+        for shard in m["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise StoreError(f"{self.path}: shard {shard['file']} is missing")
+            array = np.load(file, mmap_mode="r")
+            if array.shape != (shard["rows"], m["dim"]) or array.dtype != DTYPES[m["dtype"]]:
+                raise StoreError(f"{self.path}: shard {shard['file']} has shape {array.shape} {array.dtype}, "
+                                 f"manifest says ({shard['rows']}, {m['dim']}) {m['dtype']}")
+            if verify and sha256_file(file) != shard["sha256"]:
+                raise StoreError(f"{self.path}: shard {shard['file']} does not match its SHA-256 (corrupted)")
+
+    # --- the contract of CONTRIBUTING.md
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.path}, rows={len(self)}, dim={self.dim}, dtype={self.dtype})"
+
+    @property
+    def dim(self) -> int:
+        """Width of each row."""
+        return int(self.manifest["dim"])
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype name (``float16`` or ``float32``)."""
+        return str(self.manifest["dtype"])
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Id of each stored image (path relative to the data root), dataset order."""
+        return list(self.manifest["image_ids"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class of each stored image."""
+        return list(self.manifest["class_names"])
+
+    @property
+    def rows_per_image(self) -> int:
+        """Rows per image (1 for cls/mean/projection, k for random_k, T for all)."""
+        return int(self.manifest["rows_per_image"])
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(image id, reason)`` for every file that could not be used."""
+        return [tuple(s) for s in self.manifest["skipped"]]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The extraction parameters (encoder, hook, layer, tokens, …)."""
+        return dict(self.manifest["params"])
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the rows in bytes."""
+        return len(self) * self.dim * np.dtype(DTYPES[self.dtype]).itemsize
+
+    def row_image_index(self) -> np.ndarray:
+        """Index into :attr:`image_ids` of every row."""
+        return np.repeat(np.arange(len(self.manifest["image_ids"])), self.rows_per_image)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The shards as read-only memory maps."""
+        if self._arrays is None:
+            self._arrays = [np.load(self.path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        return self._arrays
+
+    def to_numpy(self) -> np.ndarray:
+        """All rows as one in-memory array in the storage dtype."""
+        return np.concatenate([np.asarray(a) for a in self.arrays()], axis=0)
+
+    def to_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All rows as one tensor ``[N, dim]``."""
+        out = torch.empty((len(self), self.dim), dtype=dtype)
+        start = 0
+        for array in self.arrays():
+            out[start:start + len(array)] = torch.from_numpy(np.array(array))  # one shard copied at a time
+            start += len(array)
+        return out
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, drop_last: bool = False) -> Iterator[torch.Tensor]:
+        """Batches of rows: in order (streamed shard by shard), or shuffled with a seeded permutation."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if shuffle:
+            yield from self._shuffled(batch_size, seed, dtype, drop_last)
+            return
+        pending: list[np.ndarray] = []
+        pending_rows = 0
+        for array in self.arrays():
+            start = 0
+            while start < len(array):
+                take = min(batch_size - pending_rows, len(array) - start)
+                pending.append(array[start:start + take])
+                pending_rows += take
+                start += take
+                if pending_rows == batch_size:
+                    yield _to_tensor(pending, dtype)
+                    pending, pending_rows = [], 0
+        if pending_rows and not drop_last:
+            yield _to_tensor(pending, dtype)
+
+    def _shuffled(self, batch_size: int, seed: int, dtype: torch.dtype, drop_last: bool) -> Iterator[torch.Tensor]:
+        """Seeded global permutation; each batch gathers its rows from the memory maps shard by shard."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        offsets = np.cumsum([0] + [len(a) for a in self.arrays()])
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            if drop_last and len(rows) < batch_size:
+                return
+            batch = np.empty((len(rows), self.dim), dtype=DTYPES[self.dtype])
+            shard_of = np.searchsorted(offsets, rows, side="right") - 1
+            for shard in np.unique(shard_of):
+                mask = shard_of == shard
+                batch[mask] = self.arrays()[shard][rows[mask] - offsets[shard]]
+            yield torch.from_numpy(batch).to(dtype)
+
+
+def _to_tensor(parts: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """Concatenate row blocks into one tensor."""
+    array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
