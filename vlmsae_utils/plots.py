@@ -39,3 +39,39 @@ def class_grid(images_by_class: Mapping[str, Sequence], labels: Mapping[str, str
         fig.suptitle(title)
     fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.01, right=0.99, top=0.97 if title else 0.99, bottom=0.01)
     return fig
+
+
+def activation_stats(rows: np.ndarray, title: str = "") -> Figure:
+    """Row-norm histogram and per-dimension mean ± std: the scale and anisotropy an SAE will face."""
+    rows = np.asarray(rows, dtype=np.float64)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    sns.histplot(np.linalg.norm(rows, axis=1), bins=30, ax=left)
+    left.set(xlabel="‖activation row‖₂", ylabel="rows", title="row norms")
+    order = np.argsort(rows.mean(0))
+    dims = np.arange(rows.shape[1])
+    right.plot(dims, rows.mean(0)[order], lw=1.2, label="mean")
+    right.fill_between(dims, (rows.mean(0) - rows.std(0))[order], (rows.mean(0) + rows.std(0))[order],
+                       alpha=0.3, label="± std")
+    right.set(xlabel="dimension (sorted by mean)", ylabel="value", title="per-dimension statistics")
+    right.legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def images_beside_rows(images: Sequence, rows: np.ndarray, captions: Sequence[str]) -> Figure:
+    """Each image next to its activation row drawn as a colour strip (diverging, shared scale)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    limit = float(np.abs(rows).max()) or 1.0
+    fig, axes = plt.subplots(len(images), 2, figsize=(9, 0.9 * len(images)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 8]})
+    for (image_ax, row_ax), image, row, caption in zip(axes, images, rows, captions):
+        image_ax.imshow(np.asarray(image))
+        image_ax.axis("off")
+        row_ax.imshow(row[None, :], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        row_ax.set_yticks([])
+        row_ax.set_title(caption, fontsize=8, loc="left")
+    axes[-1, 1].set_xlabel("activation dimension")
+    fig.tight_layout()
+    return fig

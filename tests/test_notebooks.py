@@ -1,0 +1,37 @@
+"""Every chapter runs headless on its defaults (fixture) and shows what it promises."""
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from vlmsae_utils import run
+
+
+def _outputs(executed) -> tuple[str, int]:
+    """All text outputs of an executed notebook, and how many figures it shows."""
+    notebook = nbformat.read(executed, as_version=4)
+    text, figures = [], 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            text.append(output.get("text", ""))
+            data = output.get("data", {})
+            text.append(data.get("text/plain", ""))
+            figures += "image/png" in data
+    return "\n".join(text), figures
+
+
+@pytest.mark.slow
+def test_01_extract_on_defaults(tmp_path, fixture):
+    executed = run.run_notebook("01", {"out_dir": str(tmp_path / "x")}, tmp_path)
+    text, figures = _outputs(executed)
+    assert figures == 2
+    assert "320 image files in 16 classes" in text
+    assert (tmp_path / "x" / "activations" / "manifest.json").is_file()
+    assert (tmp_path / "x" / "embeddings" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_01_refuses_a_bad_layer_before_work(tmp_path, fixture):
+    with pytest.raises(run.NotebookError, match="layer 9 is out of range"):
+        run.run_notebook("01", {"out_dir": str(tmp_path / "x"), "layer": 9}, tmp_path)
+    assert not (tmp_path / "x" / "activations" / "plan.json").exists()

@@ -1,0 +1,41 @@
+"""Fixture artifacts built on demand, so every notebook runs on its defaults without earlier runs.
+
+A notebook parameter left empty (``""``) means "the embedded default": the stores and SAEs
+below are computed once from the fixture and cached under the data home.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .extract import extract_activations, extract_embeddings, open_dataset
+from .paths import data_home, resolve_out_dir
+from .store import ActivationStore
+
+DEFAULT_MODEL = "fixture:clip"
+DEFAULT_SCORER = "fixture:dinov2"
+DEFAULT_LAYER = -2
+
+
+def defaults_dir() -> Path:
+    """Where the default artifacts are cached (inside the data home, beside the fixture)."""
+    return data_home() / "defaults"
+
+
+def default_store(split: str = "train", *, model: str = DEFAULT_MODEL, layer: int = DEFAULT_LAYER,
+                  tokens: str = "cls", random_k: int = 2) -> ActivationStore:
+    """Activations of a fixture model on a fixture split (built on first use)."""
+    name = f"{model.replace(':', '_')}_L{layer}_{tokens}{random_k if tokens == 'random_k' else ''}_{split}"
+    return extract_activations(model, open_dataset("fixture", split), defaults_dir() / name, layer=layer,
+                               tokens=tokens, random_k=random_k, progress=False)
+
+
+def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) -> ActivationStore:
+    """Scoring embeddings of a fixture split (built on first use)."""
+    name = f"{scorer.replace(':', '_')}_embeddings_{split}"
+    return extract_embeddings(scorer, open_dataset("fixture", split), defaults_dir() / name, progress=False)
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+    """A store given as a notebook parameter (relative paths live under the outputs root)."""
+    return ActivationStore.open(resolve_out_dir(path))
