@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vlmsae_utils import data, encoders, extract, store
 

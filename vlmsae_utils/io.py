@@ -86,3 +86,10 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return versions
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically write a ``torch.save`` checkpoint (tensors and plain containers only)."""
+    import torch
+
+    return atomic_write(path, lambda stream: torch.save(obj, stream))

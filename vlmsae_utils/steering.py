@@ -31,6 +31,33 @@ def vision_tower(model: nn.Module) -> VisionEncoder:
     return wrap_clip_vision(tower, processor=_no_preprocess, name="llava.vision_tower")
 
 
+def load_llava(name_or_path: str = "fixture:llava", device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """A transformers LLaVA model and its processor from a hub id, a folder or ``fixture:llava``."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .encoders import FIXTURE_PREFIX, quiet_transformers
+
+    source = str(name_or_path)
+    if source.startswith(FIXTURE_PREFIX):
+        from .fixtures import ensure_fixture
+
+        source = str(ensure_fixture().model(source[len(FIXTURE_PREFIX):]))
+    with quiet_transformers():
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(source)
+    return model, processor
+
+
+def feature_block(model: nn.Module) -> int:
+    """0-based vision block whose output LLaVA feeds to the language model (``vision_feature_layer``)."""
+    layer = model.config.vision_feature_layer
+    if isinstance(layer, (list, tuple)):
+        layer = max(layer, key=lambda h: h % (vision_tower(model).num_layers + 1))
+    num_blocks = vision_tower(model).num_layers
+    return num_blocks + layer if layer < 0 else layer - 1
+
+
 def _no_preprocess(images):
     raise RuntimeError("use the LLaVA processor to prepare images")
 
@@ -91,7 +118,10 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     if mode not in STEER_MODES:
         raise ValueError(f"unknown steering mode {mode!r}; valid: {', '.join(STEER_MODES)}")
     tower = vision_tower(model)
-    tower.block_index(layer)
+    block = tower.block_index(layer)
+    if block > feature_block(model):
+        raise ValueError(f"vision block {block} comes after the block LLaVA reads its image features from "
+                         f"({feature_block(model)}): steering it cannot change the answer")
     rows = [clamp] if isinstance(clamp, Mapping) or clamp is None else list(clamp)
     _check_sae(sae, tower.hidden_size, [r or {} for r in rows])
     sae_device = next(sae.parameters()).device
@@ -101,8 +131,13 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
             new = steered_block_output(hidden.to(sae_device), sae, _per_row(clamp, hidden.shape[0]), mode)
         return new.to(hidden.device)
 
-    with tower.splice("post_mlp_residual", layer, replace):
-        yield
+    was_training = sae.training
+    sae.eval()  # inference encoding: the learned threshold, not the batch top-k
+    try:
+        with tower.splice("post_mlp_residual", layer, replace):
+            yield
+    finally:
+        sae.train(was_training)
 
 
 @contextlib.contextmanager

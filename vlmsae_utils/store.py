@@ -268,12 +268,17 @@ class ActivationStore:
         return np.concatenate([np.asarray(a) for a in self.arrays()], axis=0)
 
     def to_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All rows as one tensor ``[N, dim]``."""
+        """All rows as one tensor ``[N, dim]``, copied shard by shard straight from the memory maps."""
         out = torch.empty((len(self), self.dim), dtype=dtype)
+        numpy_view = out.numpy() if dtype in (torch.float32, torch.float16, torch.float64) else None
         start = 0
         for array in self.arrays():
-            out[start:start + len(array)] = torch.from_numpy(np.array(array))  # one shard copied at a time
-            start += len(array)
+            stop = start + len(array)
+            if numpy_view is not None:
+                numpy_view[start:stop] = array  # one copy, with the dtype cast done by numpy
+            else:
+                out[start:stop] = torch.from_numpy(np.array(array))
+            start = stop
         return out
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
