@@ -35,3 +35,16 @@ def test_01_refuses_a_bad_layer_before_work(tmp_path, fixture):
     with pytest.raises(run.NotebookError, match="layer 9 is out of range"):
         run.run_notebook("01", {"out_dir": str(tmp_path / "x"), "layer": 9}, tmp_path)
     assert not (tmp_path / "x" / "activations" / "plan.json").exists()
+
+
+@pytest.mark.slow
+def test_02_train_on_defaults(tmp_path, fixture):
+    executed = run.run_notebook("02", {"out_dir": str(tmp_path / "t"), "steps": 200}, tmp_path)
+    text, figures = _outputs(executed)
+    assert figures == 1
+    assert "R² %" in text and "Matryoshka" in text and "BatchTopK" in text
+    import pandas as pd
+
+    results = pd.read_csv(tmp_path / "t" / "results.csv")
+    assert len(results) == 4 and (results["R² %"] > 50).all()
+    assert (tmp_path / "t" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()

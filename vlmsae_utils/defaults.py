@@ -39,3 +39,27 @@ def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) ->
 def open_store(path: str | os.PathLike) -> ActivationStore:
     """A store given as a notebook parameter (relative paths live under the outputs root)."""
     return ActivationStore.open(resolve_out_dir(path))
+
+
+def default_sae(sae_type: str = "matryoshka_batch_top_k", *, expansion: float = 4, k: int = 8,
+                group_fractions: list[float] | None = None, steps: int = 600, store: ActivationStore | None = None,
+                name: str = "cls"):
+    """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE."""
+    from .sae import load_sae, save_sae
+    from .train import run_name, train_sae
+
+    fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
+    folder = defaults_dir() / "sae" / f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}"
+    if not (folder / "config.json").is_file():
+        data = store if store is not None else default_store("train")
+        sae, _ = train_sae(data, sae_type, expansion, k=k, group_fractions=group_fractions, steps=steps,
+                           batch_size=256, progress=False)
+        save_sae(sae, folder)
+    return load_sae(folder).eval()
+
+
+def open_sae(path: str | os.PathLike):
+    """An SAE given as a notebook parameter (relative paths live under the outputs root)."""
+    from .sae import load_sae
+
+    return load_sae(resolve_out_dir(path)).eval()

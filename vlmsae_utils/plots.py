@@ -75,3 +75,25 @@ def images_beside_rows(images: Sequence, rows: np.ndarray, captions: Sequence[st
     axes[-1, 1].set_xlabel("activation dimension")
     fig.tight_layout()
     return fig
+
+
+TRAINING_PANELS = {"loss": "training loss", "val_r2": "val R²", "val_l0": "val L0", "val_dead_frac_val": "val dead fraction"}
+
+
+def training_curves(histories: Mapping[str, "pd.DataFrame"]) -> Figure:
+    """Loss, validation R², L0 and dead fraction over steps, one line per trained SAE."""
+    import pandas as pd
+
+    frames = [h.assign(run=name) for name, h in histories.items()]
+    long = pd.concat(frames, ignore_index=True)
+    panels = [c for c in TRAINING_PANELS if c in long.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    for ax, column in zip(axes[0], panels):
+        sns.lineplot(data=long, x="step", y=column, hue="run", ax=ax, legend=column == panels[-1])
+        ax.set(title=TRAINING_PANELS[column], ylabel="")
+        if column == "loss":
+            ax.set_yscale("log")
+    if len(panels) and axes[0, -1].get_legend():
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title=None)
+    fig.tight_layout()
+    return fig

@@ -486,3 +486,47 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
     bar.close()
     sae.eval()
     return sae, pd.DataFrame(history)
+
+
+# ----- grids of SAEs (notebook 02 and sweeps) ---------------------------------------------------
+
+SAE_LABELS = {"batch_top_k": "BatchTopK", "matryoshka_batch_top_k": "Matryoshka", "top_k": "TopK", "relu": "ReLU"}
+
+
+def run_name(sae_type: str, expansion: float, k: int) -> str:
+    """Folder name of one trained SAE, e.g. ``matryoshka_batch_top_k_x4_k20``."""
+    return f"{sae_type}_x{expansion:g}_k{k}"
+
+
+def train_grid(train_data, val_data, sae_types: list[str], expansions: list[float], out_dir: str | os.PathLike,
+               **train_kwargs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Train every (SAE type × expansion) on the same data, save each SAE and its history under
+    ``out_dir/<run_name>/``, and return a results table (R², L0, dead %) and the histories."""
+    from .sae import save_sae
+
+    if not sae_types or not expansions:
+        raise ValueError("sae_types and expansions must each list at least one value")
+    unknown = [t for t in sae_types if t not in SAE_TYPES]
+    if unknown:
+        raise ValueError(f"unknown sae_types {unknown}; valid: {', '.join(SAE_TYPES)}")
+    out = Path(out_dir)
+    k = train_kwargs.get("k", 20)
+    rows, histories = [], {}
+    for sae_type in sae_types:
+        kwargs = dict(train_kwargs)
+        if sae_type != "matryoshka_batch_top_k":
+            kwargs.pop("group_fractions", None)
+        for expansion in expansions:
+            name = run_name(sae_type, expansion, k)
+            sae, history = train_sae(train_data, sae_type, expansion, val_data=val_data,
+                                     checkpoint_dir=out / name / "checkpoint", **kwargs)
+            save_sae(sae, out / name)
+            history.to_csv(out / name / "history.csv", index=False)
+            final = evaluate_sae(sae, val_data if val_data is not None else train_data)
+            rows.append({"SAE": SAE_LABELS[sae_type], "sae_type": sae_type, "expansion": expansion,
+                         "latents": sae.dict_size, "k": k, "R² %": 100 * final["r2"], "L0": final["l0"],
+                         "dead %": 100 * final.get("dead_frac_val", float("nan")), "path": str(out / name)})
+            histories[name] = history
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    return results, histories
