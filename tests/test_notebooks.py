@@ -48,3 +48,15 @@ def test_02_train_on_defaults(tmp_path, fixture):
     results = pd.read_csv(tmp_path / "t" / "results.csv")
     assert len(results) == 4 and (results["R² %"] > 50).all()
     assert (tmp_path / "t" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_03_monosemanticity_on_defaults(tmp_path, fixture):
+    executed = run.run_notebook("03", {"out_dir": str(tmp_path / "m")}, tmp_path)
+    text, figures = _outputs(executed)
+    assert figures >= 6  # curves, distributions, neuron cards, overlaps, browser card
+    assert "best MS" in text and "Matryoshka ×4" in text and "J ≥ 0.5" in text
+    import pandas as pd
+
+    summary = pd.read_csv(tmp_path / "m" / "ms_summary.csv", index_col=0)
+    assert len(summary) == 3 and summary["best MS"].between(-1, 1).all()

@@ -75,3 +75,15 @@ def test_every_notebook_declares_parameters():
     for source in run.all_notebooks():
         text = source.read_text()
         assert text.count(":tags: [parameters]") == 1, source.name
+        assert text.startswith("---\njupytext:"), source.name
+
+
+def test_papermill_parses_every_parameter_line(tmp_path):
+    """A comment papermill cannot parse silently drops the parameter from `inspect_notebook`."""
+    import papermill
+
+    for source in run.all_notebooks():
+        notebook = run.to_ipynb(source, tmp_path / f"{source.stem}.ipynb")
+        cell = next(c for c in nbformat.read(notebook, 4).cells if "parameters" in c.metadata.get("tags", []))
+        names = [line.split("=")[0].strip() for line in cell.source.splitlines() if line and not line.startswith("#")]
+        assert sorted(papermill.inspect_notebook(str(notebook))) == sorted(names), source.name

@@ -224,3 +224,11 @@ def parent_links(decoder: torch.Tensor, group_sizes: Sequence[int], codes: torch
         rows.append(frame)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["child", "child_level", "parent", "cosine"])
+
+
+def short_label(folder: str) -> str:
+    """A compact caption for a class folder: the genus rank of a taxonomic name, else the name itself."""
+    try:
+        return parse_taxonomy(folder)[-2]
+    except ValueError:
+        return folder

@@ -101,3 +101,41 @@ def training_curves(histories: Mapping[str, "pd.DataFrame"]) -> Figure:
         sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title=None)
     fig.tight_layout()
     return fig
+
+
+def ms_curves(scores: Mapping[str, np.ndarray]) -> Figure:
+    """Sorted MS curves (paper Fig. 5 style): MS against neuron rank, relative to the number of neurons."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, ms in scores.items():
+        live = np.sort(np.asarray(ms, dtype=float)[~np.isnan(np.asarray(ms, dtype=float))])[::-1]
+        ax.plot(np.linspace(0, 1, len(live)), live, label=f"{name} ({len(live)})")
+    ax.set(xlabel="neuron rank (fraction of live neurons)", ylabel="MS", title="sorted monosemanticity scores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ms_distributions(scores: Mapping[str, np.ndarray]) -> Figure:
+    """Distribution of MS per model (raw neurons vs SAE latents), dead neurons left out."""
+    import pandas as pd
+
+    long = pd.concat([pd.DataFrame({"MS": np.asarray(ms, dtype=float), "neurons": name}) for name, ms in scores.items()])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.violinplot(data=long.dropna(), x="MS", y="neurons", hue="neurons", cut=0, density_norm="width", ax=ax,
+                   legend=False)
+    ax.set(ylabel="", title="MS distributions")
+    fig.tight_layout()
+    return fig
+
+
+def overlap_histogram(max_jaccard: Mapping[str, np.ndarray]) -> Figure:
+    """Per neuron, the largest Jaccard overlap of its top images with any other neuron's."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, values in max_jaccard.items():
+        sns.histplot(np.asarray(values, dtype=float), bins=np.linspace(0, 1, 21), ax=ax, label=name,
+                     element="step", fill=False, stat="percent")
+    ax.set(xlabel="max Jaccard overlap of top-k images with another neuron", ylabel="% of neurons",
+           title="uniqueness of top images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,54 @@
+"""Stage-3 glue: reports over dense and sparse codes, level picks, alignment checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmsae_utils import metrics, scoring, widgets
+
+
+def _report(acts: torch.Tensor, emb: torch.Tensor, sparse: bool) -> scoring.NeuronReport:
+    data = metrics.SparseCodes.from_dense(acts) if sparse else acts
+    return scoring.score_neurons("m", data, emb, top_k=3)
+
+
+def test_sparse_and_dense_reports_agree():
+    torch.manual_seed(0)
+    acts = torch.relu(torch.randn(40, 6)) * (torch.rand(40, 6) < 0.5)
+    emb = torch.randn(40, 5)
+    dense, sparse = _report(acts, emb, False), _report(acts, emb, True)
+    torch.testing.assert_close(dense.ms, sparse.ms, equal_nan=True)
+    for neuron in range(6):
+        np.testing.assert_array_equal(dense.values(neuron), sparse.values(neuron))
+        np.testing.assert_array_equal(sparse.values(neuron), acts[:, neuron].numpy())
+    with pytest.raises(ValueError, match="out of range"):
+        dense.values(6)
+
+
+def test_levels_and_ranks_follow_ms():
+    emb = torch.eye(4).repeat_interleave(5, 0)  # 4 groups of 5 identical images
+    acts = torch.zeros(20, 3)
+    acts[:5, 0] = torch.arange(1, 6.0)  # one group only → MS 1
+    acts[::2, 1] = 1.0  # alternating across groups → lower MS
+    acts[:, 2] = torch.arange(20.0)  # everything
+    report = scoring.score_neurons("m", acts, emb, top_k=3)
+    assert report.ms[0] == pytest.approx(1.0)
+    assert report.ms[0] > report.ms[1] and report.ms[0] > report.ms[2]
+    assert scoring.neurons_at_levels(report, (1.0,)) == [0]
+    assert widgets.rank_to_neuron(report, 0) == 0
+    table = scoring.ms_table([report])
+    assert table.loc["m", "best MS"] == pytest.approx(1.0) and table.loc["m", "dead"] == 0
+
+
+class _FakeStore:
+    def __init__(self, ids, rows_per_image=1):
+        self.image_ids, self.rows_per_image, self.path = ids, rows_per_image, "fake"
+        self.params = {"tokens": "random_k"}
+
+
+def test_store_checks():
+    with pytest.raises(ValueError, match="2 rows per image"):
+        scoring.per_image(_FakeStore(["a"], 2))
+    with pytest.raises(ValueError, match="same images"):
+        scoring.check_aligned(_FakeStore(["a", "b"]), _FakeStore(["b", "a"]))

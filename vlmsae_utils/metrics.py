@@ -1,0 +1,580 @@
+"""Stage 3 metrics: the Monosemanticity Score (MS) in closed form, sparse SAE codes, user-study agreement.
+
+MS of neuron k (PAPER.md §4): with per-neuron min–max normalised activations ã_kn and
+cosine similarities s_nm of scorer embeddings,
+
+    MS_k = Σ_{n<m} ã_kn ã_km s_nm / Σ_{n<m} ã_kn ã_km.
+
+With unit-normalised embeddings ê_n and q_n = ||ê_n||² (1 up to rounding):
+
+    Σ_{n<m} ã_n ã_m s_nm = (||Σ_n ã_n ê_n||² − Σ_n ã_n² q_n) / 2
+    Σ_{n<m} ã_n ã_m      = ((Σ_n ã_n)² − Σ_n ã_n²) / 2
+
+so all neurons cost one (K×N)·(N×D) product, streamed over row batches and accumulated
+in float64.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SparseCodes",
+    "encode_to_sparse",
+    "monosemanticity_score",
+    "ms_brute_force",
+    "summarize_ms",
+    "ms_user_agreement",
+    "DEFAULT_GAP_BINS",
+]
+
+_DEFAULT_BATCH = 2048  # rows per float32 product; float64 error ≈3e-7 at N=50k (grows with it)
+
+
+# ----------------------------------------------------------------------------- sparse codes
+
+
+@dataclass
+class SparseCodes:
+    """CSR-like sparse code matrix [N, num_latents]: row n holds `values[indptr[n]:indptr[n+1]]`
+    at latent ids `indices[...]`; absent entries are exactly 0 (SAE codes of a store)."""
+
+    indptr: torch.Tensor  # [N+1] int64
+    indices: torch.Tensor  # [nnz] int64
+    values: torch.Tensor  # [nnz] float32
+    num_latents: int
+
+    def __post_init__(self) -> None:
+        self.indptr = torch.as_tensor(self.indptr, dtype=torch.int64)
+        self.indices = torch.as_tensor(self.indices, dtype=torch.int64)
+        self.values = torch.as_tensor(self.values)
+        if not self.values.is_floating_point():
+            self.values = self.values.float()
+        self.num_latents = int(self.num_latents)
+        if self.indptr.ndim != 1 or self.indptr.numel() < 1 or int(self.indptr[0]) != 0:
+            raise ValueError("SparseCodes.indptr must be 1-D, start at 0 and have N+1 entries")
+        if self.indices.shape != self.values.shape or self.indices.ndim != 1:
+            raise ValueError(
+                f"SparseCodes.indices {tuple(self.indices.shape)} and values "
+                f"{tuple(self.values.shape)} must be 1-D of equal length"
+            )
+        if int(self.indptr[-1]) != self.indices.numel():
+            raise ValueError(
+                f"SparseCodes.indptr[-1]={int(self.indptr[-1])} must equal nnz={self.indices.numel()}"
+            )
+        if self.indptr.numel() > 1 and bool((self.indptr[1:] < self.indptr[:-1]).any()):
+            raise ValueError("SparseCodes.indptr must be non-decreasing")
+        if self.num_latents < 1:
+            raise ValueError(f"SparseCodes.num_latents must be >= 1, got {self.num_latents}")
+        if self.indices.numel() and (
+            int(self.indices.min()) < 0 or int(self.indices.max()) >= self.num_latents
+        ):
+            raise ValueError(f"SparseCodes.indices must lie in [0, {self.num_latents})")
+
+    def __len__(self) -> int:
+        return self.indptr.numel() - 1
+
+    @property
+    def dim(self) -> int:
+        return self.num_latents
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.num_latents)
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    def row_ids(self) -> torch.Tensor:
+        """Row index of every stored entry ([nnz] int64)."""
+        counts = self.indptr[1:] - self.indptr[:-1]
+        return torch.repeat_interleave(torch.arange(len(self)), counts)
+
+    def slice_rows(self, start: int, stop: int) -> "SparseCodes":
+        """Rows [start, stop) as a new SparseCodes (views, no copy of the big arrays)."""
+        start, stop = max(0, int(start)), min(len(self), int(stop))
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return SparseCodes(
+            self.indptr[start : stop + 1] - lo,
+            self.indices[lo:hi],
+            self.values[lo:hi],
+            self.num_latents,
+        )
+
+    def iter_batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0
+    ) -> Iterator["SparseCodes"]:
+        """Consecutive row batches as SparseCodes (shuffle is not supported: row order matters)."""
+        if shuffle:
+            raise ValueError("SparseCodes.iter_batches supports shuffle=False only")
+        for s in range(0, len(self), int(batch_size)):
+            yield self.slice_rows(s, s + int(batch_size))
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense [N, num_latents] tensor (only for small inputs and tests)."""
+        out = torch.zeros(len(self), self.num_latents, dtype=dtype)
+        if self.nnz:
+            out[self.row_ids(), self.indices] = self.values.to(dtype)
+        return out
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "SparseCodes":
+        """CSR of the non-zero entries of a dense [N, K] tensor."""
+        dense = torch.as_tensor(dense)
+        if dense.ndim != 2:
+            raise ValueError(f"from_dense expects a 2-D tensor, got shape {tuple(dense.shape)}")
+        rows, cols = torch.nonzero(dense, as_tuple=True)
+        counts = torch.bincount(rows, minlength=dense.shape[0])
+        indptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
+        indptr[1:] = torch.cumsum(counts, 0)
+        vals = dense[rows, cols]
+        return cls(indptr, cols, vals.float() if not vals.is_floating_point() else vals, dense.shape[1])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to an `.npz` file atomically (temp file + os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    indptr=self.indptr.numpy(),
+                    indices=self.indices.numpy(),
+                    values=self.values.numpy(),
+                    num_latents=np.int64(self.num_latents),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SparseCodes":
+        """Read a file written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sparse codes file not found: {path}")
+        with np.load(path) as z:
+            return cls(
+                torch.from_numpy(z["indptr"]),
+                torch.from_numpy(z["indices"]),
+                torch.from_numpy(z["values"]),
+                int(z["num_latents"]),
+            )
+
+
+def encode_to_sparse(
+    sae_encode_fn: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    num_latents: int,
+    *,
+    device: str | torch.device = "cpu",
+) -> SparseCodes:
+    """Encode dense activation batches (e.g. `store.iter_batches(b)`) into SparseCodes,
+    keeping only non-zeros so 50,000 × 65,536 codes with L0≈20 take a few MB."""
+    indptr_parts = [torch.zeros(1, dtype=torch.int64)]
+    idx_parts: list[torch.Tensor] = []
+    val_parts: list[torch.Tensor] = []
+    offset = 0
+    with torch.no_grad():
+        for x in batches:
+            f = sae_encode_fn(torch.as_tensor(x).to(device))
+            if f.ndim != 2 or f.shape[1] != num_latents:
+                raise ValueError(
+                    f"encode function returned shape {tuple(f.shape)}, expected [B, {num_latents}]"
+                )
+            f = f.detach().float().cpu()
+            if not torch.isfinite(f).all():
+                raise ValueError("encode function returned non-finite codes")
+            rows, cols = torch.nonzero(f, as_tuple=True)
+            counts = torch.bincount(rows, minlength=f.shape[0])
+            indptr_parts.append(offset + torch.cumsum(counts, 0))
+            offset += int(rows.numel())
+            idx_parts.append(cols)
+            val_parts.append(f[rows, cols])
+    indices = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.int64)
+    values = torch.cat(val_parts) if val_parts else torch.zeros(0)
+    return SparseCodes(torch.cat(indptr_parts), indices, values, num_latents)
+
+
+# ----------------------------------------------------------------------------- input helpers
+
+
+def _is_store_like(x: Any) -> bool:
+    return hasattr(x, "iter_batches") and hasattr(x, "__len__") and not isinstance(
+        x, (torch.Tensor, np.ndarray, SparseCodes)
+    )
+
+
+def _as_dense_2d(x: Any, name: str) -> torch.Tensor:
+    """Tensor / array / store-like → 2-D tensor (stores via `to_tensor` or concatenated batches)."""
+    if isinstance(x, SparseCodes):
+        return x.to_dense()
+    if _is_store_like(x):
+        x = x.to_tensor() if hasattr(x, "to_tensor") else torch.cat(list(x.iter_batches(_DEFAULT_BATCH)))
+    t = torch.as_tensor(x)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, ·], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.float()
+    return t
+
+
+def _num_rows_and_dim(acts: Any) -> tuple[int, int]:
+    if isinstance(acts, (torch.Tensor, np.ndarray)):
+        if acts.ndim != 2:
+            raise ValueError(f"activations must be 2-D [N, K], got shape {tuple(acts.shape)}")
+        return int(acts.shape[0]), int(acts.shape[1])
+    if isinstance(acts, SparseCodes):
+        return len(acts), acts.num_latents
+    if _is_store_like(acts):
+        if not hasattr(acts, "dim"):
+            raise ValueError("a store-like activations object needs a `.dim` attribute")
+        return len(acts), int(acts.dim)
+    raise ValueError(
+        f"activations must be a Tensor/ndarray [N, K], SparseCodes or a store with iter_batches; "
+        f"got {type(acts).__name__}"
+    )
+
+
+def _iter_dense_batches(acts: Any, batch: int) -> Iterator[torch.Tensor]:
+    if isinstance(acts, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(acts)
+        for s in range(0, t.shape[0], batch):
+            yield t[s : s + batch]
+    else:
+        for b in acts.iter_batches(batch, shuffle=False):
+            yield torch.as_tensor(b)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{what} contains NaN/inf (first at index {bad})")
+
+
+# ----------------------------------------------------------------------------- MS
+
+
+def _unit_embeddings(
+    embeddings: Any, n: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-normalised embeddings in `dtype` and q_n = ||ê_n||² of those stored values in float64."""
+    e = _as_dense_2d(embeddings, "embeddings")
+    if e.shape[0] != n:
+        raise ValueError(
+            f"embeddings have {e.shape[0]} rows but activations have {n}; MS needs one embedding "
+            "per activation row (pool per-token rows to one row per image first)"
+        )
+    norms = torch.linalg.vector_norm(e, dim=1, dtype=torch.float64)  # NaN/inf propagate
+    if not torch.isfinite(norms).all():
+        _check_finite(e, "embeddings")
+    zero = (norms == 0).nonzero()
+    if zero.numel():
+        raise ValueError(f"embedding row {int(zero[0])} has zero norm: cosine similarity is undefined")
+    if dtype == torch.float64:
+        e_hat = e.to(torch.float64) / norms[:, None]
+    else:
+        e_hat = e.to(dtype) * (1.0 / norms).to(dtype)[:, None]
+    q = torch.linalg.vector_norm(e_hat, dim=1, dtype=torch.float64) ** 2
+    return e_hat.to(device), q.to(device)
+
+
+def _minmax_dense(acts: Any, k: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.full((k,), float("inf"), dtype=torch.float64)
+    hi = torch.full((k,), float("-inf"), dtype=torch.float64)
+    rows = 0
+    for b in _iter_dense_batches(acts, batch):
+        if b.ndim != 2 or b.shape[1] != k:
+            raise ValueError(f"activation batch has shape {tuple(b.shape)}, expected [B, {k}]")
+        if not b.is_floating_point():
+            b = b.float()
+        # min/max are exact in the input dtype and propagate NaN/inf, so no separate finiteness pass.
+        b_lo, b_hi = b.amin(0), b.amax(0)  # (faster than torch.aminmax on CPU)
+        if not (torch.isfinite(b_lo).all() and torch.isfinite(b_hi).all()):
+            _check_finite(b, f"activations (batch starting at row {rows})")
+        lo = torch.minimum(lo, b_lo.to(torch.float64))
+        hi = torch.maximum(hi, b_hi.to(torch.float64))
+        rows += b.shape[0]
+    return lo, hi
+
+
+def _minmax_sparse(codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
+    k, n = codes.num_latents, len(codes)
+    v = codes.values.to(torch.float64)
+    _check_finite(v, "sparse code values")
+    lo = torch.full((k,), float("inf"), dtype=torch.float64)
+    hi = torch.full((k,), float("-inf"), dtype=torch.float64)
+    if codes.nnz:
+        lo = lo.scatter_reduce(0, codes.indices, v, reduce="amin")
+        hi = hi.scatter_reduce(0, codes.indices, v, reduce="amax")
+    # Implicit zeros: a latent stored on fewer than N rows also takes the value 0
+    # (duplicates within a row are not expected; counting occurrences is an upper bound).
+    counts = torch.bincount(codes.indices, minlength=k)
+    has_zero = counts < n
+    lo = torch.where(has_zero, torch.minimum(lo, torch.zeros_like(lo)), lo)
+    hi = torch.where(has_zero, torch.maximum(hi, torch.zeros_like(hi)), hi)
+    return lo, hi
+
+
+def _finish(sum_a, sum_a2, sum_a2q, sq_norm, rng) -> torch.Tensor:
+    num = (sq_norm - sum_a2q) / 2.0
+    den = (sum_a * sum_a - sum_a2) / 2.0
+    dead = (rng <= 0) | ~torch.isfinite(rng) | (den <= 0)
+    # Relative floor: a denominator at rounding level of (Σã)² is a single active image.
+    dead |= den <= 1e-12 * sum_a * sum_a
+    ms = torch.where(dead, torch.full_like(num, float("nan")), num / torch.where(dead, 1.0, den))
+    return ms
+
+
+def monosemanticity_score(
+    activations: Any,
+    embeddings: Any,
+    *,
+    chunk_size: int | None = None,
+    device: str | torch.device = "cpu",
+    neuron_chunk: int | None = None,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """MS of every neuron ([K] float64, NaN for dead neurons), exactly PAPER.md §4 via the closed form.
+
+    `activations`: Tensor/ndarray [N, K], `SparseCodes`, or a store with `iter_batches`/`len`/`dim`
+    (streamed in two passes: min/max, then accumulators). `embeddings`: [N, D] (or a store).
+    `chunk_size`: rows per streamed batch (default 2048; float32 rounding grows with it). `neuron_chunk`: neurons per pass-2
+    sweep to bound the K×D float64 accumulator (each sweep re-reads a store).
+    `matmul_dtype`: dtype of each batch product (float32 default; sums accumulate in float64).
+    """
+    n, k = _num_rows_and_dim(activations)
+    if n < 2:
+        raise ValueError(f"MS needs at least 2 images (pairs), got N={n}")
+    if k < 1:
+        raise ValueError(f"activations must have at least one neuron, got K={k}")
+    batch = int(chunk_size or _DEFAULT_BATCH)
+    if batch < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dev = torch.device(device)
+    acc_dev = dev if dev.type != "mps" else torch.device("cpu")  # no float64 on MPS
+    sparse = isinstance(activations, SparseCodes)
+    e_dtype = torch.float64 if sparse else matmul_dtype
+    e_hat, q = _unit_embeddings(embeddings, n, acc_dev if sparse else dev, e_dtype)
+    q = q.to(acc_dev)
+
+    if sparse:
+        return _ms_sparse(activations, e_hat, q, batch)
+
+    lo, hi = _minmax_dense(activations, k, batch)
+    rng = hi - lo
+    step = int(neuron_chunk or k)
+    if step < 1:
+        raise ValueError(f"neuron_chunk must be >= 1, got {neuron_chunk}")
+    out = torch.empty(k, dtype=torch.float64)
+    for k0 in range(0, k, step):
+        k1 = min(k, k0 + step)
+        kk = k1 - k0
+        # Range in the working dtype from the same subtraction as the data, so the maximum maps
+        # to exactly 1 and the minimum to exactly 0 (a one-image neuron then has weight sum 0).
+        lo_c = lo[k0:k1].to(dev, matmul_dtype)
+        rng_c = hi[k0:k1].to(dev, matmul_dtype) - lo_c
+        rng_c = torch.where(rng_c > 0, rng_c, torch.ones_like(rng_c))
+        s_acc = torch.zeros(kk, e_hat.shape[1], dtype=torch.float64, device=acc_dev)
+        sum_a = torch.zeros(kk, dtype=torch.float64, device=acc_dev)
+        sum_a2 = torch.zeros_like(sum_a)
+        sum_a2q = torch.zeros_like(sum_a)
+        row = 0
+        a_buf = a2_buf = None  # reused work buffers: elementwise ops without fresh allocations
+        for b in _iter_dense_batches(activations, batch):
+            nb = b.shape[0]
+            if row + nb > n:
+                raise ValueError(f"activations yielded more rows than len()={n}")
+            if a_buf is None or a_buf.shape[0] < nb:
+                a_buf = torch.empty(max(nb, batch), kk, dtype=matmul_dtype, device=dev)
+                a2_buf = torch.empty_like(a_buf)
+            a = torch.sub(b[:, k0:k1].to(dev), lo_c, out=a_buf[:nb]).div_(rng_c)  # ã in [0, 1]
+            a2 = torch.mul(a, a, out=a2_buf[:nb])
+            e_b = e_hat[row : row + nb].to(matmul_dtype)
+            s_acc += (a.T @ e_b).to(acc_dev, torch.float64)
+            # Σ ã, Σ ã² and Σ ã² (q_n − 1) as small products; per-batch sums, accumulated in float64.
+            w = torch.stack([torch.ones(nb, dtype=matmul_dtype, device=dev),
+                             (q[row : row + nb] - 1.0).to(dev, matmul_dtype)])
+            sum_a += (w[0] @ a).to(acc_dev, torch.float64)
+            sq_terms = (w @ a2).to(acc_dev, torch.float64)
+            sum_a2 += sq_terms[0]
+            sum_a2q += sq_terms[0] + sq_terms[1]
+            row += nb
+        if row != n:
+            raise ValueError(f"activations yielded {row} rows but len()={n}")
+        sq = s_acc.pow(2).sum(1)
+        out[k0:k1] = _finish(sum_a, sum_a2, sum_a2q, sq, rng[k0:k1].to(acc_dev)).cpu()
+    return out
+
+
+def _ms_sparse(codes: SparseCodes, e64: torch.Tensor, q: torch.Tensor, batch: int) -> torch.Tensor:
+    """MS for sparse codes: ã_kn = c_k + v_kn/r_k with c_k = −min_k/r_k (0 for non-negative codes)."""
+    k, n = codes.num_latents, len(codes)
+    dev = e64.device
+    lo, hi = _minmax_sparse(codes)
+    rng = hi - lo
+    safe = torch.where(rng > 0, rng, torch.ones_like(rng)).to(dev)
+    c = (-lo.to(dev) / safe)
+    c = torch.where(rng.to(dev) > 0, c, torch.zeros_like(c))
+    d_acc = torch.zeros(k, e64.shape[1], dtype=torch.float64, device=dev)  # Σ d_kn ê_n
+    sum_d = torch.zeros(k, dtype=torch.float64, device=dev)
+    sum_d2 = torch.zeros_like(sum_d)
+    sum_dq = torch.zeros_like(sum_d)
+    sum_d2q = torch.zeros_like(sum_d)
+    for s in range(0, n, batch):
+        part = codes.slice_rows(s, s + batch)
+        if part.nnz == 0:
+            continue
+        rows = part.row_ids().to(dev)
+        lat = part.indices.to(dev)
+        d = part.values.to(dev, torch.float64) / safe[lat]
+        sp = torch.sparse_coo_tensor(
+            torch.stack([lat, rows]), d, (k, len(part)), check_invariants=False
+        )
+        d_acc += torch.sparse.mm(sp, e64[s : s + len(part)])
+        qn = q[s + rows]
+        sum_d.index_add_(0, lat, d)
+        sum_d2.index_add_(0, lat, d * d)
+        sum_dq.index_add_(0, lat, d * qn)
+        sum_d2q.index_add_(0, lat, d * d * qn)
+    e_sum = e64.sum(0)  # Σ ê_n
+    q_sum = q.sum()
+    s_vec = d_acc + c[:, None] * e_sum[None, :]
+    sum_a = c * n + sum_d
+    sum_a2 = c * c * n + 2 * c * sum_d + sum_d2
+    sum_a2q = c * c * q_sum + 2 * c * sum_dq + sum_d2q
+    return _finish(sum_a, sum_a2, sum_a2q, s_vec.pow(2).sum(1), rng.to(dev)).cpu()
+
+
+def ms_brute_force(activations: Any, embeddings: Any) -> torch.Tensor:
+    """Literal O(N²·K) float64 MS over all pairs n < m (reference for tests; small N only)."""
+    a = _as_dense_2d(activations, "activations").to(torch.float64)
+    e = _as_dense_2d(embeddings, "embeddings").to(torch.float64)
+    if a.shape[0] != e.shape[0]:
+        raise ValueError(f"activations have {a.shape[0]} rows, embeddings {e.shape[0]}")
+    if a.shape[0] < 2:
+        raise ValueError(f"MS needs at least 2 images, got N={a.shape[0]}")
+    _check_finite(a, "activations")
+    _check_finite(e, "embeddings")
+    n = a.shape[0]
+    iu, ju = torch.triu_indices(n, n, offset=1)
+    e_n = e[iu]
+    e_m = e[ju]
+    sim = (e_n * e_m).sum(1) / (e_n.norm(dim=1) * e_m.norm(dim=1))  # s_nm for n < m
+    out = torch.full((a.shape[1],), float("nan"), dtype=torch.float64)
+    for k in range(a.shape[1]):
+        col = a[:, k]
+        lo, hi = col.min(), col.max()
+        if hi <= lo:
+            continue
+        t = (col - lo) / (hi - lo)
+        w = t[iu] * t[ju]
+        den = w.sum()
+        if den <= 0:
+            continue
+        out[k] = (w * sim).sum() / den
+    return out
+
+
+def summarize_ms(scores: torch.Tensor | np.ndarray, top: int = 10) -> dict:
+    """Mean ± std over live neurons, dead count (NaN) and the top / bottom neuron ids."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    live = ~torch.isnan(s)
+    vals = s[live]
+    ids = torch.nonzero(live).flatten()
+    order = torch.argsort(vals, descending=True)
+    t = min(int(top), int(vals.numel()))
+    return {
+        "num_neurons": int(s.numel()),
+        "num_dead": int((~live).sum()),
+        "mean": float(vals.mean()) if vals.numel() else float("nan"),
+        "std": float(vals.std(unbiased=False)) if vals.numel() else float("nan"),
+        "max": float(vals.max()) if vals.numel() else float("nan"),
+        "min": float(vals.min()) if vals.numel() else float("nan"),
+        "top_ids": ids[order[:t]].tolist(),
+        "top_scores": vals[order[:t]].tolist(),
+        "bottom_ids": ids[order.flip(0)[:t]].tolist(),
+        "bottom_scores": vals[order.flip(0)[:t]].tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------- user study
+
+DEFAULT_GAP_BINS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+_PAIR_COLUMNS = ("k_x", "k_y", "R_user", "MS_x_dino", "MS_y_dino", "MS_x_clip", "MS_y_clip")
+
+
+def ms_user_agreement(
+    pairs: Any,
+    *,
+    scorer: str = "dino",
+    bins: Sequence[float] = DEFAULT_GAP_BINS,
+):
+    """Agreement of the MS order with the human choice per |MS_x − MS_y| bin, plus overall
+    (pair-weighted) and uniform-over-bins rows, like the paper's Table A1.
+
+    `pairs`: DataFrame or path to the benchmark `pairs.csv` (k_x, k_y, R_user, MS_x_<scorer>,
+    MS_y_<scorer>). `R_user` is the share of raters preferring x (0..1; > 0.5 means x);
+    exact ties (0.5) and equal MS values carry no order and are dropped.
+    """
+    import pandas as pd
+
+    if isinstance(pairs, (str, os.PathLike)):
+        p = Path(pairs)
+        if not p.is_file():
+            raise FileNotFoundError(f"pairs table not found: {p}")
+        pairs = pd.read_csv(p)
+    if not isinstance(pairs, pd.DataFrame):
+        raise ValueError(f"pairs must be a pandas DataFrame or a CSV path, got {type(pairs).__name__}")
+    cx, cy = f"MS_x_{scorer}", f"MS_y_{scorer}"
+    missing = [c for c in ("R_user", cx, cy) if c not in pairs.columns]
+    if missing:
+        raise ValueError(
+            f"pairs table lacks columns {missing}; expected {list(_PAIR_COLUMNS)} (scorer={scorer!r})"
+        )
+    edges = np.asarray(bins, dtype=float)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bins must be increasing edges with at least 2 values, got {list(bins)}")
+    r = pd.to_numeric(pairs["R_user"], errors="coerce").to_numpy(float)
+    mx = pd.to_numeric(pairs[cx], errors="coerce").to_numpy(float)
+    my = pd.to_numeric(pairs[cy], errors="coerce").to_numpy(float)
+    if np.isnan(r).any() or np.isnan(mx).any() or np.isnan(my).any():
+        raise ValueError("pairs table has missing/non-numeric R_user or MS values")
+    if (r < 0).any() or (r > 1).any():
+        raise ValueError("R_user must be the share of raters preferring x, in [0, 1]")
+    keep = (r != 0.5) & (mx != my)
+    gap = np.abs(mx - my)[keep]
+    agree = ((r[keep] > 0.5) == (mx[keep] > my[keep])).astype(float)
+    # Bins are (lo, hi]; the first also takes gap == lo.
+    which = np.searchsorted(edges, gap, side="left") - 1
+    which[gap == edges[0]] = 0
+    rows = []
+    per_bin = []
+    for i in range(edges.size - 1):
+        m = which == i
+        cnt = int(m.sum())
+        acc = float(agree[m].mean()) if cnt else float("nan")
+        if cnt:
+            per_bin.append(acc)
+        rows.append({"bin": f"({edges[i]:.2g}, {edges[i + 1]:.2g}]", "gap_lo": edges[i],
+                     "gap_hi": edges[i + 1], "n_pairs": cnt, "agreement": acc})
+    out_of_range = int(((which < 0) | (which >= edges.size - 1)).sum())
+    if out_of_range:
+        raise ValueError(f"{out_of_range} MS gaps fall outside the bins {list(edges)}")
+    rows.append({"bin": "overall", "gap_lo": edges[0], "gap_hi": edges[-1], "n_pairs": int(keep.sum()),
+                 "agreement": float(agree.mean()) if agree.size else float("nan")})
+    rows.append({"bin": "uniform over bins", "gap_lo": edges[0], "gap_hi": edges[-1],
+                 "n_pairs": int(keep.sum()),
+                 "agreement": float(np.mean(per_bin)) if per_bin else float("nan")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,119 @@
+"""Stage 3 glue: score the neurons of a model or an SAE on a store and keep what a reader inspects.
+
+A :class:`NeuronReport` holds, for one set of neurons (raw activations or SAE latents), the
+Monosemanticity Score of every neuron, its top-k images and the activations themselves (dense
+or sparse), so notebooks can tabulate, plot and browse them without recomputing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from .data import load_image
+from .exemplars import TopK, top_k_images
+from .metrics import SparseCodes, encode_to_sparse, monosemanticity_score, summarize_ms
+from .store import ActivationStore
+
+
+@dataclass
+class NeuronReport:
+    """MS, top images and activations of one set of neurons over the same images."""
+
+    name: str
+    ms: torch.Tensor  # [K] float64, NaN = dead
+    top: TopK
+    activations: Any  # torch.Tensor [N, K] or SparseCodes
+
+    @property
+    def num_neurons(self) -> int:
+        """Number of neurons (latents)."""
+        return int(self.ms.numel())
+
+    def values(self, neuron: int) -> np.ndarray:
+        """Activation of one neuron on every image."""
+        if not 0 <= neuron < self.num_neurons:
+            raise ValueError(f"neuron {neuron} out of range for {self.name} (0..{self.num_neurons - 1})")
+        if isinstance(self.activations, SparseCodes):
+            out = np.zeros(len(self.activations), dtype=np.float32)
+            hit = (self.activations.indices == neuron).numpy()
+            rows = self.activations.row_ids().numpy()[hit]
+            out[rows] = self.activations.values.numpy()[hit]
+            return out
+        return np.asarray(self.activations[:, neuron], dtype=np.float32)
+
+
+def per_image(store: ActivationStore) -> ActivationStore:
+    """MS compares images: the store must hold one row per image (CLS, mean or projection)."""
+    if store.rows_per_image != 1:
+        raise ValueError(f"{store.path} holds {store.rows_per_image} rows per image (tokens="
+                         f"{store.params.get('tokens')!r}); score a store with tokens='cls' or 'mean'")
+    return store
+
+
+def check_aligned(activations: ActivationStore, embeddings: ActivationStore) -> None:
+    """Activations and scorer embeddings must describe the same images in the same order."""
+    if activations.image_ids != embeddings.image_ids:
+        raise ValueError(f"{activations.path} and {embeddings.path} do not hold the same images in the same "
+                         "order; extract both from the same data_dir and split")
+
+
+def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096) -> SparseCodes:
+    """Sparse inference codes of an SAE on every row of a store (threshold encoding)."""
+    if sae.activation_dim != store.dim:
+        raise ValueError(f"SAE reads {sae.activation_dim}-d activations but {store.path} holds {store.dim}-d rows")
+    sae.eval()
+    with torch.inference_mode():
+        return encode_to_sparse(sae.encode, store.iter_batches(batch_size), sae.dict_size)
+
+
+def score_neurons(name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16) -> NeuronReport:
+    """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse)."""
+    ms = monosemanticity_score(activations, embeddings)
+    return NeuronReport(name, ms, top_k_images(activations, top_k), activations)
+
+
+def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
+    """The paper's Table 1a / A2 layout: best, mean ± std MS, dead and flagged neurons per model."""
+    rows = []
+    for report in reports:
+        summary = summarize_ms(report.ms)
+        rows.append({"neurons": report.name, "K": report.num_neurons, "best MS": summary["max"],
+                     "mean MS": summary["mean"], "std": summary["std"], "dead": summary["num_dead"],
+                     f"< {report.top.k} positive images": int(report.top.flagged.sum())})
+    return pd.DataFrame(rows).set_index("neurons")
+
+
+def neurons_at_levels(report: NeuronReport, quantiles: Sequence[float] = (1.0, 0.75, 0.5, 0.25)) -> list[int]:
+    """Neurons whose MS sits at the given quantiles among live neurons with a full top-k."""
+    eligible = (~torch.isnan(report.ms)) & (~report.top.flagged)
+    ids = torch.nonzero(eligible).flatten()
+    if ids.numel() == 0:
+        raise ValueError(f"{report.name}: no live neuron with {report.top.k} positive images")
+    order = ids[torch.argsort(report.ms[ids], descending=True)]
+    picks = [int(order[round((1.0 - q) * (len(order) - 1))]) for q in quantiles]
+    return list(dict.fromkeys(picks))
+
+
+def store_image_loader(store: ActivationStore) -> Callable[[int], Image.Image]:
+    """Image ``i`` of a store (its position in ``store.image_ids``), read from the data root it was made from."""
+    root = Path(store.params["data_root"])
+    ids = store.image_ids
+
+    def load(index: int) -> Image.Image:
+        return load_image(root / ids[index])
+
+    return load
+
+
+def exemplar_images(report: NeuronReport, neuron: int, load: Callable[[int], Image.Image]) -> tuple[list, list]:
+    """A neuron's top images (``None`` for absent slots) and their activation values."""
+    indices = report.top.indices[neuron].tolist()
+    values = report.top.values[neuron].tolist()
+    return [load(i) if i >= 0 else None for i in indices], values
