@@ -67,7 +67,6 @@ def bench_large(n: int, k: int, d: int) -> None:
     t_our, ms = _timed(lambda: monosemanticity_score(a, e), repeat=1)
     print(f"(b) N={n} K={k} D={d}: ours {t_our:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
           f"ratio {t_our / t_mm:.2f}x (live neurons {int((~ms.isnan()).sum())})")
-    del a_t
     kk = 16
     t_top, top = _timed(lambda: top_k_images(a, k=kk), repeat=1)
     t_sort, idx = _timed(lambda: torch.argsort(a.T, dim=1, descending=True)[:, :kk], repeat=1)

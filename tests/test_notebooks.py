@@ -60,3 +60,16 @@ def test_03_monosemanticity_on_defaults(tmp_path, fixture):
 
     summary = pd.read_csv(tmp_path / "m" / "ms_summary.csv", index_col=0)
     assert len(summary) == 3 and summary["best MS"].between(-1, 1).all()
+
+
+@pytest.mark.slow
+def test_04_hierarchy_on_defaults(tmp_path, fixture):
+    executed = run.run_notebook("04", {"out_dir": str(tmp_path / "h"), "top_k": 8}, tmp_path)
+    text, figures = _outputs(executed)
+    assert figures == 2 and "LCA depth (mean)" in text
+    import pandas as pd
+
+    levels = pd.read_csv(tmp_path / "h" / "levels.csv", index_col=0)
+    assert levels.latents.tolist() == [2, 4, 10, 28, 84]
+    kept = levels["LCA depth (mean)"].dropna()
+    assert kept.between(0, 7).all()

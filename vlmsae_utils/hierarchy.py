@@ -232,3 +232,36 @@ def short_label(folder: str) -> str:
         return parse_taxonomy(folder)[-2]
     except ValueError:
         return folder
+
+
+# The paper's 5-level split (0.002, 0.009, 0.035, 0.189, 0.765 of 1536 latents) gives an empty
+# first group on a small dictionary; this keeps five levels with 2, 4, 10, 28, 84 of 128 latents.
+FIXTURE_GROUP_FRACTIONS = (2 / 128, 4 / 128, 10 / 128, 28 / 128, 84 / 128)
+PAPER_GROUP_FRACTIONS = (0.002, 0.009, 0.035, 0.189, 0.765)
+
+
+def image_paths_of(class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None) -> list[tuple[str, ...]]:
+    """Taxonomy path of every image from its class (folder name or mapping file)."""
+    per_class = taxonomy_of_classes(class_names, mapping)
+    return [per_class[name] for name in class_names]
+
+
+def concept_tree(links: pd.DataFrame, top_counts: torch.Tensor | np.ndarray, roots: int = 3,
+                 children: int = 3) -> list[tuple[int, list[int]]]:
+    """A few level-0 latents (those firing on most images) with their strongest level-1 children.
+
+    Children are ranked by co-activation with the parent when known, else decoder cosine.
+    """
+    counts = np.asarray(top_counts)
+    first = links[links.child_level == 1]
+    if first.empty:
+        raise ValueError("a concept tree needs at least two Matryoshka levels")
+    candidates = np.arange(int(first.child.min()))  # level 0 = every latent before the first level-1 latent
+    ranked = sorted(candidates, key=lambda j: (-counts[j], j))[:roots]
+    key = "coactivation" if "coactivation" in first.columns else "cosine"
+    tree = []
+    for root in ranked:
+        kids = first[first.parent == root].sort_values([key, "cosine"], ascending=False)
+        kids = kids[counts[kids.child.to_numpy()] > 0]
+        tree.append((int(root), [int(c) for c in kids.child.head(children)]))
+    return tree

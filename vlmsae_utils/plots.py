@@ -139,3 +139,48 @@ def overlap_histogram(max_jaccard: Mapping[str, np.ndarray]) -> Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def depth_per_level(depths: "pd.DataFrame", levels: np.ndarray) -> Figure:
+    """LCA depth of each latent's top images per Matryoshka level (mean and majority), excluded latents left out."""
+    import pandas as pd
+
+    kept = depths.assign(level=levels)[lambda d: ~d.excluded]
+    long = pd.concat([kept.assign(depth=kept.depth_rounded, statistic="rounded mean"),
+                      kept.assign(depth=kept.depth_majority, statistic="majority")])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.pointplot(data=long, x="level", y="depth", hue="statistic", dodge=0.3, errorbar="se", ax=ax)
+    ax.set(xlabel="Matryoshka level (0 = coarsest)", ylabel="LCA depth of top images",
+           title="deeper = more specific concepts")
+    fig.tight_layout()
+    return fig
+
+
+def concept_tree_figure(tree: Sequence[tuple[int, Sequence[int]]], top_indices, load, paths: Sequence[Sequence[str]],
+                        rank_names: Sequence[str] = (), thumbs: int = 3) -> Figure:
+    """Each root latent above its children; a node is a strip of its top images labelled by the ranks they share."""
+    width = max(1, max(len(children) for _, children in tree))
+    fig, axes = plt.subplots(2 * len(tree), width, figsize=(2.3 * width, 1.6 * 2 * len(tree)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (root, children) in enumerate(tree):
+        _node(axes[2 * row, 0], root, "root", top_indices, load, paths, thumbs)
+        for col, child in enumerate(children):
+            _node(axes[2 * row + 1, col], child, "└ child", top_indices, load, paths, thumbs)
+    fig.suptitle("concept tree: level-0 latents and their closest level-1 latents", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _node(ax, latent: int, role: str, top_indices, load, paths, thumbs: int) -> None:
+    """One tree node: up to ``thumbs`` top images side by side, titled with the shared taxonomy."""
+    from .hierarchy import shared_prefix
+
+    images = [int(i) for i in np.asarray(top_indices[latent]) if i >= 0]
+    if not images:
+        ax.set_title(f"{role} {latent}: never fires", fontsize=7)
+        return
+    strip = np.concatenate([np.asarray(load(i).resize((64, 64))) for i in images[:thumbs]], axis=1)
+    ax.imshow(strip)
+    shared = shared_prefix([paths[i] for i in images])[1:] or ("(nothing shared)",)
+    ax.set_title(f"{role} {latent}: {' › '.join(shared[-2:])}", fontsize=7)
