@@ -73,3 +73,14 @@ def test_04_hierarchy_on_defaults(tmp_path, fixture):
     assert levels.latents.tolist() == [2, 4, 10, 28, 84]
     kept = levels["LCA depth (mean)"].dropna()
     assert kept.between(0, 7).all()
+
+
+@pytest.mark.slow
+def test_05_steer_on_defaults(tmp_path, fixture):
+    executed = run.run_notebook("05", {"out_dir": str(tmp_path / "s"), "num_images": 2, "alphas": [100]}, tmp_path)
+    text, _ = _outputs(executed)
+    assert "not steered" in text and "DiffMean" in text and "true class" in text
+    import pandas as pd
+
+    scores = pd.read_csv(tmp_path / "s" / "steering_scores.csv", index_col=0)
+    assert scores.pairs.tolist() == [6, 12]

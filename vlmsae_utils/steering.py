@@ -142,11 +142,20 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
 
 @contextlib.contextmanager
 def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
-    """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` (DiffMean steering)."""
+    """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` (DiffMean
+    steering); ``vector`` is ``[D]`` for every image or ``[B, D]`` with one vector per image of the batch."""
     tower = vision_tower(model)
-    if vector.shape != (tower.hidden_size,):
-        raise ValueError(f"steering vector has shape {tuple(vector.shape)}, the block width is {tower.hidden_size}")
-    with tower.splice("post_mlp_residual", layer, lambda h: h + scale * vector.to(h.device, h.dtype)):
+    if vector.shape[-1:] != (tower.hidden_size,) or vector.ndim not in (1, 2):
+        raise ValueError(f"steering vector has shape {tuple(vector.shape)}; expected [{tower.hidden_size}] "
+                         f"or [batch, {tower.hidden_size}]")
+
+    def shift(hidden: torch.Tensor) -> torch.Tensor:
+        v = vector.to(hidden.device, hidden.dtype)
+        if v.ndim == 2 and v.shape[0] != hidden.shape[0]:
+            raise ValueError(f"{v.shape[0]} steering vectors for a batch of {hidden.shape[0]} images")
+        return hidden + scale * (v[:, None, :] if v.ndim == 2 else v)
+
+    with tower.splice("post_mlp_residual", layer, shift):
         yield
 
 
@@ -297,3 +306,74 @@ def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: t
     shuffled[clash] = (shuffled[clash] + 1 + torch.randint(0, n_classes - 1, (int(clash.sum()),), generator=generator)) % n_classes
     wrong = (unit * class_text_embeddings[shuffled]).sum(-1)
     return {"true class": true, "shuffled class": wrong}
+
+
+# ----------------------------------------------------------------------------- experiments of chapter 5
+
+
+def class_text(folder: str) -> str:
+    """Words for a class folder: the fixture's caption, else the name without numeric id and underscores."""
+    from .fixtures import fixture_classes
+
+    captions = {c.folder: c.caption for c in fixture_classes()}
+    if folder in captions:
+        return captions[folder]
+    parts = folder.split("_")
+    return " ".join(parts[1:] if parts and parts[0].isdigit() else parts).strip() or folder
+
+
+def live_latents(count_positive: torch.Tensor, k: int, n: int) -> list[int]:
+    """The first ``n`` latents that fire on at least ``k`` training images (scorable concepts)."""
+    ids = torch.nonzero(count_positive >= k).flatten()[:n].tolist()
+    if not ids:
+        raise ValueError(f"no latent fires on {k} or more training images; train longer or lower top_k")
+    return ids
+
+
+def score_answers(clip: ClipTextImage, answers: Sequence[str], concepts: torch.Tensor) -> torch.Tensor:
+    """Steering score of each answer: cosine of its first word's CLIP text embedding with its concept."""
+    words = [first_word(a) or "nothing" for a in answers]
+    return steering_scores(clip.embed_text(words), concepts)
+
+
+def sweep_rows(images: Sequence, latents: Sequence[int]) -> tuple[list, list[int], list[int]]:
+    """Every (image, latent) combination as batch rows: images, image index, latent."""
+    pairs = [(i, latent) for i in range(len(images)) for latent in latents]
+    return [images[i] for i, _ in pairs], [i for i, _ in pairs], [latent for _, latent in pairs]
+
+
+def mean_std(scores: torch.Tensor) -> str:
+    """``mean ± std`` with three decimals, as in the paper's tables."""
+    return f"{float(scores.mean()):.3f} ± {float(scores.std(unbiased=False)):.3f}"
+
+
+def latent_concepts(clip: ClipTextImage, top_indices: torch.Tensor, latents: Sequence[int],
+                    load: Callable[[int], object]) -> torch.Tensor:
+    """Mean CLIP image embedding of each latent's top training images ``[L, E]`` (only those images are embedded)."""
+    chosen = top_indices[list(latents)]
+    needed = sorted({int(i) for i in chosen.flatten().tolist() if i >= 0})
+    if not needed:
+        raise ValueError("the chosen latents have no top images")
+    embedded = clip.embed_images([load(i) for i in needed])
+    table = torch.zeros(max(needed) + 1, embedded.shape[1])
+    table[needed] = embedded
+    return concept_embeddings(table, chosen)
+
+
+def pixel_values(processor, images: Sequence) -> torch.Tensor:
+    """LLaVA's own image preprocessing of a list of PIL images."""
+    return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def diffmean_vectors(model: nn.Module, processor, layer: int, top_indices: torch.Tensor, latents: Sequence[int],
+                     load: Callable[[int], object], num_images: int, seed: int = 0) -> torch.Tensor:
+    """One DiffMean vector per latent ``[L, D]``: block mean over its top images minus over as many others."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = []
+    for latent in latents:
+        with_concept = [int(i) for i in top_indices[latent].tolist() if i >= 0]
+        others = [i for i in torch.randperm(num_images, generator=generator).tolist() if i not in set(with_concept)]
+        without = others[:len(with_concept)]
+        vectors.append(diffmean_vector(model, pixel_values(processor, [load(i) for i in with_concept]),
+                                       pixel_values(processor, [load(i) for i in without]), layer))
+    return torch.stack(vectors)
