@@ -40,3 +40,14 @@ def executed_00(tmp_path_factory, fixture):
 
     out = tmp_path_factory.mktemp("run00")
     return run.run_notebook("00", {"images_per_class": 2, "random_k": 3}, out)
+
+
+@pytest.fixture(scope="session")
+def executed_chapters(tmp_path_factory, fixture):
+    """Every notebook executed on its defaults, in order, as `make demo` does (chapter and book tests)."""
+    from vlmsae_utils import run
+
+    out = tmp_path_factory.mktemp("chapters")
+    for source in run.all_notebooks():
+        run.run_notebook(source, {}, out)
+    return out

@@ -1,10 +1,16 @@
-"""Every chapter runs headless on its defaults (fixture) and shows what it promises."""
+"""Every chapter runs headless on its defaults (fixture) and shows what it promises.
+
+The chapters are executed once per test session, exactly as `make demo` runs them (no
+parameter overrides); the book test builds the whole book from the same executed notebooks.
+"""
 from __future__ import annotations
 
 import nbformat
+import pandas as pd
 import pytest
 
 from vlmsae_utils import run
+from vlmsae_utils.paths import outputs_root
 
 
 def _outputs(executed) -> tuple[str, int]:
@@ -20,14 +26,17 @@ def _outputs(executed) -> tuple[str, int]:
     return "\n".join(text), figures
 
 
+def _chapter(chapters, stem: str):
+    return chapters / f"{stem}.ipynb"
+
+
 @pytest.mark.slow
-def test_01_extract_on_defaults(tmp_path, fixture):
-    executed = run.run_notebook("01", {"out_dir": str(tmp_path / "x")}, tmp_path)
-    text, figures = _outputs(executed)
+def test_01_extract_on_defaults(executed_chapters):
+    text, figures = _outputs(_chapter(executed_chapters, "01_extract"))
     assert figures == 2
     assert "320 image files in 16 classes" in text
-    assert (tmp_path / "x" / "activations" / "manifest.json").is_file()
-    assert (tmp_path / "x" / "embeddings" / "manifest.json").is_file()
+    for store in ("activations", "embeddings"):
+        assert (outputs_root() / "extract/fixture_clip" / store / "manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -38,49 +47,44 @@ def test_01_refuses_a_bad_layer_before_work(tmp_path, fixture):
 
 
 @pytest.mark.slow
-def test_02_train_on_defaults(tmp_path, fixture):
-    executed = run.run_notebook("02", {"out_dir": str(tmp_path / "t"), "steps": 200}, tmp_path)
-    text, figures = _outputs(executed)
+def test_02_train_on_defaults(executed_chapters):
+    text, figures = _outputs(_chapter(executed_chapters, "02_train"))
     assert figures == 1
     assert "R² %" in text and "Matryoshka" in text and "BatchTopK" in text
-    import pandas as pd
-
-    results = pd.read_csv(tmp_path / "t" / "results.csv")
+    results = pd.read_csv(outputs_root() / "train/fixture_clip" / "results.csv")
     assert len(results) == 4 and (results["R² %"] > 50).all()
-    assert (tmp_path / "t" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()
+    assert (outputs_root() / "train/fixture_clip" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_03_monosemanticity_on_defaults(tmp_path, fixture):
-    executed = run.run_notebook("03", {"out_dir": str(tmp_path / "m")}, tmp_path)
-    text, figures = _outputs(executed)
+def test_03_monosemanticity_on_defaults(executed_chapters):
+    text, figures = _outputs(_chapter(executed_chapters, "03_monosemanticity"))
     assert figures >= 6  # curves, distributions, neuron cards, overlaps, browser card
     assert "best MS" in text and "Matryoshka ×4" in text and "J ≥ 0.5" in text
-    import pandas as pd
-
-    summary = pd.read_csv(tmp_path / "m" / "ms_summary.csv", index_col=0)
+    summary = pd.read_csv(outputs_root() / "ms/fixture_clip" / "ms_summary.csv", index_col=0)
     assert len(summary) == 3 and summary["best MS"].between(-1, 1).all()
 
 
 @pytest.mark.slow
-def test_04_hierarchy_on_defaults(tmp_path, fixture):
-    executed = run.run_notebook("04", {"out_dir": str(tmp_path / "h"), "top_k": 8}, tmp_path)
-    text, figures = _outputs(executed)
+def test_04_hierarchy_on_defaults(executed_chapters):
+    text, figures = _outputs(_chapter(executed_chapters, "04_hierarchy"))
     assert figures == 2 and "LCA depth (mean)" in text
-    import pandas as pd
-
-    levels = pd.read_csv(tmp_path / "h" / "levels.csv", index_col=0)
+    levels = pd.read_csv(outputs_root() / "hierarchy/fixture_clip" / "levels.csv", index_col=0)
     assert levels.latents.tolist() == [2, 4, 10, 28, 84]
-    kept = levels["LCA depth (mean)"].dropna()
-    assert kept.between(0, 7).all()
+    assert levels["LCA depth (mean)"].dropna().between(0, 7).all()
 
 
 @pytest.mark.slow
-def test_05_steer_on_defaults(tmp_path, fixture):
-    executed = run.run_notebook("05", {"out_dir": str(tmp_path / "s"), "num_images": 2, "alphas": [100]}, tmp_path)
-    text, _ = _outputs(executed)
+def test_05_steer_on_defaults(executed_chapters):
+    text, _ = _outputs(_chapter(executed_chapters, "05_steer"))
     assert "not steered" in text and "DiffMean" in text and "true class" in text
-    import pandas as pd
+    scores = pd.read_csv(outputs_root() / "steer/fixture_llava" / "steering_scores.csv", index_col=0)
+    assert scores.pairs.tolist() == [6, 24]
 
+
+@pytest.mark.slow
+def test_05_steer_with_overrides(tmp_path, fixture):
+    run.run_notebook("05", {"out_dir": str(tmp_path / "s"), "num_images": 2, "alphas": [100], "latents": [0, 1]},
+                     tmp_path)
     scores = pd.read_csv(tmp_path / "s" / "steering_scores.csv", index_col=0)
-    assert scores.pairs.tolist() == [6, 12]
+    assert scores.pairs.tolist() == [2, 4]

@@ -184,3 +184,21 @@ def _node(ax, latent: int, role: str, top_indices, load, paths, thumbs: int) -> 
     ax.imshow(strip)
     shared = shared_prefix([paths[i] for i in images])[1:] or ("(nothing shared)",)
     ax.set_title(f"{role} {latent}: {' › '.join(shared[-2:])}", fontsize=7)
+
+
+def latent_strips(latents: Sequence[int], top_indices, load, labels: Sequence[str] | None = None,
+                  thumbs: int = 6) -> Figure:
+    """One row of top images per latent: what each steered latent stands for."""
+    fig, axes = plt.subplots(len(latents), thumbs, figsize=(1.1 * thumbs, 1.2 * len(latents)), squeeze=False)
+    for row, latent in enumerate(latents):
+        images = [int(i) for i in np.asarray(top_indices[latent]) if i >= 0][:thumbs]
+        for col, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if col < len(images):
+                ax.imshow(np.asarray(load(images[col])))
+                if labels is not None:
+                    ax.set_title(labels[images[col]], fontsize=6)
+        axes[row, 0].text(-0.15, 0.5, f"latent {latent}", transform=axes[row, 0].transAxes, ha="right",
+                          va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
