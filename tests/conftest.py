@@ -12,6 +12,7 @@ import torch
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="vlmsae-test-home-"))
 os.environ.setdefault("VLMSAE_HOME", str(_SESSION_HOME / "home"))
 os.environ.setdefault("VLMSAE_OUTPUTS", str(_SESSION_HOME / "outputs"))
+os.environ.setdefault("VLMSAE_RESULTS", str(_SESSION_HOME / "results"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -51,3 +52,11 @@ def executed_chapters(tmp_path_factory, fixture):
     for source in run.all_notebooks():
         run.run_notebook(source, {}, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def fixture_results(fixture):
+    """Results tables of the fixture sweep (configs/fixture.yaml), run once per session."""
+    from vlmsae_utils.sweep import ensure_fixture_results
+
+    return ensure_fixture_results()

@@ -28,3 +28,11 @@ def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
     """Absolute output folder: relative names are placed under :func:`outputs_root`."""
     path = Path(out_dir).expanduser()
     return path if path.is_absolute() else outputs_root() / path
+
+
+def results_root() -> Path:
+    """Root of gathered sweep tables: ``$VLMSAE_RESULTS``, else ``<repo>/results``, else ``<data home>/results``."""
+    if "VLMSAE_RESULTS" in os.environ:
+        return Path(os.environ["VLMSAE_RESULTS"]).expanduser()
+    root = repo_root()
+    return (root / "results") if root is not None else data_home() / "results"

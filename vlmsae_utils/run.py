@@ -170,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a parameter (value parsed as YAML)")
     parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
     parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
+    parser.add_argument("--config", help="run a sweep file (configs/*.yaml) instead of one notebook")
+    parser.add_argument("--dry-run", action="store_true", help="with --config: list what would run")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.config:
+        return _sweep_main(args)
     if args.all == bool(args.notebook):
         build_parser().error("give exactly one of NOTEBOOK or --all")
     if args.all and args.parameter:
@@ -191,6 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
+    """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
+    from .sweep import ConfigError, run_sweep
+
+    if args.notebook or args.all or args.parameter:
+        build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
+    try:
+        status, results = run_sweep(args.config, dry_run=args.dry_run)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(status.to_string(index=False))
+    for name, table in results.items():
+        print(f"results: {name}.csv ({len(table)} rows)")
+    return 1 if status.status.isin(["failed", "blocked"]).any() else 0
 
 
 if __name__ == "__main__":

@@ -268,18 +268,15 @@ class ActivationStore:
         return np.concatenate([np.asarray(a) for a in self.arrays()], axis=0)
 
     def to_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All rows as one tensor ``[N, dim]``, copied shard by shard straight from the memory maps."""
-        out = torch.empty((len(self), self.dim), dtype=dtype)
-        numpy_view = out.numpy() if dtype in (torch.float32, torch.float16, torch.float64) else None
+        """All rows as one tensor ``[N, dim]``: each shard is read straight into place (one copy)."""
+        storage = torch.from_numpy(np.empty(0, DTYPES[self.dtype])).dtype
+        out = torch.empty((len(self), self.dim), dtype=storage)
         start = 0
-        for array in self.arrays():
-            stop = start + len(array)
-            if numpy_view is not None:
-                numpy_view[start:stop] = array  # one copy, with the dtype cast done by numpy
-            else:
-                out[start:stop] = torch.from_numpy(np.array(array))
+        for shard in self.manifest["shards"]:
+            stop = start + shard["rows"]
+            _read_npy_into(self.path / shard["file"], out[start:stop].numpy())
             start = stop
-        return out
+        return out if dtype == storage else out.to(dtype)
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
                      dtype: torch.dtype = torch.float32, drop_last: bool = False) -> Iterator[torch.Tensor]:
@@ -318,6 +315,18 @@ class ActivationStore:
                 mask = shard_of == shard
                 batch[mask] = self.arrays()[shard][rows[mask] - offsets[shard]]
             yield torch.from_numpy(batch).to(dtype)
+
+
+def _read_npy_into(path: Path, target: np.ndarray) -> None:
+    """Read the rows of a C-ordered ``.npy`` file into ``target`` (same shape and dtype) without a temporary."""
+    with open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        if shape != target.shape or fortran or dtype != target.dtype:
+            raise StoreError(f"{path}: holds {shape} {dtype}, expected {target.shape} {target.dtype}")
+        if stream.readinto(memoryview(target).cast("B")) != target.nbytes:
+            raise StoreError(f"{path} is truncated")
 
 
 def _to_tensor(parts: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:

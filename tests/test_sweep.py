@@ -1,0 +1,149 @@
+"""Sweep files: validation, grid expansion, resume, failure isolation, gathered tables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from vlmsae_utils import run, sweep
+from vlmsae_utils.paths import repo_root, results_root
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _config(tmp_path, **changes) -> Path:
+    config = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_every_config_file_is_valid():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if all(split["data_dir"] == "fixture" for split in config["data"].values()):
+            assert sweep.expand(sweep.load_config(path)), path.name
+        else:  # paper configs point at data this machine does not have: the error names the folder
+            with pytest.raises(sweep.ConfigError, match="does not exist"):
+                sweep.load_config(path)
+
+
+def test_grid_expansion_counts_and_dependencies(tmp_path):
+    runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
+    kinds = pd.Series([r.kind for r in runs]).value_counts().to_dict()
+    # 2 layers × (train, val) extractions, 1 scorer embedding, 2 layers × 2 types × 2 ε SAEs, 2 score runs
+    assert kinds == {"extract": 4, "embed": 1, "train": 8, "score": 2}
+    position = {r.id: i for i, r in enumerate(runs)}
+    for r in runs:
+        assert all(position[d] < position[r.id] for d in r.depends), r.id
+    score = next(r for r in runs if r.kind == "score" and r.labels["layer"] == "last")
+    assert len(score.parameters["sae_paths"]) == 4
+    assert all(p.startswith("train/fixture_clip/Llast/") for p in score.parameters["sae_paths"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"modles": ["fixture:clip"]}, "unknown key"),
+    ({"layers": ["middle"]}, "block index or 'last'"),
+    ({"sae": {"types": ["batch_top_k"], "expansions": [2], "k": "twenty", "steps": 10}}, "sae.k: expected int"),
+    ({"data": {"train": {"data_dir": "/no/such/folder", "split": "train"},
+               "val": {"data_dir": "fixture", "split": "val"}}}, "does not exist"),
+    ({"scorers": []}, "non-empty list"),
+    ({"name": "a b"}, "name"),
+])
+def test_config_errors_name_the_problem(tmp_path, changes, message):
+    with pytest.raises(sweep.ConfigError, match=message):
+        sweep.load_config(_config(tmp_path, **changes))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(sweep.ConfigError, match="missing key"):
+        sweep.load_config(_config(tmp_path, sae=None))
+
+
+class FakeRunner:
+    """Stands in for papermill: writes each kind's expected outputs; can fail chosen runs."""
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def __call__(self, notebook: str, params: dict, out: Path) -> None:
+        self.calls.append(str(out))
+        if any(str(out).endswith(f) for f in self.fail):
+            raise run.NotebookError("cell 3 failed with ValueError: injected")
+        kind = {"01": "extract", "02": "train", "03": "score", "04": "hierarchy", "05": "steer"}[notebook]
+        for name in sweep.EXPECTED_OUTPUTS[kind]:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("x")
+
+
+def test_resume_skips_finished_runs_and_redoes_removed_outputs(tmp_path):
+    config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
+    runs = sweep.expand(config)
+    root = tmp_path / "sweep"
+    first = FakeRunner()
+    status = sweep.execute(runs, root, runner=first, progress=False)
+    assert (status.status == "ran").all() and len(first.calls) == len(runs)
+    second = FakeRunner()
+    status = sweep.execute(runs, root, runner=second, progress=False)
+    assert second.calls == [] and (status.status == "done earlier").all()
+    (root / runs[-1].out_dir / "ms_summary.csv").unlink()
+    third = FakeRunner()
+    sweep.execute(runs, root, runner=third, progress=False)
+    assert third.calls == [str(root / runs[-1].out_dir)]
+    dry = sweep.execute(runs, root, dry_run=True, progress=False)
+    assert (dry.status == "done earlier").all()
+
+
+def test_a_failed_run_blocks_only_its_dependents(tmp_path):
+    runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
+    runner = FakeRunner(fail={"extract/fixture_clip/L2/val"})
+    status = sweep.execute(runs, tmp_path / "sweep", runner=runner, progress=False).set_index("run")
+    assert status.loc["extract/fixture_clip/L2/val", "status"] == "failed"
+    assert "injected" in status.loc["extract/fixture_clip/L2/val", "message"]
+    assert status.loc["train/fixture_clip/L2/batch_top_k_x2", "status"] == "blocked"
+    assert status.loc["score/fixture_clip/L2/fixture_dinov2", "status"] == "blocked"
+    assert status.loc["train/fixture_clip/Llast/batch_top_k_x2", "status"] == "ran"
+    assert status.loc["score/fixture_clip/Llast/fixture_dinov2", "status"] == "ran"
+
+
+def test_changed_parameters_rerun(tmp_path):
+    runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
+    root = tmp_path / "sweep"
+    sweep.execute(runs, root, runner=FakeRunner(), progress=False)
+    runs[0].parameters["batch_size"] = 32
+    again = FakeRunner()
+    sweep.execute(runs[:1], root, runner=again, progress=False)
+    assert again.calls == [str(root / runs[0].out_dir)]
+
+
+@pytest.mark.slow
+def test_fixture_sweep_end_to_end(fixture_results):
+    sae = pd.read_csv(fixture_results / "sae.csv")
+    assert len(sae) == 8  # 2 layers × 2 SAE types × 2 expansions, one scorer
+    assert set(sae.columns) >= {"model", "layer", "scorer", "SAE", "expansion", "K", "R² %", "L0", "dead %",
+                                "MS mean", "MS std", "MS max"}
+    assert sorted(sae.layer.astype(str).unique()) == ["2", "last"]
+    assert sae["R² %"].between(0, 100).all() and sae["MS max"].between(-1, 1).all()
+    raw = pd.read_csv(fixture_results / "raw.csv")
+    assert len(raw) == 2 and raw.neurons.str.startswith("raw").all()
+    levels = pd.read_csv(fixture_results / "hierarchy.csv")
+    assert len(levels) == 5
+    steering = pd.read_csv(fixture_results / "steering.csv")
+    assert len(steering) == 2
+    # the tables hold the runs' own numbers: R² of one SAE as written by its training run
+    folder = sweep.sweep_dir("fixture") / "train/fixture_clip/L2/batch_top_k_x4"
+    trained = pd.read_csv(folder / "results.csv").iloc[0]
+    row = sae[(sae.layer.astype(str) == "2") & (sae.SAE == "BatchTopK") & (sae.expansion == 4)].iloc[0]
+    assert row["R² %"] == pytest.approx(trained["R² %"])
+
+
+def test_results_root_is_isolated_in_tests():
+    assert repo_root() is None or results_root() != repo_root() / "results"

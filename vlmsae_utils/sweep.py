@@ -1,0 +1,363 @@
+"""Experiment grids: a YAML config → papermill runs of notebooks 01–05, resumable, gathered into tables.
+
+``python -m vlmsae_utils.run --config configs/fixture.yaml [--dry-run]`` expands models × layers ×
+SAE types × expansions × scorers into notebook runs, skips runs whose outputs are complete,
+runs the rest in dependency order (extract → train → score → hierarchy / steer), keeps each
+executed notebook and log beside its outputs, and writes ``results/<name>/*.csv``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from .io import atomic_write_json, read_json, sha256_json
+from .paths import outputs_root, results_root
+from .train import run_name
+
+DONE_FILE = "_sweep_run.json"
+TOP_KEYS = {"name": str, "data": dict, "models": list, "layers": list, "tokens": str, "dtype": str,
+            "batch_size": int, "scorers": list, "sae": dict, "hierarchy": dict, "steering": dict}
+REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
+SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_size": int, "lr": (float, type(None)),
+            "seed": int, "group_fractions": (list, type(None))}
+HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
+STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
+                 "num_images": int, "alphas": list, "clip_text_model": str}
+SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
+
+
+class ConfigError(ValueError):
+    """A sweep file with unknown keys, wrong types or missing data."""
+
+
+@dataclass
+class Run:
+    """One notebook execution of a sweep."""
+
+    kind: str
+    notebook: str
+    out_dir: str  # relative to the sweep folder
+    parameters: dict[str, Any]
+    depends: list[str] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)  # model, layer, … for the results tables
+
+    @property
+    def id(self) -> str:
+        """Unique name of the run (its output folder)."""
+        return self.out_dir
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _check_keys(section: dict, allowed: dict, where: str) -> None:
+    """Unknown keys and wrong value types are errors that name the key."""
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(allowed)}")
+    for key, value in section.items():
+        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is int:
+            expected = allowed[key] if isinstance(allowed[key], type) else " or ".join(t.__name__ for t in allowed[key])
+            expected = getattr(expected, "__name__", expected)
+            raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a sweep file; data folders must exist (``fixture`` always does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep config {path} not found")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    where = path.name
+    _check_keys(config, TOP_KEYS, where)
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", config["name"]):
+        raise ConfigError(f"{where}.name: use letters, digits, '_', '-' or '.', got {config['name']!r}")
+    _check_keys(config["sae"], SAE_KEYS, f"{where}.sae")
+    for section, keys in (("hierarchy", HIERARCHY_KEYS), ("steering", STEERING_KEYS)):
+        if section in config:
+            _check_keys(config[section], keys, f"{where}.{section}")
+    for split_name in ("train", "val"):
+        if split_name not in config["data"]:
+            raise ConfigError(f"{where}.data: needs 'train' and 'val' entries with data_dir and split")
+    for split_name, split in config["data"].items():
+        _check_keys(split, SPLIT_KEYS, f"{where}.data.{split_name}")
+        if split["data_dir"] != "fixture" and not Path(split["data_dir"]).expanduser().is_dir():
+            raise ConfigError(f"{where}.data.{split_name}.data_dir: folder {split['data_dir']!r} does not exist")
+    for layer in config["layers"]:
+        if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
+            raise ConfigError(f"{where}.layers: each layer is a block index or 'last', got {layer!r}")
+    for key in ("models", "scorers"):
+        if not config[key] or not all(isinstance(m, str) for m in config[key]):
+            raise ConfigError(f"{where}.{key}: a non-empty list of encoder names")
+    for key in ("types", "expansions"):
+        if not config["sae"].get(key):
+            raise ConfigError(f"{where}.sae.{key}: a non-empty list")
+    return config
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def slug(name: str) -> str:
+    """A folder-safe form of an encoder name (``openai/clip-vit-…`` → ``openai_clip-vit-…``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def _layer_params(layer: int | str) -> dict[str, Any]:
+    """Hook and layer parameters of notebook 01 for a config layer (``last`` = post_projection)."""
+    return {"hook": "post_projection", "layer": -1} if layer == "last" else {"hook": "post_mlp_residual", "layer": layer}
+
+
+def expand(config: dict[str, Any]) -> list[Run]:
+    """Every notebook run of a sweep, dependencies first."""
+    runs: list[Run] = []
+    sae = config["sae"]
+    common = {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
+
+    def extract(model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2) -> Run:
+        data = config["data"][split]
+        suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
+        run = Run("extract", "01", f"extract/{slug(model)}/L{layer}{suffix}/{split}",
+                  {"model": model, "data_dir": data["data_dir"], "split": data.get("split"), **_layer_params(layer),
+                   "tokens": tokens, "random_k": random_k, "scorer": "", **common},
+                  labels={"model": model, "layer": layer, "split": split})
+        return _add(runs, run)
+
+    def embed(scorer: str, split: str) -> Run:
+        data = config["data"][split]
+        return _add(runs, Run("embed", "01", f"embed/{slug(scorer)}/{split}",
+                              {"model": scorer, "data_dir": data["data_dir"], "split": data.get("split"),
+                               "hook": "post_projection", "layer": -1, "tokens": "cls", "scorer": "", **common},
+                              labels={"scorer": scorer, "split": split}))
+
+    def train(source: Run, validation: Run | None, sae_type: str, expansion, group_fractions, steps: int,
+              folder: str) -> Run:
+        params = {"train_store": f"{source.out_dir}/activations", "val_store": f"{(validation or source).out_dir}/activations",
+                  "sae_types": [sae_type], "expansions": [expansion], "k": sae["k"], "group_fractions": group_fractions,
+                  "steps": steps, "batch_size": sae.get("batch_size", 4096), "lr": sae.get("lr"), "seed": sae.get("seed", 0)}
+        run = Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []),
+                  labels=dict(source.labels, sae_type=sae_type, expansion=expansion, k=sae["k"],
+                              sae_dir=f"{folder}/{run_name(sae_type, expansion, sae['k'])}"))
+        return _add(runs, run)
+
+    val_embeddings = {s: embed(s, "val") for s in config["scorers"]}
+    for model in config["models"]:
+        for layer in config["layers"]:
+            train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
+            trained = [train(train_store, val_store, t, e, sae.get("group_fractions"), sae["steps"],
+                             f"train/{slug(model)}/L{layer}/{t}_x{e:g}")
+                       for t in sae["types"] for e in sae["expansions"]]
+            for scorer, embedding in val_embeddings.items():
+                _add(runs, Run("score", "03", f"score/{slug(model)}/L{layer}/{slug(scorer)}",
+                               {"activations_store": f"{val_store.out_dir}/activations",
+                                "scorer_store": f"{embedding.out_dir}/activations",
+                                "sae_paths": [r.labels["sae_dir"] for r in trained], "top_k": 16},
+                               [val_store.id, embedding.id] + [r.id for r in trained],
+                               labels={"model": model, "layer": layer, "scorer": scorer}))
+            if "hierarchy" in config and layer == config["hierarchy"].get("layer", config["layers"][0]):
+                _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
+    if "steering" in config:
+        _steering(config, runs, extract, train)
+    return runs
+
+
+def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
+    """A Matryoshka SAE with the hierarchy's group split, then notebook 04 on the training images."""
+    h = config["hierarchy"]
+    matryoshka = train(train_store, val_store, "matryoshka_batch_top_k", h.get("expansion", 2), h["group_fractions"],
+                       h.get("steps", config["sae"]["steps"]), f"train/{slug(model)}/L{layer}/hierarchy")
+    scorer = embed(config["scorers"][0], "train")
+    _add(runs, Run("hierarchy", "04", f"hierarchy/{slug(model)}/L{layer}",
+                   {"train_store": f"{train_store.out_dir}/activations", "sae_path": matryoshka.labels["sae_dir"],
+                    "top_k": h.get("top_k", 16), "scorer_store": f"{scorer.out_dir}/activations"},
+                   [train_store.id, matryoshka.id, scorer.id], labels={"model": model, "layer": layer}))
+
+
+def _steering(config, runs, extract, train) -> None:
+    """An SAE on 2 random tokens per image of the LLaVA vision block, then notebook 05."""
+    s = config["steering"]
+    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=2)
+    sae = train(tokens, None, "matryoshka_batch_top_k", s.get("expansion", 4), None,
+                s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/L{s['layer']}/steering")
+    params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
+              "layer": s["layer"], "num_images": s.get("num_images", 4)}
+    params |= {key: s[key] for key in ("alphas", "clip_text_model") if key in s}
+    _add(runs, Run("steer", "05", f"steer/{slug(s['llava'])}/L{s['layer']}", params, [tokens.id, sae.id],
+                   labels={"llava": s["llava"], "layer": s["layer"]}))
+
+
+def _add(runs: list[Run], run: Run) -> Run:
+    """Append a run unless an identical one is already planned (shared extractions)."""
+    for existing in runs:
+        if existing.id == run.id:
+            if existing.parameters != run.parameters:
+                raise ConfigError(f"two different runs would write {run.id}")
+            return existing
+    runs.append(run)
+    return run
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+EXPECTED_OUTPUTS = {"extract": ["activations/manifest.json"], "embed": ["activations/manifest.json"],
+                    "train": ["results.csv"], "score": ["ms_summary.csv"], "hierarchy": ["levels.csv"],
+                    "steer": ["steering_scores.csv"]}
+
+
+def sweep_dir(name: str) -> Path:
+    """Folder of a sweep's runs under the outputs root."""
+    return outputs_root() / "sweeps" / name
+
+
+def is_complete(run: Run, root: Path) -> bool:
+    """Finished with the same parameters, and its key outputs are still there."""
+    folder = root / run.out_dir
+    marker = folder / DONE_FILE
+    if not marker.is_file() or read_json(marker).get("fingerprint") != _fingerprint(run, root):
+        return False
+    return all((folder / name).exists() for name in EXPECTED_OUTPUTS[run.kind])
+
+
+def _fingerprint(run: Run, root: Path) -> str:
+    """What determines a run's outputs: notebook and resolved parameters."""
+    return sha256_json({"notebook": run.notebook, "parameters": _resolved(run, root)})
+
+
+def _resolved(run: Run, root: Path) -> dict[str, Any]:
+    """Parameters with sweep-relative store and SAE paths made absolute, and the run's own out_dir."""
+    params = dict(run.parameters)
+    for key in ("train_store", "val_store", "activations_store", "scorer_store", "sae_path"):
+        if params.get(key):
+            params[key] = str(root / params[key])
+    if "sae_paths" in params:
+        params["sae_paths"] = [str(root / p) for p in params["sae_paths"]]
+    params["out_dir"] = str(root / run.out_dir)
+    return params
+
+
+def execute(runs: list[Run], root: Path, *, dry_run: bool = False, progress: bool = True,
+            runner: Callable[[str, dict, Path], Any] | None = None) -> pd.DataFrame:
+    """Run what is not complete, in order; a failure blocks only the runs that depend on it."""
+    from tqdm.auto import tqdm
+
+    from .run import NotebookError, run_notebook
+
+    runner = runner or (lambda notebook, params, out: run_notebook(notebook, params, out))
+    status: dict[str, str] = {}
+    rows = []
+    with tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress or dry_run) as bar:
+        for run in runs:
+            blocked = [d for d in run.depends if status.get(d) in ("failed", "blocked")]
+            if blocked:
+                state, message = "blocked", f"needs {blocked[0]}"
+            elif is_complete(run, root):
+                state, message = "done earlier", ""
+            elif dry_run:
+                state, message = "would run", ""
+            else:
+                state, message = _execute_one(run, root, runner, NotebookError)
+            status[run.id] = state
+            rows.append({"run": run.id, "notebook": run.notebook, "status": state, "message": message})
+            bar.set_postfix_str(run.id[-40:])
+            bar.update()
+    return pd.DataFrame(rows)
+
+
+def _execute_one(run: Run, root: Path, runner, error_type) -> tuple[str, str]:
+    """One notebook run; marks it complete on success, reports the error otherwise."""
+    folder = root / run.out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        runner(run.notebook, _resolved(run, root), folder)
+    except (error_type, ValueError, FileNotFoundError) as err:
+        return "failed", str(err).splitlines()[0]
+    atomic_write_json(folder / DONE_FILE, {"fingerprint": _fingerprint(run, root), "notebook": run.notebook,
+                                           "parameters": _resolved(run, root), "labels": run.labels})
+    return "ran", ""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.DataFrame]:
+    """Collect the finished runs' tables into ``results/<name>/{sae,raw,hierarchy,steering}.csv``."""
+    tables: dict[str, list[pd.DataFrame]] = {"sae": [], "raw": [], "hierarchy": [], "steering": []}
+    by_sae_dir = {r.labels["sae_dir"]: r for r in runs if r.kind == "train"}
+    for run in runs:
+        folder = root / run.out_dir
+        if not is_complete(run, root):
+            continue
+        if run.kind == "score":
+            tables["sae"].append(_score_rows(run, folder, by_sae_dir, root))
+            summary = pd.read_csv(folder / "ms_summary.csv")
+            raw = summary[summary.neurons.str.startswith("raw")]
+            tables["raw"].append(raw.assign(model=run.labels["model"], layer=str(run.labels["layer"]),
+                                            scorer=run.labels["scorer"]))
+        elif run.kind == "hierarchy":
+            tables["hierarchy"].append(pd.read_csv(folder / "levels.csv").assign(
+                model=run.labels["model"], layer=str(run.labels["layer"])))
+        elif run.kind == "steer":
+            tables["steering"].append(pd.read_csv(folder / "steering_scores.csv").assign(**run.labels))
+    out = results_root() / config["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    gathered = {}
+    for name, frames in tables.items():
+        if frames:
+            gathered[name] = pd.concat(frames, ignore_index=True)
+            gathered[name].to_csv(out / f"{name}.csv", index=False)
+    return gathered
+
+
+def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) -> pd.DataFrame:
+    """One row per SAE of a score run: its training metrics next to its MS."""
+    summary = pd.read_csv(folder / "ms_summary.csv").set_index("neurons")
+    rows = []
+    for sae_dir in run.parameters["sae_paths"]:
+        train_run = by_sae_dir[sae_dir]
+        trained = pd.read_csv(root / train_run.out_dir / "results.csv").iloc[0]
+        ms = summary.loc[Path(sae_dir).name]
+        rows.append({"model": run.labels["model"], "layer": str(run.labels["layer"]), "scorer": run.labels["scorer"],
+                     "SAE": trained["SAE"], "expansion": trained["expansion"], "K": trained["k"],
+                     "latents": trained["latents"], "R² %": trained["R² %"], "L0": trained["L0"],
+                     "dead %": trained["dead %"], "MS mean": ms["mean MS"], "MS std": ms["std"],
+                     "MS max": ms["best MS"], "dead latents (MS)": ms["dead"]})
+    return pd.DataFrame(rows)
+
+
+def run_sweep(config_path: str | os.PathLike, *, dry_run: bool = False, progress: bool = True,
+              runner: Callable[[str, dict, Path], Any] | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Load, expand, execute and gather a sweep; returns the status table and the results tables."""
+    config = load_config(config_path)
+    runs = expand(config)
+    root = sweep_dir(config["name"])
+    status = execute(runs, root, dry_run=dry_run, progress=progress, runner=runner)
+    results = {} if dry_run else gather(config, runs, root)
+    return status, results
+
+
+def ensure_fixture_results(config_path: str | os.PathLike | None = None) -> Path:
+    """The fixture sweep's results folder, running the sweep first if its tables are missing."""
+    from .paths import repo_root
+
+    path = Path(config_path) if config_path else (repo_root() or Path.cwd()) / "configs" / "fixture.yaml"
+    name = load_config(path)["name"]
+    folder = results_root() / name
+    if not (folder / "sae.csv").is_file():
+        status, _ = run_sweep(path, progress=False)
+        failed = status[status.status.isin(["failed", "blocked"])]
+        if len(failed):
+            raise RuntimeError(f"fixture sweep failed: {failed.iloc[0].run}: {failed.iloc[0].message}")
+    return folder
