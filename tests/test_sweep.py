@@ -33,6 +33,16 @@ def test_every_config_file_is_valid():
         else:  # paper configs point at data this machine does not have: the error names the folder
             with pytest.raises(sweep.ConfigError, match="does not exist"):
                 sweep.load_config(path)
+            assert sweep.expand(sweep.load_config(path, check_data=False)), path.name
+
+
+def test_paper_grid_has_the_papers_cells():
+    config = sweep.load_config(CONFIGS / "paper_clip_vitl14.yaml", check_data=False)
+    runs = sweep.expand(config)
+    trained = [r for r in runs if r.kind == "train"]
+    assert len(trained) == 5 * 6 * 2  # layers 11/17/22/23/last × ε 1..64 × BatchTopK/Matryoshka
+    assert {r.parameters["k"] for r in trained} == {20}
+    assert len([r for r in runs if r.kind == "score"]) == 5 * 2  # two scorers
 
 
 def test_grid_expansion_counts_and_dependencies(tmp_path):

@@ -342,9 +342,14 @@ class Fixture:
         return self.root / "images"
 
     def model(self, name: str) -> Path:
-        """Folder of one tiny model: clip, siglip, dinov2, open_clip or llava."""
+        """Folder of one fixture model: random clip, siglip, dinov2, open_clip, llava, or trained
+        mini_clip, scorer, mini_llava (trained once on first use, see :mod:`.fixture_training`)."""
+        from .fixture_training import TRAINED_MODELS, ensure_trained
+
+        if name in TRAINED_MODELS:
+            return ensure_trained(self, name)
         if name not in MODEL_WRITERS:
-            raise ValueError(f"unknown fixture model {name!r}; available: {sorted(MODEL_WRITERS)}")
+            raise ValueError(f"unknown fixture model {name!r}; available: {sorted(MODEL_WRITERS) + list(TRAINED_MODELS)}")
         return self.root / "models" / name
 
     @property

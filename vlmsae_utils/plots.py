@@ -202,3 +202,43 @@ def latent_strips(latents: Sequence[int], top_indices, load, labels: Sequence[st
                           va="center", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def ms_heatmaps(sae: "pd.DataFrame", value: str = "MS max") -> Figure:
+    """Layer × expansion heat map of an MS statistic, one panel per SAE type (the paper's Table 1a)."""
+    types = sorted(sae["SAE"].unique())
+    fig, axes = plt.subplots(1, len(types), figsize=(3.6 * len(types), 2.8), squeeze=False)
+    for ax, sae_type in zip(axes[0], types):
+        grid = sae[sae["SAE"] == sae_type].pivot_table(index="layer", columns="expansion", values=value)
+        sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, cbar=False, ax=ax)
+        ax.set(title=f"{sae_type}: {value}", xlabel="expansion ε", ylabel="layer")
+    fig.tight_layout()
+    return fig
+
+
+def quality_by_expansion(sae: "pd.DataFrame") -> Figure:
+    """R² and L0 against the expansion factor, per SAE type and layer."""
+    fig, (r2, l0) = plt.subplots(1, 2, figsize=(9, 3.2))
+    frame = sae.assign(run=sae["SAE"] + " · layer " + sae["layer"].astype(str))
+    sns.lineplot(data=frame, x="expansion", y="R² %", hue="run", marker="o", ax=r2)
+    sns.lineplot(data=frame, x="expansion", y="L0", hue="run", marker="o", ax=l0, legend=False)
+    r2.set(xscale="log", title="reconstruction")
+    l0.set(xscale="log", title="active latents per input")
+    sns.move_legend(r2, "lower right", fontsize=7, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def raw_vs_sae(sae: "pd.DataFrame", raw: "pd.DataFrame") -> Figure:
+    """Mean MS of raw neurons next to the SAEs' latents, per layer."""
+    import pandas as pd
+
+    rows = [raw.assign(kind="raw neurons")[["layer", "kind", "mean MS"]].rename(columns={"mean MS": "MS mean"}),
+            sae.assign(kind=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format))[["layer", "kind", "MS mean"]]]
+    frame = pd.concat(rows, ignore_index=True).assign(layer=lambda d: d.layer.astype(str))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    sns.barplot(data=frame, x="layer", y="MS mean", hue="kind", ax=ax)
+    ax.set(title="mean MS: raw neurons vs SAE latents", ylabel="mean MS")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title=None)
+    fig.tight_layout()
+    return fig

@@ -29,7 +29,7 @@ SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_si
             "seed": int, "group_fractions": (list, type(None))}
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
 STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
-                 "num_images": int, "alphas": list, "clip_text_model": str}
+                 "num_images": int, "alphas": list, "clip_text_model": str, "latents": list}
 SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 
@@ -69,8 +69,9 @@ def _check_keys(section: dict, allowed: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a sweep file; data folders must exist (``fixture`` always does)."""
+def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str, Any]:
+    """Read and validate a sweep file; data folders must exist (``fixture`` always does) unless
+    ``check_data=False`` (to inspect a config meant for another machine)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep config {path} not found")
@@ -93,7 +94,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{where}.data: needs 'train' and 'val' entries with data_dir and split")
     for split_name, split in config["data"].items():
         _check_keys(split, SPLIT_KEYS, f"{where}.data.{split_name}")
-        if split["data_dir"] != "fixture" and not Path(split["data_dir"]).expanduser().is_dir():
+        if check_data and split["data_dir"] != "fixture" and not Path(split["data_dir"]).expanduser().is_dir():
             raise ConfigError(f"{where}.data.{split_name}.data_dir: folder {split['data_dir']!r} does not exist")
     for layer in config["layers"]:
         if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
@@ -193,7 +194,10 @@ def _steering(config, runs, extract, train) -> None:
                 s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/L{s['layer']}/steering")
     params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
               "layer": s["layer"], "num_images": s.get("num_images", 4)}
-    params |= {key: s[key] for key in ("alphas", "clip_text_model") if key in s}
+    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents") if key in s}
+    val = config["data"]["val"]
+    if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
+        params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))
     _add(runs, Run("steer", "05", f"steer/{slug(s['llava'])}/L{s['layer']}", params, [tokens.id, sae.id],
                    labels={"llava": s["llava"], "layer": s["layer"]}))
 
