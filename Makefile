@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install fixture notebooks book demo test lab clean
+.PHONY: install fixture sweep notebooks book demo test lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -19,13 +19,17 @@ install: $(STAMP)
 fixture: install
 	$(PY) -m vlmsae_utils.fixtures
 
-notebooks: fixture
+sweep: fixture
+	$(PY) -m vlmsae_utils.run --config configs/fixture.yaml
+
+notebooks: sweep
 	$(PY) -m vlmsae_utils.run --all --out $(CHAPTERS)
 
 book: install
 	$(PY) -m vlmsae_utils.book
 
-demo: notebooks book
+demo: notebooks
+	$(PY) -m vlmsae_utils.book
 	@echo "book: book/_build/html/index.html"
 
 test: install
@@ -35,4 +39,4 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
-	rm -rf book/_build $(CHAPTERS) outputs
+	rm -rf book/_build $(CHAPTERS) outputs results

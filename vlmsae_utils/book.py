@@ -52,6 +52,61 @@ def build(book: Path | None = None, *, builder: str = "html") -> Path:
     return book / "_build" / builder
 
 
+# ----------------------------------------------------------------------------- browser check
+
+PROBE = """<script>window.addEventListener("load", () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
+  document.body.setAttribute("data-images", String(document.images.length));
+  document.body.setAttribute("data-broken", broken.join(" "));
+});</script>"""
+ERROR_MARKERS = ("Traceback (most recent call last)", "class=\"output traceback", "class=\"output stderr")
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium binary (Debian ``chromium``), or ``None``."""
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _headless(chromium: str, *arguments: str) -> str:
+    """Run headless Chromium with the flags that work in containers; returns stdout."""
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+               "--virtual-time-budget=5000", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def browser_check(page: Path, chromium: str | None = None) -> dict:
+    """Render one built page in headless Chromium: how many images it shows, which failed to load,
+    and whether it contains an error output or traceback."""
+    import re
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("chromium not found (Debian: apt-get install chromium)")
+    probe = page.with_name(f".probe-{page.name}")
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    try:
+        dom = _headless(chromium, "--dump-dom", probe.resolve().as_uri())
+    finally:
+        probe.unlink(missing_ok=True)
+    body = re.search(r'<body[^>]*data-images="(\d+)"[^>]*data-broken="([^"]*)"', dom)
+    if body is None:
+        raise RuntimeError(f"{page}: the page did not finish loading in Chromium")
+    return {"page": page.name, "images": int(body.group(1)), "broken": body.group(2).split(),
+            "errors": [m for m in ERROR_MARKERS if m in dom]}
+
+
+def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str | None = None) -> Path:
+    """A PNG of a built page as headless Chromium draws it (for the README)."""
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("chromium not found (Debian: apt-get install chromium)")
+    _headless(chromium, f"--screenshot={target.resolve()}", f"--window-size={size}", "--hide-scrollbars",
+              page.resolve().as_uri())
+    return target
+
+
 def main() -> int:
     """Entry point; prints where the book is."""
     try:

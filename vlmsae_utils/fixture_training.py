@@ -256,6 +256,9 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
     tokens = processor(text=[t for t, _ in universe], return_tensors="pt", padding=True)
     classes = fixture_classes()
     match = torch.tensor([[consistent(c, attrs) for _, attrs in universe] for c in classes])  # [16, C]
+    # captions asserting more attributes are drawn more often (shape is the hardest attribute to see)
+    weight = match.float() * torch.tensor([1.0 + len(attrs) + 2 * ("shape" in attrs) for _, attrs in universe])
+    full = torch.tensor([[text for text, _ in universe].index(c.caption) for c in classes])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     scheduler = _schedule(optimizer, steps)
     model.train()
@@ -264,20 +267,23 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
         for index in _batches(len(images), BATCH["mini_clip"], steps, generator):
             cls = labels[index]
             # one caption per image, drawn uniformly from the captions true of it
-            choice = torch.multinomial(match[cls].float(), 1, generator=generator).squeeze(1)
+            choice = torch.multinomial(weight[cls], 1, generator=generator).squeeze(1)
             positives = match[cls][:, choice].float()  # [B images, B captions]
             image = _unit(model.get_image_features(pixel_values=augment(pixels[index], generator)))
-            text = _unit(model.get_text_features(input_ids=tokens["input_ids"][choice],
-                                                 attention_mask=tokens["attention_mask"][choice]))
+            rows = torch.cat([choice, full])  # the batch's captions, then the 16 class captions
+            text = _unit(model.get_text_features(input_ids=tokens["input_ids"][rows],
+                                                 attention_mask=tokens["attention_mask"][rows]))
             logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-            loss = 0.5 * (_soft_ce(logits, positives) + _soft_ce(logits.T, positives.T))
+            batch_logits = logits[:, :len(choice)]
+            loss = 0.5 * (_soft_ce(batch_logits, positives) + _soft_ce(batch_logits.T, positives.T)) \
+                + F.cross_entropy(logits[:, len(choice):], cls)  # image → its class caption among all 16
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     val_images, val_labels = load_split(fixture, "val")
     metrics = {"zero_shot_val_accuracy": clip_zero_shot(model, processor, val_images, val_labels),
                "zero_shot_train_accuracy": clip_zero_shot(model, processor, images, labels),
@@ -345,9 +351,9 @@ def train_scorer(fixture: Fixture, out: Path, steps: int | None = None) -> dict:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     val_images, val_labels = load_split(fixture, "val")
     with torch.no_grad():
@@ -482,9 +488,9 @@ def train_mini_llava(fixture: Fixture, out: Path, steps: int | None = None, clip
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     val_images, val_labels = load_split(fixture, "val")
     metrics = {f"val_accuracy_{task}": llava_accuracy(model, processor, val_images, val_labels, task)

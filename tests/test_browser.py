@@ -1,0 +1,42 @@
+"""The built book in a real browser: headless Chromium loads every page's images, no error outputs."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+from vlmsae_utils import book
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory, executed_chapters):
+    target = tmp_path_factory.mktemp("browser") / "book"
+    shutil.copytree(book.book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters"))
+    shutil.copytree(executed_chapters, target / "chapters", ignore=shutil.ignore_patterns("*.log"))
+    return book.build(target)
+
+
+@pytest.mark.slow
+def test_every_page_renders_in_chromium(built_book):
+    if book.find_chromium() is None:
+        log.warning("chromium not installed (apt-get install chromium): browser check skipped")
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    pages = [built_book / "intro.html", built_book / "api.html"] + sorted((built_book / "chapters").glob("*.html"))
+    for page in pages:
+        report = book.browser_check(page)
+        assert report["broken"] == [] and report["errors"] == [], report
+    figures = {p.name: book.browser_check(p)["images"] for p in pages if p.parent.name == "chapters"}
+    assert all(count >= 1 for name, count in figures.items() if not name.startswith("07")), figures
+
+
+def test_probe_detects_a_broken_image_and_a_traceback(tmp_path):
+    if book.find_chromium() is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    page = tmp_path / "page.html"
+    page.write_text('<html><body><img src="missing.png"><div class="output traceback">'
+                    "Traceback (most recent call last)</div></body></html>")
+    report = book.browser_check(page)
+    assert report["images"] == 1 and len(report["broken"]) == 1 and report["errors"]
