@@ -88,3 +88,16 @@ def test_05_steer_with_overrides(tmp_path, fixture):
                      tmp_path)
     scores = pd.read_csv(tmp_path / "s" / "steering_scores.csv", index_col=0)
     assert scores.pairs.tolist() == [2, 4]
+
+
+@pytest.mark.slow
+def test_06_results_on_defaults(executed_chapters, fixture_results):
+    text, figures = _outputs(_chapter(executed_chapters, "06_results"))
+    assert figures == 4  # best MS, mean MS, R²/L0, raw vs SAE
+    assert "8 SAE runs" in text and "hierarchy:" in text and "steering:" in text
+
+
+@pytest.mark.slow
+def test_07_real_scale_on_defaults(executed_chapters):
+    text, _ = _outputs(_chapter(executed_chapters, "07_real_scale"))
+    assert "extract train (CLS, 5 layers, fp16)" in text and "GiB" in text
