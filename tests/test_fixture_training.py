@@ -74,6 +74,7 @@ def test_unknown_trained_model_is_rejected(fixture):
         fixture.model("maxi_llava")
 
 
+@pytest.mark.slow
 def test_scorer_training_is_deterministic(fixture, tmp_path):
     ft.train_model(fixture, "scorer", tmp_path / "a", steps=3)
     ft.train_model(fixture, "scorer", tmp_path / "b", steps=3)

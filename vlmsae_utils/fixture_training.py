@@ -1,7 +1,8 @@
 """Trained fixture models: a mini-CLIP, an independent scorer and a mini-LLaVA.
 
 The random fixture models prove the code runs; these three make the embedded default show the
-paper's effects. All are trained on the fixture's generated train images, deterministically
+paper's effects. All are trained on the fixture's train images plus more images drawn by the same
+generator on a separate random stream (see :func:`training_images`; never the val images), deterministically
 from the fixture seed, on first use, and cached under ``<fixture>/trained/<name>/`` (built in a
 temporary folder, then renamed) next to a ``training.json`` with their measured quality:
 
@@ -37,10 +38,15 @@ TRAINED_MODELS = ("mini_clip", "scorer", "mini_llava")
 DEPENDENCIES = {"mini_clip": (), "scorer": (), "mini_llava": ("mini_clip",)}
 METRICS_FILE = "training.json"
 #: Optimiser steps per model (batch sizes in ``BATCH``); sized for ~5 minutes in all on 2 CPU cores.
-STEPS = {"mini_clip": 800, "scorer": 400, "mini_llava": 600}
+STEPS = {"mini_clip": 1600, "scorer": 1000, "mini_llava": 800}
 BATCH = {"mini_clip": 64, "scorer": 64, "mini_llava": 32}
 SEED_OFFSET = {"mini_clip": 101, "scorer": 202, "mini_llava": 303}
 WIDTH = 64
+#: Extra generated training images per class (stream ``EXTRA_STREAM``; the fixture uses 0 = train, 1 = val).
+EXTRA_PER_CLASS = 100
+EXTRA_STREAM = 7
+#: Input size of the mini-CLIP (and so of the mini-LLaVA): patch 8 gives a 4 × 4 token grid.
+CLIP_IMAGE_SIZE = 32
 SHAPE_PROMPT = "What is shown in this image? Use exactly one word!"
 #: The mini-LLaVA's tasks: prompt and the attribute (or ``caption``) it must answer.
 LLAVA_TASKS = {
@@ -119,6 +125,24 @@ def load_split(fixture: Fixture, split: str) -> tuple[list, torch.Tensor]:
             images.append(im.convert("RGB"))
         labels.append(by_folder[path.parent.name])
     return images, torch.tensor(labels)
+
+
+def training_images(fixture: Fixture, extra_per_class: int | None = None) -> tuple[list, torch.Tensor]:
+    """The train split plus ``extra_per_class`` more images per class drawn by the fixture's own
+    generator on a separate random stream (never the val images): 20 images per class are too
+    few for a ViT to learn shapes that generalise. Deterministic from the fixture seed."""
+    import numpy as np
+
+    from .fixtures import draw_image
+
+    extra = EXTRA_PER_CLASS if extra_per_class is None else extra_per_class
+    images, labels = load_split(fixture, "train")
+    more, more_labels = [], []
+    for cls in fixture_classes():
+        rng = np.random.default_rng([fixture.seed, EXTRA_STREAM, cls.index])
+        more += [draw_image(cls, rng) for _ in range(extra)]
+        more_labels += [cls.index] * extra
+    return images + more, torch.cat([labels, torch.tensor(more_labels, dtype=labels.dtype)])
 
 
 def attribute_labels(labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,12 +231,20 @@ def clip_tokenizer():
     return tokenizer
 
 
+def clip_image_processor():
+    """CLIP preprocessing at the mini-CLIP's input size (OpenAI mean/std, bicubic resize)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE},
+                              crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE})
+
+
 def clip_config(tokenizer):
     """Config of the mini-CLIP: 4-block ViT (width 64, 32 px, patch 8) and a 2-block text tower."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     vision = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=4,
-                              num_attention_heads=4, image_size=MODEL_IMAGE_SIZE, patch_size=MODEL_PATCH_SIZE,
+                              num_attention_heads=4, image_size=CLIP_IMAGE_SIZE, patch_size=MODEL_PATCH_SIZE,
                               projection_dim=WIDTH)
     text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=4 * WIDTH,
                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
@@ -242,15 +274,13 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
     """Train the mini-CLIP contrastively (multi-positive InfoNCE over attribute captions); save to ``out``."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from .fixtures import _clip_image_processor
-
     steps = STEPS["mini_clip"] if steps is None else steps
     torch.manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_clip"])
     generator = torch.Generator().manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_clip"])
     tokenizer = clip_tokenizer()
-    processor = CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
+    processor = CLIPProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer)
     model = CLIPModel(clip_config(tokenizer))
-    images, labels = load_split(fixture, "train")
+    images, labels = training_images(fixture)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     universe = caption_universe()
     tokens = processor(text=[t for t, _ in universe], return_tensors="pt", padding=True)
@@ -286,7 +316,7 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     val_images, val_labels = load_split(fixture, "val")
     metrics = {"zero_shot_val_accuracy": clip_zero_shot(model, processor, val_images, val_labels),
-               "zero_shot_train_accuracy": clip_zero_shot(model, processor, images, labels),
+               "zero_shot_train_accuracy": clip_zero_shot(model, processor, *load_split(fixture, "train")),
                "chance": 1 / len(classes), "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -335,7 +365,7 @@ def train_scorer(fixture: Fixture, out: Path, steps: int | None = None) -> dict:
     sizes = {"family": len(FAMILIES), "shape": len(SHAPES), "colour": len(COLOUR_NAMES), "texture": len(TEXTURES)}
     heads = nn.ModuleDict({k: nn.Linear(WIDTH, n) for k, n in sizes.items()})
     processor = scorer_processor()
-    images, labels = load_split(fixture, "train")
+    images, labels = training_images(fixture)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     targets = attribute_labels(labels)
     params = list(model.parameters()) + list(heads.parameters())
@@ -381,9 +411,7 @@ def llava_processor():
     """LLaVA processor with the fixture tokenizer and chat template, as ``fixtures.write_llava`` builds it."""
     from transformers import LlavaProcessor
 
-    from .fixtures import _clip_image_processor
-
-    return LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=build_tokenizer(),
+    return LlavaProcessor(image_processor=clip_image_processor(), tokenizer=build_tokenizer(),
                           patch_size=MODEL_PATCH_SIZE, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
@@ -466,7 +494,7 @@ def train_mini_llava(fixture: Fixture, out: Path, steps: int | None = None, clip
     processor = llava_processor()
     tokenizer = processor.tokenizer
     model = _llava_model(clip_dir, tokenizer)
-    images, labels = load_split(fixture, "train")
+    images, labels = training_images(fixture)
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     sequences = _task_sequences(processor, images[0])
     task_names = list(LLAVA_TASK_WEIGHTS)
@@ -551,6 +579,7 @@ def ensure_trained(fixture: Fixture, name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
         metrics = train_model(fixture, name, staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as the fixture
         os.replace(staging, final)
         print(f"trained fixture {name} in {metrics['train_seconds']:.0f} s: {_summary(metrics)}")
     except BaseException:
