@@ -18,6 +18,7 @@ install: $(STAMP)
 
 fixture: install
 	$(PY) -m vlmsae_utils.fixtures
+	$(PY) -m vlmsae_utils.fixture_training
 
 sweep: fixture
 	$(PY) -m vlmsae_utils.run --config configs/fixture.yaml

@@ -76,7 +76,8 @@ def test_level_summary_equals_a_brute_force_groupby():
                            "excluded": rng.random(16) < 0.25})
     depths["depth_rounded"] = depths.depth_mean.round()
     ms = rng.uniform(-0.1, 1, 16)
-    table = h.level_summary(depths, ms, group_sizes)
+    breadth = rng.uniform(0, 1, 16)
+    table = h.level_summary(depths, ms, group_sizes, breadth)
     level = np.repeat([0, 1, 2], group_sizes)
     for lv in range(3):
         keep = (level == lv) & ~depths.excluded.to_numpy()
@@ -85,6 +86,7 @@ def test_level_summary_equals_a_brute_force_groupby():
         assert table.loc[lv, "LCA depth (mean)"] == pytest.approx(depths.depth_rounded[keep].mean())
         assert table.loc[lv, "MS max"] == pytest.approx(ms[keep].max())
         assert table.loc[lv, "MS avg"] == pytest.approx(ms[keep].mean())
+        assert table.loc[lv, "fires on %"] == pytest.approx(100 * breadth[level == lv].mean())  # excluded too
     assert table.prefix.tolist() == [2, 7, 16]
     with pytest.raises(ValueError, match="cover 15 latents"):
         h.level_summary(depths, ms, [2, 5, 8])

@@ -36,7 +36,7 @@ def test_01_extract_on_defaults(executed_chapters):
     assert figures == 2
     assert "320 image files in 16 classes" in text
     for store in ("activations", "embeddings"):
-        assert (outputs_root() / "extract/fixture_clip" / store / "manifest.json").is_file()
+        assert (outputs_root() / "extract/fixture_mini_clip" / store / "manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -51,9 +51,9 @@ def test_02_train_on_defaults(executed_chapters):
     text, figures = _outputs(_chapter(executed_chapters, "02_train"))
     assert figures == 1
     assert "R² %" in text and "Matryoshka" in text and "BatchTopK" in text
-    results = pd.read_csv(outputs_root() / "train/fixture_clip" / "results.csv")
+    results = pd.read_csv(outputs_root() / "train/fixture_mini_clip" / "results.csv")
     assert len(results) == 4 and (results["R² %"] > 50).all()
-    assert (outputs_root() / "train/fixture_clip" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()
+    assert (outputs_root() / "train/fixture_mini_clip" / "matryoshka_batch_top_k_x4_k8" / "sae.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -61,7 +61,7 @@ def test_03_monosemanticity_on_defaults(executed_chapters):
     text, figures = _outputs(_chapter(executed_chapters, "03_monosemanticity"))
     assert figures >= 6  # curves, distributions, neuron cards, overlaps, browser card
     assert "best MS" in text and "Matryoshka ×4" in text and "J ≥ 0.5" in text
-    summary = pd.read_csv(outputs_root() / "ms/fixture_clip" / "ms_summary.csv", index_col=0)
+    summary = pd.read_csv(outputs_root() / "ms/fixture_mini_clip" / "ms_summary.csv", index_col=0)
     assert len(summary) == 3 and summary["best MS"].between(-1, 1).all()
 
 
@@ -69,7 +69,7 @@ def test_03_monosemanticity_on_defaults(executed_chapters):
 def test_04_hierarchy_on_defaults(executed_chapters):
     text, figures = _outputs(_chapter(executed_chapters, "04_hierarchy"))
     assert figures == 2 and "LCA depth (mean)" in text
-    levels = pd.read_csv(outputs_root() / "hierarchy/fixture_clip" / "levels.csv", index_col=0)
+    levels = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip" / "levels.csv", index_col=0)
     assert levels.latents.tolist() == [2, 4, 10, 28, 84]
     assert levels["LCA depth (mean)"].dropna().between(0, 7).all()
 
@@ -78,7 +78,7 @@ def test_04_hierarchy_on_defaults(executed_chapters):
 def test_05_steer_on_defaults(executed_chapters):
     text, _ = _outputs(_chapter(executed_chapters, "05_steer"))
     assert "not steered" in text and "DiffMean" in text and "true class" in text
-    scores = pd.read_csv(outputs_root() / "steer/fixture_llava" / "steering_scores.csv", index_col=0)
+    scores = pd.read_csv(outputs_root() / "steer/fixture_mini_llava" / "steering_scores.csv", index_col=0)
     assert scores.pairs.tolist() == [6, 24]
 
 

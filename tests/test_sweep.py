@@ -55,7 +55,7 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
         assert all(position[d] < position[r.id] for d in r.depends), r.id
     score = next(r for r in runs if r.kind == "score" and r.labels["layer"] == "last")
     assert len(score.parameters["sae_paths"]) == 4
-    assert all(p.startswith("train/fixture_clip/Llast/") for p in score.parameters["sae_paths"])
+    assert all(p.startswith("train/fixture_mini_clip/Llast/") for p in score.parameters["sae_paths"])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -114,14 +114,14 @@ def test_resume_skips_finished_runs_and_redoes_removed_outputs(tmp_path):
 
 def test_a_failed_run_blocks_only_its_dependents(tmp_path):
     runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
-    runner = FakeRunner(fail={"extract/fixture_clip/L2/val"})
+    runner = FakeRunner(fail={"extract/fixture_mini_clip/L2/val"})
     status = sweep.execute(runs, tmp_path / "sweep", runner=runner, progress=False).set_index("run")
-    assert status.loc["extract/fixture_clip/L2/val", "status"] == "failed"
-    assert "injected" in status.loc["extract/fixture_clip/L2/val", "message"]
-    assert status.loc["train/fixture_clip/L2/batch_top_k_x2", "status"] == "blocked"
-    assert status.loc["score/fixture_clip/L2/fixture_dinov2", "status"] == "blocked"
-    assert status.loc["train/fixture_clip/Llast/batch_top_k_x2", "status"] == "ran"
-    assert status.loc["score/fixture_clip/Llast/fixture_dinov2", "status"] == "ran"
+    assert status.loc["extract/fixture_mini_clip/L2/val", "status"] == "failed"
+    assert "injected" in status.loc["extract/fixture_mini_clip/L2/val", "message"]
+    assert status.loc["train/fixture_mini_clip/L2/batch_top_k_x2", "status"] == "blocked"
+    assert status.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "blocked"
+    assert status.loc["train/fixture_mini_clip/Llast/batch_top_k_x2", "status"] == "ran"
+    assert status.loc["score/fixture_mini_clip/Llast/fixture_scorer", "status"] == "ran"
 
 
 def test_changed_parameters_rerun(tmp_path):
@@ -149,7 +149,7 @@ def test_fixture_sweep_end_to_end(fixture_results):
     steering = pd.read_csv(fixture_results / "steering.csv")
     assert len(steering) == 2
     # the tables hold the runs' own numbers: R² of one SAE as written by its training run
-    folder = sweep.sweep_dir("fixture") / "train/fixture_clip/L2/batch_top_k_x4"
+    folder = sweep.sweep_dir("fixture") / "train/fixture_mini_clip/L2/batch_top_k_x4"
     trained = pd.read_csv(folder / "results.csv").iloc[0]
     row = sae[(sae.layer.astype(str) == "2") & (sae.SAE == "BatchTopK") & (sae.expansion == 4)].iloc[0]
     assert row["R² %"] == pytest.approx(trained["R² %"])

@@ -12,8 +12,8 @@ from .extract import extract_activations, extract_embeddings, open_dataset
 from .paths import data_home, resolve_out_dir
 from .store import ActivationStore
 
-DEFAULT_MODEL = "fixture:clip"
-DEFAULT_SCORER = "fixture:dinov2"
+DEFAULT_MODEL = "fixture:mini_clip"
+DEFAULT_SCORER = "fixture:scorer"
 DEFAULT_LAYER = -2
 
 
@@ -48,10 +48,11 @@ def default_sae(sae_type: str = "matryoshka_batch_top_k", *, expansion: float = 
     from .sae import load_sae, save_sae
     from .train import run_name, train_sae
 
+    data = store if store is not None else default_store("train")
     fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
-    folder = defaults_dir() / "sae" / f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}"
+    key = f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_{data.manifest['content_hash'][:12]}"
+    folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
-        data = store if store is not None else default_store("train")
         sae, _ = train_sae(data, sae_type, expansion, k=k, group_fractions=group_fractions, steps=steps,
                            batch_size=256, progress=False)
         save_sae(sae, folder)

@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch import nn
 
 from .fixtures import (CHAT_TEMPLATE, COLOURS, MODEL_IMAGE_SIZE, MODEL_PATCH_SIZE, SHAPE_FAMILIES, TEXTURES,
                        Fixture, FixtureClass, build_tokenizer, fixture_classes)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRAINED_MODELS = ("mini_clip", "scorer", "mini_llava")
 DEPENDENCIES = {"mini_clip": (), "scorer": (), "mini_llava": ("mini_clip",)}
@@ -604,6 +608,18 @@ def _summary(metrics: dict) -> str:
 def training_metrics(fixture: Fixture, name: str) -> dict:
     """The ``training.json`` of a trained fixture model (training it when missing)."""
     return json.loads((ensure_trained(fixture, name) / METRICS_FILE).read_text())
+
+
+def summary_table(fixture: Fixture) -> "pd.DataFrame":
+    """One row per trained fixture model: training steps, seconds and the headline val numbers."""
+    import pandas as pd
+
+    rows = []
+    for name in TRAINED_MODELS:
+        metrics = training_metrics(fixture, name)
+        rows.append({"model": f"fixture:{name}", "steps": metrics["steps"],
+                     "training seconds": round(metrics["train_seconds"]), "measured on val": _summary(metrics)})
+    return pd.DataFrame(rows).set_index("model")
 
 
 def ensure_all(fixture: Fixture | None = None) -> dict[str, Path]:

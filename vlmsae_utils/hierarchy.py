@@ -156,11 +156,13 @@ def level_of_latents(group_sizes: Sequence[int]) -> np.ndarray:
 
 
 def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
-                  group_sizes: Sequence[int]) -> pd.DataFrame:
+                  group_sizes: Sequence[int], breadth: torch.Tensor | np.ndarray | None = None) -> pd.DataFrame:
     """Table A8 of the paper: per level, LCA depth (rounded mean / majority) and MS avg/max/min.
 
     Depth and MS averages use the latents that are not excluded (fewer than k positive
-    images); ``excluded %`` reports how many were left out.
+    images); ``excluded %`` reports how many were left out. ``breadth`` (optional, per latent:
+    the fraction of images it fires on) adds ``fires on %``, averaged over all latents of a level —
+    a second, taxonomy-free view of general (broad) vs specific (narrow) latents.
     """
     levels = level_of_latents(group_sizes)
     if len(levels) != len(depths):
@@ -171,6 +173,8 @@ def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
         if ms.shape != (len(levels),):
             raise ValueError(f"ms must have one score per latent ({len(levels)}), got shape {ms.shape}")
         frame = frame.assign(ms=ms)
+    if breadth is not None and len(np.asarray(breadth)) != len(levels):
+        raise ValueError(f"breadth must have one value per latent ({len(levels)}), got {len(np.asarray(breadth))}")
     rows = []
     prefix = 0
     for level, size in enumerate(group_sizes):
@@ -183,6 +187,8 @@ def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
         if ms is not None:
             scores = kept.ms.dropna()
             row |= {"MS avg": scores.mean(), "MS max": scores.max(), "MS min": scores.min()}
+        if breadth is not None:
+            row["fires on %"] = 100.0 * float(np.asarray(breadth, dtype=float)[levels == level].mean())
         rows.append(row)
     return pd.DataFrame(rows).set_index("level")
 

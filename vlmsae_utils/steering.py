@@ -211,14 +211,21 @@ def prepare_inputs(processor, images: Sequence, prompt: str):
 
 def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images: Sequence,
                  latents: Sequence[int], alphas: Sequence[float], prompt: str = DEFAULT_PROMPT,
-                 max_new_tokens: int = 5, mode: str = "replace", batch_size: int = 16) -> list[dict]:
-    """Answers for every (image, latent, α), batching different clamps on different rows."""
+                 max_new_tokens: int = 5, mode: str = "replace", batch_size: int = 16,
+                 alpha_units: Mapping[int, float] | None = None) -> list[dict]:
+    """Answers for every (image, latent, α), batching different clamps on different rows.
+
+    With ``alpha_units`` the clamp of latent j is ``α · alpha_units[j]`` (e.g. α in multiples of
+    the latent's largest activation); the table keeps α as given.
+    """
+    units = alpha_units or {}
     jobs = [(i, latent, alpha) for i in range(len(images)) for latent in latents for alpha in alphas]
     rows = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
+        clamps = [{latent: alpha * units.get(latent, 1.0)} for _, latent, alpha in chunk]
         answers = generate(model, processor, [images[i] for i, _, _ in chunk], prompt, max_new_tokens,
-                           sae=sae, layer=layer, clamp=[{latent: alpha} for _, latent, alpha in chunk], mode=mode)
+                           sae=sae, layer=layer, clamp=clamps, mode=mode)
         rows += [{"image": i, "latent": latent, "alpha": alpha, "answer": answer}
                  for (i, latent, alpha), answer in zip(chunk, answers)]
     return rows

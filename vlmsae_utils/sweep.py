@@ -29,7 +29,8 @@ SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_si
             "seed": int, "group_fractions": (list, type(None))}
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
 STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
-                 "num_images": int, "alphas": list, "clip_text_model": str, "latents": list}
+                 "num_images": int, "alphas": list, "clip_text_model": str, "latents": list,
+                 "alpha_scale": str, "score_alpha": (int, float), "random_k": int}
 SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 
@@ -189,12 +190,12 @@ def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
 def _steering(config, runs, extract, train) -> None:
     """An SAE on 2 random tokens per image of the LLaVA vision block, then notebook 05."""
     s = config["steering"]
-    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=2)
+    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2))
     sae = train(tokens, None, "matryoshka_batch_top_k", s.get("expansion", 4), None,
                 s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/L{s['layer']}/steering")
     params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
               "layer": s["layer"], "num_images": s.get("num_images", 4)}
-    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents") if key in s}
+    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents", "alpha_scale", "score_alpha") if key in s}
     val = config["data"]["val"]
     if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
         params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))

@@ -1,0 +1,65 @@
+"""The embedded default shows the paper's effects (issue 9), measured on the chapters' default runs.
+
+Margins are loose on purpose: they hold across fixture seeds, so a failure means an effect is
+gone, not that a number moved.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from vlmsae_utils import hierarchy
+from vlmsae_utils.paths import outputs_root
+from vlmsae_utils.steering import first_word
+
+
+def _mean(cell: str) -> float:
+    """The mean of a ``mean ± std`` table cell."""
+    return float(cell.split("±")[0])
+
+
+@pytest.mark.slow
+def test_sae_latents_are_more_monosemantic_than_neurons(executed_chapters):
+    summary = pd.read_csv(outputs_root() / "ms/fixture_mini_clip/ms_summary.csv", index_col=0)
+    raw = summary[summary.index.str.startswith("raw")].iloc[0]
+    for name, row in summary[~summary.index.str.startswith("raw")].iterrows():
+        assert row["mean MS"] > raw["mean MS"] + 0.1, name
+        assert row["best MS"] > 0.8 and row["best MS"] > raw["best MS"] + 0.3, name
+
+
+@pytest.mark.slow
+def test_few_latents_share_their_top_images(executed_chapters):
+    overlap = pd.read_csv(outputs_root() / "ms/fixture_mini_clip/uniqueness.csv", index_col=0)
+    for name, row in overlap[~overlap.index.str.startswith("raw")].iterrows():
+        assert row["J ≥ 0.5"] < 0.02 * row["pairs"], name
+
+
+@pytest.mark.slow
+def test_matryoshka_levels_go_from_broad_to_narrow(executed_chapters):
+    levels = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip/levels.csv", index_col=0)
+    breadth = levels["fires on %"].tolist()
+    assert all(a > b for a, b in zip(breadth, breadth[1:])), breadth
+    assert breadth[0] > 50 and breadth[-1] < 10
+    ms = levels["MS avg"].dropna()
+    assert ms.iloc[-1] > ms.iloc[0] + 0.05  # finer levels are more monosemantic, as in the paper
+
+
+@pytest.mark.slow
+def test_clamping_a_latent_steers_the_answer(executed_chapters):
+    folder = outputs_root() / "steer/fixture_mini_llava"
+    scores = pd.read_csv(folder / "steering_scores.csv", index_col=0)
+    images = scores.iloc[1]
+    assert _mean(images["steered"]) > _mean(images["not steered"]) + 0.05
+    sweep = pd.read_csv(folder / "alpha_sweep.csv")
+    concepts = pd.read_csv(folder / "latent_concepts.csv").set_index("latent")
+    strongest = sweep[sweep.alpha == sweep.alpha.max()].set_index("latent").answer
+    unsteered = sweep[sweep.alpha == 0].set_index("latent").answer
+    steered_to_concept = []
+    for latent, classes in concepts["top image classes"].items():
+        shapes = Counter(hierarchy.parse_taxonomy(c)[2].lower() for c in classes.split())
+        shape, count = shapes.most_common(1)[0]
+        if count >= 12 and first_word(strongest[latent]) == shape:  # a shape latent that names its shape
+            steered_to_concept.append((latent, unsteered[latent], shape))
+    assert len(steered_to_concept) >= 2, steered_to_concept
