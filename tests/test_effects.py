@@ -55,11 +55,16 @@ def test_clamping_a_latent_steers_the_answer(executed_chapters):
     sweep = pd.read_csv(folder / "alpha_sweep.csv")
     concepts = pd.read_csv(folder / "latent_concepts.csv").set_index("latent")
     strongest = sweep[sweep.alpha == sweep.alpha.max()].set_index("latent").answer
-    unsteered = sweep[sweep.alpha == 0].set_index("latent").answer
-    steered_to_concept = []
+    plain = first_word(scores_plain_answer(folder))
+    named = []
     for latent, classes in concepts["top image classes"].items():
         shapes = Counter(hierarchy.parse_taxonomy(c)[2].lower() for c in classes.split())
         shape, count = shapes.most_common(1)[0]
-        if count >= 12 and first_word(strongest[latent]) == shape:  # a shape latent that names its shape
-            steered_to_concept.append((latent, unsteered[latent], shape))
-    assert len(steered_to_concept) >= 2, steered_to_concept
+        if count >= 10 and first_word(strongest[latent]) == shape != plain:  # the answer moved to the latent's shape
+            named.append((latent, shape))
+    assert named, (plain, strongest.to_dict())
+
+
+def scores_plain_answer(folder) -> str:
+    """The unsteered answer on the white image, as chapter 5 recorded it."""
+    return (folder / "plain_answer.txt").read_text()

@@ -521,7 +521,7 @@ def ms_user_agreement(
     scorer: str = "dino",
     bins: Sequence[float] = DEFAULT_GAP_BINS,
 ):
-    """Agreement of the MS order with the human choice per |MS_x − MS_y| bin, plus overall
+    """Agreement of the MS order with the human choice per bin of the MS gap (absolute MS_x − MS_y), plus overall
     (pair-weighted) and uniform-over-bins rows, like the paper's Table A1.
 
     `pairs`: DataFrame or path to the benchmark `pairs.csv` (k_x, k_y, R_user, MS_x_<scorer>,

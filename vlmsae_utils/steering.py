@@ -9,6 +9,7 @@ the mean CLIP image embedding of the latent's top images.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -329,12 +330,30 @@ def class_text(folder: str) -> str:
     return " ".join(parts[1:] if parts and parts[0].isdigit() else parts).strip() or folder
 
 
-def live_latents(count_positive: torch.Tensor, k: int, n: int) -> list[int]:
-    """The first ``n`` latents that fire on at least ``k`` training images (scorable concepts)."""
-    ids = torch.nonzero(count_positive >= k).flatten()[:n].tolist()
-    if not ids:
-        raise ValueError(f"no latent fires on {k} or more training images; train longer or lower top_k")
-    return ids
+def top_class(top_indices: torch.Tensor, class_names: Sequence[str], latent: int) -> str:
+    """The most common class among a latent's top images."""
+    return Counter(class_names[i] for i in top_indices[latent].tolist() if i >= 0).most_common(1)[0][0]
+
+
+def names_class(answer: str, class_name: str) -> bool:
+    """Whether the first word of an answer is one of the words of a class (e.g. its shape)."""
+    return first_word(answer) in class_text(class_name).lower().split()
+
+
+def class_pure_latents(top_indices: torch.Tensor, class_names: Sequence[str], n: int) -> list[int]:
+    """``n`` latents with a full top-k whose top images agree most on one class (ties: lower id).
+
+    These are concepts a one-word answer can name; a latent for "blue" or "striped" cannot be
+    named by the shape the fixture's LLaVA answers with, whatever it encodes.
+    """
+    full = (top_indices >= 0).all(dim=1)
+    if not full.any():
+        raise ValueError(f"no latent fires on {top_indices.shape[1]} or more training images; train longer")
+    purity = []
+    for latent in torch.nonzero(full).flatten().tolist():
+        counts = Counter(class_names[i] for i in top_indices[latent].tolist())
+        purity.append((-counts.most_common(1)[0][1], latent))
+    return [latent for _, latent in sorted(purity)[:n]]
 
 
 def score_answers(clip: ClipTextImage, answers: Sequence[str], concepts: torch.Tensor) -> torch.Tensor:
