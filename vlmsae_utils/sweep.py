@@ -323,6 +323,8 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
         if frames:
             gathered[name] = pd.concat(frames, ignore_index=True)
             gathered[name].to_csv(out / f"{name}.csv", index=False)
+        else:
+            (out / f"{name}.csv").unlink(missing_ok=True)  # no stale table from an earlier config
     return gathered
 
 
@@ -354,15 +356,14 @@ def run_sweep(config_path: str | os.PathLike, *, dry_run: bool = False, progress
 
 
 def ensure_fixture_results(config_path: str | os.PathLike | None = None) -> Path:
-    """The fixture sweep's results folder, running the sweep first if its tables are missing."""
+    """The fixture sweep's results folder, brought up to date first: finished runs with the same
+    parameters are skipped, so this costs seconds once the sweep has run (and never shows tables
+    left over from an older config)."""
     from .paths import repo_root
 
     path = Path(config_path) if config_path else (repo_root() or Path.cwd()) / "configs" / "fixture.yaml"
-    name = load_config(path)["name"]
-    folder = results_root() / name
-    if not (folder / "sae.csv").is_file():
-        status, _ = run_sweep(path, progress=False)
-        failed = status[status.status.isin(["failed", "blocked"])]
-        if len(failed):
-            raise RuntimeError(f"fixture sweep failed: {failed.iloc[0].run}: {failed.iloc[0].message}")
-    return folder
+    status, _ = run_sweep(path, progress=False)
+    failed = status[status.status.isin(["failed", "blocked"])]
+    if len(failed):
+        raise RuntimeError(f"fixture sweep failed: {failed.iloc[0].run}: {failed.iloc[0].message}")
+    return results_root() / load_config(path)["name"]
