@@ -6,12 +6,12 @@ NaN) so they are never shown as exemplars.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from .metrics import SparseCodes
+from .metrics import SparseCodes, iter_dense_batches, rows_and_dim
 
 __all__ = ["TopK", "top_k_images", "image_grid", "uniqueness"]
 
@@ -49,31 +49,6 @@ def _check_row_index(row_image_index: Any, n: int) -> torch.Tensor:
     return idx
 
 
-def _rows_and_dim(acts: Any) -> tuple[int, int]:
-    if isinstance(acts, (torch.Tensor, np.ndarray)):
-        if acts.ndim != 2:
-            raise ValueError(f"activations must be 2-D [N, K], got shape {tuple(acts.shape)}")
-        return int(acts.shape[0]), int(acts.shape[1])
-    if isinstance(acts, SparseCodes):
-        return len(acts), acts.num_latents
-    if hasattr(acts, "iter_batches") and hasattr(acts, "__len__") and hasattr(acts, "dim"):
-        return len(acts), int(acts.dim)
-    raise ValueError(
-        "activations must be a Tensor/ndarray [N, K], SparseCodes or a store with iter_batches/len/dim; "
-        f"got {type(acts).__name__}"
-    )
-
-
-def _dense_batches(acts: Any, batch: int) -> Iterator[torch.Tensor]:
-    if isinstance(acts, (torch.Tensor, np.ndarray)):
-        t = torch.as_tensor(acts)
-        for s in range(0, t.shape[0], batch):
-            yield t[s : s + batch]
-    else:
-        for b in acts.iter_batches(batch, shuffle=False):
-            yield torch.as_tensor(b)
-
-
 def _per_image_max(b: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max over the rows of each image in a batch: ([n_img, K], image ids)."""
     ids, inv = torch.unique_consecutive(img, return_inverse=True)
@@ -96,7 +71,7 @@ def top_k_images(
     `store.row_image_index()`); the maximum over an image's rows is used. Activations ≤ 0
     never count as exemplars: such slots get index −1 and value NaN.
     """
-    n, kdim = _rows_and_dim(activations)
+    n, kdim = rows_and_dim(activations)
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = int(k)
@@ -127,7 +102,7 @@ def top_k_images(
     row = 0
     carry_b: torch.Tensor | None = None
     carry_img: torch.Tensor | None = None
-    for b in _dense_batches(activations, batch):
+    for b in iter_dense_batches(activations, batch):
         if b.ndim != 2 or b.shape[1] != kdim:
             raise ValueError(f"activation batch has shape {tuple(b.shape)}, expected [B, {kdim}]")
         nb = b.shape[0]

@@ -230,7 +230,8 @@ def _as_dense_2d(x: Any, name: str) -> torch.Tensor:
     return t
 
 
-def _num_rows_and_dim(acts: Any) -> tuple[int, int]:
+def rows_and_dim(acts: Any) -> tuple[int, int]:
+    """``(N, K)`` of activations given as a tensor/array, SparseCodes or a store (shared with exemplars)."""
     if isinstance(acts, (torch.Tensor, np.ndarray)):
         if acts.ndim != 2:
             raise ValueError(f"activations must be 2-D [N, K], got shape {tuple(acts.shape)}")
@@ -247,7 +248,8 @@ def _num_rows_and_dim(acts: Any) -> tuple[int, int]:
     )
 
 
-def _iter_dense_batches(acts: Any, batch: int) -> Iterator[torch.Tensor]:
+def iter_dense_batches(acts: Any, batch: int) -> Iterator[torch.Tensor]:
+    """Row batches of a dense tensor/array or of a store, in order (shared with exemplars)."""
     if isinstance(acts, (torch.Tensor, np.ndarray)):
         t = torch.as_tensor(acts)
         for s in range(0, t.shape[0], batch):
@@ -294,7 +296,7 @@ def _minmax_dense(acts: Any, k: int, batch: int) -> tuple[torch.Tensor, torch.Te
     lo = torch.full((k,), float("inf"), dtype=torch.float64)
     hi = torch.full((k,), float("-inf"), dtype=torch.float64)
     rows = 0
-    for b in _iter_dense_batches(acts, batch):
+    for b in iter_dense_batches(acts, batch):
         if b.ndim != 2 or b.shape[1] != k:
             raise ValueError(f"activation batch has shape {tuple(b.shape)}, expected [B, {k}]")
         if not b.is_floating_point():
@@ -354,7 +356,7 @@ def monosemanticity_score(
     sweep to bound the K×D float64 accumulator (each sweep re-reads a store).
     `matmul_dtype`: dtype of each batch product (float32 default; sums accumulate in float64).
     """
-    n, k = _num_rows_and_dim(activations)
+    n, k = rows_and_dim(activations)
     if n < 2:
         raise ValueError(f"MS needs at least 2 images (pairs), got N={n}")
     if k < 1:
@@ -392,7 +394,7 @@ def monosemanticity_score(
         sum_a2q = torch.zeros_like(sum_a)
         row = 0
         a_buf = a2_buf = None  # reused work buffers: elementwise ops without fresh allocations
-        for b in _iter_dense_batches(activations, batch):
+        for b in iter_dense_batches(activations, batch):
             nb = b.shape[0]
             if row + nb > n:
                 raise ValueError(f"activations yielded more rows than len()={n}")
