@@ -75,22 +75,15 @@ def test_unknown_trained_model_is_rejected(fixture):
 
 
 @pytest.mark.slow
-def test_scorer_training_is_deterministic(fixture, tmp_path):
-    ft.train_model(fixture, "scorer", tmp_path / "a", steps=3)
-    ft.train_model(fixture, "scorer", tmp_path / "b", steps=3)
+@pytest.mark.parametrize("name, steps", [("scorer", 3), ("mini_clip", 4)])
+def test_training_is_deterministic(fixture, tmp_path, name, steps):
+    ft.train_model(fixture, name, tmp_path / "a", steps=steps)
+    ft.train_model(fixture, name, tmp_path / "b", steps=steps)
     a, b = _safetensors(tmp_path / "a"), _safetensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- trained models (slow)
-
-
-@pytest.mark.slow
-def test_mini_clip_training_is_deterministic(fixture, tmp_path):
-    ft.train_model(fixture, "mini_clip", tmp_path / "a", steps=4)
-    ft.train_model(fixture, "mini_clip", tmp_path / "b", steps=4)
-    a, b = _safetensors(tmp_path / "a"), _safetensors(tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

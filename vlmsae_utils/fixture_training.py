@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -222,6 +222,32 @@ def _progress(name: str, steps: int):
     return tqdm(total=steps, desc=f"training fixture {name}", unit="step", leave=True)
 
 
+def _seeded(fixture: Fixture, name: str) -> torch.Generator:
+    """Seed torch's global RNG (weight init) and return the data-order generator of one model."""
+    seed = fixture.seed * 1000 + SEED_OFFSET[name]
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _fit(name: str, steps: int, num_images: int, generator: torch.Generator, optimizer: torch.optim.Optimizer,
+         loss_of: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+    """The shared training loop: ``steps`` batches of image indices, ``loss_of(index)``, an AdamW step
+    with the warm-up/cosine schedule and a progress bar; returns the loss of every step."""
+    scheduler = _schedule(optimizer, steps)
+    losses = []
+    with _progress(name, steps) as bar:
+        for index in _batches(num_images, BATCH[name], steps, generator):
+            loss = loss_of(index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
 # ----------------------------------------------------------------------------- mini-CLIP
 
 
@@ -279,8 +305,7 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
     from transformers import CLIPModel, CLIPProcessor
 
     steps = STEPS["mini_clip"] if steps is None else steps
-    torch.manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_clip"])
-    generator = torch.Generator().manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_clip"])
+    generator = _seeded(fixture, "mini_clip")
     tokenizer = clip_tokenizer()
     processor = CLIPProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer)
     model = CLIPModel(clip_config(tokenizer))
@@ -294,30 +319,23 @@ def train_mini_clip(fixture: Fixture, out: Path, steps: int | None = None) -> di
     weight = match.float() * torch.tensor([1.0 + len(attrs) + 2 * ("shape" in attrs) for _, attrs in universe])
     full = torch.tensor([[text for text, _ in universe].index(c.caption) for c in classes])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    scheduler = _schedule(optimizer, steps)
     model.train()
-    losses = []
-    with _progress("mini_clip", steps) as bar:
-        for index in _batches(len(images), BATCH["mini_clip"], steps, generator):
-            cls = labels[index]
-            # one caption per image, drawn uniformly from the captions true of it
-            choice = torch.multinomial(weight[cls], 1, generator=generator).squeeze(1)
-            positives = match[cls][:, choice].float()  # [B images, B captions]
-            image = _unit(model.get_image_features(pixel_values=augment(pixels[index], generator)))
-            rows = torch.cat([choice, full])  # the batch's captions, then the 16 class captions
-            text = _unit(model.get_text_features(input_ids=tokens["input_ids"][rows],
-                                                 attention_mask=tokens["attention_mask"][rows]))
-            logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-            batch_logits = logits[:, :len(choice)]
-            loss = 0.5 * (_soft_ce(batch_logits, positives) + _soft_ce(batch_logits.T, positives.T)) \
-                + F.cross_entropy(logits[:, len(choice):], cls)  # image → its class caption among all 16
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        cls = labels[index]
+        # one caption per image, drawn (weighted) from the captions true of it
+        choice = torch.multinomial(weight[cls], 1, generator=generator).squeeze(1)
+        positives = match[cls][:, choice].float()  # [B images, B captions]
+        image = _unit(model.get_image_features(pixel_values=augment(pixels[index], generator)))
+        rows = torch.cat([choice, full])  # the batch's captions, then the 16 class captions
+        text = _unit(model.get_text_features(input_ids=tokens["input_ids"][rows],
+                                             attention_mask=tokens["attention_mask"][rows]))
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
+        batch_logits = logits[:, :len(choice)]
+        return 0.5 * (_soft_ce(batch_logits, positives) + _soft_ce(batch_logits.T, positives.T)) \
+            + F.cross_entropy(logits[:, len(choice):], cls)  # image → its class caption among all 16
+
+    losses = _fit("mini_clip", steps, len(images), generator, optimizer, loss_of)
     val_images, val_labels = load_split(fixture, "val")
     metrics = {"zero_shot_val_accuracy": clip_zero_shot(model, processor, val_images, val_labels),
                "zero_shot_train_accuracy": clip_zero_shot(model, processor, *load_split(fixture, "train")),
@@ -361,8 +379,7 @@ def train_scorer(fixture: Fixture, out: Path, steps: int | None = None) -> dict:
     from transformers import Dinov2Config, Dinov2Model
 
     steps = STEPS["scorer"] if steps is None else steps
-    torch.manual_seed(fixture.seed * 1000 + SEED_OFFSET["scorer"])
-    generator = torch.Generator().manual_seed(fixture.seed * 1000 + SEED_OFFSET["scorer"])
+    generator = _seeded(fixture, "scorer")
     config = Dinov2Config(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=3, num_attention_heads=4,
                           image_size=MODEL_IMAGE_SIZE, patch_size=MODEL_PATCH_SIZE)
     model = Dinov2Model(config)
@@ -374,20 +391,13 @@ def train_scorer(fixture: Fixture, out: Path, steps: int | None = None) -> dict:
     targets = attribute_labels(labels)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    scheduler = _schedule(optimizer, steps)
     model.train()
-    losses = []
-    with _progress("scorer", steps) as bar:
-        for index in _batches(len(images), BATCH["scorer"], steps, generator):
-            pooled = model(pixel_values=augment(pixels[index], generator)).pooler_output
-            loss = sum(F.cross_entropy(head(pooled), targets[k][index]) for k, head in heads.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        pooled = model(pixel_values=augment(pixels[index], generator)).pooler_output
+        return sum(F.cross_entropy(head(pooled), targets[k][index]) for k, head in heads.items())
+
+    losses = _fit("scorer", steps, len(images), generator, optimizer, loss_of)
     model.eval()
     val_images, val_labels = load_split(fixture, "val")
     with torch.no_grad():
@@ -493,8 +503,7 @@ def train_mini_llava(fixture: Fixture, out: Path, steps: int | None = None, clip
     """Train projector + Llama of a mini-LLaVA on the fixture tasks (frozen mini_clip tower); save to ``out``."""
     steps = STEPS["mini_llava"] if steps is None else steps
     clip_dir = ensure_trained(fixture, "mini_clip") if clip_dir is None else clip_dir
-    torch.manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_llava"])
-    generator = torch.Generator().manual_seed(fixture.seed * 1000 + SEED_OFFSET["mini_llava"])
+    generator = _seeded(fixture, "mini_llava")
     processor = llava_processor()
     tokenizer = processor.tokenizer
     model = _llava_model(clip_dir, tokenizer)
@@ -505,24 +514,17 @@ def train_mini_llava(fixture: Fixture, out: Path, steps: int | None = None, clip
     weights = torch.tensor([LLAVA_TASK_WEIGHTS[t] for t in task_names])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
-    scheduler = _schedule(optimizer, steps)
     model.train()
     model.model.vision_tower.eval()
-    losses = []
-    with _progress("mini_llava", steps) as bar:
-        for index in _batches(len(images), BATCH["mini_llava"], steps, generator):
-            tasks = [task_names[i] for i in torch.multinomial(weights, len(index), True, generator=generator)]
-            ids, mask, target = _llava_batch(sequences, labels[index], tasks, tokenizer.pad_token_id)
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=augment(pixels[index], generator)).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
-                                   ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        tasks = [task_names[i] for i in torch.multinomial(weights, len(index), True, generator=generator)]
+        ids, mask, target = _llava_batch(sequences, labels[index], tasks, tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=augment(pixels[index], generator)).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    losses = _fit("mini_llava", steps, len(images), generator, optimizer, loss_of)
     model.eval()
     val_images, val_labels = load_split(fixture, "val")
     metrics = {f"val_accuracy_{task}": llava_accuracy(model, processor, val_images, val_labels, task)
