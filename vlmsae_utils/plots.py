@@ -157,7 +157,7 @@ def depth_per_level(depths: "pd.DataFrame", levels: np.ndarray) -> Figure:
 
 
 def concept_tree_figure(tree: Sequence[tuple[int, Sequence[int]]], top_indices, load, paths: Sequence[Sequence[str]],
-                        rank_names: Sequence[str] = (), thumbs: int = 3) -> Figure:
+                        thumbs: int = 3) -> Figure:
     """Each root latent above its children; a node is a strip of its top images labelled by the ranks they share."""
     width = max(1, max(len(children) for _, children in tree))
     fig, axes = plt.subplots(2 * len(tree), width, figsize=(2.3 * width, 1.6 * 2 * len(tree)), squeeze=False)
