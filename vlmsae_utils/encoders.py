@@ -236,15 +236,22 @@ def select_tokens(
 # ----------------------------------------------------------------------------- loading
 
 
-def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> VisionEncoder:
-    """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder or
-    ``fixture:NAME`` (a tiny model of the embedded fixture)."""
+def model_source(name_or_path: str | Path) -> str:
+    """Where ``from_pretrained`` should read a model: ``fixture:NAME`` becomes the fixture's folder
+    (built or trained on first use); hub ids, specs and folders pass through unchanged."""
     spec = str(name_or_path)
     if spec.startswith(FIXTURE_PREFIX):
         from .fixtures import ensure_fixture
 
-        spec = str(ensure_fixture().model(spec[len(FIXTURE_PREFIX):]))
+        return str(ensure_fixture().model(spec[len(FIXTURE_PREFIX):]))
+    return spec
+
+
+def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder or
+    ``fixture:NAME`` (a tiny model of the embedded fixture)."""
+    spec = model_source(name_or_path)
     if spec.startswith(OPEN_CLIP_PREFIX):
         encoder = _load_open_clip_hub(spec)
     elif Path(spec).expanduser().is_dir():

@@ -37,13 +37,9 @@ def load_llava(name_or_path: str = "fixture:llava", device: str | torch.device =
     """A transformers LLaVA model and its processor from a hub id, a folder or ``fixture:llava``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .encoders import FIXTURE_PREFIX, quiet_transformers
+    from .encoders import model_source, quiet_transformers
 
-    source = str(name_or_path)
-    if source.startswith(FIXTURE_PREFIX):
-        from .fixtures import ensure_fixture
-
-        source = str(ensure_fixture().model(source[len(FIXTURE_PREFIX):]))
+    source = model_source(name_or_path)
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
         processor = AutoProcessor.from_pretrained(source)
@@ -256,13 +252,9 @@ def load_clip_text_image(name_or_path: str, device: str = "cpu") -> ClipTextImag
     """CLIP text + image embedders from a transformers ``CLIPModel`` (hub id, folder or ``fixture:clip``)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from .encoders import FIXTURE_PREFIX, quiet_transformers
+    from .encoders import model_source, quiet_transformers
 
-    source = name_or_path
-    if source.startswith(FIXTURE_PREFIX):
-        from .fixtures import ensure_fixture
-
-        source = str(ensure_fixture().model(source[len(FIXTURE_PREFIX):]))
+    source = model_source(name_or_path)
     with quiet_transformers():
         model = CLIPModel.from_pretrained(source).to(device).eval()
         processor = CLIPProcessor.from_pretrained(source)
