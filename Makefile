@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install fixture sweep notebooks book demo test lab clean
+.PHONY: install fixture sweep notebooks book demo test test-gpu rehearsal lab clean
 
-# Create or refresh the virtual environment whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
+# pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,book]'
+	$(PY) -m pip install --quiet --upgrade pip -c constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e '.[test,book]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +36,14 @@ demo: notebooks
 
 test: install
 	$(PY) -m pytest
+
+# CUDA against CPU (extraction, training step, bf16 autocast, MS, top-k, steering); skipped without CUDA.
+test-gpu: install
+	$(PY) -m pytest -m gpu -rs
+
+# Every chapter at the paper's widths on rehearsal models (random weights, no download), measured.
+rehearsal: install
+	$(PY) -m vlmsae_utils.rehearsal --device $(or $(DEVICE),auto)
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/
