@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from vlmsae_utils.encoders import load_encoder, select_tokens
 
-HF_MODELS = ("clip", "siglip", "dinov2")
+HF_MODELS = ("clip", "siglip", "dinov2", "aimv2", "webssl")
 ALL_MODELS = HF_MODELS + ("open_clip",)
 
 
@@ -81,14 +81,18 @@ def test_post_projection_is_the_models_own_embedding(encoders, pixels):
         clip = encoders["clip"].model(pixel_values=pixels["clip"]).image_embeds
         dino = encoders["dinov2"].model(pixel_values=pixels["dinov2"]).pooler_output
         siglip = encoders["siglip"].model(pixel_values=pixels["siglip"]).pooler_output
+        aimv2 = encoders["aimv2"].model(pixel_values=pixels["aimv2"]).pooler_output
+        webssl = encoders["webssl"].model(pixel_values=pixels["webssl"]).last_hidden_state[:, 0]
         oc = encoders["open_clip"].model.encode_image(pixels["open_clip"])
     torch.testing.assert_close(encoders["clip"].embed_images(pixels["clip"]), clip)
     torch.testing.assert_close(encoders["dinov2"].embed_images(pixels["dinov2"]), dino)
     torch.testing.assert_close(encoders["siglip"].embed_images(pixels["siglip"]), siglip)
+    torch.testing.assert_close(encoders["aimv2"].embed_images(pixels["aimv2"]), aimv2)
+    torch.testing.assert_close(encoders["webssl"].embed_images(pixels["webssl"]), webssl)
     torch.testing.assert_close(encoders["open_clip"].embed_images(pixels["open_clip"]), oc)
 
 
-@pytest.mark.parametrize("name", ("clip", "open_clip", "dinov2"))
+@pytest.mark.parametrize("name", ("clip", "open_clip", "dinov2", "webssl"))
 def test_token_modes_shapes_and_values(encoders, pixels, name):
     enc, px = encoders[name], pixels[name]
     full = enc.capture(px, "post_mlp_residual", 1)
@@ -112,9 +116,38 @@ def test_random_k_is_reproducible_with_a_generator():
     assert torch.equal(first, again)
 
 
-def test_siglip_has_no_cls_token(encoders, pixels):
+@pytest.mark.parametrize("name", ("siglip", "aimv2"))
+def test_encoders_without_cls_token_refuse_cls(encoders, pixels, name):
+    assert not encoders[name].has_cls_token
     with pytest.raises(ValueError, match="no CLS token"):
-        encoders["siglip"].activations(pixels["siglip"], "post_mlp_residual", 0, "cls")
+        encoders[name].activations(pixels[name], "post_mlp_residual", 0, "cls")
+
+
+def test_families_are_read_from_the_config(encoders):
+    assert {name: enc.family for name, enc in encoders.items()} == {
+        "clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "aimv2": "aimv2", "webssl": "vit",
+        "open_clip": "open_clip"}
+
+
+def test_device_and_model_dtype_are_resolved_at_load(fixture):
+    enc = load_encoder("fixture:clip", device="auto", model_dtype="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert enc.device.type == expected
+    assert enc.dtype == (torch.float16 if expected == "cuda" else torch.float32)
+    bf16 = load_encoder("fixture:clip", device="cpu", model_dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    pixels = torch.rand(1, 3, 32, 32)  # float32 pixels are cast to the model's precision
+    assert bf16.capture(pixels, "post_mlp_residual", 0).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_cuda_without_cuda_names_what_is_available(fixture):
+    with pytest.raises(ValueError, match="CUDA is not available here; available: cpu"):
+        load_encoder("fixture:clip", device="cuda")
+    with pytest.raises(ValueError, match="not supported on the CPU"):
+        load_encoder("fixture:clip", device="cpu", model_dtype="float16")
+    with pytest.raises(ValueError, match="unknown model_dtype"):
+        load_encoder("fixture:clip", device="cpu", model_dtype="float64")
 
 
 def test_bad_hook_layer_and_tokens_fail_with_valid_values(encoders, pixels):

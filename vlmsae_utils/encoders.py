@@ -1,7 +1,9 @@
 """Vision encoders behind one interface: preprocess, capture activations at a hook point, embed.
 
-Supported: transformers CLIP (vision tower with projection), SigLIP, DINOv2, and open_clip
-models, from hub ids or local folders. Activations are captured with forward hooks that are
+Supported: transformers CLIP (vision tower with projection), SigLIP, DINOv2, AIMv2, ViT
+(Web-SSL MAE/DINO checkpoints) and open_clip models, from hub ids, local folders, ``fixture:NAME``
+(tiny models of the embedded default) and ``rehearsal:HUB_ID`` (the exact architecture of a
+paper model with random weights, see :mod:`.rehearsal`). Activations are captured with forward hooks that are
 always removed; the forward pass stops right after the captured block, so extracting an
 early layer costs only that part of the network. :meth:`VisionEncoder.splice` replaces a
 hook point's output by any callable, which is how SAEs are spliced into a model.
@@ -12,14 +14,18 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .device import resolve_device, resolve_model_dtype
 
 HOOKS = ("post_mlp_residual", "post_projection")
 TOKEN_MODES = ("cls", "mean", "random_k", "all")
 OPEN_CLIP_PREFIX = "open_clip:"
 FIXTURE_PREFIX = "fixture:"
+REHEARSAL_PREFIX = "rehearsal:"
 
 #: Hub models the paper uses, with the family that loads them.
 KNOWN_HUB_MODELS = {
@@ -27,6 +33,8 @@ KNOWN_HUB_MODELS = {
     "openai/clip-vit-base-patch32": "clip",
     "google/siglip-so400m-patch14-384": "siglip",
     "facebook/dinov2-base": "dinov2",
+    "apple/aimv2-large-patch14-224": "aimv2",
+    "facebook/webssl-mae300m-full2b-224": "vit",
     "open_clip:ViT-L-14-336/openai": "open_clip",
     "open_clip:ViT-B-32/openai": "open_clip",
 }
@@ -36,6 +44,8 @@ MODEL_TYPE_FAMILY = {
     "clip": "clip", "clip_vision_model": "clip",
     "siglip": "siglip", "siglip_vision_model": "siglip",
     "dinov2": "dinov2",
+    "aimv2": "aimv2", "aimv2_vision_model": "aimv2",
+    "vit": "vit",
 }
 
 
@@ -57,7 +67,7 @@ class VisionEncoder:
     hidden_size: int
     projection_dim: int
     sequence_first: bool = False  # open_clip models built with batch_first=False
-    take_first_token_of_projection: bool = False  # DINOv2: pooler = layernorm(seq)[:, 0]
+    take_first_token_of_projection: bool = False  # DINOv2, ViT: pooler = layernorm(seq)[:, 0]
 
     @property
     def num_layers(self) -> int:
@@ -74,16 +84,29 @@ class VisionEncoder:
         """Device of the model parameters."""
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the model parameters (pixels are cast to it)."""
+        return next(self.model.parameters()).dtype
+
     def output_dim(self, hook: str) -> int:
         """Width of the activations at ``hook``."""
         check_hook(hook)
         return self.hidden_size if hook == "post_mlp_residual" else self.projection_dim
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """PIL images → pixel tensor ``[B, 3, H, W]`` with the model's own preprocessing."""
+        """PIL images → pixel tensor ``[B, 3, H, W]`` on the model's device and in its precision."""
+        return self.to_model(self.preprocess_cpu(images))
+
+    def preprocess_cpu(self, images: Sequence) -> torch.Tensor:
+        """PIL images → float32 pixel tensor on the CPU (what DataLoader workers run)."""
         if not images:
             raise ValueError("preprocess() needs at least one image")
-        return self.processor(list(images)).to(self.device)
+        return self.processor(list(images))
+
+    def to_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels moved to the model's device (asynchronously from pinned memory) and precision."""
+        return pixel_values.to(self.device, self.dtype, non_blocking=True)
 
     def block_index(self, layer: int) -> int:
         """0-based block index; negative counts from the end, like Python lists."""
@@ -118,7 +141,7 @@ class VisionEncoder:
         handle = module.register_forward_hook(grab)
         try:
             with torch.inference_mode():
-                self._run(pixel_values)
+                self._run(self.to_model(pixel_values))
         except _StopForward:
             pass
         finally:
@@ -238,19 +261,30 @@ def select_tokens(
 
 def model_source(name_or_path: str | Path) -> str:
     """Where ``from_pretrained`` should read a model: ``fixture:NAME`` becomes the fixture's folder
-    (built or trained on first use); hub ids, specs and folders pass through unchanged."""
+    (built or trained on first use), ``rehearsal:HUB_ID`` the folder of that model's architecture
+    with random weights (built on first use); hub ids, specs and folders pass through unchanged."""
     spec = str(name_or_path)
     if spec.startswith(FIXTURE_PREFIX):
         from .fixtures import ensure_fixture
 
         return str(ensure_fixture().model(spec[len(FIXTURE_PREFIX):]))
+    if spec.startswith(REHEARSAL_PREFIX):
+        from .rehearsal import rehearsal_model
+
+        return str(rehearsal_model(spec[len(REHEARSAL_PREFIX):]))
     return spec
 
 
-def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> VisionEncoder:
-    """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder or
-    ``fixture:NAME`` (a tiny model of the embedded fixture)."""
+def load_encoder(name_or_path: str | Path, device: str | torch.device | None = "auto",
+                 model_dtype: str | torch.dtype | None = "auto") -> VisionEncoder:
+    """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder,
+    ``fixture:NAME`` (a tiny model of the embedded fixture) or ``rehearsal:HUB_ID``.
+
+    ``device="auto"`` is CUDA when available, else the CPU; ``model_dtype="auto"`` is float16
+    on CUDA (as the authors run the encoders), float32 on the CPU (:mod:`.device`).
+    """
+    dev = resolve_device(device)
+    dtype = resolve_model_dtype(model_dtype, dev)
     spec = model_source(name_or_path)
     if spec.startswith(OPEN_CLIP_PREFIX):
         encoder = _load_open_clip_hub(spec)
@@ -261,11 +295,11 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
     else:
         raise ValueError(
             f"unknown encoder {spec!r}: not a local folder, an open_clip spec or a hub id. "
-            f"Valid: 'fixture:NAME' (clip, siglip, dinov2, open_clip), a folder with config.json or open_clip_config.json, 'open_clip:ARCH/PRETRAINED', "
+            f"Valid: 'fixture:NAME' (clip, siglip, dinov2, aimv2, webssl, open_clip), 'rehearsal:HUB_ID', a folder with config.json or open_clip_config.json, 'open_clip:ARCH/PRETRAINED', "
             f"or a hub id such as {', '.join(KNOWN_HUB_MODELS)}"
         )
-    encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if str(name_or_path).startswith(FIXTURE_PREFIX):
+    encoder.model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    if str(name_or_path).startswith((FIXTURE_PREFIX, REHEARSAL_PREFIX)):
         encoder.name = str(name_or_path)  # a stable name, independent of where the data home lives
     return encoder
 
@@ -324,18 +358,47 @@ def _build_transformers(source: str, family: str, image_processor) -> VisionEnco
         from transformers import SiglipVisionModel
 
         model = SiglipVisionModel.from_pretrained(source)
-        vision = getattr(model, "vision_model", model)  # transformers 5 flattens the wrapper
-        head = getattr(vision, "head", None)
-        if head is None:
-            raise ValueError(f"{source}: SigLIP model without attention-pool head has no post_projection")
-        return VisionEncoder(source, family, model, processor, vision.encoder.layers, head, False,
-                             model.config.hidden_size, model.config.hidden_size)
+        return _pooled_by_head(model, getattr(model, "vision_model", model), source, family, processor)
+    if family == "aimv2":
+        from transformers import Aimv2VisionModel
+
+        model = Aimv2VisionModel.from_pretrained(source)
+        return _pooled_by_head(model, model, source, family, processor)
+    if family == "vit":
+        from transformers import ViTModel
+
+        model = ViTModel.from_pretrained(source, add_pooling_layer=False)
+        return _pooled_by_first_token(model, source, family, processor)
     from transformers import Dinov2Model
 
-    model = Dinov2Model.from_pretrained(source)
-    return VisionEncoder(source, family, model, processor, model.encoder.layer, model.layernorm, True,
-                         model.config.hidden_size, model.config.hidden_size,
-                         take_first_token_of_projection=True)
+    return _pooled_by_first_token(Dinov2Model.from_pretrained(source), source, family, processor)
+
+
+def _transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
+    """The list of transformer blocks of a transformers vision model (``encoder.layer(s)`` or ``layers``)."""
+    for owner in (getattr(module, "encoder", None), module):
+        for name in ("layers", "layer"):
+            blocks = getattr(owner, name, None) if owner is not None else None
+            if isinstance(blocks, nn.ModuleList):
+                return blocks
+    raise ValueError(f"{source}: could not find the transformer blocks of {type(module).__name__}")
+
+
+def _pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str, processor) -> VisionEncoder:
+    """SigLIP / AIMv2: no CLS token; ``post_projection`` is the attention-pool head's output."""
+    head = getattr(vision, "head", None)
+    if head is None:
+        raise ValueError(f"{source}: {family} model without attention-pool head has no post_projection")
+    width = model.config.hidden_size
+    return VisionEncoder(source, family, model, processor, _transformer_blocks(vision, source), head, False,
+                         width, width)
+
+
+def _pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
+    """DINOv2 / ViT (Web-SSL): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
+    width = model.config.hidden_size
+    return VisionEncoder(source, family, model, processor, _transformer_blocks(model, source), model.layernorm,
+                         True, width, width, take_first_token_of_projection=True)
 
 
 def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> VisionEncoder:
@@ -363,13 +426,29 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@dataclass
+class _HFPreprocess:
+    """PIL list → pixel tensor through a transformers image processor (picklable for DataLoader workers)."""
+
+    image_processor: Any
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@dataclass
+class _TransformPreprocess:
+    """PIL list → pixel tensor through a per-image torchvision transform (open_clip)."""
+
+    transform: Any
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images])
+
+
 def _hf_preprocess(image_processor) -> Callable:
     """PIL list → pixel tensor through a transformers image processor."""
-
-    def run(images: list) -> torch.Tensor:
-        return image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    return run
+    return _HFPreprocess(image_processor)
 
 
 def _load_open_clip_hub(spec: str) -> VisionEncoder:
@@ -391,9 +470,7 @@ def _load_open_clip(model_name: str, pretrained: str | None, name: str) -> Visio
     width = visual.transformer.width
     embed_dim = visual.output_dim
 
-    def run(images: list) -> torch.Tensor:
-        return torch.stack([preprocess(image) for image in images])
-
+    run = _TransformPreprocess(preprocess)
     sequence_first = not getattr(visual.transformer, "batch_first", True)
     has_cls = getattr(visual, "pool_type", "tok") == "tok" or getattr(visual, "class_embedding", None) is not None
     return VisionEncoder(name, "open_clip", model, run, visual.transformer.resblocks, visual, has_cls,

@@ -317,12 +317,39 @@ def write_llava(path: Path) -> None:
     ).save_pretrained(path)
 
 
-MODEL_WRITERS = {  # order matters: LLaVA reuses the CLIP vision weights
+def write_aimv2(path: Path) -> None:
+    """Tiny transformers ``Aimv2VisionModel`` (AIMv2: no CLS token, RMSNorm, attention-pool head)."""
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    config = Aimv2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=MODEL_IMAGE_SIZE, patch_size=MODEL_PATCH_SIZE,
+    )
+    Aimv2VisionModel(config).save_pretrained(path)
+    _clip_image_processor().save_pretrained(path)
+
+
+def write_webssl(path: Path) -> None:
+    """Tiny transformers ``ViTModel`` in the layout of Web-SSL MAE checkpoints (CLS token, no pooler)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=MODEL_IMAGE_SIZE, patch_size=MODEL_PATCH_SIZE,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    size = {"height": MODEL_IMAGE_SIZE, "width": MODEL_IMAGE_SIZE}
+    ViTImageProcessor(size=size).save_pretrained(path)
+
+
+MODEL_WRITERS = {  # order matters: LLaVA reuses the CLIP vision weights; the seed of each is its position
     "clip": write_clip,
     "siglip": write_siglip,
     "dinov2": write_dinov2,
     "open_clip": write_open_clip,
     "llava": write_llava,
+    "aimv2": write_aimv2,
+    "webssl": write_webssl,
 }
 
 
@@ -350,7 +377,13 @@ class Fixture:
             return ensure_trained(self, name)
         if name not in MODEL_WRITERS:
             raise ValueError(f"unknown fixture model {name!r}; available: {sorted(MODEL_WRITERS) + list(TRAINED_MODELS)}")
-        return self.root / "models" / name
+        folder = self.root / "models" / name
+        if not folder.is_dir():  # a model added to the fixture after this copy was built
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            write_model(self.root, name, self.seed)
+        return folder
 
     @property
     def manifest(self) -> dict:
@@ -378,17 +411,38 @@ def build_fixture(target: Path, seed: int = 0) -> None:
     counts = write_images(target / "images", seed)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    for offset, (name, writer) in enumerate(MODEL_WRITERS.items()):
-        torch.manual_seed(seed * 1000 + offset)
-        folder = target / "models" / name
-        folder.mkdir(parents=True)
-        writer(folder)
+    for name in MODEL_WRITERS:
+        write_model(target, name, seed)
     manifest = {
         "version": FIXTURE_VERSION, "seed": seed, "counts": counts, "rank_names": list(RANK_NAMES),
         "classes": [dict(asdict(c), folder=c.folder, caption=c.caption) for c in fixture_classes()],
         "models": sorted(MODEL_WRITERS),
     }
     (target / "fixture.json").write_text(json.dumps(manifest, indent=2))
+
+
+def write_model(root: Path, name: str, seed: int) -> Path:
+    """Write one random fixture model into ``root/models/name`` atomically, seeded by its position."""
+    import torch
+
+    folder = root / "models" / name
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent if folder.parent.exists()
+                                    else _mkdir(folder.parent)))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + list(MODEL_WRITERS).index(name))
+            MODEL_WRITERS[name](staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not folder.is_dir():
+            raise
+    return folder
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def ensure_fixture(seed: int = 0, *, rebuild: bool = False) -> Fixture:
