@@ -50,6 +50,23 @@ def test_rows_match_single_image_forward_and_ids(clip, small_set, tmp_path):
     assert [small_set[ids.index(i)].class_name for i in st.image_ids] == st.class_names
 
 
+def test_store_does_not_depend_on_decoding_workers(clip, small_set, tmp_path):
+    serial = _extract(clip, small_set, tmp_path / "w0", tokens="random_k", random_k=2, num_workers=0)
+    parallel = _extract(clip, small_set, tmp_path / "w2", tokens="random_k", random_k=2, num_workers=2)
+    assert serial.manifest["content_hash"] == parallel.manifest["content_hash"]
+    assert serial.skipped == parallel.skipped and len(serial.skipped) == 2
+    one_shard = _extract(clip, small_set, tmp_path / "big", tokens="random_k", random_k=2, num_workers=2,
+                         batch_size=4, shard_images=16)
+    torch.testing.assert_close(one_shard.to_tensor(), serial.to_tensor(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_num_workers_fails_before_any_work(clip, small_set, tmp_path):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+            _extract(clip, small_set, tmp_path / "bad", num_workers=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_random_tokens_do_not_depend_on_batching(clip, small_set, tmp_path):
     a = _extract(clip, small_set, tmp_path / "a", tokens="random_k", random_k=3, batch_size=4, shard_images=8)
     b = _extract(clip, small_set, tmp_path / "b", tokens="random_k", random_k=3, batch_size=2, shard_images=2)
@@ -193,3 +210,17 @@ def test_two_process_gloo_run_equals_one_process(clip, small_set, tmp_path):
     double = store.ActivationStore.open(tmp_path / "two", verify=True)
     assert double.image_ids == single.image_ids
     assert double.manifest["content_hash"] == single.manifest["content_hash"]
+
+
+def test_rows_at_and_sample_rows_read_the_right_rows(clip, small_set, tmp_path):
+    st = _extract(clip, small_set, tmp_path / "rows", tokens="random_k", random_k=2)  # 30 rows in 4 shards
+    every = st.to_numpy()
+    picks = np.array([29, 0, 17, 8, 8])
+    np.testing.assert_array_equal(st.rows_at(picks), every[picks])
+    np.testing.assert_array_equal(st.sample_rows(100), every)
+    sample = st.sample_rows(7, seed=3)
+    assert sample.shape == (7, st.dim)
+    assert all(any(np.array_equal(row, other) for other in every) for row in sample)
+    np.testing.assert_array_equal(sample, st.sample_rows(7, seed=3))
+    with pytest.raises(IndexError, match="0..29"):
+        st.rows_at([30])

@@ -1,7 +1,9 @@
 """Stage 1: run a frozen vision encoder over an image set and write its activations to a store.
 
 Batched, under ``torch.inference_mode``, resumable after an interruption (complete shards
-are kept), and splittable over processes (``torchrun --nproc_per_node N``): process ``r``
+are kept), with images decoded and preprocessed by ``num_workers`` DataLoader workers (pinned
+memory and prefetch on CUDA, so the decoder does not set the pace of a GPU), and splittable
+over processes (``torchrun --nproc_per_node N``): process ``r``
 writes shards ``r, r+N, …`` and rank 0 assembles the manifest, so the store is identical to
 a single-process run. Random tokens are drawn with a per-image seed, so they do not depend
 on batching, resumption or the number of processes.
@@ -15,14 +17,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from . import encoders as enc
 from .data import ImageFolderDataset, load_batch
+from .device import resolve_device, resolve_model_dtype
 from .io import check_writable
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BATCHES = 16  # a shard holds this many batches of images
+
+
+def default_num_workers() -> int:
+    """Image-decoding workers by default: ``min(8, os.cpu_count())``."""
+    return min(8, os.cpu_count() or 1)
+
+
+def check_num_workers(num_workers: int | None) -> int:
+    """``None`` → :func:`default_num_workers`; negative or non-integer values are an error."""
+    if num_workers is None:
+        return default_num_workers()
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 (0 decodes in the main process), got {num_workers!r}")
+    return num_workers
 
 
 def validate_extraction(encoder: enc.VisionEncoder, hook: str, layer: int | None, tokens: str,
@@ -99,14 +117,23 @@ def extract_activations(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    num_workers: int | None = None,
+    device: str | torch.device | None = "auto",
+    model_dtype: str | torch.dtype | None = "auto",
 ) -> ActivationStore | None:
     """Write the activations of ``encoder`` on ``dataset`` to a store in ``out_dir`` and open it.
 
+    ``dtype`` is how rows are stored on disk; ``device`` and ``model_dtype`` apply when
+    ``encoder`` is given by name (a loaded encoder keeps its own). ``num_workers`` DataLoader
+    workers decode images (``None``: ``min(8, cpu count)``); the store does not depend on it.
     Reruns with the same parameters resume (or return the finished store); other parameters
     are refused. With several processes, every rank returns the store once all are done
     (``torch.distributed`` initialised) or ``None`` while other ranks are still writing.
     """
-    encoder = enc.load_encoder(encoder) if isinstance(encoder, str) else encoder
+    num_workers = check_num_workers(num_workers)
+    if isinstance(encoder, (str, os.PathLike)):
+        dev = resolve_device(device)
+        encoder = enc.load_encoder(encoder, dev, resolve_model_dtype(model_dtype, dev))
     validate_extraction(encoder, hook, layer, tokens, random_k, dtype, batch_size)
     rank, world_size = _distributed(rank, world_size)
     shard_images = shard_images or batch_size * DEFAULT_SHARD_BATCHES
@@ -117,7 +144,7 @@ def extract_activations(
     writer.begin()
     if writer.is_complete():
         return ActivationStore.open(out_dir)
-    _write_my_shards(writer, encoder, dataset, rank, world_size, progress)
+    _write_my_shards(writer, encoder, dataset, rank, world_size, progress, num_workers)
     return _finish(writer, rank, world_size)
 
 
@@ -132,31 +159,70 @@ def _plan(encoder: enc.VisionEncoder, dataset: ImageFolderDataset, hook: str, la
                      _rows_per_image(encoder, hook, tokens, random_k), shard_images)
 
 
+class _DecodedBatches(Dataset):
+    """Item ``i`` = batch ``i`` of the work list, decoded and preprocessed on the CPU (in a worker).
+
+    Returns ``(shard, pixels or None, kept indices, [(image_id, reason)] of skipped files)``.
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, preprocess, batches: list[tuple[int, list[int]]]):
+        self.dataset, self.preprocess, self.batches = dataset, preprocess, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int):
+        shard, indices = self.batches[item]
+        images, good, bad = load_batch(self.dataset, indices)
+        pixels = self.preprocess(images) if images else None
+        return shard, pixels, good, bad
+
+
+def _batch_plan(plan: StorePlan, shards: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(shard, image indices) of every batch of ``shards``, in store order."""
+    work = []
+    for shard in shards:
+        indices = list(plan.shard_range(shard))
+        work += [(shard, indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    return work
+
+
+def decoded_batches(dataset: ImageFolderDataset, preprocess, work: list[tuple[int, list[int]]],
+                    num_workers: int, pin_memory: bool) -> DataLoader:
+    """An in-order DataLoader over decoded batches; workers prefetch two batches each."""
+    extra = {"prefetch_factor": 2, "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(_DecodedBatches(dataset, preprocess, work), batch_size=None, shuffle=False,
+                      num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+
 def _write_my_shards(writer: StoreWriter, encoder: enc.VisionEncoder, dataset: ImageFolderDataset,
-                     rank: int, world_size: int, progress: bool) -> None:
-    """Extract every shard of this rank that is not on disk yet."""
+                     rank: int, world_size: int, progress: bool, num_workers: int = 0) -> None:
+    """Extract every shard of this rank that is not on disk yet; a shard is written once its last batch is in."""
     from tqdm.auto import tqdm
 
     plan, params = writer.plan, writer.plan.params
     todo = [s for s in range(rank, plan.num_shards, world_size) if not writer.shard_done(s)]
+    work = _batch_plan(plan, todo, params["batch_size"])
+    remaining = {s: sum(1 for shard, _ in work if shard == s) for s in todo}
+    pending: dict[int, tuple[list, list, list]] = {s: ([], [], []) for s in todo}
+    loader = decoded_batches(dataset, encoder.processor, work, min(num_workers, len(work)),
+                             pin_memory=encoder.device.type == "cuda")
     total = sum(len(plan.shard_range(s)) for s in todo)
     with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
-        for shard in todo:
-            rows, kept, skipped = [], [], []
-            indices = plan.shard_range(shard)
-            for start in range(0, len(indices), params["batch_size"]):
-                batch = indices[start:start + params["batch_size"]]
-                images, good, bad = load_batch(dataset, batch)
-                skipped += bad
-                if images:
-                    pixel_values = encoder.preprocess(images)
-                    out = batch_rows(encoder, pixel_values, params["hook"], params["layer"], params["tokens"],
-                                     params["random_k"] or 1, good, params["seed"])
-                    rows.append(out.float().cpu().numpy())
-                    kept += good
-                bar.update(len(batch))
-            array = np.concatenate(rows) if rows else np.zeros((0, plan.dim), np.float32)
-            writer.write_shard(shard, array, kept, skipped)
+        for shard, pixels, good, bad in loader:
+            rows, kept, skipped = pending[shard]
+            skipped += bad
+            if pixels is not None:
+                out = batch_rows(encoder, pixels, params["hook"], params["layer"], params["tokens"],
+                                 params["random_k"] or 1, good, params["seed"])
+                rows.append(out.float().cpu().numpy())
+                kept += good
+            bar.update(len(good) + len(bad))
+            remaining[shard] -= 1
+            if remaining[shard] == 0:
+                array = np.concatenate(rows) if rows else np.zeros((0, plan.dim), np.float32)
+                writer.write_shard(shard, array, kept, skipped)
+                del pending[shard]
 
 
 def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore | None:
@@ -174,7 +240,7 @@ def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore 
     return None
 
 
-def extract_embeddings(scorer: enc.VisionEncoder | str, dataset: ImageFolderDataset, out_dir: str | os.PathLike,
+def extract_embeddings(scorer: enc.VisionEncoder | str | os.PathLike, dataset: ImageFolderDataset, out_dir: str | os.PathLike,
                        **kwargs) -> ActivationStore | None:
     """Scoring-encoder embeddings (``post_projection``, one per image) in the same store format."""
     return extract_activations(scorer, dataset, out_dir, hook="post_projection", layer=None, tokens="cls", **kwargs)

@@ -304,17 +304,32 @@ class ActivationStore:
     def _shuffled(self, batch_size: int, seed: int, dtype: torch.dtype, drop_last: bool) -> Iterator[torch.Tensor]:
         """Seeded global permutation; each batch gathers its rows from the memory maps shard by shard."""
         order = np.random.default_rng(seed).permutation(len(self))
-        offsets = np.cumsum([0] + [len(a) for a in self.arrays()])
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             if drop_last and len(rows) < batch_size:
                 return
-            batch = np.empty((len(rows), self.dim), dtype=DTYPES[self.dtype])
-            shard_of = np.searchsorted(offsets, rows, side="right") - 1
-            for shard in np.unique(shard_of):
-                mask = shard_of == shard
-                batch[mask] = self.arrays()[shard][rows[mask] - offsets[shard]]
-            yield torch.from_numpy(batch).to(dtype)
+            yield torch.from_numpy(self.rows_at(rows)).to(dtype)
+
+    def rows_at(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The rows at global ``positions`` (any order), read from the memory maps without loading the store."""
+        rows = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row positions must lie in 0..{len(self) - 1}")
+        offsets = np.cumsum([0] + [len(a) for a in self.arrays()])
+        out = np.empty((len(rows), self.dim), dtype=DTYPES[self.dtype])
+        shard_of = np.searchsorted(offsets, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            out[mask] = self.arrays()[shard][rows[mask] - offsets[shard]]
+        return out
+
+    def sample_rows(self, max_rows: int = 20_000, seed: int = 0) -> np.ndarray:
+        """Every row when the store holds at most ``max_rows``, else a seeded uniform sample of that many
+        (for statistics and plots that must not load 10⁹ values)."""
+        if len(self) <= max_rows:
+            return self.to_numpy()
+        picks = np.sort(np.random.default_rng(seed).choice(len(self), size=max_rows, replace=False))
+        return self.rows_at(picks)
 
 
 def _read_npy_into(path: Path, target: np.ndarray) -> None:
