@@ -157,3 +157,24 @@ def test_fixture_sweep_end_to_end(fixture_results):
 
 def test_results_root_is_isolated_in_tests():
     assert repo_root() is None or results_root() != repo_root() / "results"
+
+
+def test_device_reaches_every_run_but_not_its_fingerprint(tmp_path):
+    config = sweep.load_config(_config(tmp_path, device="cuda:1", model_dtype="bfloat16", num_workers=3))
+    runs = sweep.expand(config)
+    assert {r.parameters["device"] for r in runs} == {"cuda:1"}
+    extraction = [r for r in runs if r.kind in ("extract", "embed")]
+    assert {(r.parameters["model_dtype"], r.parameters["num_workers"]) for r in extraction} == {("bfloat16", 3)}
+    steer = next(r for r in runs if r.kind == "steer")
+    assert steer.parameters["model_dtype"] == "bfloat16"
+    for r in runs:  # every parameter is one the notebook declares
+        ipynb = run.to_ipynb(run.find_notebook(r.notebook), tmp_path / f"{r.notebook}.ipynb")
+        run.check_parameters(ipynb, r.parameters)
+    on_cpu = sweep.expand(sweep.load_config(_config(tmp_path, device="cpu", model_dtype="bfloat16", num_workers=0)))
+    root = tmp_path / "root"
+    assert [sweep._fingerprint(a, root) for a in runs] == [sweep._fingerprint(b, root) for b in on_cpu]
+
+
+def test_device_key_must_be_a_string(tmp_path):
+    with pytest.raises(sweep.ConfigError, match=r"device: expected str"):
+        sweep.load_config(_config(tmp_path, device=0))

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .device import resolve_device
+
 __all__ = [
     "SparseCodes",
     "encode_to_sparse",
@@ -178,7 +180,7 @@ def encode_to_sparse(
     batches: Iterable[torch.Tensor],
     num_latents: int,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
 ) -> SparseCodes:
     """Encode dense activation batches (e.g. `store.iter_batches(b)`) into SparseCodes,
     keeping only non-zeros so 50,000 × 65,536 codes with L0≈20 take a few MB."""
@@ -188,7 +190,7 @@ def encode_to_sparse(
     offset = 0
     with torch.no_grad():
         for x in batches:
-            f = sae_encode_fn(torch.as_tensor(x).to(device))
+            f = sae_encode_fn(torch.as_tensor(x).to(device, non_blocking=True).float())
             if f.ndim != 2 or f.shape[1] != num_latents:
                 raise ValueError(
                     f"encode function returned shape {tuple(f.shape)}, expected [B, {num_latents}]"
@@ -344,7 +346,7 @@ def monosemanticity_score(
     embeddings: Any,
     *,
     chunk_size: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "auto",
     neuron_chunk: int | None = None,
     matmul_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -364,7 +366,7 @@ def monosemanticity_score(
     batch = int(chunk_size or _DEFAULT_BATCH)
     if batch < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     acc_dev = dev if dev.type != "mps" else torch.device("cpu")  # no float64 on MPS
     sparse = isinstance(activations, SparseCodes)
     e_dtype = torch.float64 if sparse else matmul_dtype

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .data import load_image
+from .device import resolve_device
 from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, monosemanticity_score, summarize_ms
 from .store import ActivationStore
@@ -64,18 +65,22 @@ def check_aligned(activations: ActivationStore, embeddings: ActivationStore) -> 
                          "order; extract both from the same data_dir and split")
 
 
-def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096) -> SparseCodes:
-    """Sparse inference codes of an SAE on every row of a store (threshold encoding)."""
+def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096,
+              device: str | torch.device | None = "auto") -> SparseCodes:
+    """Sparse inference codes of an SAE on every row of a store (threshold encoding), computed on
+    ``device`` (the SAE is moved there); the codes come back on the CPU."""
     if sae.activation_dim != store.dim:
         raise ValueError(f"SAE reads {sae.activation_dim}-d activations but {store.path} holds {store.dim}-d rows")
-    sae.eval()
+    dev = resolve_device(device)
+    sae.to(dev).eval()
     with torch.inference_mode():
-        return encode_to_sparse(sae.encode, store.iter_batches(batch_size), sae.dict_size)
+        return encode_to_sparse(sae.encode, store.iter_batches(batch_size), sae.dict_size, device=dev)
 
 
-def score_neurons(name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16) -> NeuronReport:
+def score_neurons(name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16,
+                  device: str | torch.device | None = "auto") -> NeuronReport:
     """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse)."""
-    ms = monosemanticity_score(activations, embeddings)
+    ms = monosemanticity_score(activations, embeddings, device=resolve_device(device))
     return NeuronReport(name, ms, top_k_images(activations, top_k), activations)
 
 

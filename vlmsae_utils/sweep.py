@@ -23,7 +23,11 @@ from .train import run_name
 
 DONE_FILE = "_sweep_run.json"
 TOP_KEYS = {"name": str, "data": dict, "models": list, "layers": list, "tokens": str, "dtype": str,
-            "batch_size": int, "scorers": list, "sae": dict, "hierarchy": dict, "steering": dict}
+            "batch_size": int, "scorers": list, "sae": dict, "hierarchy": dict, "steering": dict,
+            "device": str, "model_dtype": str, "num_workers": int}
+#: Parameters that say where a run executes, not what it computes: not part of a run's fingerprint,
+#: so a sweep finished on one GPU is not redone on another (results agree within the tested tolerances).
+EXECUTION_ONLY = ("device", "num_workers")
 REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
 SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_size": int, "lr": (float, type(None)),
             "seed": int, "group_fractions": (list, type(None))}
@@ -172,7 +176,20 @@ def expand(config: dict[str, Any]) -> list[Run]:
                 _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
     if "steering" in config:
         _steering(config, runs, extract, train)
+    for run in runs:
+        _add_execution_parameters(config, run)
     return runs
+
+
+def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
+    """Every notebook gets the sweep's ``device``; extraction also its ``model_dtype`` and ``num_workers``."""
+    run.parameters.setdefault("device", config.get("device", "auto"))
+    if run.kind in ("extract", "embed"):
+        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
+        if "num_workers" in config:
+            run.parameters.setdefault("num_workers", config["num_workers"])
+    if run.kind == "steer":
+        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
 
 
 def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
@@ -238,7 +255,8 @@ def is_complete(run: Run, root: Path) -> bool:
 
 def _fingerprint(run: Run, root: Path) -> str:
     """What determines a run's outputs: notebook and resolved parameters."""
-    return sha256_json({"notebook": run.notebook, "parameters": _resolved(run, root)})
+    params = {k: v for k, v in _resolved(run, root).items() if k not in EXECUTION_ONLY}
+    return sha256_json({"notebook": run.notebook, "parameters": params})
 
 
 def _resolved(run: Run, root: Path) -> dict[str, Any]:
