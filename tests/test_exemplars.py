@@ -143,11 +143,86 @@ def test_uniqueness_matches_double_loop():
     np.testing.assert_allclose(out["max_jaccard"].numpy(), max_ref, atol=1e-6)
 
 
+def _brute_protocol(ind: np.ndarray, thresholds, *, drop_partial: bool, strict: bool):
+    """The authors' kind of loop: drop incomplete sets (optional), then every kept pair i < j."""
+    k = ind.shape[1]
+    sets = [set(int(x) for x in row if x >= 0) for row in ind]
+    kept = [i for i, s in enumerate(sets) if not drop_partial or len(s) >= k]
+    jac = {}
+    for a, b in itertools.combinations(kept, 2):
+        inter = len(sets[a] & sets[b])
+        if inter:
+            jac[(a, b)] = inter / len(sets[a] | sets[b])
+    counts = {t: sum(1 for v in jac.values() if (v > t if strict else v >= t)) for t in thresholds}
+    max_j = [float("nan") if i not in kept else
+             max([v for (a, b), v in jac.items() if i in (a, b)], default=0.0) for i in range(len(sets))]
+    return len(kept), jac, counts, max_j
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_uniqueness_sparse_matches_brute_force(seed):
+    g = np.random.default_rng(seed)
+    n_neurons, k, n_img = int(g.integers(1, 60)), int(g.integers(1, 7)), int(g.integers(1, 40))
+    ind = g.integers(0, n_img, size=(n_neurons, k))
+    ind[g.random(ind.shape) < 0.15] = -1  # absent slots
+    ind[g.random(n_neurons) < 0.1] = -1  # empty sets
+    if n_neurons > 3:
+        ind[1] = ind[2]  # identical sets
+        ind[3, :] = ind[3, 0]  # one image repeated: counts once
+    thresholds = (0.0, 0.2, 1 / 3, 0.5, 1.0)
+    for drop_partial, strict, chunk in itertools.product((False, True), (False, True), (1, 5, 1 << 20)):
+        n_kept, jac, counts, max_j = _brute_protocol(ind, thresholds, drop_partial=drop_partial, strict=strict)
+        out = uniqueness(ind, thresholds, top=8, chunk=chunk, drop_partial=drop_partial, strict=strict)
+        assert out["num_neurons"] == n_neurons
+        assert out["num_dropped"] == n_neurons - n_kept
+        assert out["num_pairs"] == n_kept * (n_kept - 1) // 2
+        assert out["num_overlapping"] == len(jac)
+        assert out["counts"] == counts
+        want = sorted(jac.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+        assert [(i, j) for i, j, _ in out["top_pairs"]] == [ij for ij, _ in want]
+        assert [v for *_, v in out["top_pairs"]] == pytest.approx([v for _, v in want], abs=1e-12)
+        np.testing.assert_allclose(out["max_jaccard"].numpy(), max_j, atol=1e-6)
+
+
+def test_uniqueness_protocol_options_by_hand():
+    ind = np.array([[0, 1, 2, 3],
+                    [0, 1, 2, 3],  # J(0,1) = 1
+                    [0, 1, -1, -1],  # 2 of 4 images: J(0,2) = J(1,2) = 2/4
+                    [2, 3, 4, 5],  # J(0,3) = J(1,3) = 2/6, J(2,3) = 0
+                    [6, 7, 8, 9],  # overlaps nothing
+                    [-1, -1, -1, -1]])  # no positive image
+    ours = uniqueness(ind, (0.5, 1.0), top=3)
+    assert (ours["num_pairs"], ours["num_overlapping"], ours["num_dropped"]) == (15, 5, 0)
+    assert ours["counts"] == {0.5: 3, 1.0: 1}
+    assert [(i, j) for i, j, _ in ours["top_pairs"]] == [(0, 1), (0, 2), (1, 2)]
+    assert [v for *_, v in ours["top_pairs"]] == [1.0, 0.5, 0.5]
+    np.testing.assert_allclose(ours["max_jaccard"].numpy(), [1, 1, 0.5, 1 / 3, 0, 0], atol=1e-7)
+    assert uniqueness(ind, (0.5, 1.0), strict=True)["counts"] == {0.5: 1, 1.0: 0}
+    paper = uniqueness(ind, (0.5, 1.0), drop_partial=True, strict=True)
+    assert (paper["num_pairs"], paper["num_overlapping"], paper["num_dropped"]) == (6, 3, 2)
+    assert paper["counts"] == {0.5: 1, 1.0: 0}
+    np.testing.assert_allclose(paper["max_jaccard"].numpy(), [1, 1, np.nan, 1 / 3, 0, np.nan], atol=1e-7)
+    assert uniqueness(ind, (0.5, 1.0), drop_partial=True)["counts"] == {0.5: 1, 1.0: 1}
+
+
+def test_uniqueness_degenerate_shapes():
+    for ind in (np.zeros((0, 4), dtype=int), np.zeros((3, 0), dtype=int), -np.ones((3, 2), dtype=int),
+                np.array([[7]])):
+        out = uniqueness(ind)
+        assert out["num_overlapping"] == 0 and out["top_pairs"] == []
+        assert out["num_pairs"] == ind.shape[0] * (ind.shape[0] - 1) // 2
+        assert out["max_jaccard"].tolist() == [0.0] * ind.shape[0]
+
+
 def test_uniqueness_validation():
     with pytest.raises(ValueError, match="2-D"):
         uniqueness(np.arange(4))
     with pytest.raises(ValueError, match="thresholds"):
         uniqueness(np.zeros((3, 2), dtype=int), thresholds=(1.5,))
+    with pytest.raises(ValueError, match=">= -1|-1 for absent"):
+        uniqueness(np.array([[0, -2]]))
+    with pytest.raises(ValueError, match="chunk"):
+        uniqueness(np.zeros((3, 2), dtype=int), chunk=0)
 
 
 def test_image_grid_captions_and_absent():

@@ -233,11 +233,14 @@ def parent_links(decoder: torch.Tensor, group_sizes: Sequence[int], codes: torch
 
 
 def short_label(folder: str) -> str:
-    """A compact caption for a class folder: the genus rank of a taxonomic name, else the name itself."""
+    """A compact caption for a class folder: the genus rank of a taxonomic name, else its readable
+    name (ImageNet wnid → class name, see :func:`.labels.class_label`)."""
+    from .labels import class_label
+
     try:
         return parse_taxonomy(folder)[-2]
     except ValueError:
-        return folder
+        return class_label(folder)
 
 
 # The paper's 5-level split (0.002, 0.009, 0.035, 0.189, 0.765 of 1536 latents) gives an empty

@@ -1,7 +1,10 @@
 """Where the embedded fixture and run outputs live on disk."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 
@@ -36,3 +39,39 @@ def results_root() -> Path:
         return Path(os.environ["VLMSAE_RESULTS"]).expanduser()
     root = repo_root()
     return (root / "results") if root is not None else data_home() / "results"
+
+
+_STEM_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def safe_stem(name: str, *, max_len: int = 100) -> str:
+    """A safe, readable, unique file stem for a user-supplied name (model, hub id, folder, label).
+
+    The stem uses only ``[A-Za-z0-9._-]``: accents are folded to ASCII (``é`` → ``e``), every
+    run of other characters (``/``, ``:``, spaces, …) becomes one ``_``, and leading or trailing
+    ``.``, ``_`` and ``-`` are stripped (so never a hidden file, ``.`` or ``..``). A name that is
+    already safe (and at most ``max_len`` long) is returned unchanged; any other name gets
+    ``-`` and the first 8 hex digits of the SHA-1 of its UTF-8 text appended, so two different
+    names never share a stem even when their readable parts agree (``a/b`` and ``a_b``). The
+    result is never empty and at most ``max_len`` characters long::
+
+        safe_stem("fixture_mini_clip")                   # 'fixture_mini_clip'
+        safe_stem("openai/clip-vit-large-patch14-336")   # 'openai_clip-vit-large-patch14-336-<hash>'
+        safe_stem("/data/models/clip")                   # 'data_models_clip-<hash>'
+        safe_stem("..")                                  # 'name-<hash>'
+
+    Keep the real name beside the file (a manifest field or a table column): the stem is for
+    the file system only. Names differing only in case stay distinct stems, which a
+    case-insensitive file system may still merge.
+    """
+    name = str(name)
+    if max_len < 16:
+        raise ValueError(f"max_len must be >= 16, got {max_len}")
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    slug = _STEM_UNSAFE.sub("_", ascii_name).strip("._-")
+    if slug and slug == name and len(slug) <= max_len and slug.split(".")[0].upper() not in _WINDOWS_RESERVED:
+        return slug
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    slug = slug[: max_len - len(digest) - 1].rstrip("._-") or "name"
+    return f"{slug}-{digest}"

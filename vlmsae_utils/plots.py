@@ -129,10 +129,11 @@ def ms_distributions(scores: Mapping[str, np.ndarray]) -> Figure:
 
 
 def overlap_histogram(max_jaccard: Mapping[str, np.ndarray]) -> Figure:
-    """Per neuron, the largest Jaccard overlap of its top images with any other neuron's."""
+    """Per neuron, the largest Jaccard overlap of its top images with any other neuron's (NaN = dropped)."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, values in max_jaccard.items():
-        sns.histplot(np.asarray(values, dtype=float), bins=np.linspace(0, 1, 21), ax=ax, label=name,
+        values = np.asarray(values, dtype=float)
+        sns.histplot(values[~np.isnan(values)], bins=np.linspace(0, 1, 21), ax=ax, label=name,
                      element="step", fill=False, stat="percent")
     ax.set(xlabel="max Jaccard overlap of top-k images with another neuron", ylabel="% of neurons",
            title="uniqueness of top images")

@@ -1,0 +1,58 @@
+"""Tests of vlmsae_utils.labels: readable class names for ImageNet, iNaturalist and other folders."""
+from __future__ import annotations
+
+import pytest
+
+from vlmsae_utils.labels import class_label, imagenet_classnames, imagenet_wnids
+
+
+def test_imagenet_wnid_list():
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 == len(set(wnids))
+    assert list(wnids) == sorted(wnids)
+    assert wnids[0] == "n01440764" and wnids[-1] == "n15075141"
+    # Spot checks against the standard class index (imagenet_class_index.json).
+    assert wnids[1] == "n01443537" and wnids[683] == "n03838899" and wnids[825] == "n04326547"
+    assert wnids[916] == "n06359193" and wnids[970] == "n09193705"
+
+
+@pytest.mark.parametrize("wnid, name", [
+    ("n01440764", "tench"), ("n01443537", "goldfish"), ("n03838899", "oboe"), ("n04326547", "stone wall"),
+    ("n09835506", "baseball player"), ("n15075141", "toilet paper"),
+])
+def test_imagenet_names(wnid, name):
+    assert class_label(wnid) == name
+
+
+def test_names_align_with_wordnet_lemmas():
+    """The CLIP-curated names follow the wnid order: most of them are among the WordNet lemmas
+    of their own wnid, while a one-class shift matches almost none."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    names = imagenet_classnames()
+    assert len(names) == 1000
+    wnids = imagenet_wnids()
+    lemmas = [info.label_name_to_description(w).lower() for w in wnids]
+    aligned = sum(names[w].lower() in lemmas[i] for i, w in enumerate(wnids))
+    shifted = sum(names[wnids[(i + 1) % 1000]].lower() in lemmas[i] for i in range(1000))
+    assert aligned > 750 and shifted < 20, (aligned, shifted)
+
+
+def test_other_names():
+    assert class_label("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus") == "Danaus plexippus"
+    assert class_label("09999_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina") == "Rosa canina"
+    assert class_label("007_red_fox") == "red fox"
+    assert class_label("red_fox") == "red fox"
+    assert class_label("golden retriever") == "golden retriever"
+    assert class_label("n99999999") == "n99999999"  # a wnid outside ImageNet-1k passes through
+    assert class_label("n0144076") == "n0144076"  # not a wnid: too short
+    assert class_label("12") == "12"
+    assert class_label("") == ""
+
+
+def test_cards_and_tables_get_readable_labels():
+    from vlmsae_utils.hierarchy import short_label
+
+    assert short_label("n01440764") == "tench"
+    assert short_label("00001_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris") == "Lumbricus"

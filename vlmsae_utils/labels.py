@@ -1,0 +1,62 @@
+"""Readable class names for class folders of standard data sets (one mapping, used everywhere).
+
+- ImageNet-1k wnids (``n01440764``) → the CLIP-curated class names that open_clip ships
+  (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``: ``tench``). Those 1000 names are in
+  the standard class-index order, which is the sorted order of the 1000 wnids; the wnid list
+  itself comes from timm (``timm.data.ImageNetInfo``), which open_clip depends on.
+- iNaturalist folders ``NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species`` →
+  ``Genus species``.
+- Any other name: a leading numeric id dropped and underscores turned into spaces.
+
+The tables are loaded on the first wnid seen, so other names never import open_clip or timm.
+The fixture's captions are not handled here (the caller knows its data set).
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+__all__ = ["class_label", "imagenet_wnids", "imagenet_classnames"]
+
+_WNID = re.compile(r"n\d{8}")
+_INAT_RANKS = 7  # kingdom … species after the numeric id
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in class-index order (sorted), as timm ships them."""
+    from timm.data import ImageNetInfo
+
+    wnids = tuple(ImageNetInfo("imagenet-1k").label_names())
+    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
+        raise RuntimeError(f"timm's ImageNet-1k synset list is not 1000 sorted unique wnids ({len(wnids)} entries)")
+    return wnids
+
+
+@lru_cache(maxsize=1)
+def imagenet_classnames() -> dict[str, str]:
+    """wnid → CLIP-curated class name (open_clip's ``IMAGENET_CLASSNAMES``) for ImageNet-1k."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    wnids = imagenet_wnids()
+    if len(IMAGENET_CLASSNAMES) != len(wnids):
+        raise RuntimeError(f"open_clip lists {len(IMAGENET_CLASSNAMES)} ImageNet class names, expected {len(wnids)}")
+    return dict(zip(wnids, IMAGENET_CLASSNAMES))
+
+
+def class_label(folder: str) -> str:
+    """A readable label for a class folder name.
+
+    ``n01440764`` → ``tench``; ``00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus``
+    → ``Danaus plexippus``; ``007_red_fox`` → ``red fox``; a wnid that is not an ImageNet-1k
+    class (e.g. from ImageNet-21k) is returned unchanged.
+    """
+    name = str(folder)
+    if _WNID.fullmatch(name):
+        return imagenet_classnames().get(name, name)
+    parts = name.split("_")
+    if len(parts) == _INAT_RANKS + 1 and parts[0].isdigit() and all(parts[1:]):
+        return f"{parts[-2]} {parts[-1]}"
+    if len(parts) > 1 and parts[0].isdigit():
+        parts = parts[1:]
+    return " ".join(p for p in parts if p) or name
