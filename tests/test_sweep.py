@@ -178,3 +178,11 @@ def test_device_reaches_every_run_but_not_its_fingerprint(tmp_path):
 def test_device_key_must_be_a_string(tmp_path):
     with pytest.raises(sweep.ConfigError, match=r"device: expected str"):
         sweep.load_config(_config(tmp_path, device=0))
+
+
+def test_model_names_that_would_share_a_folder_are_refused(tmp_path):
+    with pytest.raises(sweep.ConfigError, match="would share the run folder 'openai_clip'"):
+        sweep.load_config(_config(tmp_path, models=["openai/clip", "openai_clip"]))
+    assert not sweep.slug("..").startswith(".") and "/" not in sweep.slug("../x")
+    with pytest.raises(sweep.ConfigError, match="name"):
+        sweep.load_config(_config(tmp_path, name=".."))

@@ -122,3 +122,31 @@ def exemplar_images(report: NeuronReport, neuron: int, load: Callable[[int], Ima
     indices = report.top.indices[neuron].tolist()
     values = report.top.values[neuron].tolist()
     return [load(i) if i >= 0 else None for i in indices], values
+
+
+def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> None:
+    """One ``ms_<safe stem>.csv`` per report (file names never taken raw from hub ids or folders);
+    the real name is kept in the ``neurons`` column."""
+    from .paths import safe_stem
+
+    for report in reports:
+        table = pd.DataFrame({"neurons": report.name, "MS": report.ms.numpy()}).rename_axis("neuron")
+        table.to_csv(Path(out) / f"ms_{safe_stem(report.name)}.csv")
+
+
+def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float] = (0.5, 0.8, 1.0), *,
+                     paper_protocol: bool = True) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Jaccard overlap of top-k image sets per report, as a table and the raw results.
+
+    ``paper_protocol`` follows the authors: neurons with fewer than k positive images are dropped
+    and pairs are counted with J > t; otherwise every neuron is kept and J ≥ t is counted.
+    """
+    from .exemplars import uniqueness
+
+    sign = ">" if paper_protocol else "≥"
+    overlaps = {r.name: uniqueness(r.top.indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
+                for r in reports}
+    rows = [{"neurons": name, "kept": u["num_neurons"] - u.get("num_dropped", 0), "pairs": u["num_pairs"],
+             "J > 0": u["num_overlapping"], **{f"J {sign} {t:g}": n for t, n in u["counts"].items()}}
+            for name, u in overlaps.items()]
+    return pd.DataFrame(rows).set_index("neurons"), overlaps

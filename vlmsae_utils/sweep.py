@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from .io import atomic_write_json, read_json, sha256_json
-from .paths import outputs_root, results_root
+from .paths import outputs_root, results_root, safe_stem
 from .train import run_name
 
 DONE_FILE = "_sweep_run.json"
@@ -30,11 +30,13 @@ TOP_KEYS = {"name": str, "data": dict, "models": list, "layers": list, "tokens":
 EXECUTION_ONLY = ("device", "num_workers")
 REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
 SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_size": int, "lr": (float, type(None)),
-            "seed": int, "group_fractions": (list, type(None))}
+            "seed": int, "group_fractions": (list, type(None)), "aux_alpha": (int, float),
+            "decay_start": (int, float, type(None))}
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
 STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
                  "num_images": int, "alphas": list, "clip_text_model": str, "latents": list,
-                 "alpha_scale": str, "score_alpha": (int, float), "random_k": int}
+                 "alpha_scale": str, "score_alpha": (int, float), "random_k": int, "concept_pool": str,
+                 "image_latents": int}
 SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 
@@ -88,7 +90,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", config["name"]):
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", config["name"]):
         raise ConfigError(f"{where}.name: use letters, digits, '_', '-' or '.', got {config['name']!r}")
     _check_keys(config["sae"], SAE_KEYS, f"{where}.sae")
     for section, keys in (("hierarchy", HIERARCHY_KEYS), ("steering", STEERING_KEYS)):
@@ -105,11 +107,13 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise ConfigError(f"{where}.layers: each layer is a block index or 'last', got {layer!r}")
     for key in ("models", "scorers"):
-        if not config[key] or not all(isinstance(m, str) for m in config[key]):
+        may_be_empty = key == "models" and "steering" in config  # a steering-only config trains no grid
+        if not (config[key] or may_be_empty) or not all(isinstance(m, str) for m in config[key]):
             raise ConfigError(f"{where}.{key}: a non-empty list of encoder names")
     for key in ("types", "expansions"):
         if not config["sae"].get(key):
             raise ConfigError(f"{where}.sae.{key}: a non-empty list")
+    _check_distinct_slugs(config, where)
     return config
 
 
@@ -117,8 +121,21 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
 
 
 def slug(name: str) -> str:
-    """A folder-safe form of an encoder name (``openai/clip-vit-…`` → ``openai_clip-vit-…``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    """A folder-safe, readable form of an encoder name (``openai/clip-vit-…`` → ``openai_clip-vit-…``);
+    names that would give an empty or dot-leading folder get :func:`~.paths.safe_stem` (with a hash)."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    return readable if readable and not readable.startswith(".") else safe_stem(name)
+
+
+def _check_distinct_slugs(config: dict[str, Any], where: str) -> None:
+    """Two different model names must not share a run folder (``a/b`` and ``a_b`` would)."""
+    names = set(config["models"]) | set(config["scorers"])
+    names |= {config.get("steering", {}).get(key) for key in ("encoder", "llava")} - {None}
+    seen: dict[str, str] = {}
+    for name in sorted(names):
+        other = seen.setdefault(slug(name), name)
+        if other != name:
+            raise ConfigError(f"{where}: models {other!r} and {name!r} would share the run folder {slug(name)!r}")
 
 
 def _layer_params(layer: int | str) -> dict[str, Any]:
@@ -152,13 +169,14 @@ def expand(config: dict[str, Any]) -> list[Run]:
               folder: str) -> Run:
         params = {"train_store": f"{source.out_dir}/activations", "val_store": f"{(validation or source).out_dir}/activations",
                   "sae_types": [sae_type], "expansions": [expansion], "k": sae["k"], "group_fractions": group_fractions,
-                  "steps": steps, "batch_size": sae.get("batch_size", 4096), "lr": sae.get("lr"), "seed": sae.get("seed", 0)}
+                  "steps": steps, "batch_size": sae.get("batch_size", 4096), "lr": sae.get("lr"), "seed": sae.get("seed", 0),
+                  "aux_alpha": sae.get("aux_alpha", 0.03), "decay_start": sae.get("decay_start")}
         run = Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []),
                   labels=dict(source.labels, sae_type=sae_type, expansion=expansion, k=sae["k"],
                               sae_dir=f"{folder}/{run_name(sae_type, expansion, sae['k'])}"))
         return _add(runs, run)
 
-    val_embeddings = {s: embed(s, "val") for s in config["scorers"]}
+    val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
     for model in config["models"]:
         for layer in config["layers"]:
             train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
@@ -212,7 +230,8 @@ def _steering(config, runs, extract, train) -> None:
                 s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/L{s['layer']}/steering")
     params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
               "layer": s["layer"], "num_images": s.get("num_images", 4)}
-    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents", "alpha_scale", "score_alpha") if key in s}
+    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents", "alpha_scale", "score_alpha",
+                                       "concept_pool", "image_latents") if key in s}
     val = config["data"]["val"]
     if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
         params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))
