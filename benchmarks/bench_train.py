@@ -95,7 +95,7 @@ def bench_naive(x, d, w, k, group_sizes, batch, steps, seed=0):
 
 def bench_ours(x, d, expansion, k, batch, steps, seed=0):
     kw = dict(sae_type="matryoshka_batch_top_k", expansion=expansion, k=k, group_fractions=list(DEFAULT_GROUP_FRACTIONS),
-              batch_size=batch, seed=seed, progress=False, eval_every=10**9)
+              batch_size=batch, seed=seed, progress=False, eval_every=10**9, device="cpu")  # baseline is CPU-only
     train_sae(x, steps=1, **kw)  # warm-up (allocator, kernels)
     t0 = time.perf_counter()
     train_sae(x, steps=1, **kw)
@@ -115,7 +115,8 @@ def planted_recovery(steps=600, d=128, n_atoms=256, active=4, expansion=4, k=4, 
     idx = torch.rand(n, n_atoms, generator=g).argsort(1)[:, :active]
     x = ((torch.rand(n, active, generator=g) + 0.5)[:, :, None] * atoms[idx]).sum(1) + 0.01 * torch.randn(n, d, generator=g)
     sae, hist = train_sae(x, "batch_top_k", expansion=expansion, k=k, steps=steps, batch_size=1024, lr=1e-2,
-                          val_data=x[:4096], eval_every=steps, dead_tokens=50_000, progress=False, seed=seed)
+                          val_data=x[:4096], eval_every=steps, dead_tokens=50_000, progress=False, seed=seed,
+                          device="cpu")
     cos = (atoms @ sae.W_dec.detach().T).max(1).values.mean()
     return float(cos), float(hist["val_r2"].iloc[-1])
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
-from vlmsae_utils.train import (evaluate_sae, geometric_median, group_sizes_from_fractions, lr_lambda,
-                                project_decoder_grad, sae_loss, train_sae)
+from vlmsae_utils.train import (DECAY_LAST_20PCT, evaluate_sae, geometric_median, group_sizes_from_fractions,
+                                lr_lambda, project_decoder_grad, resolve_decay_start, sae_loss, train_sae,
+                                training_batch_rows)
 
 D, W = 16, 48
 
@@ -49,7 +51,7 @@ def _dense_reference_loss(sae, x, dead, k_aux, alpha):
     f = z * keep
     if isinstance(sae, MatryoshkaBatchTopKSAE):
         losses = [(xs - (sae.b_dec + f[:, :m] @ sae.W_dec[:m])).pow(2).sum(-1).mean() for m in sae.prefix_sizes]
-        l2 = sum(losses) / len(losses)
+        l2 = sum(losses) / len(losses) ** 2  # dictionary_learning: weight 1/G, then mean over G
     else:
         l2 = (xs - (f @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
     x_hat = f @ sae.W_dec + sae.b_dec
@@ -87,7 +89,7 @@ def test_sparse_loss_and_grads_equal_dense_reference(kind):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
-def test_matryoshka_loss_is_sum_of_prefix_errors():
+def test_matryoshka_loss_is_weighted_sum_of_prefix_errors():
     sae = _rand_sae(MatryoshkaBatchTopKSAE(D, W, k=3, group_sizes=[4, 12, 32]), seed=2)
     x = torch.randn(8, D)
     out = sae_loss(sae, x)
@@ -98,8 +100,54 @@ def test_matryoshka_loss_is_sum_of_prefix_errors():
         keep[z.flatten().topk(24).indices] = 1
         f = z * keep.view_as(z)
         brute = [float(((xs[i] - sae.b_dec - f[i, :m] @ sae.W_dec[:m]) ** 2).sum()) for m in (4, 16, 48) for i in range(8)]
-    assert float(out["loss"].detach()) == pytest.approx(sum(brute) / 8 / 3, rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(sum(brute) / 8 / 3**2, rel=1e-5)
     assert out["prefix_l2"].shape == (3,)
+    assert float(out["prefix_l2"].sum()) == pytest.approx(sum(brute) / 8, rel=1e-5)
+
+
+def test_matryoshka_loss_and_grads_match_dictionary_learning_weighting():
+    """dictionary_learning's MatryoshkaBatchTopKTrainer.loss: l2_m · (1/G) per prefix, then the mean
+    over the G prefixes, i.e. Σ_m l2_m / G² — written out here with dense ops, G = 4."""
+    torch.manual_seed(3)
+    sae = _rand_sae(MatryoshkaBatchTopKSAE(D, W, k=4, group_sizes=[3, 6, 12, 27]), seed=4)
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(6))
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    out = sae_loss(sae, x)  # no dead latents: the loss is the reconstruction term only
+    grads = torch.autograd.grad(out["loss"], params)
+
+    G, B = 4, x.shape[0]
+    xs = x * 0.8
+    z = torch.relu((xs - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    keep = torch.zeros(z.numel(), dtype=torch.bool)
+    keep[z.detach().flatten().topk(4 * B).indices] = True
+    f = z * keep.view_as(z)
+    x_hat = sae.b_dec.expand(B, -1)
+    weighted = []
+    for start, size in ((0, 3), (3, 6), (9, 12), (21, 27)):
+        x_hat = x_hat + f[:, start:start + size] @ sae.W_dec[start:start + size]
+        l2_m = (xs - x_hat).pow(2).sum(dim=-1).mean()  # mean over the batch of ||x − x̂_m||² (scaled inputs)
+        weighted.append(l2_m * (1.0 / G))
+    ref = torch.stack(weighted).mean()
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # the former weighting (one mean over G) was exactly G times larger
+    assert float(out["prefix_l2"].mean()) == pytest.approx(G * float(ref.detach()), rel=1e-5)
+
+
+def test_aux_weight_default_is_the_authors():
+    import inspect
+
+    assert inspect.signature(train_sae).parameters["aux_alpha"].default == 0.03
+    assert inspect.signature(sae_loss).parameters["aux_alpha"].default == 0.03
+    sae = _rand_sae(BatchTopKSAE(D, W, k=4), seed=1)
+    x = torch.randn(10, D, generator=torch.Generator().manual_seed(2))
+    dead = torch.zeros(W, dtype=torch.bool)
+    dead[::2] = True
+    out = sae_loss(sae, x, dead_mask=dead)
+    assert float(out["aux"]) > 0
+    assert float(out["loss"].detach()) == pytest.approx(float(out["l2"]) + 0.03 * float(out["aux"]), rel=1e-6)
 
 
 def test_gradient_projection_orthogonal_and_unit_norm_after_steps():
@@ -123,6 +171,7 @@ def test_geometric_median_and_schedule():
     assert lr_lambda(0, 100, 10, 80) == pytest.approx(0.1)
     assert lr_lambda(50, 100, 10, 80) == 1.0
     assert lr_lambda(90, 100, 10, 80) == pytest.approx(0.5)
+    assert lr_lambda(99, 100, 10, None) == 1.0
     assert group_sizes_from_fractions([0.0625, 0.125, 0.25, 0.5625], 6144) == [384, 768, 1536, 3456]
 
 
@@ -131,10 +180,9 @@ def test_threshold_ema_follows_definition():
     beta, bs, steps = 0.5, 64, 4
     sae, _ = train_sae(x, "batch_top_k", expansion=2, k=3, steps=steps, batch_size=bs, lr=0.0, seed=7,
                        threshold_start_step=1, threshold_beta=beta, progress=False)
-    g = torch.Generator().manual_seed(7)
     theta = -1.0
     for step in range(steps):
-        b = x[torch.randint(x.shape[0], (bs,), generator=g)]
+        b = x[torch.from_numpy(training_batch_rows(x.shape[0], bs, 7, step))]
         if step < 1:
             continue
         with torch.no_grad():
@@ -198,6 +246,11 @@ def test_resume_equals_uninterrupted(tmp_path):
         train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **{**kw, "k": 4})
     with pytest.raises(ValueError, match="different settings"):
         train_sae(x[:, :-1], "batch_top_k", checkpoint_dir=tmp_path, **{**kw, "val_data": val[:, :-1]})
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # a checkpoint of the former trainer
+    del ck["config"]["trainer_version"]
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="trainer_version"):
+        train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **kw)
 
 
 class _FakeStore:
@@ -267,3 +320,217 @@ def test_fast_batch_topk_indices_exact():
     pre = torch.zeros(512, 1536)
     pre[0, :10] = 1.0  # fewer positives than n: fallback path
     assert batch_topk_indices(pre, 100).numel() == 100
+
+
+# ----- device, data paths, input scale, LR decay, authors' R² (issues 12 and 14) -----------------
+
+def _make_store(path, x, dtype="float32", shard_images=64):
+    """A real ActivationStore (one row per image, several shards) holding the rows of ``x``."""
+    import numpy as np
+
+    from vlmsae_utils.store import StorePlan, StoreWriter
+
+    n = x.shape[0]
+    plan = StorePlan(params={"test": str(path)}, image_ids=[f"img{i:05d}.png" for i in range(n)],
+                     class_names=["c"] * n, dim=x.shape[1], dtype=dtype, rows_per_image=1, shard_images=shard_images)
+    writer = StoreWriter(path, plan)
+    writer.begin()
+    for s in range(plan.num_shards):
+        r = plan.shard_range(s)
+        writer.write_shard(s, x[r.start:r.stop].numpy().astype(np.dtype(dtype)), list(r), [])
+    return writer.finalize()
+
+
+def test_training_batch_rows_are_epoch_permutations():
+    n, bs = 50, 16
+    rows = np.concatenate([training_batch_rows(n, bs, 3, s) for s in range(25)])  # 400 rows = 8 epochs
+    assert all(len(training_batch_rows(n, bs, 3, s)) == bs for s in range(25))
+    for e in range(8):
+        assert sorted(rows[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(rows[:n], rows[n:2 * n])
+    assert np.array_equal(training_batch_rows(n, bs, 3, 7), rows[7 * bs:8 * bs])  # a pure function of the step
+    assert not np.array_equal(training_batch_rows(n, bs, 4, 0), rows[:bs])
+    big = training_batch_rows(5, 12, 0, 0)  # batch larger than the data: spans epochs
+    assert len(big) == 12 and sorted(big[:5].tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize("kind", ["batch_top_k", "matryoshka_batch_top_k"])
+def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
+    """Resident and streamed data (tensor, float16 and float32 stores) give the same SAE; resume across paths."""
+    import vlmsae_utils.train as train_mod
+
+    monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)  # several chunks, resume inside one
+    x, _ = _planted(700, d=D, n_atoms=W)
+    x16 = x.half().float()  # values a float16 store holds exactly
+    store16 = _make_store(tmp_path / "s16", x16, "float16", shard_images=128)
+    store32 = _make_store(tmp_path / "s32", x16, "float32", shard_images=200)
+    gf = [0.25, 0.75] if kind == "matryoshka_batch_top_k" else None
+    kw = dict(expansion=2, k=3, group_fractions=gf, steps=11, batch_size=96, lr=3e-3, seed=5, device="cpu",
+              eval_every=4, progress=False, dead_tokens=400, threshold_start_step=2)
+    ref, h_ref = train_sae(x16, kind, data_on_device=True, **kw)
+    assert h_ref.attrs == {"device": "cpu", "data_on_device": True}
+    runs = {"tensor streamed": train_sae(x16, kind, data_on_device=False, **kw),
+            "f16 store resident": train_sae(store16, kind, data_on_device=True, **kw),
+            "f16 store streamed": train_sae(store16, kind, data_on_device=False, **kw),
+            "f32 store auto": train_sae(store32, kind, **kw)}
+    assert runs["f16 store streamed"][1].attrs["data_on_device"] is False
+    assert runs["f32 store auto"][1].attrs["data_on_device"] is True  # tiny: fits in half the free RAM
+    for name, (sae, hist) in runs.items():
+        for n, t in ref.state_dict().items():
+            assert torch.equal(t, sae.state_dict()[n]), (name, n)
+        assert hist.equals(h_ref), name
+    ck = tmp_path / "ck"
+    train_sae(store16, kind, data_on_device=False, checkpoint_dir=ck, stop_after=5, **kw)
+    res, h_res = train_sae(store16, kind, data_on_device=True, checkpoint_dir=ck, **kw)
+    for n, t in ref.state_dict().items():
+        assert torch.equal(t, res.state_dict()[n]), n
+    assert h_res.equals(h_ref)
+
+
+def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monkeypatch):
+    import vlmsae_utils.train as train_mod
+
+    monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 2)
+    x = torch.randn(90, D).half().float()
+    store = _make_store(tmp_path / "s", x, "float16", shard_images=32)
+    for resident in (True, False):
+        stream = train_mod._TrainingStream(store, 16, 1, torch.device("cpu"), data_on_device=resident)
+        batches = list(stream.batches(0, 9))  # 144 rows: crosses an epoch
+        assert all(b.dtype == torch.float32 and b.shape == (16, D) for b in batches)
+        for s, b in enumerate(batches):
+            assert torch.equal(b, x[torch.from_numpy(training_batch_rows(90, 16, 1, s))])
+    bad = x.clone()
+    bad[37, 2] = float("nan")
+    bad_store = _make_store(tmp_path / "bad", bad, "float16", shard_images=32)
+    kw = dict(expansion=2, k=3, steps=3, batch_size=90, progress=False, device="cpu")
+    for resident in (True, False):
+        with pytest.raises(ValueError, match=r"NaN/inf values; first bad rows: \[37\]"):
+            train_sae(bad_store, "batch_top_k", data_on_device=resident, **kw)
+    for resident in (True, False):  # the path's own check (rows outside the input-scale sample)
+        stream = train_mod._TrainingStream(bad_store, 16, 1, torch.device("cpu"), data_on_device=resident)
+        with pytest.raises(ValueError, match=r"training data contains NaN/inf values; first bad rows: \[37\]"):
+            list(stream.batches(0, 6))
+    with pytest.raises(ValueError, match="data_on_device"):
+        train_sae(x, "batch_top_k", data_on_device="yes", **kw)
+
+
+def test_input_scale_is_estimated_over_the_whole_class_sorted_store(tmp_path):
+    """First half of the rows (the first classes) with norm 1, the rest norm 3: the global
+    √mean‖x‖² is √5; the first rows in store order would say 1."""
+    from vlmsae_utils.train import estimate_input_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(20000, 4, generator=g), dim=1)
+    x[10000:] *= 3.0
+    store = _make_store(tmp_path / "sorted", x, "float32", shard_images=2500)
+    true_scale = 1.0 / math.sqrt(5.0)
+    first_rows_scale = 1.0 / math.sqrt(float(x[:100 * 50].pow(2).sum(1).mean()))  # the old, in-order estimate
+    assert first_rows_scale == pytest.approx(1.0, rel=1e-5)
+    est = estimate_input_scale(store, batch_size=50)  # 100 batches of 50 random rows
+    assert est == pytest.approx(true_scale, rel=0.03)
+    assert est == estimate_input_scale(x, batch_size=50)  # same rows from a tensor
+    assert est != estimate_input_scale(store, batch_size=50, seed=1)  # seeded sample
+    assert estimate_input_scale(store, batch_size=500) == pytest.approx(true_scale, rel=1e-6)  # all rows
+    sae, _ = train_sae(store, "batch_top_k", expansion=2, k=2, steps=1, batch_size=50, progress=False, device="cpu")
+    assert float(sae.input_scale) == pytest.approx(est, rel=1e-6)
+
+
+def test_decay_start_options():
+    assert resolve_decay_start(None, 100) is None
+    assert resolve_decay_start(DECAY_LAST_20PCT, 100) == 80
+    assert resolve_decay_start(30, 100) == 30
+    assert resolve_decay_start(109_999, 100_000) is None  # the authors' setting for their kept checkpoint
+    for bad in (-1, 1.5, "last", True):
+        with pytest.raises(ValueError, match="decay_start"):
+            resolve_decay_start(bad, 100)
+    x, _ = _planted(512, d=D, n_atoms=W)
+    kw = dict(expansion=2, k=3, steps=10, batch_size=64, lr=1e-3, warmup_steps=2, eval_every=5, progress=False)
+    _, h_none = train_sae(x, "batch_top_k", **kw)
+    _, h_old = train_sae(x, "batch_top_k", decay_start=DECAY_LAST_20PCT, **kw)
+    assert list(h_none["lr"]) == pytest.approx([1e-3, 1e-3])  # default: no decay
+    assert list(h_old["lr"]) == pytest.approx([1e-3, 0.0])
+
+
+def test_r2_batch_mean_hand_computed():
+    """x̂ = ½x + ½c: the residual ½(x − c) has a quarter of x's variance in every batch, so the
+    authors' mean-centred per-batch R² is 0.75 exactly while the global R² counts the offset."""
+    sae = TopKSAE(2, 2, k=2)
+    c = torch.tensor([-1.0, -2.0])
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(0.5 * torch.eye(2))
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(c)
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [2.0, 4.0], [0.0, 2.0]])
+    ev = evaluate_sae(sae, x, batch_size=4, device="cpu")
+    # residual r = ½(x − c) = [[1, 2], [2, 1], [1.5, 3], [0.5, 2]]
+    # global: Σr² = 1+4+4+1+2.25+9+0.25+4 = 25.5; Σ(x − x̄)² with x̄ = (1.5, 2): 0.25+2.25+0.25+2.25 + 0+4+4+0 = 13
+    assert ev["r2"] == pytest.approx(1 - 25.5 / 13, rel=1e-9)
+    assert ev["r2_batch_mean"] == pytest.approx(0.75, rel=1e-9)
+    # several batches, in the documented seeded order: the mean of the per-batch values
+    g = torch.Generator().manual_seed(1)
+    xr = torch.rand(10, 2, generator=g) + 2.0
+    sae2 = _rand_sae(TopKSAE(2, 3, k=1), seed=3)
+    ev2 = evaluate_sae(sae2, xr, batch_size=4, device="cpu")
+    order = torch.from_numpy(np.random.default_rng([0, 2]).permutation(10))
+    with torch.no_grad():
+        per = []
+        for i in (0, 4):  # full batches only; the last batch (2 rows) is partial
+            b = xr[order[i:i + 4]].double()
+            r = (b.float() - sae2(b.float())).double()  # residual in float32, as the SAE computes it
+            per.append(1 - torch.var(r, dim=0).sum() / torch.var(b, dim=0).sum())
+    assert ev2["r2_batch_mean"] == pytest.approx(float(sum(per) / 2), abs=1e-7)
+
+
+def test_device_argument():
+    import inspect
+
+    for fn in (train_sae, evaluate_sae):
+        assert inspect.signature(fn).parameters["device"].default == "auto"
+    x, _ = _planted(256, d=D, n_atoms=W)
+    sae, hist = train_sae(x, "batch_top_k", expansion=2, k=3, steps=2, batch_size=32, progress=False,
+                          device=torch.device("cpu"))
+    assert hist.attrs["device"] == "cpu" and sae.W_enc.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train_sae(x, "batch_top_k", expansion=2, k=3, steps=2, batch_size=32, progress=False, device="cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            evaluate_sae(sae, x, device="cuda:0")
+        with pytest.raises(ValueError, match="only used on CUDA"):
+            train_sae(x, "batch_top_k", expansion=2, k=3, steps=2, batch_size=32, progress=False, autocast=True)
+
+
+def test_train_grid_device_and_authors_r2_column(tmp_path):
+    """train_grid resolves the device once, puts the store in memory once, and reports both R²s;
+    each SAE equals train_sae on the store itself."""
+    from vlmsae_utils.sae import load_sae
+    from vlmsae_utils.train import train_grid
+
+    x, _ = _planted(400, d=D, n_atoms=W)
+    store = _make_store(tmp_path / "store", x, "float32", shard_images=150)
+    val = x[:96]
+    kw = dict(k=3, steps=6, batch_size=64, progress=False, eval_every=3)
+    results, histories = train_grid(store, val, ["batch_top_k", "matryoshka_batch_top_k"], [2], tmp_path / "grid",
+                                    device="cpu", group_fractions=[0.5, 0.5], **kw)
+    assert {"R² %", "R² batch-mean %", "L0", "dead %"} <= set(results.columns)
+    assert results["R² batch-mean %"].between(-100, 100).all()
+    direct, _ = train_sae(store, "batch_top_k", 2, device="cpu", val_data=val, **kw)
+    saved = load_sae(tmp_path / "grid" / "batch_top_k_x2_k3")
+    torch.testing.assert_close(saved.W_dec, direct.W_dec, rtol=0, atol=0)
+    assert "val_r2_batch_mean" in histories["batch_top_k_x2_k3"].columns
+
+
+def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
+    """Issue: a finished or interrupted checkpoint of store A was reused when given store B."""
+    from vlmsae_utils.train import train_sae
+
+    first = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    other = first.clone()
+    other[3, 5] += 1.0  # one value differs
+    kwargs = {"sae_type": "batch_top_k", "expansion": 2, "k": 4, "steps": 20, "batch_size": 64,
+              "checkpoint_dir": tmp_path, "progress": False, "device": "cpu"}
+    train_sae(first, stop_after=10, **kwargs)
+    with pytest.raises(ValueError, match="different settings.*'data'"):
+        train_sae(other, **kwargs)
+    sae, _ = train_sae(first, **kwargs)  # the same data resumes
+    assert sae.dict_size == 32

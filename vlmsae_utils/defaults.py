@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .extract import extract_activations, extract_embeddings, open_dataset
-from .paths import data_home, resolve_out_dir
+from .paths import data_home, resolve_out_dir, safe_stem
 from .store import ActivationStore
 
 DEFAULT_MODEL = "fixture:mini_clip"
@@ -25,14 +25,14 @@ def defaults_dir() -> Path:
 def default_store(split: str = "train", *, model: str = DEFAULT_MODEL, layer: int = DEFAULT_LAYER,
                   tokens: str = "cls", random_k: int = 2) -> ActivationStore:
     """Activations of a fixture model on a fixture split (built on first use)."""
-    name = f"{model.replace(':', '_')}_L{layer}_{tokens}{random_k if tokens == 'random_k' else ''}_{split}"
+    name = safe_stem(f"{model}_L{layer}_{tokens}{random_k if tokens == 'random_k' else ''}_{split}")
     return extract_activations(model, open_dataset("fixture", split), defaults_dir() / name, layer=layer,
                                tokens=tokens, random_k=random_k, progress=False)
 
 
 def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) -> ActivationStore:
     """Scoring embeddings of a fixture split (built on first use)."""
-    name = f"{scorer.replace(':', '_')}_embeddings_{split}"
+    name = safe_stem(f"{scorer}_embeddings_{split}")
     return extract_embeddings(scorer, open_dataset("fixture", split), defaults_dir() / name, progress=False)
 
 
@@ -46,15 +46,16 @@ def default_sae(sae_type: str = "matryoshka_batch_top_k", *, expansion: float = 
                 name: str = "cls"):
     """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE."""
     from .sae import load_sae, save_sae
-    from .train import run_name, train_sae
+    from .train import TRAINER_VERSION, run_name, train_sae
 
     data = store if store is not None else default_store("train")
     fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
-    key = f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_{data.manifest['content_hash'][:12]}"
+    key = (f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_t{TRAINER_VERSION}"
+           f"_{data.manifest['content_hash'][:12]}")
     folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
         sae, _ = train_sae(data, sae_type, expansion, k=k, group_fractions=group_fractions, steps=steps,
-                           batch_size=256, progress=False)
+                           batch_size=256, progress=False, device="cpu")  # tiny: the same SAE on every machine
         save_sae(sae, folder)
     return load_sae(folder).eval()
 

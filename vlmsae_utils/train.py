@@ -1,29 +1,44 @@
 """SAE trainer faithful to the dictionary_learning reference (PAPER.md §3), with sparse gradients.
 
 Training tricks: input normalisation to unit mean squared norm (factor stored in
-``sae.input_scale``), geometric-median ``b_dec``, tied init, unit-norm decoder rows with
-gradient projection, grad-norm clip 1.0, Adam(0.9, 0.999), linear warm-up / linear decay,
-auxiliary-K loss for dead latents, threshold EMA, Matryoshka sum of prefix losses.
+``sae.input_scale``, estimated on ~100 random batches), geometric-median ``b_dec``, tied init,
+unit-norm decoder rows with gradient projection, grad-norm clip 1.0, Adam(0.9, 0.999), linear
+warm-up (and an optional linear decay, off by default as in the authors' runs), auxiliary-K loss
+for dead latents (weight 0.03 as the authors' scripts), threshold EMA, Matryoshka prefix losses
+weighted as dictionary_learning (each prefix 1/G, then averaged over the G prefixes).
 Speed: for the top-k variants only the ``B·k`` kept (plus auxiliary) entries carry gradient,
 so encoder and decoder gradients are computed sparsely (sparse mm / ``embedding_bag``); the
-dense encoder forward is the only ``B·d·ω`` product per step.
+dense encoder forward is the only ``B·d·ω`` product per step. Training data sits on the device
+when it fits (``data_on_device``), else streams in large pinned chunks; bf16 autocast of the
+encoder forward is used on CUDA only.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .io import atomic_torch_save
 from .sae import SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, make_sae
 
 DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
 CHECKPOINT_FILE = "checkpoint.pt"
+#: Weight of the auxiliary-K loss: the authors' training scripts pass 0.03 (the paper text and
+#: dictionary_learning's default say 1/32 = 0.03125).
+DEFAULT_AUX_ALPHA = 0.03
+#: ``decay_start`` of the schedule this package used before matching the authors: linear decay
+#: to 0 over the last 20 % of the steps (``decay_start=0.8``).
+DECAY_LAST_20PCT = 0.8
 
 
 # ----- parameters ----------------------------------------------------------------------------
@@ -48,24 +63,92 @@ def group_sizes_from_fractions(group_fractions, dict_size: int) -> list[int]:
 
 
 def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None) -> float:
-    """Learning-rate multiplier: linear warm-up from 0, then 1, then linear decay to 0 from ``decay_start``."""
+    """Learning-rate multiplier: linear warm-up from 0, then 1, then linear decay to 0 from ``decay_start``
+    (``None``: no decay)."""
     m = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if decay_start is not None and step >= decay_start:
         m *= max(0.0, (steps - step) / max(1, steps - decay_start))
     return m
 
 
+def resolve_decay_start(decay_start: int | float | None, steps: int) -> int | None:
+    """The step where the linear LR decay starts, or ``None`` for no decay.
+
+    ``None`` (default): no decay — the authors train 110k steps with decay from step 109,999 and
+    keep the 100k checkpoint, so their SAEs never see a decayed rate. An ``int`` is a step
+    (``>= steps`` also means no decay); a ``float`` in ``[0, 1]`` is a fraction of ``steps``
+    (:data:`DECAY_LAST_20PCT` ``= 0.8`` is this package's former schedule: decay over the last 20 %).
+    """
+    if decay_start is None:
+        return None
+    if isinstance(decay_start, bool) or not isinstance(decay_start, numbers.Real):
+        raise ValueError(f"decay_start must be None, a step (int) or a fraction of steps (float in [0, 1]), "
+                         f"got {decay_start!r}")
+    if not isinstance(decay_start, numbers.Integral):
+        decay_start = float(decay_start)
+        if not 0.0 <= decay_start <= 1.0:
+            raise ValueError(f"decay_start as a fraction of steps must be in [0, 1], got {decay_start}")
+        decay_start = int(decay_start * steps)
+    if decay_start < 0:
+        raise ValueError(f"decay_start must be >= 0, got {decay_start}")
+    return None if decay_start >= steps else int(decay_start)
+
+
 # ----- data ---------------------------------------------------------------------------------
+#
+# Which rows form training batch ``s`` is a pure function of ``(seed, s)``: the rows of an endless
+# concatenation of seeded per-epoch permutations (every row once per epoch, batches of exactly
+# ``batch_size`` rows, an epoch's tail continuing into the next one), cut into consecutive batches.
+# How the rows reach the device — a resident copy on the device, or chunks streamed from RAM / a
+# memory map — does not change them, so both paths train bit-identically and a resumed run only
+# needs the step count.
+
+#: Share of the device's free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: available RAM) the
+#: training data may take for ``data_on_device="auto"`` to put it there whole.
+DATA_MEMORY_FRACTION = 0.5
+#: Batches gathered at once when streaming (fewer when a chunk would exceed :data:`CHUNK_MAX_BYTES`).
+CHUNK_BATCHES = 64
+CHUNK_MAX_BYTES = 1 << 30
+#: Bumped whenever a change to the loss or to the batch sampling changes what a run trains
+#: (2: Matryoshka 1/G² weighting, epoch-permutation batches, sampled input scale). Written into
+#: checkpoints — one of another version is refused — and meant for keys of cached SAEs.
+TRAINER_VERSION = 2
+
 
 def _first_bad_rows(x: torch.Tensor, offset: int = 0, n: int = 5) -> list[int]:
     bad = (~torch.isfinite(x).all(dim=-1)).nonzero().flatten()[:n]
     return [int(i) + offset for i in bad]
 
 
-def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
-    bad = _first_bad_rows(x, offset)
-    if bad:
+def _check_finite(x: torch.Tensor, what: str, offset: int = 0, rows: np.ndarray | None = None,
+                  piece: int = 65536) -> None:
+    """Raise with the first bad row indices (``rows[i]`` when given, else ``offset + i``); checks in pieces."""
+    for start in range(0, x.shape[0], piece):
+        part = x[start:start + piece]
+        if bool(torch.isfinite(part).all()):
+            continue
+        bad = _first_bad_rows(part, start)
+        if rows is not None:
+            bad = [int(rows[i]) for i in bad]
+        else:
+            bad = [i + offset for i in bad]
         raise ValueError(f"{what} contains NaN/inf values; first bad rows: {bad}")
+
+
+def data_fingerprint(data) -> str:
+    """Content hash of the training data: a store's manifest hash, or SHA-256 of a tensor's bytes.
+    Checkpoints record it, so a run is never resumed (or a finished one reused) on other data."""
+    import hashlib
+
+    manifest = getattr(data, "manifest", None)
+    if isinstance(manifest, dict) and "content_hash" in manifest:
+        return "store:" + str(manifest["content_hash"])
+    batches = [data] if isinstance(data, torch.Tensor) else data.iter_batches(65536)
+    digest = hashlib.sha256(str((len(data), _data_dim(data))).encode())
+    for batch in batches:  # a tensor, or a store-like object without a manifest: hash the rows in order
+        array = torch.as_tensor(batch).detach().cpu().float().contiguous()
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return "rows:" + digest.hexdigest()
 
 
 def _data_dim(data) -> int:
@@ -78,67 +161,263 @@ def _data_dim(data) -> int:
     raise ValueError(f"data must be a torch.Tensor [N, d] or an ActivationStore, got {type(data).__name__}")
 
 
-class _Batches:
-    """Endless, seeded, resumable stream of training batches from a tensor or a store."""
+def _available_ram() -> int:
+    """Bytes of RAM available to this process without swapping."""
+    try:
+        import psutil
 
-    def __init__(self, data, batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.is_tensor = isinstance(data, torch.Tensor)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.epoch, self.pos, self._it = 0, 0, None
-        if self.is_tensor:
-            _check_finite(data, "training data")
-
-    def state(self) -> dict:
-        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos}
-
-    def load_state(self, st: dict) -> None:
-        self.gen.set_state(st["gen"])
-        self.epoch, self.pos, self._it = int(st["epoch"]), int(st["pos"]), None
-
-    def _store_iter(self) -> Iterator[torch.Tensor]:
-        while True:
-            it = self.data.iter_batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
-            skip = self.pos
-            for i, b in enumerate(it):
-                if i < skip:
-                    continue
-                self.pos = i + 1
-                yield b
-            self.epoch, self.pos = self.epoch + 1, 0
-
-    def next(self) -> torch.Tensor:
-        if self.is_tensor:
-            idx = torch.randint(self.data.shape[0], (self.batch_size,), generator=self.gen)
-            return self.data[idx]
-        if self._it is None:
-            self._it = self._store_iter()
-        b = next(self._it)
-        b = torch.as_tensor(b).float()
-        _check_finite(b, f"training store (epoch {self.epoch}, batch {self.pos - 1})")
-        return b
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def _iter_eval(data, batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        for i in range(0, data.shape[0], batch_size):
-            yield data[i:i + batch_size]
-    else:
-        yield from data.iter_batches(batch_size, shuffle=False)
+def free_device_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory, or the RAM available for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _available_ram()
 
 
-def estimate_input_scale(data, n_rows: int = 65536, batch_size: int = 4096) -> float:
-    """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, PAPER.md §3)."""
-    total, count = 0.0, 0
-    for b in _iter_eval(data, batch_size):
-        b = torch.as_tensor(b).double()
-        total += float(b.pow(2).sum())
-        count += b.shape[0]
-        if count >= n_rows:
-            break
-    if count == 0 or total <= 0:
+class _RowSource:
+    """Random row access, in the storage dtype, to a tensor ``[N, d]`` or an ActivationStore.
+
+    Stores are read through their shard memory maps (``arrays()``); a duck-typed store without
+    them is read into RAM once with ``to_tensor()``."""
+
+    def __init__(self, data):
+        self.dim = _data_dim(data)
+        self.arrays = None
+        if isinstance(data, torch.Tensor):
+            self.tensor = data
+        elif hasattr(data, "arrays") and isinstance(getattr(data, "dtype", None), str):
+            self.tensor = None
+            self.arrays = data.arrays()
+            self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+            self.np_dtype = np.dtype(data.dtype)
+        else:
+            self.tensor = data.to_tensor()
+        if self.tensor is not None:
+            self.dtype = self.tensor.dtype
+            self.n_rows = int(self.tensor.shape[0])
+        else:
+            self.dtype = torch.from_numpy(np.empty(0, self.np_dtype)).dtype
+            self.n_rows = int(self.offsets[-1])
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.dim * self.itemsize
+
+    def gather(self, rows: np.ndarray, pin: bool = False) -> torch.Tensor:
+        """Rows ``rows`` (sorted ascending for memory-map locality) as a CPU tensor in the storage dtype."""
+        out = torch.empty((len(rows), self.dim), dtype=self.dtype, pin_memory=pin)
+        if self.tensor is not None:
+            idx = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+            if self.tensor.device.type == "cpu":
+                torch.index_select(self.tensor, 0, idx, out=out)
+            else:
+                out.copy_(self.tensor.index_select(0, idx.to(self.tensor.device)))
+            return out
+        view = out.numpy()
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        bounds = np.searchsorted(shard, np.arange(len(self.arrays) + 1))
+        for s, array in enumerate(self.arrays):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if a == b:
+                continue
+            local = rows[a:b] - self.offsets[s]
+            if int(local[-1]) - int(local[0]) == b - a - 1:  # a contiguous range: plain slice
+                view[a:b] = array[int(local[0]):int(local[-1]) + 1]
+            else:
+                np.take(array, local, axis=0, out=view[a:b], mode="clip")  # indices are valid; "clip" avoids a buffer
+        return out
+
+    def load(self, device: torch.device, what: str) -> torch.Tensor:
+        """All rows on ``device`` in the storage dtype (the tensor itself when it is already there);
+        a store is copied in pieces through pinned memory and checked for NaN/inf on the way."""
+        if self.tensor is not None:
+            return self.tensor.to(device)
+        pin = device.type == "cuda"
+        out = torch.empty((self.n_rows, self.dim), dtype=self.dtype, device=device)
+        piece = max(1, (256 << 20) // max(1, self.dim * self.itemsize))
+        for start in range(0, self.n_rows, piece):
+            stop = min(self.n_rows, start + piece)
+            out[start:stop].copy_(self.gather(np.arange(start, stop), pin=pin), non_blocking=pin)
+            _check_finite(out[start:stop], what, offset=start)  # on the device (fast on a GPU)
+        return out
+
+
+class _IndexStream:
+    """Rows of training batches: batch ``s`` is ``positions [s·B, (s+1)·B)`` of the concatenated
+    per-epoch permutations; epoch ``e`` is ``numpy.random.default_rng([seed, 0, e]).permutation(N)``."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n_rows, self.batch_size, self.seed = int(n_rows), int(batch_size), int(seed) % 2**63
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_rows)
+        return self._cache[epoch]
+
+    def rows(self, start_step: int, n_steps: int) -> np.ndarray:
+        """Row indices of batches ``start_step … start_step + n_steps − 1``, concatenated (int64)."""
+        p, stop = start_step * self.batch_size, (start_step + n_steps) * self.batch_size
+        parts = []
+        with self._lock:
+            while p < stop:
+                epoch, off = divmod(p, self.n_rows)
+                take = min(stop - p, self.n_rows - off)
+                parts.append(self._perm(epoch)[off:off + take])
+                p += take
+        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+
+def training_batch_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Row indices of training batch ``step`` (0-based) as :func:`train_sae` draws them, whatever
+    the data path: every row once per epoch in a seeded random order, batches of exactly
+    ``batch_size`` rows."""
+    return _IndexStream(n_rows, batch_size, seed).rows(step, 1)
+
+
+def _resolve_data_on_device(data_on_device, src: _RowSource, device: torch.device, fraction: float) -> bool:
+    if data_on_device not in ("auto", True, False):
+        raise ValueError(f"data_on_device must be 'auto', True or False, got {data_on_device!r}")
+    if not (0 < float(fraction) <= 1):
+        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction!r}")
+    if data_on_device != "auto":
+        return bool(data_on_device)
+    if src.tensor is not None and (src.tensor.device == device or
+                                   (device.type == "cpu" and src.tensor.device.type == "cpu")):
+        return True  # already there: no copy
+    return src.nbytes <= float(fraction) * free_device_memory(device)
+
+
+class _TrainingStream:
+    """Training batches (float32, on ``device``) for steps ``start … end − 1``.
+
+    Resident: the data is put on the device once (storage dtype, e.g. float16), each batch is an
+    ``index_select`` there, converted to float32 on the device. Streaming: chunks of
+    :data:`CHUNK_BATCHES` batches are gathered (sorted rows, one read per chunk) into pinned host
+    memory by a background thread while the previous chunk trains, copied with ``non_blocking``,
+    and batches are drawn from the chunk on the device. Both give the same batches."""
+
+    def __init__(self, data, batch_size: int, seed: int, device: torch.device, data_on_device="auto",
+                 memory_fraction: float = DATA_MEMORY_FRACTION, what: str = "training data"):
+        self.src = data if isinstance(data, _RowSource) else _RowSource(data)
+        self.batch_size, self.device, self.what = int(batch_size), device, what
+        self.index = _IndexStream(self.src.n_rows, batch_size, seed)
+        self.resident = _resolve_data_on_device(data_on_device, self.src, device, memory_fraction)
+        batch_bytes = self.batch_size * self.src.dim * self.src.itemsize
+        self.chunk_batches = max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_bytes)))
+        self._data: torch.Tensor | None = None
+
+    def first_batch(self) -> torch.Tensor:
+        """Batch 0 as a float32 CPU tensor (for the geometric-median ``b_dec``)."""
+        rows = self.index.rows(0, 1)
+        order = np.argsort(rows, kind="stable")
+        out = torch.empty((len(rows), self.src.dim), dtype=self.src.dtype)
+        out[torch.from_numpy(order)] = self.src.gather(rows[order])
+        return out.float()
+
+    def _resident_data(self) -> torch.Tensor:
+        if self._data is None:
+            self._data = self.src.load(self.device, self.what)
+        return self._data
+
+    def _chunk(self, c0: int, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(distinct sorted rows of the chunk gathered on the host, position of each batch row in them, the rows)."""
+        rows = self.index.rows(c0, n)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        pin = self.device.type == "cuda"
+        block = self.src.gather(uniq, pin=pin)
+        inv_t = torch.from_numpy(inv.astype(np.int64).reshape(-1))
+        return block, (inv_t.pin_memory() if pin else inv_t), uniq
+
+    def batches(self, start: int, end: int) -> Iterator[torch.Tensor]:
+        B, C = self.batch_size, self.chunk_batches
+        if self.resident:
+            data = self._resident_data()
+            for c0 in range(start, end, C):
+                n = min(C, end - c0)
+                rows = torch.from_numpy(self.index.rows(c0, n)).to(self.device)
+                for i in range(n):
+                    yield data.index_select(0, rows[i * B:(i + 1) * B]).float()
+            return
+        if start >= end:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae-prefetch") as pool:
+            pending = pool.submit(self._chunk, start, min(C, end - start))
+            c0 = start
+            while c0 < end:
+                n = min(C, end - c0)
+                block, inv, uniq = pending.result()
+                if c0 + n < end:  # gather the next chunk while this one trains
+                    pending = pool.submit(self._chunk, c0 + n, min(C, end - c0 - n))
+                block = block.to(self.device, non_blocking=True)
+                inv = inv.to(self.device, non_blocking=True)
+                _check_finite(block, self.what, rows=uniq)
+                for i in range(n):
+                    yield block.index_select(0, inv[i * B:(i + 1) * B]).float()
+                c0 += n
+
+
+def _eval_batches(data, batch_size: int, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
+    """Every row once, in batches of a seeded random order (``default_rng([seed, 2])``), float32 on ``device``."""
+    src = data if isinstance(data, _RowSource) else _RowSource(data)
+    order = np.random.default_rng([int(seed) % 2**63, 2]).permutation(src.n_rows)
+    resident = src.tensor is not None and (src.tensor.device == device or src.tensor.device.type == "cpu")
+    chunk = batch_size * max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_size * src.dim * src.itemsize)))
+    for c0 in range(0, src.n_rows, chunk):
+        rows = order[c0:c0 + chunk]
+        if resident:
+            idx = torch.from_numpy(rows)
+            for i in range(0, len(rows), batch_size):
+                sel = idx[i:i + batch_size].to(src.tensor.device)
+                yield src.tensor.index_select(0, sel).to(device, non_blocking=True).float()
+            continue
+        uniq, inv = np.unique(rows, return_inverse=True)
+        block = src.gather(uniq, pin=device.type == "cuda").to(device, non_blocking=True)
+        inv_t = torch.from_numpy(inv.astype(np.int64).reshape(-1)).to(device)
+        for i in range(0, len(rows), batch_size):
+            yield block.index_select(0, inv_t[i:i + batch_size]).float()
+
+
+def estimate_input_scale(data, n_rows: int | None = None, batch_size: int = 4096, seed: int = 0,
+                         n_batches: int = 100) -> float:
+    """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, PAPER.md §3): ``s = 1/√mean‖x‖²``.
+
+    As the authors (dictionary_learning's ``--normalize_activations``), the mean is taken over
+    ``n_batches`` random batches: a seeded uniform sample without replacement of
+    ``n_rows = n_batches · batch_size`` rows drawn across the whole data
+    (``default_rng([seed, 1])``), or every row when the data has fewer — not the first rows in
+    store order, which in a class-sorted store cover only a few classes."""
+    src = data if isinstance(data, _RowSource) else _RowSource(data)
+    N = src.n_rows
+    n = min(N, int(n_rows) if n_rows is not None else int(n_batches) * int(batch_size))
+    if n < 1:
+        raise ValueError("cannot normalise inputs: data is empty")
+    rows = np.arange(N) if n >= N else np.sort(np.random.default_rng([int(seed) % 2**63, 1]).choice(N, n, replace=False))
+    total = 0.0
+    for start in range(0, n, 8192):
+        part = rows[start:start + 8192]
+        b = src.gather(part)
+        _check_finite(b, "data", rows=part)
+        total += float(b.double().pow(2).sum())
+    if total <= 0:
         raise ValueError("cannot normalise inputs: data is empty or identically zero")
-    return float(1.0 / math.sqrt(total / count))
+    return float(1.0 / math.sqrt(total / n))
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
@@ -221,13 +500,22 @@ def _bag_offsets(keys: torch.Tensor, n_bags: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = None, aux_alpha: float = 1 / 32,
-             k_aux: int | None = None, l1_coeff: float = 1e-1, autocast: bool = False) -> dict[str, Any]:
+def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+             aux_alpha: float = DEFAULT_AUX_ALPHA, k_aux: int | None = None, l1_coeff: float = 1e-1,
+             autocast: bool = False) -> dict[str, Any]:
     """Training loss of the reference trainer on raw inputs ``x`` (scaled by ``sae.input_scale``).
 
-    Returns a dict with ``loss`` (differentiable), ``l2``, ``aux``, ``l0``, ``fired`` (bool [ω]),
-    ``min_kept`` (smallest positive kept activation) and, for Matryoshka, ``prefix_l2``.
+    ``loss = l2 + aux_alpha · aux``. For Matryoshka with G groups, as dictionary_learning's
+    ``MatryoshkaBatchTopKTrainer``: each prefix's error ``l2_m = mean_b ||x_b − x̂_{m,b}||²`` is
+    weighted ``1/G`` and the weighted errors are averaged over the G prefixes, so
+    ``l2 = Σ_m l2_m / G²``. ``autocast`` runs the dense encoder forward in bf16 and only applies
+    on CUDA (ignored elsewhere).
+
+    Returns a dict with ``loss`` (differentiable), ``l2`` (the reconstruction term of the loss),
+    ``aux``, ``l0``, ``fired`` (bool [ω]), ``min_kept`` (smallest positive kept activation) and,
+    for Matryoshka, ``prefix_l2`` (the unweighted ``l2_m``).
     """
+    autocast = bool(autocast) and x.device.type == "cuda"
     xs = x.to(sae.W_enc.dtype) * sae.input_scale
     B, omega = xs.shape[0], sae.dict_size
     if sae.sae_type == "relu":
@@ -273,7 +561,7 @@ def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = Non
                                   mode="sum", per_sample_weights=kv[order]).view(B, G, -1)
         recons = contrib.cumsum(1) + sae.b_dec
         prefix_l2 = (xs[:, None, :] - recons).pow(2).sum(-1).mean(0)
-        l2 = prefix_l2.mean()  # equal weights w_m = 1/G
+        l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
         x_hat = recons[:, -1]
         out["prefix_l2"] = prefix_l2.detach()
     else:
@@ -302,16 +590,34 @@ def project_decoder_grad(W_dec: torch.Tensor) -> None:
 # ----- evaluation ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "cpu") -> dict[str, float]:
-    """FVU, R² = 1 − FVU, L0 and fraction of latents never active on ``data`` (inference encoding);
-    Matryoshka adds ``r2_prefix_<m>`` per nested prefix."""
+def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto",
+                 seed: int = 0) -> dict[str, float]:
+    """Reconstruction quality and sparsity of ``sae`` on ``data`` (inference encoding).
+
+    Returns ``fvu`` and ``r2 = 1 − FVU`` over the whole data (global: one residual sum of squares
+    over one total sum of squares around the data mean), ``r2_batch_mean`` — the authors' R²
+    (dictionary_learning's ``frac_variance_explained``): per batch
+    ``1 − Σ_j var_b(x − x̂)_j / Σ_j var_b(x)_j`` (variances over the batch, i.e. mean-centred per
+    batch, summed over features), averaged over the full batches (the last, partial batch only
+    counts when there is no full one) — ``l0``, ``dead_frac_val`` (latents never active) and,
+    for Matryoshka, ``r2_prefix_<m>`` per nested prefix (global).
+
+    Batches are drawn in a seeded random order (every row once), as the authors evaluate on
+    shuffled batches; the global metrics do not depend on the order. The SAE is moved to
+    ``device`` (``"auto"``: CUDA if available) for the evaluation and back afterwards.
+    """
+    dev = resolve_device(device)
     was_training = sae.training
+    home = sae.W_enc.device
     sae.eval()
+    if home != dev:
+        sae.to(dev)
     try:
-        sums, sq, n, sse, l0, fired = None, None, 0, 0.0, 0.0, torch.zeros(sae.dict_size, dtype=torch.bool, device=device)
+        sums, sq, n, sse, l0 = None, None, 0, 0.0, 0.0
+        fired = torch.zeros(sae.dict_size, dtype=torch.bool, device=dev)
         prefix_sse = None
-        for b in _iter_eval(data, batch_size):
-            x = torch.as_tensor(b).float().to(device)
+        full_r2, partial_r2 = [], []
+        for x in _eval_batches(data, batch_size, dev, seed):
             f = sae.encode(x)
             if isinstance(sae, MatryoshkaBatchTopKSAE):
                 recs = sae.decode_prefixes(f)
@@ -320,23 +626,34 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
                 prefix_sse = pe if prefix_sse is None else prefix_sse + pe
             else:
                 x_hat = sae.decode(f)
-            sse += float((x - x_hat).double().pow(2).sum())
+            resid = (x - x_hat).double()
             xd = x.double()
+            sse += float(resid.pow(2).sum())
             sums = xd.sum(0) if sums is None else sums + xd.sum(0)
             sq = xd.pow(2).sum() if sq is None else sq + xd.pow(2).sum()
             n += x.shape[0]
             l0 += float((f != 0).sum())
             fired |= (f != 0).any(0)
+            if x.shape[0] >= 2:
+                var_x = float((xd - xd.mean(0)).pow(2).sum())
+                var_r = float((resid - resid.mean(0)).pow(2).sum())
+                r2b = 1.0 - var_r / var_x if var_x > 0 else float("nan")
+                (full_r2 if x.shape[0] == batch_size else partial_r2).append(r2b)
         if n == 0:
             raise ValueError("validation data is empty")
         tss = float(sq - sums.pow(2).sum() / n)
         fvu = sse / tss if tss > 0 else float("nan")
-        out = {"fvu": fvu, "r2": 1.0 - fvu, "l0": l0 / n, "dead_frac_val": float((~fired).float().mean())}
+        per_batch = full_r2 or partial_r2
+        out = {"fvu": fvu, "r2": 1.0 - fvu,
+               "r2_batch_mean": float(np.mean(per_batch)) if per_batch else float("nan"),
+               "l0": l0 / n, "dead_frac_val": float((~fired).float().mean())}
         if prefix_sse is not None:
             for m, e in zip(sae.prefix_sizes, prefix_sse.tolist()):
                 out[f"r2_prefix_{m}"] = 1.0 - e / tss if tss > 0 else float("nan")
         return out
     finally:
+        if home != dev:
+            sae.to(home)
         sae.train(was_training)
 
 
@@ -366,23 +683,45 @@ def _validate(sae_type, expansion, k, group_fractions, steps, batch_size, d):
 
 def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int = 20,
               group_fractions: list[float] | None = None, steps: int = 1000, batch_size: int = 4096,
-              lr: float | None = None, seed: int = 0, device: str = "cpu", val_data=None,
+              lr: float | None = None, seed: int = 0, device: str | torch.device = "auto", val_data=None,
               eval_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
               checkpoint_every: int | None = None, progress: bool = True, warmup_steps: int | None = None,
-              decay_start: int | None = None, threshold_start_step: int | None = None,
-              threshold_beta: float = 0.999, dead_tokens: int = 10_000_000, aux_alpha: float = 1 / 32,
+              decay_start: int | float | None = None, threshold_start_step: int | None = None,
+              threshold_beta: float = 0.999, dead_tokens: int = 10_000_000, aux_alpha: float = DEFAULT_AUX_ALPHA,
               k_aux: int | None = None, l1_coeff: float = 1e-1, grad_clip: float = 1.0,
-              resume: bool = True, stop_after: int | None = None) -> tuple[BaseSAE, pd.DataFrame]:
+              resume: bool = True, stop_after: int | None = None, data_on_device: bool | str = "auto",
+              memory_fraction: float = DATA_MEMORY_FRACTION, autocast: bool | None = None,
+              ) -> tuple[BaseSAE, pd.DataFrame]:
     """Train an SAE of ``sae_type`` on ``data`` (tensor [N, d] or ActivationStore); return (sae, history).
 
     ``history`` has one row per evaluation (every ``eval_every`` steps and at the end): step, lr,
     loss, l2, aux, train L0, dead fraction (no firing within ``dead_tokens`` tokens), threshold
-    and, with ``val_data``, val FVU/R²/L0 (+ per-prefix R² for Matryoshka). With ``checkpoint_dir``,
-    resumable checkpoints are written atomically; a rerun resumes and ends identically.
-    ``stop_after`` stops early after that many total steps (for tests / interrupted runs).
+    and, with ``val_data``, val FVU/R²/authors' per-batch R²/L0 (+ per-prefix R² for Matryoshka).
+    With ``checkpoint_dir``, resumable checkpoints are written atomically; a rerun resumes and
+    ends identically. ``stop_after`` stops early after that many total steps (for tests /
+    interrupted runs).
+
+    Defaults reproduce the authors' runs: ``aux_alpha=0.03`` (their scripts; the paper text says
+    1/32), ``decay_start=None`` (no LR decay: they decay from step 109,999 of 110k and keep the
+    100k checkpoint; ``decay_start=DECAY_LAST_20PCT`` (0.8) restores the former decay over the
+    last 20 %, an int is a step, a float a fraction of ``steps``), input scale from ~100 random
+    batches (:func:`estimate_input_scale`).
+
+    Device and data: ``device="auto"`` is CUDA when available, else the CPU (see
+    :func:`vlmsae_utils.device.resolve_device`). ``data_on_device="auto"`` puts the whole training
+    data on the device (in its storage dtype; float16 stores become float32 batch by batch on the
+    device) when it takes at most ``memory_fraction`` (default 0.5) of the device's free memory —
+    on the CPU that means loaded into RAM, within that share of the available RAM; a tensor
+    already on the device is always used in place. Otherwise it streams in chunks of up to 64
+    batches gathered by a background thread into pinned memory and copied asynchronously.
+    ``True``/``False`` force either path. Batches are a function of ``(seed, step)`` only — every
+    row once per epoch in a seeded random order (:func:`training_batch_rows`) — so both paths
+    train bit-identically. ``autocast=None`` runs the encoder forward in bf16 on CUDA when the GPU
+    supports it (``False``: float32 everywhere; never used on the CPU).
     """
     from tqdm.auto import tqdm
 
+    dev = resolve_device(device)
     d = _data_dim(data)
     dict_size, group_sizes = _validate(sae_type, expansion, k, group_fractions, steps, batch_size, d)
     if val_data is not None:
@@ -394,17 +733,21 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
     n_rows = len(data)
     if n_rows < 1:
         raise ValueError("training data is empty")
+    if isinstance(data, torch.Tensor):
+        _check_finite(data, "training data")
     steps, batch_size = int(steps), int(batch_size)
     lr = default_lr(dict_size) if lr is None else float(lr)
     warmup_steps = min(1000, max(1, steps // 20)) if warmup_steps is None else int(warmup_steps)
-    decay_start = int(0.8 * steps) if decay_start is None else decay_start
+    decay_start = resolve_decay_start(decay_start, steps)
     threshold_start_step = min(1000, steps // 4) if threshold_start_step is None else int(threshold_start_step)
     eval_every = max(1, steps // 20) if eval_every is None else int(eval_every)
     checkpoint_every = eval_every if checkpoint_every is None else int(checkpoint_every)
-    dev = torch.device(device)
-    autocast = dev.type == "cuda"
+    if autocast is None:
+        autocast = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    elif autocast and dev.type != "cuda":
+        raise ValueError(f"autocast (bf16) is only used on CUDA; device is {dev}")
 
-    batches = _Batches(data, batch_size, seed)
+    stream = _TrainingStream(data, batch_size, seed, dev, data_on_device, memory_fraction)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sae = make_sae(sae_type, d, dict_size, k if sae_type != "relu" else None, group_sizes)
@@ -415,7 +758,9 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
     history: list[dict] = []
     start = 0
     run_cfg = {"sae_type": sae_type, "activation_dim": d, "dict_size": dict_size, "k": k, "group_sizes": group_sizes,
-               "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+               "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
+               "decay_start": decay_start, "aux_alpha": float(aux_alpha), "trainer_version": TRAINER_VERSION,
+               "data": data_fingerprint(data)}
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
 
     if ckpt_path is not None and resume and ckpt_path.is_file():
@@ -427,13 +772,12 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         since_fired = ck["since_fired"].to(dev)
-        batches.load_state(ck["batches"])
         history = list(ck["history"])
         start = int(ck["step"])
     else:
-        # input normalisation and geometric-median b_dec from the first batch
-        scale = estimate_input_scale(data, batch_size=batch_size)
-        first = _Batches(data, batch_size, seed).next()
+        # input normalisation from ~100 random batches, geometric-median b_dec from the first batch (on the CPU)
+        scale = estimate_input_scale(stream.src, batch_size=batch_size, seed=seed)
+        first = stream.first_batch()
         with torch.no_grad():
             sae.input_scale.fill_(scale)
             sae.b_dec.copy_(geometric_median(first * scale).to(dev))
@@ -443,49 +787,56 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
             return
         atomic_torch_save({"config": run_cfg, "step": step, "model": sae.state_dict(), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "since_fired": since_fired.cpu(),
-                            "batches": batches.state(), "history": history}, ckpt_path)
+                            "history": history}, ckpt_path)
 
     end = steps if stop_after is None else min(steps, int(stop_after))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{sae_type} ε={expansion}")
     last: dict[str, Any] = {}
-    for step in range(start, end):
-        x = batches.next().to(dev, non_blocking=True)
-        dead = since_fired >= dead_tokens if sae_type != "relu" else None
-        out = sae_loss(sae, x, dead_mask=dead, aux_alpha=aux_alpha, k_aux=k_aux, l1_coeff=l1_coeff, autocast=autocast)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        project_decoder_grad(sae.W_dec)
-        if grad_clip is not None and grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            since_fired += x.shape[0]
-            since_fired[out["fired"]] = 0
-            if sae.uses_threshold and step >= threshold_start_step and out["min_kept"] is not None:
-                mk = out["min_kept"]
-                th = float(sae.threshold)
-                sae.threshold.fill_(mk if th < 0 else threshold_beta * th + (1 - threshold_beta) * mk)
-        last = {"loss": float(out["loss"].detach()), "l2": float(out["l2"]), "aux": float(out["aux"]), "l0": out["l0"]}
-        if not math.isfinite(last["loss"]):
-            raise FloatingPointError(f"training diverged at step {step + 1}: loss={last['loss']}")
-        done = step + 1
-        if done % 10 == 0 or done == end:
-            bar.set_postfix(loss=f"{last['loss']:.4g}", L0=f"{last['l0']:.1f}", refresh=False)
-        bar.update(1)
-        if done % eval_every == 0 or done == steps:
-            row = {"step": done, "lr": opt.param_groups[0]["lr"], **last,
-                   "dead_frac": float((since_fired >= dead_tokens).float().mean()),
-                   "threshold": float(sae.threshold)}
-            if val_data is not None:
-                row.update({f"val_{kk}": v for kk, v in evaluate_sae(sae, val_data, batch_size, dev).items()})
-            history.append(row)
-        if ckpt_path is not None and (done % checkpoint_every == 0 or done == end):
-            save_ckpt(done)
-    bar.close()
+    batches = stream.batches(start, end)
+    try:
+        for step, x in zip(range(start, end), batches):
+            dead = since_fired >= dead_tokens if sae_type != "relu" else None
+            out = sae_loss(sae, x, dead_mask=dead, aux_alpha=aux_alpha, k_aux=k_aux, l1_coeff=l1_coeff,
+                           autocast=autocast)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            project_decoder_grad(sae.W_dec)
+            if grad_clip is not None and grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                since_fired += x.shape[0]
+                since_fired[out["fired"]] = 0
+                if sae.uses_threshold and step >= threshold_start_step and out["min_kept"] is not None:
+                    mk = out["min_kept"]
+                    th = float(sae.threshold)
+                    sae.threshold.fill_(mk if th < 0 else threshold_beta * th + (1 - threshold_beta) * mk)
+            last = {"loss": float(out["loss"].detach()), "l2": float(out["l2"]), "aux": float(out["aux"]),
+                    "l0": out["l0"]}
+            if not math.isfinite(last["loss"]):
+                raise FloatingPointError(f"training diverged at step {step + 1}: loss={last['loss']}")
+            done = step + 1
+            if done % 10 == 0 or done == end:
+                bar.set_postfix(loss=f"{last['loss']:.4g}", L0=f"{last['l0']:.1f}", refresh=False)
+            bar.update(1)
+            if done % eval_every == 0 or done == steps:
+                row = {"step": done, "lr": opt.param_groups[0]["lr"], **last,
+                       "dead_frac": float((since_fired >= dead_tokens).float().mean()),
+                       "threshold": float(sae.threshold)}
+                if val_data is not None:
+                    row.update({f"val_{kk}": v for kk, v in evaluate_sae(sae, val_data, batch_size, dev).items()})
+                history.append(row)
+            if ckpt_path is not None and (done % checkpoint_every == 0 or done == end):
+                save_ckpt(done)
+    finally:
+        batches.close()
+        bar.close()
     sae.eval()
-    return sae, pd.DataFrame(history)
+    frame = pd.DataFrame(history)
+    frame.attrs.update(device=str(dev), data_on_device=stream.resident)
+    return sae, frame
 
 
 # ----- grids of SAEs (notebook 02 and sweeps) ---------------------------------------------------
@@ -499,11 +850,15 @@ def run_name(sae_type: str, expansion: float, k: int) -> str:
 
 
 def train_grid(train_data, val_data, sae_types: list[str], expansions: list[float], out_dir: str | os.PathLike,
-               **train_kwargs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+               device: str | torch.device = "auto", **train_kwargs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Train every (SAE type × expansion) on the same data, save each SAE and its history under
-    ``out_dir/<run_name>/``, and return a results table (R², L0, dead %) and the histories."""
+    ``out_dir/<run_name>/``, and return a results table (R², the authors' per-batch R², L0, dead %)
+    and the histories. ``device`` is resolved once (``"auto"``: CUDA if available); when the
+    training data goes on the device (``data_on_device``, see :func:`train_sae`) it is put there
+    once for the whole grid."""
     from .sae import save_sae
 
+    dev = resolve_device(device)
     if not sae_types or not expansions:
         raise ValueError("sae_types and expansions must each list at least one value")
     unknown = [t for t in sae_types if t not in SAE_TYPES]
@@ -511,6 +866,11 @@ def train_grid(train_data, val_data, sae_types: list[str], expansions: list[floa
         raise ValueError(f"unknown sae_types {unknown}; valid: {', '.join(SAE_TYPES)}")
     out = Path(out_dir)
     k = train_kwargs.get("k", 20)
+    _data_dim(train_data)
+    src = _RowSource(train_data)
+    if _resolve_data_on_device(train_kwargs.get("data_on_device", "auto"), src, dev,
+                               train_kwargs.get("memory_fraction", DATA_MEMORY_FRACTION)):
+        train_data = src.load(dev, "training data")  # once for every SAE of the grid
     rows, histories = [], {}
     for sae_type in sae_types:
         kwargs = dict(train_kwargs)
@@ -518,13 +878,15 @@ def train_grid(train_data, val_data, sae_types: list[str], expansions: list[floa
             kwargs.pop("group_fractions", None)
         for expansion in expansions:
             name = run_name(sae_type, expansion, k)
-            sae, history = train_sae(train_data, sae_type, expansion, val_data=val_data,
+            sae, history = train_sae(train_data, sae_type, expansion, val_data=val_data, device=dev,
                                      checkpoint_dir=out / name / "checkpoint", **kwargs)
             save_sae(sae, out / name)
             history.to_csv(out / name / "history.csv", index=False)
-            final = evaluate_sae(sae, val_data if val_data is not None else train_data)
+            final = evaluate_sae(sae, val_data if val_data is not None else train_data,
+                                 kwargs.get("batch_size", 4096), dev)
             rows.append({"SAE": SAE_LABELS[sae_type], "sae_type": sae_type, "expansion": expansion,
-                         "latents": sae.dict_size, "k": k, "R² %": 100 * final["r2"], "L0": final["l0"],
+                         "latents": sae.dict_size, "k": k, "R² %": 100 * final["r2"],
+                         "R² batch-mean %": 100 * final["r2_batch_mean"], "L0": final["l0"],
                          "dead %": 100 * final.get("dead_frac_val", float("nan")), "path": str(out / name)})
             histories[name] = history
     results = pd.DataFrame(rows)
