@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vlmsae_utils import steering
-from vlmsae_utils.sae import BatchTopKSAE
+from vlmsae_utils.metrics import SparseCodes
+from vlmsae_utils.sae import BatchTopKSAE, load_sae, save_sae
 
 LAYER = 2  # the fixture LLaVA reads block 2 (vision_feature_layer = -2 of 4 blocks)
 
@@ -143,3 +144,160 @@ def test_bad_latent_width_mode_and_block(llava, sae):
     with pytest.raises(ValueError, match="cannot change the answer"):
         with steering.steer(model, sae, 3, {0: 1.0}):
             pass
+
+
+# ----------------------------------------------------------------------------- α units (issue 14, item 1)
+
+
+def _same_function_two_formats(tmp_path, scale: float):
+    """One SAE as a dictionary_learning ``ae.pt`` (input_scale 1) and as our folder with
+    ``input_scale = scale``: our biases and threshold are ``scale`` times theirs, so both compute
+    the same reconstruction of raw inputs and our codes are ``scale`` times theirs."""
+    torch.manual_seed(1)
+    d, w, theta = 32, 64, 0.05
+    W_enc, W_dec = torch.randn(d, w) / d ** 0.5, torch.randn(w, d) / d ** 0.5
+    b_enc, b_dec = 0.1 * torch.randn(w), 0.1 * torch.randn(d)
+    torch.save({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "decoder.weight": W_dec.T.contiguous(),
+                "b_dec": b_dec, "k": torch.tensor(4), "threshold": torch.tensor(theta)}, tmp_path / "ae.pt")
+    imported = load_sae(tmp_path / "ae.pt")
+    ours = BatchTopKSAE(d, w, k=4)
+    with torch.no_grad():
+        ours.W_enc.copy_(W_enc), ours.W_dec.copy_(W_dec)
+        ours.b_enc.copy_(b_enc * scale), ours.b_dec.copy_(b_dec * scale)
+        ours.threshold.fill_(theta * scale), ours.input_scale.fill_(scale)
+    ours = load_sae(save_sae(ours, tmp_path / "ours"))
+    reference = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "theta": theta}
+    return imported, ours, reference
+
+
+def test_clamp_codes_converts_raw_alpha_to_code_units():
+    codes = torch.arange(24.0).reshape(2, 3, 4)
+    out = steering.clamp_codes(codes, [{1: 2.0}, {3: -4.0}], "replace", scale=0.5)
+    expected = codes.clone()
+    expected[0, :, 1], expected[1, :, 3] = 1.0, -2.0
+    assert torch.equal(out, expected)
+    zeroed = steering.clamp_codes(codes, [{1: 2.0}, {}], "pre_zero", scale=3.0)
+    assert zeroed[0, :, 1].tolist() == [6.0] * 3 and zeroed.abs().sum() == 18.0
+
+
+def test_same_clamp_on_imported_and_rescaled_sae_gives_the_same_block_output(tmp_path, llava, pixels):
+    scale = 0.125
+    imported, ours, ref = _same_function_two_formats(tmp_path, scale)
+    assert float(imported.input_scale) == 1.0 and float(ours.input_scale) == scale
+    hidden = _hidden_states(llava[0], pixels)[LAYER + 1]
+    flat = hidden.reshape(-1, 32)
+    torch.testing.assert_close(ours.encode(flat), scale * imported.encode(flat), atol=1e-5, rtol=1e-5)
+
+    # Hand-computed from the dictionary_learning formulas in raw units: latent 5 set to α = 100.
+    z = torch.relu((flat - ref["b_dec"]) @ ref["W_enc"] + ref["b_enc"])
+    z = z * (z > ref["theta"])
+    z[:, 5] = 100.0
+    by_hand = (z @ ref["W_dec"] + ref["b_dec"]).reshape(hidden.shape)
+    for mode in steering.STEER_MODES:
+        a = steering.steered_block_output(hidden, imported, [{5: 100.0}] * len(hidden), mode)
+        b = steering.steered_block_output(hidden, ours, [{5: 100.0}] * len(hidden), mode)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(steering.steered_block_output(hidden, ours, [{5: 100.0}] * len(hidden), "replace"),
+                               by_hand, atol=1e-4, rtol=1e-5)
+    # Through the LLaVA hook: the steered block output (and hence the answer) is the same.
+    model = llava[0]
+    with steering.steer(model, imported, LAYER, {5: 100.0}):
+        via_imported = _hidden_states(model, pixels)[LAYER + 1]
+    with steering.steer(model, ours, LAYER, {5: 100.0}):
+        via_ours = _hidden_states(model, pixels)[LAYER + 1]
+    torch.testing.assert_close(via_ours, via_imported, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(via_ours, by_hand, atol=1e-4, rtol=1e-5)
+
+
+def test_alpha_units_max_is_the_largest_code_in_raw_units():
+    sae = BatchTopKSAE(4, 3, k=1)
+    sae.input_scale.fill_(0.25)
+    dense = torch.tensor([[0.0, 2.0, 0.0], [8.0, 0.0, 0.0], [4.0, 6.0, 0.0]])
+    codes = SparseCodes.from_dense(dense)
+    assert steering.alpha_units(sae, codes, [0, 1, 2], "max") == {0: 32.0, 1: 24.0, 2: 0.0}
+    assert steering.alpha_units(sae, codes, [0, 2], "absolute") == {0: 1.0, 2: 1.0}
+    # α = 1 in these units clamps at exactly the largest code, whatever the scale
+    clamped = steering.clamp_codes(torch.zeros(1, 1, 3), [{0: 1.0 * 32.0}], "replace", steering.code_scale(sae))
+    assert float(clamped[0, 0, 0]) == 8.0
+    with pytest.raises(ValueError, match="alpha_scale"):
+        steering.alpha_units(sae, codes, [0], "relative")
+
+
+# ----------------------------------------------------------------------------- concept images (item 2)
+
+
+def _random_codes(seed: int):
+    """Sparse non-negative codes of 11 images with 0–4 rows each (image 3 has none)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [2, 1, 4, 0, 3, 2, 1, 4, 2, 3, 1]
+    image = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
+    dense = torch.rand(len(image), 9, generator=generator)
+    dense = dense * (torch.rand(dense.shape, generator=generator) < 0.35)
+    return dense, image, rows
+
+
+def _brute_force_top(dense, image, rows, k, pool):
+    """Per image pooled dense codes, then per latent the positive images sorted by value."""
+    pooled = torch.zeros(len(rows), dense.shape[1], dtype=torch.float64)
+    for i, n in enumerate(rows):
+        block = dense[image == i].double()
+        if n:
+            pooled[i] = block.mean(0) if pool == "mean" else block.max(0).values
+    tops = []
+    for j in range(dense.shape[1]):
+        ranked = sorted(((float(pooled[i, j]), i) for i in range(len(rows)) if pooled[i, j] > 0), reverse=True)[:k]
+        tops.append(ranked)
+    return pooled, tops
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_concept_top_images_against_dense_brute_force(pool):
+    for seed in range(3):
+        dense, image, rows = _random_codes(seed)
+        top = steering.concept_top_images(SparseCodes.from_dense(dense), image.numpy(), k=5, pool=pool)
+        _, expected = _brute_force_top(dense, image, rows, 5, pool)
+        for j, ranked in enumerate(expected):
+            got = [(float(v), int(i)) for v, i in zip(top.values[j], top.indices[j]) if i >= 0]
+            assert [i for _, i in got] == [i for _, i in ranked], (seed, j)
+            torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in ranked]),
+                                       atol=1e-6, rtol=1e-6)
+            assert top.indices[j, len(ranked):].eq(-1).all() and int(top.count_positive[j]) == sum(
+                1 for i in range(len(rows)) if (dense[image == i, j] > 0).any())
+
+
+def test_mean_pool_in_small_chunks_equals_the_dense_mean():
+    dense, image, rows = _random_codes(7)
+    pooled, _ = _brute_force_top(dense, image, rows, 1, "mean")
+    for chunk in (1, 3, 1000):
+        got = steering._mean_pool(SparseCodes.from_dense(dense), image, chunk_rows=chunk).to_dense()
+        torch.testing.assert_close(got.double(), pooled, atol=1e-6, rtol=1e-6)
+
+
+def test_mean_and_max_pool_rank_differently_by_hand():
+    # image 0: a single strong token (5, 0) → mean 2.5, max 5; image 1: covered (3, 3) → mean 3, max 3
+    codes = SparseCodes.from_dense(torch.tensor([[5.0], [0.0], [3.0], [3.0]]))
+    image = [0, 0, 1, 1]
+    mean = steering.concept_top_images(codes, image, k=2)  # the authors' default
+    assert mean.indices[0].tolist() == [1, 0] and mean.values[0].tolist() == [3.0, 2.5]
+    peak = steering.concept_top_images(codes, image, k=2, pool="max")
+    assert peak.indices[0].tolist() == [0, 1] and peak.values[0].tolist() == [5.0, 3.0]
+    with pytest.raises(ValueError, match="pool"):
+        steering.concept_top_images(codes, image, pool="sum")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        steering.concept_top_images(codes, [1, 1, 0, 0])
+
+
+# ----------------------------------------------------------------------------- class names (item 3)
+
+
+def test_class_text_is_readable_on_real_folders(fixture):
+    from vlmsae_utils.fixtures import fixture_classes
+
+    first = fixture_classes()[0]
+    assert steering.class_text(first.folder) == first.caption
+    assert steering.class_text("n01440764") == "tench"
+    assert steering.class_text("n04326547") == "stone wall"
+    assert steering.class_text("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus") == \
+        "Danaus plexippus"
+    assert steering.class_text("007_red_fox") == "red fox"
+    assert steering.names_class("Tench.", "n01440764") and not steering.names_class("goldfish", "n01440764")

@@ -5,6 +5,17 @@
 image of a batch, so a sweep over many latents is one batched generation. The steering
 score (PAPER.md §7) compares the CLIP text embedding of the model's one-word answer with
 the mean CLIP image embedding of the latent's top images.
+
+**Units of α.** A clamp value α is in *raw activation units*, as in the authors' code: the code
+a dictionary_learning SAE (``input_scale`` = 1, its normalisation folded into the biases) gives
+for the raw block output. Our SAEs encode ``x · input_scale``, so their codes are ``input_scale``
+times the raw-unit codes of the same function; :func:`clamp_codes` therefore writes
+``α · input_scale`` into them. The same α on an imported checkpoint and on the same weights saved
+by us with any ``input_scale`` steers identically.
+
+**Concept images.** :func:`concept_top_images` ranks images by a latent's code averaged over
+the image's token rows (``pool="mean"``, the authors' ``--mean_pool``), or by its maximum
+(``pool="max"``, our earlier variant).
 """
 from __future__ import annotations
 
@@ -13,13 +24,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from .device import resolve_device, resolve_model_dtype
 from .encoders import VisionEncoder, wrap_clip_vision
+from .exemplars import TopK, top_k_images
+from .metrics import SparseCodes
 
 STEER_MODES = ("replace", "pre_zero", "error_preserving")
+CONCEPT_POOLS = ("mean", "max")
+ALPHA_SCALES = ("absolute", "max")
 DEFAULT_PROMPT = "What is shown in this image? Use exactly one word!"
 Clamp = Mapping[int, float]
 
@@ -74,22 +90,34 @@ def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
             raise ValueError(f"latent(s) {bad} out of range: the SAE has {sae.dict_size} latents (0..{sae.dict_size - 1})")
 
 
-def clamp_codes(codes: torch.Tensor, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
-    """Codes ``[B, T, ω]`` with latent j set to α on every token of row b (``clamps[b]``)."""
+def code_scale(sae: nn.Module) -> float:
+    """Factor from raw activation units to the SAE's code units: its ``input_scale`` (1 for
+    imported dictionary_learning checkpoints and SAEs without the buffer)."""
+    scale = getattr(sae, "input_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+def clamp_codes(codes: torch.Tensor, clamps: Sequence[Clamp], mode: str, scale: float = 1.0) -> torch.Tensor:
+    """Codes ``[B, T, ω]`` with latent j set to ``α · scale`` on every token of row b (``clamps[b]``).
+
+    α is in raw activation units and ``scale`` (:func:`code_scale`) converts it to the codes'
+    units; with ``scale = 1`` α is written as given.
+    """
     out = torch.zeros_like(codes) if mode == "pre_zero" else codes.clone()
     for row, clamp in enumerate(clamps):
         for latent, alpha in clamp.items():
-            out[row, :, int(latent)] = float(alpha)
+            out[row, :, int(latent)] = float(alpha) * float(scale)
     return out
 
 
 def steered_block_output(hidden: torch.Tensor, sae: nn.Module, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
     """New block output for ``hidden`` ``[B, T, D]``: SAE decode of the clamped code, or (mode
-    ``error_preserving``) ``hidden`` plus the change the clamp makes to the reconstruction."""
+    ``error_preserving``) ``hidden`` plus the change the clamp makes to the reconstruction.
+    Clamp values α are in raw activation units (converted with the SAE's ``input_scale``)."""
     batch, length, width = hidden.shape
     flat = hidden.reshape(batch * length, width).float()
     codes = sae.encode(flat).reshape(batch, length, -1)
-    clamped = clamp_codes(codes, clamps, mode)
+    clamped = clamp_codes(codes, clamps, mode, code_scale(sae))
     decoded = sae.decode(clamped.reshape(batch * length, -1)).reshape(batch, length, width)
     if mode == "error_preserving":
         delta = decoded - sae.decode(codes.reshape(batch * length, -1)).reshape(batch, length, width)
@@ -114,7 +142,10 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     """Within the block, vision block ``layer``'s output is replaced by the SAE's clamped reconstruction.
 
     ``clamp`` maps latent → α for every image, or is a list with one mapping per image of the
-    batch. Modes: ``replace`` (the paper), ``pre_zero`` (other latents zeroed), and
+    batch. α is in raw activation units, as the authors' α = 100 (for ``alpha_scale: absolute``):
+    latent j's code is set to ``α · sae.input_scale``, the same intervention on an imported
+    dictionary_learning SAE (scale 1) and on the same function saved by us with another scale.
+    Modes: ``replace`` (the paper), ``pre_zero`` (other latents zeroed), and
     ``error_preserving`` (the SAE error is added back, so only the clamped latent changes).
     """
     if mode not in STEER_MODES:
@@ -219,8 +250,9 @@ def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images
                  alpha_units: Mapping[int, float] | None = None) -> list[dict]:
     """Answers for every (image, latent, α), batching different clamps on different rows.
 
-    With ``alpha_units`` the clamp of latent j is ``α · alpha_units[j]`` (e.g. α in multiples of
-    the latent's largest activation); the table keeps α as given.
+    With ``alpha_units`` the clamp of latent j is ``α · alpha_units[j]`` raw activation units
+    (e.g. α in multiples of the latent's largest activation, :func:`alpha_units`); the table
+    keeps α as given.
     """
     units = alpha_units or {}
     jobs = [(i, latent, alpha) for i in range(len(images)) for latent in latents for alpha in alphas]
@@ -233,6 +265,96 @@ def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images
         rows += [{"image": i, "latent": latent, "alpha": alpha, "answer": answer}
                  for (i, latent, alpha), answer in zip(chunk, answers)]
     return rows
+
+
+# ----------------------------------------------------------------------------- concepts and α units
+
+
+def _as_sparse(codes) -> SparseCodes:
+    if isinstance(codes, SparseCodes):
+        return codes
+    return SparseCodes.from_dense(torch.as_tensor(codes).float())
+
+
+def concept_top_images(codes: SparseCodes, row_image_index, k: int = 16, pool: str = "mean") -> TopK:
+    """A latent's concept images: its top-``k`` images by its code pooled over each image's rows.
+
+    ``pool="mean"`` (default, the authors' ``--mean_pool``): the sum of the latent's code over the
+    image's rows divided by the image's number of rows (absent entries count as 0).
+    ``pool="max"``: the largest code over the image's rows (this book's earlier variant).
+    ``row_image_index`` gives the image of every row (image-major, non-decreasing, e.g.
+    ``store.row_image_index()``). Returns :class:`~vlmsae_utils.exemplars.TopK` over image ids
+    (``values`` are pooled codes in the SAE's code units; −1 / NaN where fewer than ``k`` images
+    have a positive pooled code).
+    """
+    if pool not in CONCEPT_POOLS:
+        raise ValueError(f"pool must be one of {', '.join(CONCEPT_POOLS)}, got {pool!r}")
+    codes = _as_sparse(codes)
+    image = torch.as_tensor(np.asarray(row_image_index), dtype=torch.int64).flatten()
+    if image.numel() != len(codes):
+        raise ValueError(f"row_image_index has {image.numel()} entries, the codes have {len(codes)} rows")
+    if image.numel() and (int(image.min()) < 0 or bool((image[1:] < image[:-1]).any())):
+        raise ValueError("row_image_index must be non-negative and non-decreasing (image-major rows)")
+    if pool == "max":
+        return top_k_images(codes, k, row_image_index=image)
+    return top_k_images(_mean_pool(codes, image), k)
+
+
+def _mean_pool(codes: SparseCodes, image: torch.Tensor, chunk_rows: int = 1 << 20) -> SparseCodes:
+    """Sparse ``[num_images, K]`` codes averaged over each image's rows, in image-aligned row chunks."""
+    num_images = int(image.max()) + 1 if image.numel() else 0
+    rows_per_image = torch.bincount(image, minlength=num_images).to(torch.float64)
+    kdim = codes.num_latents
+    img_parts, lat_parts, val_parts = [], [], []
+    start, n = 0, len(codes)
+    while start < n:
+        stop = min(n, start + chunk_rows)
+        while stop < n and image[stop] == image[stop - 1]:  # never split an image's rows
+            stop += 1
+        part = codes.slice_rows(start, stop)
+        img = image[start:stop][part.row_ids()]
+        key = img * kdim + part.indices
+        unique, inverse = torch.unique(key, return_inverse=True)
+        sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, part.values.double())
+        u_img = unique // kdim
+        keep = sums != 0
+        img_parts.append(u_img[keep])
+        lat_parts.append((unique % kdim)[keep])
+        val_parts.append((sums / rows_per_image[u_img])[keep].float())
+        start = stop
+    img = torch.cat(img_parts) if img_parts else torch.zeros(0, dtype=torch.int64)
+    indptr = torch.zeros(num_images + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.bincount(img, minlength=num_images), 0)
+    lat = torch.cat(lat_parts) if lat_parts else torch.zeros(0, dtype=torch.int64)
+    val = torch.cat(val_parts) if val_parts else torch.zeros(0)
+    return SparseCodes(indptr, lat, val, kdim)
+
+
+def latent_max_activation(codes: SparseCodes) -> torch.Tensor:
+    """Largest code of every latent over all rows ``[K]`` (0 for a latent that never fires)."""
+    codes = _as_sparse(codes)
+    out = torch.zeros(codes.num_latents)
+    if codes.nnz:
+        out.scatter_reduce_(0, codes.indices, codes.values.float(), reduce="amax", include_self=True)
+    return out
+
+
+def alpha_units(sae: nn.Module, codes: SparseCodes, latents: Sequence[int],
+                alpha_scale: str = "absolute") -> dict[int, float]:
+    """Raw activation units of one α per latent, for :func:`latent_sweep` and the clamps.
+
+    ``absolute``: 1 (α is in raw activation units, the paper's α = 100). ``max``: latent j's
+    largest code over ``codes`` (the SAE's codes, e.g. :func:`scoring.sae_codes`, which are in
+    code units) divided by the SAE's ``input_scale``, so that α = 1 clamps at exactly that largest
+    code whatever the scale.
+    """
+    if alpha_scale not in ALPHA_SCALES:
+        raise ValueError(f"alpha_scale must be one of {', '.join(ALPHA_SCALES)}, got {alpha_scale!r}")
+    if alpha_scale == "absolute":
+        return {int(j): 1.0 for j in latents}
+    largest = latent_max_activation(codes)
+    scale = code_scale(sae)
+    return {int(j): float(largest[int(j)]) / scale for j in latents}
 
 
 # ----------------------------------------------------------------------------- steering score
@@ -323,14 +445,16 @@ def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: t
 
 
 def class_text(folder: str) -> str:
-    """Words for a class folder: the fixture's caption, else the name without numeric id and underscores."""
+    """Words for a class folder: the fixture's caption for a fixture class, else its readable
+    label (:func:`vlmsae_utils.labels.class_label`: ImageNet wnid → CLIP class name such as
+    ``tench``, iNaturalist folder → ``Genus species``, other names without numeric id and ``_``)."""
     from .fixtures import fixture_classes
+    from .labels import class_label
 
     captions = {c.folder: c.caption for c in fixture_classes()}
     if folder in captions:
         return captions[folder]
-    parts = folder.split("_")
-    return " ".join(parts[1:] if parts and parts[0].isdigit() else parts).strip() or folder
+    return class_label(folder)
 
 
 def top_class(top_indices: torch.Tensor, class_names: Sequence[str], latent: int) -> str:
