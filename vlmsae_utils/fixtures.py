@@ -432,6 +432,7 @@ def write_model(root: Path, name: str, seed: int) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + list(MODEL_WRITERS).index(name))
             MODEL_WRITERS[name](staging)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

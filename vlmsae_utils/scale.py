@@ -98,3 +98,20 @@ def paper_plan(sustained_tflops: float = 100.0, expansions=(1, 2, 4, 8, 16, 64),
     rows.append({"stage": "3 · MS of every latent, 2 scorers", "disk": "—",
                  "compute": human(2 * ms_flops(IMAGENET_VAL, neurons, 768) / rate)})
     return pd.DataFrame(rows).set_index("stage")
+
+
+def rehearsal_measurements() -> pd.DataFrame | None:
+    """What ``make rehearsal`` measured on this machine (``results/rehearsal/measurements.csv``), if run."""
+    from .paths import results_root
+
+    path = results_root() / "rehearsal" / "measurements.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def gpu_commands(device: str = "cuda") -> list[str]:
+    """The commands a GPU user runs for the paper's three experiments (sweeps resume when rerun)."""
+    run = "python -m vlmsae_utils.run"
+    return [f"{run} --config configs/{name}.yaml --dry-run   # list the runs" if i == 0 else
+            f"{run} --config configs/{name}.yaml" for name in ("paper_clip_vitl14", "paper_hierarchy",
+                                                                 "paper_steering") for i in (0, 1)] + [
+        f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights"]

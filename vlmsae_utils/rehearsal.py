@@ -1,0 +1,400 @@
+"""Rehearsal at full width: the paper's models with their exact architectures and random weights.
+
+``rehearsal:HUB_ID`` (e.g. ``rehearsal:openai/clip-vit-large-patch14-336``) names a model
+built from the configuration below — the same widths, depths, heads, patch sizes, image sizes
+and preprocessing as the hub checkpoint, but randomly initialised and written to the data
+home once, with no download. Every loader reads it through ``from_pretrained`` like the real
+model, so shapes, memory and dtypes at the paper's scale (d = 1024, 577 tokens, 65,536
+latents, LLaVA's 576 image tokens) are exercised on any machine. Random weights mean the
+*numbers* (MS, R², answers) are meaningless; only that everything runs, and how fast.
+
+LLaVA-1.5-7B keeps its full vision tower (CLIP ViT-L/14-336) and projector, but its language
+model is cut to :data:`LLAVA_REHEARSAL_LAYERS` of its 32 decoder layers so that it fits a
+laptop (≈1 B instead of 7 B parameters); a word-level tokenizer stands in for LLaMA's.
+
+``python -m vlmsae_utils.rehearsal`` (``make rehearsal``) runs every chapter on these models
+over generated images at each model's resolution and writes what it measured (images/s,
+peak memory, bytes per image) to ``results/rehearsal/measurements.csv``, which chapter 7 shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .paths import data_home, safe_stem
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
+REHEARSAL_VERSION = "v1"
+LLAVA_REHEARSAL_LAYERS = 2  # of LLaMA-7B's 32 decoder layers
+
+__all__ = ["REHEARSAL_MODELS", "LLAVA_REHEARSAL_LAYERS", "RehearsalSpec", "rehearsal_model", "rehearsal_images",
+           "rehearsal_stages", "run_rehearsal", "main"]
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def _clip_vision_config_l14_336(projection: bool = True):
+    """CLIP ViT-L/14 at 336 px (also LLaVA-1.5's vision tower): 24 blocks, width 1024, 577 tokens."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+def _clip_processor(size: int):
+    """OpenAI CLIP preprocessing: resize the short side, centre crop, CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _clip_l14_336():
+    from transformers import CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(_clip_vision_config_l14_336())
+
+
+def _siglip_so400m():
+    """SigLIP so400m/14 at 384 px: 27 blocks, width 1152, 729 tokens, attention-pool head."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    return SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                num_attention_heads=16, image_size=384, patch_size=14))
+
+
+def _siglip_processor(path: Path) -> None:
+    from transformers import SiglipImageProcessor
+
+    SiglipImageProcessor(size={"height": 384, "width": 384}).save_pretrained(path)
+
+
+def _dinov2_base():
+    """DINOv2 ViT-B/14: 12 blocks, width 768."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, image_size=518, patch_size=14))
+
+
+def _dinov2_processor(path: Path) -> None:
+    """Resize 256, centre crop 224, ImageNet mean/std (DINOv2's own preprocessing)."""
+    from transformers import BitImageProcessor
+
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_convert_rgb=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+
+
+def _clip_b32():
+    """CLIP ViT-B/32 with its text tower (the steering score's judge): projection 512."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=8, max_position_embeddings=77, projection_dim=512,
+                          hidden_act="quick_gelu", **_special_token_ids())
+    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu")
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512))
+
+
+def _clip_b32_processor(path: Path) -> None:
+    from transformers import CLIPProcessor
+
+    from .fixtures import build_tokenizer
+
+    CLIPProcessor(image_processor=_clip_processor(224), tokenizer=build_tokenizer()).save_pretrained(path)
+
+
+def _special_token_ids() -> dict[str, int]:
+    """pad/bos/eos ids of the stand-in word-level tokenizer (LLaMA's and CLIP's BPE are not shipped)."""
+    from .fixtures import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
+def _aimv2_large():
+    """AIMv2-L/14 at 224 px: 24 blocks, width 1024, SwiGLU 2816, RMSNorm, no CLS token."""
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    return Aimv2VisionModel(Aimv2VisionConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                              num_attention_heads=8, image_size=224, patch_size=14,
+                                              rms_norm_eps=1e-5, qkv_bias=False, mlp_bias=False))
+
+
+def _webssl_mae300m():
+    """Web-SSL MAE ViT-L/14 (300 M) at 224 px: 24 blocks, width 1024, CLS token (transformers ``ViTModel``)."""
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=224, patch_size=14), add_pooling_layer=False)
+
+
+def _webssl_processor(path: Path) -> None:
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+
+
+def _llava_15_7b():
+    """LLaVA-1.5-7B: CLIP ViT-L/14-336 tower, 2-layer GELU projector 1024 → 4096, LLaMA-7B widths
+    (4096, 32 heads, MLP 11008, vocabulary 32064) with :data:`LLAVA_REHEARSAL_LAYERS` decoder layers."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .fixtures import build_tokenizer
+
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=LLAVA_REHEARSAL_LAYERS, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, **_special_token_ids())
+    config = LlavaConfig(vision_config=_clip_vision_config_l14_336().to_dict(), text_config=text.to_dict(),
+                         image_token_index=build_tokenizer().convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config)
+
+
+def _llava_processor(path: Path) -> None:
+    from transformers import LlavaProcessor
+
+    from .fixtures import CHAT_TEMPLATE, build_tokenizer
+
+    LlavaProcessor(image_processor=_clip_processor(336), tokenizer=build_tokenizer(), patch_size=14,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=CHAT_TEMPLATE).save_pretrained(path)
+
+
+@dataclass(frozen=True)
+class RehearsalSpec:
+    """How to build one paper model's architecture (random weights) and write its preprocessing."""
+
+    build: Callable[[], "nn.Module"]
+    write_processor: Callable[[Path], None]
+    save_dtype: str = "float32"  # LLaVA is stored in float16, as on the hub
+
+
+#: hub id → the architecture of that checkpoint; ``rehearsal:HUB_ID`` loads it with random weights.
+REHEARSAL_MODELS: dict[str, RehearsalSpec] = {
+    "openai/clip-vit-large-patch14-336": RehearsalSpec(_clip_l14_336, lambda p: _clip_processor(336).save_pretrained(p)),
+    "google/siglip-so400m-patch14-384": RehearsalSpec(_siglip_so400m, _siglip_processor),
+    "facebook/dinov2-base": RehearsalSpec(_dinov2_base, _dinov2_processor),
+    "openai/clip-vit-base-patch32": RehearsalSpec(_clip_b32, _clip_b32_processor),
+    "apple/aimv2-large-patch14-224": RehearsalSpec(_aimv2_large, lambda p: _clip_processor(224).save_pretrained(p)),
+    "facebook/webssl-mae300m-full2b-224": RehearsalSpec(_webssl_mae300m, _webssl_processor),
+    "llava-hf/llava-1.5-7b-hf": RehearsalSpec(_llava_15_7b, _llava_processor, save_dtype="float16"),
+}
+
+
+def write_rehearsal_model(hub_id: str, path: Path) -> None:
+    """Build ``hub_id``'s architecture with random weights and save it with its preprocessing."""
+    import torch
+
+    spec = REHEARSAL_MODELS[hub_id]
+    model = spec.build().to(getattr(torch, spec.save_dtype))
+    model.save_pretrained(path)
+    spec.write_processor(path)
+
+
+def rehearsal_dir() -> Path:
+    """Where rehearsal models and images are cached (inside the data home)."""
+    return data_home() / "rehearsal" / REHEARSAL_VERSION
+
+
+def rehearsal_model(hub_id: str, *, seed: int = 0) -> Path:
+    """Folder of the rehearsal model of ``hub_id`` (written on first use, atomically)."""
+    if hub_id not in REHEARSAL_MODELS:
+        raise ValueError(f"no rehearsal model for {hub_id!r}; available: {', '.join(REHEARSAL_MODELS)}")
+    folder = rehearsal_dir() / "models" / safe_stem(hub_id)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        import torch
+
+        from .encoders import quiet_transformers
+
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
+            torch.manual_seed(seed)
+            write_rehearsal_model(hub_id, staging)
+        (staging / "rehearsal.json").write_text(json.dumps({"hub_id": hub_id, "version": REHEARSAL_VERSION,
+                                                            "weights": "random", "seed": seed}))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def rehearsal_images(size: int = 384, train_per_class: int = 2, val_per_class: int = 1, seed: int = 0) -> Path:
+    """Generated JPEGs of the fixture's 16 classes (iNaturalist-style folder names) at ``size`` px."""
+    import numpy as np
+
+    from .fixtures import draw_image, fixture_classes
+
+    root = rehearsal_dir() / f"images_{size}px_{train_per_class}x{val_per_class}"
+    if (root / "done").is_file():
+        return root
+    for split, per_class, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
+        for cls in fixture_classes():
+            folder = root / split / cls.folder
+            folder.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng([seed, offset, cls.index])
+            for i in range(per_class):
+                draw_image(cls, rng, size=size).save(folder / f"{split}_{cls.index:02d}_{i:03d}.jpg", quality=90)
+    (root / "done").write_text("")
+    return root
+
+
+# ----------------------------------------------------------------------------- the full-width run
+
+HIERARCHY_FRACTIONS = [0.002, 0.009, 0.035, 0.189, 0.765]  # the paper's 5 Matryoshka levels (§ hierarchy)
+
+
+def rehearsal_stages(images: Path, device: str) -> list[dict]:
+    """Every chapter at the paper's widths, as notebook runs (stage name, notebook, parameters).
+
+    CLIP-L/14-336 block 22 (the paper's steering layer) with every token of the training images
+    (577 rows per image) trains a ×64 Matryoshka SAE (65,536 latents); its CLS rows of the
+    validation images, with DINOv2-B embeddings, are scored; the other encoders are extracted
+    with the remaining token modes; LLaVA-1.5's tower is steered at block 22.
+    """
+    clip_l, dino = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
+    common = {"data_dir": str(images), "device": device, "batch_size": 8}
+    tokens_all = {"model": clip_l, "split": "train", "layer": 22, "tokens": "all", "scorer": "",
+                  "out_dir": "rehearsal/extract/clip_l_all_train"}
+    cls_val = {"model": clip_l, "split": "val", "layer": 22, "tokens": "cls", "scorer": dino,
+               "out_dir": "rehearsal/extract/clip_l_cls_val"}
+    others = [("siglip_mean", "rehearsal:google/siglip-so400m-patch14-384", {"layer": 25, "tokens": "mean"}),
+              ("aimv2_random2", "rehearsal:apple/aimv2-large-patch14-224", {"layer": 22, "tokens": "random_k"}),
+              ("webssl_projection", "rehearsal:facebook/webssl-mae300m-full2b-224",
+               {"hook": "post_projection", "layer": -1, "tokens": "cls"})]
+    stages = [("extract CLIP-L all tokens", "01", common | tokens_all),
+              ("extract CLIP-L CLS + DINOv2-B", "01", common | cls_val)]
+    stages += [(f"extract {name}", "01", common | {"model": model, "split": "val", "scorer": "",
+                                                   "out_dir": f"rehearsal/extract/{name}"} | extra)
+               for name, model, extra in others]
+    train = {"train_store": f"{tokens_all['out_dir']}/activations", "val_store": f"{cls_val['out_dir']}/activations",
+             "sae_types": ["matryoshka_batch_top_k"], "k": 20, "steps": 10, "batch_size": 1024, "device": device}
+    stages += [("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": "rehearsal/sae"}),
+               ("train ×2 hierarchy", "02", train | {"expansions": [2], "group_fractions": HIERARCHY_FRACTIONS,
+                                                     "out_dir": "rehearsal/sae_hierarchy"})]
+    x64 = "rehearsal/sae/matryoshka_batch_top_k_x64_k20"
+    stages += [
+        ("score 65,536 latents", "03", {"activations_store": f"{cls_val['out_dir']}/activations",
+                                        "scorer_store": f"{cls_val['out_dir']}/embeddings", "sae_paths": [x64],
+                                        "device": device, "out_dir": "rehearsal/ms"}),
+        ("hierarchy", "04", {"train_store": f"{cls_val['out_dir']}/activations",
+                             "scorer_store": f"{cls_val['out_dir']}/embeddings",
+                             "sae_path": "rehearsal/sae_hierarchy/matryoshka_batch_top_k_x2_k20",
+                             "device": device, "out_dir": "rehearsal/hierarchy"}),
+        ("steer LLaVA-1.5 block 22", "05", {"llava": "rehearsal:llava-hf/llava-1.5-7b-hf", "layer": 22,
+                                            "sae_path": x64, "train_store": f"{tokens_all['out_dir']}/activations",
+                                            "images_dir": str(images / "val"), "num_images": 1, "alphas": [0, 100],
+                                            "alpha_scale": "absolute", "score_alpha": 100, "max_new_tokens": 2,
+                                            "clip_text_model": "rehearsal:openai/clip-vit-base-patch32",
+                                            "device": device, "out_dir": "rehearsal/steer"}),
+    ]
+    return [{"stage": name, "notebook": notebook, "parameters": params} for name, notebook, params in stages]
+
+
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+seconds = time.perf_counter() - start
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"returncode": code, "seconds": seconds, "peak_mib": peak_kib / 1024}))
+"""
+
+
+def measure(command: list[str]) -> dict:
+    """Run ``command`` in a fresh process and return its wall time and the peak resident memory of
+    its process tree (the largest process, e.g. the notebook kernel), in MiB."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"measuring {command} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stage_command(stage: dict, notebooks_out: Path) -> list[str]:
+    """``python -m vlmsae_utils.run NN -p NAME VALUE …`` for one stage (values as YAML)."""
+    import sys
+
+    import yaml
+
+    command = [sys.executable, "-m", "vlmsae_utils.run", stage["notebook"]]
+    for name, value in stage["parameters"].items():
+        command += ["-p", name, yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
+    return command + ["--out", str(notebooks_out / safe_stem(stage["stage"]))]
+
+
+def _images_of(stage: dict) -> tuple[int, int]:
+    """Images an extraction stage read and the bytes of the store it wrote."""
+    from .paths import resolve_out_dir
+    from .store import ActivationStore
+
+    store = ActivationStore.open(resolve_out_dir(stage["parameters"]["out_dir"]) / "activations")
+    return len(store.image_ids), store.nbytes
+
+
+def run_rehearsal(device: str = "auto", only: list[str] | None = None) -> pd.DataFrame:
+    """Run every rehearsal stage in order, measured; write and return the measurements table."""
+    import pandas as pd
+
+    from .paths import outputs_root, results_root
+
+    images = rehearsal_images(384)
+    out = results_root() / "rehearsal"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for stage in rehearsal_stages(images, device):
+        if only and not any(word in stage["stage"] for word in only):
+            continue
+        command = stage_command(stage, outputs_root() / "rehearsal" / "notebooks")
+        print("$ python", " ".join(command[1:]), flush=True)
+        result = measure(command)
+        row = {"stage": stage["stage"], "notebook": stage["notebook"], "seconds": round(result["seconds"], 1),
+               "peak MiB": round(result["peak_mib"]), "ok": result["returncode"] == 0}
+        if row["ok"] and stage["notebook"] == "01":
+            count, nbytes = _images_of(stage)
+            row |= {"images": count, "images/s": round(count / result["seconds"], 2),
+                    "KiB/image": round(nbytes / count / 1024, 1)}
+        rows.append(row)
+        print(row, flush=True)
+        pd.DataFrame(rows).to_csv(out / "measurements.csv", index=False)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlmsae_utils.rehearsal [--device D] [--only WORD…]``: every chapter at full width."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--only", nargs="*", help="run only stages whose name contains one of these words")
+    args = parser.parse_args(argv)
+    table = run_rehearsal(args.device, args.only)
+    print(table.to_string(index=False))
+    return 0 if table["ok"].all() else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
