@@ -47,8 +47,10 @@ def test_ms_and_top_k_on_cuda_match_cpu():
     codes = metrics.SparseCodes.from_dense(acts * (acts > 1.5))
     torch.testing.assert_close(metrics.monosemanticity_score(codes, emb, device="cuda").cpu(),
                                metrics.monosemanticity_score(codes, emb, device="cpu"), atol=1e-6, rtol=1e-6)
-    top = top_k_images(acts, 16)
-    assert top.values.device.type == "cpu"
+    top_cpu, top_cuda = top_k_images(acts, 16, device="cpu"), top_k_images(acts, 16, device="cuda")
+    assert top_cuda.values.device.type == "cpu"
+    torch.testing.assert_close(top_cuda.values, top_cpu.values, equal_nan=True)
+    assert torch.equal(top_cuda.indices, top_cpu.indices) and torch.equal(top_cuda.count_positive, top_cpu.count_positive)
 
 
 def test_steered_generation_on_cuda_matches_cpu(fixture):

@@ -52,3 +52,17 @@ def test_store_checks():
         scoring.per_image(_FakeStore(["a"], 2))
     with pytest.raises(ValueError, match="same images"):
         scoring.check_aligned(_FakeStore(["a", "b"]), _FakeStore(["b", "a"]))
+
+
+@pytest.mark.parametrize("name", ["raw openai/clip-vit-large-patch14-336", "raw /data/models/clip", "raw ../x", "fixture:x"])
+def test_ms_tables_of_models_named_by_hub_id_or_path_stay_in_the_folder(tmp_path, name):
+    """Chapter 3 crashed on every real model: a hub id or folder in the report name became a path."""
+    report = scoring.score_neurons(name, torch.relu(torch.randn(20, 4)), torch.randn(20, 3), top_k=2)
+    out = tmp_path / "ms"
+    out.mkdir()
+    scoring.save_ms_tables([report], out)
+    written = list(out.iterdir())
+    assert len(written) == 1 and written[0].parent == out and written[0].name.startswith("ms_")
+    import pandas as pd
+
+    assert set(pd.read_csv(written[0])["neurons"]) == {name}

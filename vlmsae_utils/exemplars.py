@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from .device import resolve_device
 from .metrics import SparseCodes, iter_dense_batches, rows_and_dim
 
 __all__ = ["TopK", "top_k_images", "image_grid", "uniqueness"]
@@ -52,7 +53,7 @@ def _check_row_index(row_image_index: Any, n: int) -> torch.Tensor:
 def _per_image_max(b: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max over the rows of each image in a batch: ([n_img, K], image ids)."""
     ids, inv = torch.unique_consecutive(img, return_inverse=True)
-    out = torch.full((ids.numel(), b.shape[1]), float("-inf"), dtype=b.dtype)
+    out = torch.full((ids.numel(), b.shape[1]), float("-inf"), dtype=b.dtype, device=b.device)
     out.scatter_reduce_(0, inv[:, None].expand_as(b), b, reduce="amax", include_self=True)
     return out, ids
 
@@ -63,13 +64,15 @@ def top_k_images(
     *,
     row_image_index: Any = None,
     batch_size: int | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> TopK:
     """Top-k images per neuron in one streaming pass, O(K·k) state, sorted descending.
 
     `activations`: Tensor/ndarray [N, K], SparseCodes, or a store (`iter_batches`, `len`, `dim`).
     `row_image_index`: image index per row when there are several rows per image (e.g.
     `store.row_image_index()`); the maximum over an image's rows is used. Activations ≤ 0
-    never count as exemplars: such slots get index −1 and value NaN.
+    never count as exemplars: such slots get index −1 and value NaN. Dense batches are merged on
+    ``device`` (``"auto"``: CUDA when available); the result is on the CPU.
     """
     n, kdim = rows_and_dim(activations)
     if int(k) < 1:
@@ -82,9 +85,10 @@ def top_k_images(
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    vals = torch.full((kdim, k), float("-inf"), dtype=torch.float32)
-    idx = torch.full((kdim, k), -1, dtype=torch.int64)
-    count = torch.zeros(kdim, dtype=torch.int64)
+    dev = resolve_device(device)
+    vals = torch.full((kdim, k), float("-inf"), dtype=torch.float32, device=dev)
+    idx = torch.full((kdim, k), -1, dtype=torch.int64, device=dev)
+    count = torch.zeros(kdim, dtype=torch.int64, device=dev)
 
     def merge(block: torch.Tensor, ids: torch.Tensor) -> None:
         nonlocal vals, idx
@@ -92,7 +96,7 @@ def top_k_images(
             raise ValueError("activations contain NaN/inf")
         pos = block > 0
         count.add_(pos.sum(0))
-        cand = torch.where(pos, block.float(), torch.tensor(float("-inf"))).T  # [K, B]
+        cand = block.float().masked_fill(~pos, float("-inf")).T  # [K, B]
         all_v = torch.cat([vals, cand], dim=1)
         all_i = torch.cat([idx, ids[None, :].expand(kdim, -1)], dim=1)
         top_v, pos_i = torch.topk(all_v, k, dim=1, largest=True, sorted=True)
@@ -103,15 +107,16 @@ def top_k_images(
     carry_b: torch.Tensor | None = None
     carry_img: torch.Tensor | None = None
     for b in iter_dense_batches(activations, batch):
+        b = b.to(dev, non_blocking=True)
         if b.ndim != 2 or b.shape[1] != kdim:
             raise ValueError(f"activation batch has shape {tuple(b.shape)}, expected [B, {kdim}]")
         nb = b.shape[0]
         if row + nb > n:
             raise ValueError(f"activations yielded more rows than len()={n}")
         if img_idx is None:
-            merge(b, torch.arange(row, row + nb))
+            merge(b, torch.arange(row, row + nb, device=dev))
         else:
-            im = img_idx[row : row + nb]
+            im = img_idx[row : row + nb].to(dev)
             if carry_b is not None:
                 b, im = torch.cat([carry_b, b.to(carry_b.dtype)]), torch.cat([carry_img, im])
             last = im[-1]
@@ -129,7 +134,7 @@ def top_k_images(
     absent = ~torch.isfinite(vals)
     vals = vals.masked_fill(absent, float("nan"))
     idx = idx.masked_fill(absent, -1)
-    return TopK(vals, idx, count)
+    return TopK(vals.cpu(), idx.cpu(), count.cpu())
 
 
 def _top_k_sparse(codes: SparseCodes, k: int, img_idx: torch.Tensor | None) -> TopK:

@@ -377,8 +377,18 @@ def run_rehearsal(device: str = "auto", only: list[str] | None = None) -> pd.Dat
                     "KiB/image": round(nbytes / count / 1024, 1)}
         rows.append(row)
         print(row, flush=True)
-        pd.DataFrame(rows).to_csv(out / "measurements.csv", index=False)
+        _merge_measurements(out / "measurements.csv", row)
     return pd.DataFrame(rows)
+
+
+def _merge_measurements(path: Path, row: dict) -> None:
+    """Replace the stage's row in the measurements table (other stages' rows are kept, in stage order)."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"notebook": str}) if path.is_file() else pd.DataFrame(columns=list(row))
+    table = pd.concat([table[table["stage"] != row["stage"]], pd.DataFrame([row])], ignore_index=True)
+    order = {stage["stage"]: i for i, stage in enumerate(rehearsal_stages(Path("."), "auto"))}
+    table.sort_values("stage", key=lambda s: s.map(order), kind="stable").to_csv(path, index=False)
 
 
 def main(argv: list[str] | None = None) -> int:

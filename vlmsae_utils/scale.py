@@ -105,7 +105,7 @@ def rehearsal_measurements() -> pd.DataFrame | None:
     from .paths import results_root
 
     path = results_root() / "rehearsal" / "measurements.csv"
-    return pd.read_csv(path) if path.is_file() else None
+    return pd.read_csv(path, dtype={"notebook": str}) if path.is_file() else None
 
 
 def gpu_commands(device: str = "cuda") -> list[str]:

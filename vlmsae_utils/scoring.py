@@ -80,8 +80,9 @@ def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 40
 def score_neurons(name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16,
                   device: str | torch.device | None = "auto") -> NeuronReport:
     """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse)."""
-    ms = monosemanticity_score(activations, embeddings, device=resolve_device(device))
-    return NeuronReport(name, ms, top_k_images(activations, top_k), activations)
+    dev = resolve_device(device)
+    ms = monosemanticity_score(activations, embeddings, device=dev)
+    return NeuronReport(name, ms, top_k_images(activations, top_k, device=dev), activations)
 
 
 def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
