@@ -11,6 +11,7 @@
     python benchmarks/bench_ms.py                   # issue sizes (N=2000,K=1024 | N=50000,K=8192 | uniqueness)
     python benchmarks/bench_ms.py --quick           # smaller sizes, a few seconds
     python benchmarks/bench_ms.py --only uniqueness # section (d) alone
+    python benchmarks/bench_ms.py --only ms --full-width [--device cuda]   # (b)+(c) at N=10,000, K=65,536, D=1024
 """
 from __future__ import annotations
 
@@ -70,21 +71,33 @@ def bench_vs_reference(n: int, k: int, d: int) -> None:
           f"speed-up {t_ref / t_our:.0f}x, max |diff| {err:.1e}")
 
 
-def bench_large(n: int, k: int, d: int) -> None:
+def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
+    from vlmsae_utils.device import cuda_synchronize, resolve_device
+
+    dev = resolve_device(device)
     g = torch.Generator().manual_seed(1)
     a = torch.rand(n, k, generator=g)
     e = torch.randn(n, d, generator=g)
-    a_t = a.T.contiguous()
-    t_mm, _ = _timed(lambda: a_t @ e, repeat=2)
-    t_our, ms = _timed(lambda: monosemanticity_score(a, e), repeat=1)
+    a_t, e_dev = a.T.contiguous().to(dev), e.to(dev)
+
+    def gemm():
+        out = a_t @ e_dev
+        cuda_synchronize(dev)
+        return out
+
+    t_mm, _ = _timed(gemm, repeat=2)
+    del a_t
+    t_our, ms = _timed(lambda: monosemanticity_score(a, e, device=dev), repeat=1)
     print(f"(b) N={n} K={k} D={d}: ours {t_our:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
           f"ratio {t_our / t_mm:.2f}x (live neurons {int((~ms.isnan()).sum())})")
     kk = 16
-    t_top, top = _timed(lambda: top_k_images(a, k=kk), repeat=1)
+    t_top, top = _timed(lambda: top_k_images(a, k=kk, device=dev), repeat=1)
     t_sort, idx = _timed(lambda: torch.argsort(a.T, dim=1, descending=True)[:, :kk], repeat=1)
     same = bool(torch.equal(top.values, torch.gather(a.T, 1, idx)))  # values: ties may swap indices
     print(f"(c) top-{kk} N={n} K={k}: top_k_images {t_top:.2f} s, full argsort per neuron {t_sort:.2f} s, "
           f"speed-up {t_sort / t_top:.1f}x (same values: {same})")
+    print(f"(b+c) MS and top-{kk} together on {dev}: {t_our + t_top:.2f} s = {(t_our + t_top) / t_mm:.2f}x "
+          f"one [K,N]x[N,D] GEMM")
 
 
 # ----------------------------------------------------------------------------- (d) uniqueness
@@ -223,6 +236,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--only", choices=("ms", "uniqueness"), default=None, help="run one part only")
+    p.add_argument("--full-width", action="store_true",
+                   help="(b)+(c) at the paper's width: N=10,000 images, K=65,536 latents, D=1024 (about 8 GB RAM)")
+    p.add_argument("--device", default="cpu", help="device of (b)+(c): cpu, cuda, auto")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,9 +247,11 @@ def main() -> None:
         if args.quick:
             bench_vs_reference(600, 64, 64)
             bench_large(10_000, 512, 768)
+        elif args.full_width:
+            bench_large(10_000, 65_536, 1_024, args.device)
         else:
             bench_vs_reference(2_000, 1_024, 768)
-            bench_large(50_000, 8_192, 768)
+            bench_large(50_000, 8_192, 768, args.device)
     if args.only != "ms":
         if args.quick:
             bench_uniqueness(1_024, 8_192, 10_000, args.threads)

@@ -101,3 +101,36 @@ def test_06_results_on_defaults(executed_chapters, fixture_results):
 def test_07_real_scale_on_defaults(executed_chapters):
     text, _ = _outputs(_chapter(executed_chapters, "07_real_scale"))
     assert "extract train (CLS, 5 layers, fp16)" in text and "GiB" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("naming", ["nested folder", "hub-style id"])
+def test_chapters_1_to_3_run_on_models_named_by_paths_and_hub_ids(fixture, tmp_path, naming):
+    """A model named by a folder or a hub id (with '/') must never become part of an output path."""
+    import shutil
+
+    from vlmsae_utils.defaults import open_store
+    from vlmsae_utils.sae import save_sae
+    from vlmsae_utils.train import train_sae
+
+    if naming == "nested folder":
+        model = tmp_path / "models" / "openai" / "clip copy"
+        shutil.copytree(fixture.model("clip"), model)
+        model = str(model)
+    else:
+        model = "rehearsal:facebook/dinov2-base"  # a hub id behind a prefix: 'facebook/dinov2-base'
+    stores = tmp_path / "stores"
+    run.run_notebook("01", {"model": model, "split": "val", "scorer": "fixture:scorer", "out_dir": str(stores),
+                            "batch_size": 32, "device": "cpu"}, tmp_path / "nb01")
+    activations = open_store(stores / "activations")
+    assert activations.params["encoder"] == model  # the real name is kept in the manifest
+    sae, _ = train_sae(activations, "batch_top_k", 2, k=4, steps=20, batch_size=64, progress=False, device="cpu")
+    save_sae(sae, tmp_path / "sae")
+    ms = tmp_path / "ms"
+    run.run_notebook("03", {"activations_store": str(stores / "activations"),
+                            "scorer_store": str(stores / "embeddings"), "sae_paths": [str(tmp_path / "sae")],
+                            "out_dir": str(ms), "device": "cpu"}, tmp_path / "nb03")
+    written = sorted(p.name for p in ms.iterdir())
+    assert "ms_summary.csv" in written and len([n for n in written if n.startswith("ms_raw")]) == 1
+    raw = pd.read_csv(ms / next(n for n in written if n.startswith("ms_raw")))
+    assert set(raw["neurons"]) == {f"raw {model}"}

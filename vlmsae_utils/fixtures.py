@@ -125,16 +125,18 @@ def draw_image(cls: FixtureClass, rng: np.random.Generator, size: int = IMAGE_SI
     return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
-def write_images(root: Path, seed: int) -> dict[str, int]:
-    """Write ``train/`` and ``val/`` ImageFolder trees; returns image counts per split."""
+def write_images(root: Path, seed: int, *, size: int = IMAGE_SIZE, train_per_class: int = TRAIN_PER_CLASS,
+                 val_per_class: int = VAL_PER_CLASS, suffix: str = ".png") -> dict[str, int]:
+    """Write ``train/`` and ``val/`` ImageFolder trees (PNG, or JPEG at quality 90); returns image counts per split."""
+    options = {"optimize": False} if suffix == ".png" else {"quality": 90}
     counts = {}
-    for split, per_class, offset in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
+    for split, per_class, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
         for cls in fixture_classes():
             folder = root / split / cls.folder
             folder.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng([seed, offset, cls.index])
             for i in range(per_class):
-                draw_image(cls, rng).save(folder / f"{split}_{cls.index:02d}_{i:03d}.png", optimize=False)
+                draw_image(cls, rng, size).save(folder / f"{split}_{cls.index:02d}_{i:03d}{suffix}", **options)
         counts[split] = per_class * len(fixture_classes())
     return counts
 

@@ -240,20 +240,12 @@ def rehearsal_model(hub_id: str, *, seed: int = 0) -> Path:
 
 def rehearsal_images(size: int = 384, train_per_class: int = 2, val_per_class: int = 1, seed: int = 0) -> Path:
     """Generated JPEGs of the fixture's 16 classes (iNaturalist-style folder names) at ``size`` px."""
-    import numpy as np
-
-    from .fixtures import draw_image, fixture_classes
+    from .fixtures import write_images
 
     root = rehearsal_dir() / f"images_{size}px_{train_per_class}x{val_per_class}"
     if (root / "done").is_file():
         return root
-    for split, per_class, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        for cls in fixture_classes():
-            folder = root / split / cls.folder
-            folder.mkdir(parents=True, exist_ok=True)
-            rng = np.random.default_rng([seed, offset, cls.index])
-            for i in range(per_class):
-                draw_image(cls, rng, size=size).save(folder / f"{split}_{cls.index:02d}_{i:03d}.jpg", quality=90)
+    write_images(root, seed, size=size, train_per_class=train_per_class, val_per_class=val_per_class, suffix=".jpg")
     (root / "done").write_text("")
     return root
 
@@ -304,6 +296,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
                                             "sae_path": x64, "train_store": f"{tokens_all['out_dir']}/activations",
                                             "images_dir": str(images / "val"), "num_images": 1, "alphas": [0, 100],
                                             "alpha_scale": "absolute", "score_alpha": 100, "max_new_tokens": 2,
+                                            "image_latents": 2,
                                             "clip_text_model": "rehearsal:openai/clip-vit-base-patch32",
                                             "device": device, "out_dir": "rehearsal/steer"}),
     ]

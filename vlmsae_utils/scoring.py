@@ -135,14 +135,17 @@ def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> None:
         table.to_csv(Path(out) / f"ms_{safe_stem(report.name)}.csv")
 
 
-def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float] = (0.5, 0.8, 1.0), *,
+def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float] | None = None, *,
                      paper_protocol: bool = True) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Jaccard overlap of top-k image sets per report, as a table and the raw results.
 
     ``paper_protocol`` follows the authors: neurons with fewer than k positive images are dropped
-    and pairs are counted with J > t; otherwise every neuron is kept and J ≥ t is counted.
+    and pairs are counted with J > t (t = 0.5, 0.8); otherwise every neuron is kept and J ≥ t is
+    counted (t = 0.5, 0.8, 1: identical sets).
     """
     from .exemplars import uniqueness
+
+    thresholds = thresholds or ((0.5, 0.8) if paper_protocol else (0.5, 0.8, 1.0))
 
     sign = ">" if paper_protocol else "≥"
     overlaps = {r.name: uniqueness(r.top.indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
