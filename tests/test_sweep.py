@@ -186,3 +186,22 @@ def test_model_names_that_would_share_a_folder_are_refused(tmp_path):
     assert not sweep.slug("..").startswith(".") and "/" not in sweep.slug("../x")
     with pytest.raises(sweep.ConfigError, match="name"):
         sweep.load_config(_config(tmp_path, name=".."))
+
+
+def test_hierarchy_layer_outside_layers_is_an_error_not_a_missing_run(tmp_path):
+    config = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())
+    config["hierarchy"]["layer"] = 1
+    with pytest.raises(sweep.ConfigError, match=r"hierarchy.layer: 1 is not one of layers"):
+        sweep.load_config(_config(tmp_path, hierarchy=config["hierarchy"]))
+
+
+def test_learning_rate_in_yaml_exponent_form_is_a_number(tmp_path):
+    path = tmp_path / "lr.yaml"
+    text = (CONFIGS / "fixture.yaml").read_text().replace("  lr: null", "  lr: 2e-4")
+    path.write_text(text)
+    assert yaml.safe_load(text)["sae"]["lr"] == "2e-4"  # what YAML itself reads
+    assert sweep.load_config(path)["sae"]["lr"] == pytest.approx(2e-4)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("  lr: 2e-4", "  lr: fast"))
+    with pytest.raises(sweep.ConfigError, match=r"sae.lr: expected float"):
+        sweep.load_config(bad)

@@ -255,7 +255,7 @@ def uniqueness(
     drop_partial: bool = False,
     strict: bool = False,
 ) -> dict:
-    """Jaccard overlap J(i, j) = |S_i ∩ S_j| / |S_i ∪ S_j| of the top-k image sets of all neuron
+    """Jaccard overlap ``J(i, j) = |S_i ∩ S_j| / |S_i ∪ S_j|`` of the top-k image sets of all neuron
     pairs i < j, computed only for the pairs that share an image; −1 entries are ignored and a
     repeated image id counts once.
 

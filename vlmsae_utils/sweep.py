@@ -7,6 +7,7 @@ executed notebook and log beside its outputs, and writes ``results/<name>/*.csv`
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable
@@ -65,11 +66,16 @@ class Run:
 
 
 def _check_keys(section: dict, allowed: dict, where: str) -> None:
-    """Unknown keys and wrong value types are errors that name the key."""
+    """Unknown keys and wrong value types are errors that name the key. YAML reads ``2e-4`` (no dot)
+    as a string: where a number is expected, such strings are read as numbers."""
     unknown = sorted(set(section) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(allowed)}")
-    for key, value in section.items():
+    for key, value in list(section.items()):
+        expected = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if isinstance(value, str) and float in expected and str not in expected:
+            with contextlib.suppress(ValueError):
+                section[key] = value = float(value)
         if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is int:
             expected = allowed[key] if isinstance(allowed[key], type) else " or ".join(t.__name__ for t in allowed[key])
             expected = getattr(expected, "__name__", expected)
@@ -114,6 +120,9 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         if not config["sae"].get(key):
             raise ConfigError(f"{where}.sae.{key}: a non-empty list")
     _check_distinct_slugs(config, where)
+    if "hierarchy" in config and config["hierarchy"].get("layer", config["layers"][0]) not in config["layers"]:
+        raise ConfigError(f"{where}.hierarchy.layer: {config['hierarchy']['layer']!r} is not one of layers "
+                          f"{config['layers']}; the hierarchy run uses that layer's extraction")
     return config
 
 
