@@ -96,9 +96,10 @@ def top_k_images(
             raise ValueError("activations contain NaN/inf")
         pos = block > 0
         count.add_(pos.sum(0))
-        cand = block.float().masked_fill(~pos, float("-inf")).T  # [K, B]
-        all_v = torch.cat([vals, cand], dim=1)
-        all_i = torch.cat([idx, ids[None, :].expand(kdim, -1)], dim=1)
+        cand = block.float().masked_fill(~pos, float("-inf"))  # [B, K]
+        block_v, block_rows = torch.topk(cand, min(k, cand.shape[0]), dim=0)  # the block's own top-k first
+        all_v = torch.cat([vals, block_v.T], dim=1)  # [K, ≤ 2k]: merging is cheap
+        all_i = torch.cat([idx, ids[block_rows].T], dim=1)
         top_v, pos_i = torch.topk(all_v, k, dim=1, largest=True, sorted=True)
         vals = top_v
         idx = torch.gather(all_i, 1, pos_i)
