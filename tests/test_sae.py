@@ -1,4 +1,4 @@
-"""Tests of vlmsae_utils.sae against hand-written reference formulas (PAPER.md §3)."""
+"""Tests of vlmsae_utils.sae against hand-written reference formulas (Pach et al. 2025)."""
 from __future__ import annotations
 
 import json

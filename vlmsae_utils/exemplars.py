@@ -1,6 +1,6 @@
 """Stage 3 exemplars: top activating images per neuron (streaming), image grids, uniqueness.
 
-PAPER.md §5: the 16 highest-activating images of a neuron; a neuron that fires on fewer
+Pach et al. 2025: the 16 highest-activating images of a neuron; a neuron that fires on fewer
 than 16 images is flagged and its non-positive slots are marked absent (index −1, value
 NaN) so they are never shown as exemplars.
 """

@@ -3,7 +3,7 @@
 A class folder name such as ``00042_Animalia_Chordata_Aves_..._Genus_species`` encodes a
 path through the taxonomy. Two images share the first ``d`` ranks of their paths: their
 LCA depth is ``d``. A latent whose top images share deep ranks encodes a specific concept;
-the paper finds deeper (more specific) latents in later Matryoshka levels (PAPER.md §6).
+the paper finds deeper (more specific) latents in later Matryoshka levels (Pach et al. 2025).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Stage 3 metrics: the Monosemanticity Score (MS) in closed form, sparse SAE codes, user-study agreement.
 
-MS of neuron k (PAPER.md §4): with per-neuron min–max normalised activations ã_kn and
+MS of neuron k (Pach et al. 2025): with per-neuron min–max normalised activations ã_kn and
 cosine similarities s_nm of scorer embeddings,
 
     MS_k = Σ_{n<m} ã_kn ã_km s_nm / Σ_{n<m} ã_kn ã_km.
@@ -350,7 +350,7 @@ def monosemanticity_score(
     neuron_chunk: int | None = None,
     matmul_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """MS of every neuron ([K] float64, NaN for dead neurons), exactly PAPER.md §4 via the closed form.
+    """MS of every neuron ([K] float64, NaN for dead neurons), exactly Pach et al. 2025 via the closed form.
 
     `activations`: Tensor/ndarray [N, K], `SparseCodes`, or a store with `iter_batches`/`len`/`dim`
     (streamed in two passes: min/max, then accumulators). `embeddings`: [N, D] (or a store).

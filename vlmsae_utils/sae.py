@@ -1,6 +1,6 @@
 """Sparse autoencoders (BatchTopK, Matryoshka BatchTopK, TopK, ReLU) and their on-disk formats.
 
-Formulas (PAPER.md §3): ``z = ReLU((x·s − b_dec) W_enc + b_enc)``, ``x̂ = (f W_dec + b_dec) / s``
+Formulas (Pach et al. 2025): ``z = ReLU((x·s − b_dec) W_enc + b_enc)``, ``x̂ = (f W_dec + b_dec) / s``
 where ``s = input_scale`` (1 for imported checkpoints). Shapes: ``W_enc [d, ω]``, ``b_enc [ω]``,
 ``W_dec [ω, d]``, ``b_dec [d]``.
 """
@@ -106,7 +106,7 @@ class BaseSAE(nn.Module):
     # ----- bookkeeping ---------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm (the constraint of PAPER.md §3)."""
+        """Rescale decoder rows to unit norm (the constraint of Pach et al. 2025)."""
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def config(self) -> dict:

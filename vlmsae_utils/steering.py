@@ -3,7 +3,7 @@
 :func:`steer` splices an SAE into the output of one vision block through
 :meth:`VisionEncoder.splice` (a forward hook, always removed). Clamps can differ per
 image of a batch, so a sweep over many latents is one batched generation. The steering
-score (PAPER.md §7) compares the CLIP text embedding of the model's one-word answer with
+score (Pach et al. 2025) compares the CLIP text embedding of the model's one-word answer with
 the mean CLIP image embedding of the latent's top images.
 
 **Units of α.** A clamp value α is in *raw activation units*, as in the authors' code: the code

@@ -1,4 +1,4 @@
-"""SAE trainer faithful to the dictionary_learning reference (PAPER.md §3), with sparse gradients.
+"""SAE trainer faithful to the dictionary_learning reference (Pach et al. 2025), with sparse gradients.
 
 Training tricks: input normalisation to unit mean squared norm (factor stored in
 ``sae.input_scale``, estimated on ~100 random batches), geometric-median ``b_dec``, tied init,
@@ -396,7 +396,7 @@ def _eval_batches(data, batch_size: int, device: torch.device, seed: int) -> Ite
 
 def estimate_input_scale(data, n_rows: int | None = None, batch_size: int = 4096, seed: int = 0,
                          n_batches: int = 100) -> float:
-    """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, PAPER.md §3): ``s = 1/√mean‖x‖²``.
+    """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, Pach et al. 2025): ``s = 1/√mean‖x‖²``.
 
     As the authors (dictionary_learning's ``--normalize_activations``), the mean is taken over
     ``n_batches`` random batches: a seeded uniform sample without replacement of
