@@ -55,6 +55,19 @@ def executed_chapters(tmp_path_factory, fixture):
 
 
 @pytest.fixture(scope="session")
+def built_book(tmp_path_factory, executed_chapters):
+    """The book built once from the executed chapters (book and browser tests): its HTML folder."""
+    import shutil
+
+    from vlmsae_utils import book
+
+    target = tmp_path_factory.mktemp("built") / "book"
+    shutil.copytree(book.book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters"))
+    shutil.copytree(executed_chapters, target / "chapters", ignore=shutil.ignore_patterns("*.log"))
+    return book.build(target)
+
+
+@pytest.fixture(scope="session")
 def fixture_results(fixture):
     """Results tables of the fixture sweep (configs/fixture.yaml), run once per session."""
     from vlmsae_utils.sweep import ensure_fixture_results

@@ -2,21 +2,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 
 from vlmsae_utils import book
 
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory, executed_chapters):
-    target = tmp_path_factory.mktemp("browser") / "book"
-    shutil.copytree(book.book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters"))
-    shutil.copytree(executed_chapters, target / "chapters", ignore=shutil.ignore_patterns("*.log"))
-    return book.build(target)
 
 
 @pytest.mark.slow
