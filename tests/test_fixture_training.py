@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from vlmsae_utils import fixture_training as ft
 from vlmsae_utils.fixtures import fixture_classes
+from vlmsae_utils.fixtures import training as ft
 
 
 @pytest.fixture(scope="session")

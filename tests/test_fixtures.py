@@ -73,3 +73,27 @@ def test_fixture_is_cached_and_rebuilt_when_incomplete(fixture):
 def test_unknown_fixture_model_is_a_clear_error(fixture):
     with pytest.raises(ValueError, match="available"):
         fixture.model("gpt")
+
+
+def test_command_line_builds_and_optionally_trains(fixture, monkeypatch, capsys):
+    """``python -m vlmsae_utils.fixtures [--trained]`` (training stubbed: it takes minutes)."""
+    import importlib
+
+    import pandas as pd
+
+    from vlmsae_utils.fixtures import training
+
+    cli = importlib.import_module("vlmsae_utils.fixtures.__main__")
+    assert cli.main([]) == 0 and capsys.readouterr().out.strip() == str(fixture.root)
+    trained = []
+    monkeypatch.setattr(training, "ensure_all", lambda f: trained.append(f) or {"mini_clip": f.root / "m"})
+    monkeypatch.setattr(training, "summary_table", lambda f: pd.DataFrame({"steps": [1]}, index=["fixture:mini_clip"]))
+    assert cli.main(["--trained"]) == 0 and trained == [fixture]
+    out = capsys.readouterr().out
+    assert f"mini_clip: {fixture.root / 'm'}" in out and "fixture:mini_clip" in out
+
+
+def test_fixture_captions_are_found_by_folder():
+    first = fixtures.fixture_classes()[0]
+    assert fixtures.class_caption(first.folder) == first.caption
+    assert fixtures.class_caption("n01440764") is None

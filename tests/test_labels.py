@@ -56,3 +56,13 @@ def test_cards_and_tables_get_readable_labels():
 
     assert short_label("n01440764") == "tench"
     assert short_label("00001_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris") == "Lumbricus"
+
+
+def test_class_text_uses_fixture_captions_and_readable_labels_otherwise():
+    from vlmsae_utils.fixtures import fixture_classes
+    from vlmsae_utils.labels import class_text
+
+    first = fixture_classes()[0]
+    assert class_text(first.folder) == first.caption == "a red plain triangle"
+    assert class_label(first.folder) == "TriangleRedPlain vulgaris"  # the iNaturalist rule, without captions
+    assert class_text("007_red_fox") == class_label("007_red_fox") == "red fox"

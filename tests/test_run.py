@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nbformat
 import pytest
 
-from vlmsae_utils import run
+from vlmsae_utils import cli, run
 
 BROKEN = """---
 kernelspec:
@@ -54,16 +56,24 @@ def test_broken_notebook_fails_loudly_with_cell_and_error(tmp_path, capsys):
     with pytest.raises(run.NotebookError, match="ZeroDivisionError: answer was 7") as err:
         run.run_notebook(source, {"answer": 7}, tmp_path / "out")
     assert "raise ZeroDivisionError" in str(err.value)
-    assert run.main([str(source), "--out", str(tmp_path / "out")]) == 1
+    assert cli.main([str(source), "--out", str(tmp_path / "out")]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
 
 
 def test_cli_parses_yaml_values_and_rejects_bad_combinations():
-    assert run.parse_value("3") == 3 and run.parse_value("0.5") == 0.5
-    assert run.parse_value("[1, 2]") == [1, 2] and run.parse_value("true") is True
-    assert run.parse_value("fixture:clip") == "fixture:clip"
+    assert cli.parse_value("3") == 3 and cli.parse_value("0.5") == 0.5
+    assert cli.parse_value("[1, 2]") == [1, 2] and cli.parse_value("true") is True
+    assert cli.parse_value("fixture:clip") == "fixture:clip"
     with pytest.raises(SystemExit):
-        run.main(["00", "--all"])
+        cli.main(["00", "--all"])
+
+
+@pytest.mark.parametrize("module", ["vlmsae_utils.run", "vlmsae_utils.cli"])
+def test_command_line_entry_points(module):
+    """``python -m vlmsae_utils.run`` (the documented command) and ``-m vlmsae_utils.cli`` are the same CLI."""
+    result = subprocess.run([sys.executable, "-m", module, "00", "--all"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "give exactly one of NOTEBOOK or --all" in result.stderr
+    assert "usage: python -m vlmsae_utils.run" in result.stderr
 
 
 def test_unknown_notebook_lists_available():

@@ -9,14 +9,15 @@
 - Any other name: a leading numeric id dropped and underscores turned into spaces.
 
 The tables are loaded on the first wnid seen, so other names never import open_clip or timm.
-The fixture's captions are not handled here (the caller knows its data set).
+:func:`class_label` does not know the fixture's captions; :func:`class_text` (the words an answer
+is matched against) uses them for the fixture's class folders.
 """
 from __future__ import annotations
 
 import re
 from functools import lru_cache
 
-__all__ = ["class_label", "imagenet_wnids", "imagenet_classnames"]
+__all__ = ["class_label", "class_text", "imagenet_classnames", "imagenet_wnids"]
 
 _WNID = re.compile(r"n\d{8}")
 _INAT_RANKS = 7  # kingdom … species after the numeric id
@@ -60,3 +61,13 @@ def class_label(folder: str) -> str:
     if len(parts) > 1 and parts[0].isdigit():
         parts = parts[1:]
     return " ".join(p for p in parts if p) or name
+
+
+def class_text(folder: str) -> str:
+    """Words for a class folder: the fixture's caption for a fixture class (``a red striped
+    triangle``), else its readable label (:func:`class_label`: ImageNet wnid → CLIP class name such
+    as ``tench``, iNaturalist folder → ``Genus species``, other names without numeric id and ``_``)."""
+    from .fixtures import class_caption
+
+    caption = class_caption(folder)
+    return class_label(folder) if caption is None else caption

@@ -222,7 +222,7 @@ def rehearsal_model(hub_id: str, *, seed: int = 0) -> Path:
     try:
         import torch
 
-        from .encoders import quiet_transformers
+        from .hf import quiet_transformers
 
         with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(seed)

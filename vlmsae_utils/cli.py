@@ -1,0 +1,83 @@
+"""Command line of the notebook runner and of sweeps.
+
+``python -m vlmsae_utils.run NOTEBOOK [-p NAME VALUE]... [--out DIR]`` (or ``python -m
+vlmsae_utils.cli``, the same) converts a jupytext MyST notebook to ``.ipynb``, checks the
+parameter names against the notebook's ``parameters`` cell, executes it and writes the executed
+notebook beside a run log. ``--all`` runs every notebook in order on its defaults;
+``--config FILE [--dry-run]`` runs a sweep file (:mod:`.sweep`). A failing cell exits non-zero
+and prints the cell and the error.
+"""
+# This module sits above .run and .sweep (which runs its notebooks through .run): neither imports it.
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .run import NotebookError, all_notebooks, run_notebook
+
+
+def parse_value(text: str) -> Any:
+    """A command-line parameter value: YAML scalars and lists (``3``, ``0.5``, ``[1, 2]``, ``true``)."""
+    value = yaml.safe_load(text)
+    return text if value is None and text.strip() not in ("null", "~", "") else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``python -m vlmsae_utils.run``."""
+    parser = argparse.ArgumentParser(prog="python -m vlmsae_utils.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebook", nargs="?", help="notebook path, name or number (e.g. 00)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="override a parameter (value parsed as YAML)")
+    parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
+    parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
+    parser.add_argument("--config", help="run a sweep file (configs/*.yaml) instead of one notebook")
+    parser.add_argument("--dry-run", action="store_true", help="with --config: list what would run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    if args.config:
+        return _sweep_main(args)
+    if args.all == bool(args.notebook):
+        build_parser().error("give exactly one of NOTEBOOK or --all")
+    if args.all and args.parameter:
+        build_parser().error("--all runs notebooks on their defaults; -p needs a single NOTEBOOK")
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    targets = all_notebooks() if args.all else [args.notebook]
+    try:
+        for target in targets:
+            print(f"running {Path(target).stem} ...", flush=True)
+            executed = run_notebook(target, parameters, args.out)
+            print(f"  wrote {executed}", flush=True)
+    except (NotebookError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
+    """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
+    from .sweep import ConfigError, run_sweep
+
+    if args.notebook or args.all or args.parameter:
+        build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
+    try:
+        status, results = run_sweep(args.config, dry_run=args.dry_run)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(status.to_string(index=False))
+    for name, table in results.items():
+        print(f"results: {name}.csv ({len(table)} rows)")
+    return 1 if status.status.isin(["failed", "blocked"]).any() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
