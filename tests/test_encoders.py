@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmsae_utils.encoders import load_encoder, select_tokens
+from vlmsae_utils import hooks
+from vlmsae_utils.encoders import activation_shapes, load_encoder, select_tokens
 
 HF_MODELS = ("clip", "siglip", "dinov2", "aimv2", "webssl")
 ALL_MODELS = HF_MODELS + ("open_clip",)
@@ -204,3 +205,44 @@ def test_splice_refuses_a_shape_change(encoders, pixels):
     with pytest.raises(ValueError, match="changed the shape"):
         with enc.splice("post_mlp_residual", 0, lambda h: h[:, :1]):
             enc.embed_images(px)
+
+
+# ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
+
+
+def test_a_global_hook_refuses_a_layer_and_a_block_hook_needs_one(encoders, pixels):
+    enc, px = encoders["clip"], pixels["clip"]
+    with pytest.raises(ValueError, match="'post_projection' is global"):
+        enc.capture(px, "post_projection", 3)
+    with pytest.raises(ValueError, match="'post_mlp_residual' needs a layer"):
+        enc.capture(px, "post_mlp_residual")
+    with pytest.raises(ValueError, match="one vector per image"):
+        enc.activations(px, "post_projection", None, "random_k")
+    assert enc.output_dim("post_projection") == enc.projection_dim and enc.output_dim("post_mlp_residual") == 32
+    assert _hooks_left(enc) == 0
+
+
+@pytest.mark.parametrize("name", ("clip", "open_clip"))
+def test_a_registered_hook_captures_its_module_in_the_token_layout(encoders, pixels, name):
+    enc, px = encoders[name], pixels[name]
+    grabbed = []
+    handle = enc.blocks[1].mlp.register_forward_hook(lambda _m, _i, out: grabbed.append(out))
+    with torch.no_grad():
+        enc.embed_images(px)
+    handle.remove()
+    expected = grabbed[0].transpose(0, 1) if enc.sequence_first else grabbed[0]
+    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
+                                       locate=hooks.block_child("mlp")))
+    try:
+        assert "mlp_output" in enc.hook_points
+        torch.testing.assert_close(enc.capture(px, "mlp_output", 1), expected)
+        torch.testing.assert_close(enc.activations(px, "mlp_output", 1, "mean"), expected.mean(1))
+        rows = {(r["hook"], r["tokens"]): r["shape"] for r in activation_shapes(enc, px)}
+        assert rows[("mlp_output", "all")] == rows[("post_mlp_residual", "all")]
+        with enc.splice("mlp_output", 1, lambda h: h * 0.0):
+            assert torch.count_nonzero(enc.capture(px, "mlp_output", 1)) == 0
+    finally:
+        hooks.unregister_hook("mlp_output")
+    assert _hooks_left(enc) == 0
+    with pytest.raises(ValueError, match=r"valid hooks: post_mlp_residual, post_projection$"):
+        enc.capture(px, "mlp_output", 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmsae_utils import data, encoders, extract, store
+from vlmsae_utils import data, encoders, extract, hooks, store
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +224,34 @@ def test_rows_at_and_sample_rows_read_the_right_rows(clip, small_set, tmp_path):
     np.testing.assert_array_equal(sample, st.sample_rows(7, seed=3))
     with pytest.raises(IndexError, match="0..29"):
         st.rows_at([30])
+
+
+# ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
+
+
+def test_extract_through_a_hook_registered_at_runtime(clip, small_set, tmp_path):
+    """The recipe of CONTRIBUTING.md: one HookSpec, no package edit, and extraction works there."""
+    spec = hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"),
+                          description="output of the MLP inside a block, before the residual add")
+    hooks.register_hook(spec)
+    try:
+        st = _extract(clip, small_set, tmp_path / "s", hook="mlp_output", layer=-2, tokens="mean")
+        every = _extract(clip, small_set, tmp_path / "all", hook="mlp_output", layer=1, tokens="all")
+        position = 3
+        image = small_set.load(small_set.image_ids.index(st.image_ids[position]))
+        expected = clip.activations(clip.preprocess([image]), "mlp_output", -2, "mean")[0]
+        with pytest.raises(ValueError, match="needs a layer"):
+            _extract(clip, small_set, tmp_path / "bad", hook="mlp_output", layer=None)
+    finally:
+        hooks.unregister_hook("mlp_output")
+    assert st.params["hook"] == "mlp_output" and st.params["layer"] == clip.num_layers - 2 and st.dim == 32
+    torch.testing.assert_close(st.to_tensor()[position], expected, atol=1e-5, rtol=1e-5)
+    assert every.rows_per_image == clip.capture(clip.preprocess([image]), "post_mlp_residual", 1).shape[1]
+    assert not (st.to_tensor() == _extract(clip, small_set, tmp_path / "res", tokens="mean").to_tensor()).all()
+
+
+def test_a_global_hook_ignores_the_layer_in_extraction(small_set, tmp_path):
+    """The sweep's ``last`` layer passes layer -1 with post_projection; the store records no layer."""
+    dino = encoders.load_encoder("fixture:dinov2")
+    st = _extract(dino, small_set, tmp_path / "e", hook="post_projection", layer=-1)
+    assert st.params["layer"] is None and st.dim == dino.output_dim("post_projection") and st.rows_per_image == 1

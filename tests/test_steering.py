@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmsae_utils import steering
+from vlmsae_utils import hooks, steering
 from vlmsae_utils.metrics import SparseCodes
 from vlmsae_utils.sae import BatchTopKSAE, load_sae, save_sae
 
@@ -301,3 +301,61 @@ def test_class_text_is_readable_on_real_folders(fixture):
         "Danaus plexippus"
     assert steering.class_text("007_red_fox") == "red fox"
     assert steering.names_class("Tench.", "n01440764") and not steering.names_class("goldfish", "n01440764")
+
+
+# ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
+
+
+def test_default_hook_is_bit_identical_to_naming_the_block_output(llava, sae, pixels, val_images):
+    model, processor = llava
+    images = val_images[:2]
+    with steering.steer(model, sae, LAYER, {5: 3.0}):
+        implicit = _logits(model, processor, images)
+    with steering.steer(model, sae, LAYER, {5: 3.0}, hook="post_mlp_residual"):
+        explicit = _logits(model, processor, images)
+    assert torch.equal(implicit, explicit)
+    vector = steering.diffmean_vector(model, pixels[:2], pixels[2:], LAYER)
+    assert torch.equal(vector, steering.diffmean_vector(model, pixels[:2], pixels[2:], LAYER, hook="post_mlp_residual"))
+    assert torch.equal(steering.block_mean(model, pixels, LAYER),
+                       steering.block_mean(model, pixels, LAYER, hook="post_mlp_residual"))
+    with steering.add_vector(model, LAYER, vector, 2.0):
+        implicit = _logits(model, processor, images)
+    with steering.add_vector(model, LAYER, vector, 2.0, hook="post_mlp_residual"):
+        explicit = _logits(model, processor, images)
+    assert torch.equal(implicit, explicit)
+    kwargs = {"latents": [3], "alphas": [20.0], "max_new_tokens": 2}
+    assert (steering.latent_sweep(model, processor, sae, LAYER, images, **kwargs)
+            == steering.latent_sweep(model, processor, sae, LAYER, images, hook="post_mlp_residual", **kwargs))
+
+
+def test_steering_refuses_a_hook_it_cannot_clamp_at(llava, sae, pixels, val_images):
+    model, processor = llava
+    message = r"cannot clamp at hook 'post_projection'.*valid steering hooks: post_mlp_residual"
+    with pytest.raises(ValueError, match=message), steering.steer(model, sae, LAYER, {0: 1.0}, hook="post_projection"):
+        pass
+    with pytest.raises(ValueError, match=message), steering.add_vector(model, LAYER, torch.zeros(32), 1.0,
+                                                                       hook="post_projection"):
+        pass
+    with pytest.raises(ValueError, match=message):
+        steering.block_mean(model, pixels, LAYER, hook="post_projection")
+    with pytest.raises(ValueError, match=message):
+        steering.latent_sweep(model, processor, sae, LAYER, val_images[:1], [0], [1.0], hook="post_projection")
+    with pytest.raises(ValueError, match="unknown hook 'pre_mlp'; valid hooks: post_mlp_residual, post_projection"):
+        steering.block_mean(model, pixels, LAYER, hook="pre_mlp")
+
+
+def test_steering_at_a_registered_hook_splices_that_module(llava, pixels):
+    """A vector added to the MLP output inside block ℓ reaches the block output unchanged (residual add)."""
+    model, _ = llava
+    before = _hidden_states(model, pixels)[LAYER + 1]
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
+                                       locate=hooks.block_child("mlp"), steerable=True))
+    try:
+        with steering.add_vector(model, LAYER, vector, hook="mlp_output"):
+            shifted = _hidden_states(model, pixels)[LAYER + 1]
+        mean = steering.block_mean(model, pixels, LAYER, hook="mlp_output")
+    finally:
+        hooks.unregister_hook("mlp_output")
+    torch.testing.assert_close(shifted, before + vector, atol=1e-5, rtol=1e-5)
+    assert mean.shape == (32,) and not torch.allclose(mean, before.float().mean((0, 1)))

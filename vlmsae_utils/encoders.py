@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hooks
 from .device import resolve_device, resolve_model_dtype
+from .hf import quiet_transformers
+from .hooks import TOKEN_MODES, HookSpec, check_hook, hook_spec  # noqa: F401  (re-exported)
 
-HOOKS = ("post_mlp_residual", "post_projection")
-TOKEN_MODES = ("cls", "mean", "random_k", "all")
 OPEN_CLIP_PREFIX = "open_clip:"
 FIXTURE_PREFIX = "fixture:"
 REHEARSAL_PREFIX = "rehearsal:"
@@ -39,14 +40,32 @@ KNOWN_HUB_MODELS = {
     "open_clip:ViT-B-32/openai": "open_clip",
 }
 
-#: transformers ``model_type`` → encoder family.
-MODEL_TYPE_FAMILY = {
-    "clip": "clip", "clip_vision_model": "clip",
-    "siglip": "siglip", "siglip_vision_model": "siglip",
-    "dinov2": "dinov2",
-    "aimv2": "aimv2", "aimv2_vision_model": "aimv2",
-    "vit": "vit",
-}
+#: transformers ``model_type`` → encoder family (filled by `register_family`).
+MODEL_TYPE_FAMILY: dict[str, str] = {}
+#: encoder family → builder ``(source, preprocess) -> VisionEncoder`` (filled by `register_family`).
+FAMILY_BUILDERS: dict[str, Callable[[str, Callable], VisionEncoder]] = {}
+
+
+def register_family(name: str, model_types: Sequence[str], *, replace: bool = False):
+    """Decorator: ``builder(source, preprocess) -> VisionEncoder`` loads the vision model of the
+    transformers ``model_types`` of family ``name`` from a hub id or folder and wraps it. One entry
+    per family is all a new encoder family needs (see CONTRIBUTING.md)."""
+    def add(builder: Callable[[str, Callable], VisionEncoder]) -> Callable[[str, Callable], VisionEncoder]:
+        taken = [t for t in model_types if MODEL_TYPE_FAMILY.get(t, name) != name]
+        if not replace and (name in FAMILY_BUILDERS or taken):
+            raise ValueError(f"encoder family {name!r} or model types {taken} already registered; pass replace=True")
+        FAMILY_BUILDERS[name] = builder
+        MODEL_TYPE_FAMILY.update(dict.fromkeys(model_types, name))
+        return builder
+
+    return add
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family and its model types (tests that register their own)."""
+    FAMILY_BUILDERS.pop(name, None)
+    for model_type in [t for t, family in MODEL_TYPE_FAMILY.items() if family == name]:
+        del MODEL_TYPE_FAMILY[model_type]
 
 
 class _StopForward(Exception):
@@ -55,7 +74,8 @@ class _StopForward(Exception):
 
 @dataclass
 class VisionEncoder:
-    """A frozen vision encoder with hook points ``post_mlp_residual`` (per block) and ``post_projection``."""
+    """A frozen vision encoder with the hook points of :mod:`.hooks` (``post_mlp_residual`` per block,
+    ``post_projection``, and any registered ones)."""
 
     name: str
     family: str
@@ -77,7 +97,7 @@ class VisionEncoder:
     @property
     def hook_points(self) -> tuple[str, ...]:
         """Names of the hook points this encoder offers."""
-        return HOOKS
+        return hooks.HOOKS
 
     @property
     def device(self) -> torch.device:
@@ -91,8 +111,7 @@ class VisionEncoder:
 
     def output_dim(self, hook: str) -> int:
         """Width of the activations at ``hook``."""
-        check_hook(hook)
-        return self.hidden_size if hook == "post_mlp_residual" else self.projection_dim
+        return int(getattr(self, hook_spec(hook).width))
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
         """PIL images → pixel tensor ``[B, 3, H, W]`` on the model's device and in its precision."""
@@ -118,9 +137,9 @@ class VisionEncoder:
         return layer % self.num_layers
 
     def hook_module(self, hook: str, layer: int | None) -> nn.Module:
-        """The module whose output is the hook point."""
-        check_hook(hook)
-        return self.blocks[self.block_index(layer)] if hook == "post_mlp_residual" else self.projection
+        """The module whose output is the hook point (a per-block hook needs ``layer``, a global one ``None``)."""
+        spec = hooks.check_layer(hook, layer)
+        return spec.locate(self, self.block_index(layer) if spec.per_block else None)
 
     def _run(self, pixel_values: torch.Tensor) -> None:
         """Full forward pass of the vision model (outputs are taken by hooks)."""
@@ -151,10 +170,10 @@ class VisionEncoder:
         return self._normalise_layout(captured[0], hook)
 
     def _normalise_layout(self, output: torch.Tensor, hook: str) -> torch.Tensor:
-        """Bring a captured output to ``[B, T, D]`` (blocks) or ``[B, D]`` (projection)."""
-        if hook == "post_mlp_residual":
+        """Bring a captured output to its spec's layout: ``[B, T, D]`` (tokens) or ``[B, D]`` (pooled)."""
+        if hook_spec(hook).layout == hooks.TOKENS:
             return output.transpose(0, 1) if self.sequence_first else output
-        return output[:, 0] if self.take_first_token_of_projection else output
+        return output[:, 0] if self.take_first_token_of_projection and output.ndim == 3 else output
 
     def activations(
         self,
@@ -167,19 +186,16 @@ class VisionEncoder:
     ) -> torch.Tensor:
         """Activations at a hook point with token selection; rows are image-major ``[B*r, D]``."""
         check_tokens(tokens, random_k)
-        out = self.capture(pixel_values, hook, layer)
-        if out.ndim == 2:  # post_projection: one vector per image
-            if tokens == "random_k":
-                raise ValueError("post_projection has one vector per image: use tokens='cls', 'mean' or 'all'")
-            return out
-        if tokens == "cls" and not self.has_cls_token:
+        spec = hooks.check_token_mode(hook, tokens)
+        if spec.layout == hooks.TOKENS and tokens == "cls" and not self.has_cls_token:
             raise ValueError(f"{self.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
-        return select_tokens(out, tokens, random_k, generator)
+        out = self.capture(pixel_values, hook, layer)
+        return out if spec.layout == hooks.POOLED else select_tokens(out, tokens, random_k, generator)
 
     def rows_per_image(self, hook: str, tokens: str, random_k: int = 2, num_tokens: int | None = None) -> int:
         """How many activation rows one image yields for this hook and token mode."""
         check_tokens(tokens, random_k)
-        if hook == "post_projection" or tokens in ("cls", "mean"):
+        if hook_spec(hook).layout == hooks.POOLED or tokens in ("cls", "mean"):
             return 1
         if tokens == "random_k":
             return random_k
@@ -189,7 +205,7 @@ class VisionEncoder:
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Scoring embedding: CLIP ``image_embeds``, DINOv2/SigLIP ``pooler_output``, open_clip ``encode_image``."""
-        return self.capture(pixel_values, "post_projection")
+        return self.capture(pixel_values, hooks.EMBEDDING_HOOK)
 
     @contextlib.contextmanager
     def splice(self, hook: str, layer: int | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
@@ -203,7 +219,7 @@ class VisionEncoder:
 
     def _splice_hook(self, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         """A forward hook that swaps the first output for ``fn`` of it, in the module's own layout."""
-        transpose = hook == "post_mlp_residual" and self.sequence_first
+        transpose = hook_spec(hook).layout == hooks.TOKENS and self.sequence_first
 
         def replace(_module, _inputs, output):
             value = _first(output)
@@ -225,10 +241,11 @@ def _first(output) -> torch.Tensor:
     return output[0]  # transformers ModelOutput supports indexing
 
 
-def check_hook(hook: str) -> None:
-    """Fail with the valid names when ``hook`` is unknown."""
-    if hook not in HOOKS:
-        raise ValueError(f"unknown hook {hook!r}; valid hooks: {', '.join(HOOKS)}")
+def __getattr__(name: str) -> Any:
+    """``HOOKS``: the live hook names of :mod:`.hooks` (built-in and registered)."""
+    if name == "HOOKS":
+        return hooks.HOOKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_tokens(tokens: str, random_k: int = 2) -> None:
@@ -347,34 +364,55 @@ def _load_transformers(source: str, family: str) -> VisionEncoder:
 
 
 def _build_transformers(source: str, family: str, image_processor) -> VisionEncoder:
-    """Instantiate the vision model of ``family`` and wrap it."""
-    processor = _hf_preprocess(image_processor)
-    if family == "clip":
-        from transformers import CLIPVisionModelWithProjection
+    """Instantiate the vision model of ``family`` with its registered builder."""
+    if family not in FAMILY_BUILDERS:
+        raise ValueError(f"{source}: no encoder family {family!r}; registered: {', '.join(sorted(FAMILY_BUILDERS))}")
+    return FAMILY_BUILDERS[family](source, _hf_preprocess(image_processor))
 
-        model = CLIPVisionModelWithProjection.from_pretrained(source)
-        return wrap_clip_vision(model, processor, source)
-    if family == "siglip":
-        from transformers import SiglipVisionModel
 
-        model = SiglipVisionModel.from_pretrained(source)
-        return _pooled_by_head(model, getattr(model, "vision_model", model), source, family, processor)
-    if family == "aimv2":
-        from transformers import Aimv2VisionModel
+@register_family("clip", ["clip", "clip_vision_model"])
+def _build_clip(source: str, preprocess: Callable) -> VisionEncoder:
+    """CLIP: CLS token; ``post_projection`` is the visual projection of the pooled CLS token."""
+    from transformers import CLIPVisionModelWithProjection
 
-        model = Aimv2VisionModel.from_pretrained(source)
-        return _pooled_by_head(model, model, source, family, processor)
-    if family == "vit":
-        from transformers import ViTModel
+    return wrap_clip_vision(CLIPVisionModelWithProjection.from_pretrained(source), preprocess, source)
 
-        model = ViTModel.from_pretrained(source, add_pooling_layer=False)
-        return _pooled_by_first_token(model, source, family, processor)
+
+@register_family("siglip", ["siglip", "siglip_vision_model"])
+def _build_siglip(source: str, preprocess: Callable) -> VisionEncoder:
+    """SigLIP: no CLS token; ``post_projection`` is the attention-pool head."""
+    from transformers import SiglipVisionModel
+
+    model = SiglipVisionModel.from_pretrained(source)
+    return pooled_by_head(model, getattr(model, "vision_model", model), source, "siglip", preprocess)
+
+
+@register_family("aimv2", ["aimv2", "aimv2_vision_model"])
+def _build_aimv2(source: str, preprocess: Callable) -> VisionEncoder:
+    """AIMv2: no CLS token; ``post_projection`` is the attention-pool head."""
+    from transformers import Aimv2VisionModel
+
+    model = Aimv2VisionModel.from_pretrained(source)
+    return pooled_by_head(model, model, source, "aimv2", preprocess)
+
+
+@register_family("vit", ["vit"])
+def _build_vit(source: str, preprocess: Callable) -> VisionEncoder:
+    """ViT (Web-SSL MAE): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
+    from transformers import ViTModel
+
+    return pooled_by_first_token(ViTModel.from_pretrained(source, add_pooling_layer=False), source, "vit", preprocess)
+
+
+@register_family("dinov2", ["dinov2"])
+def _build_dinov2(source: str, preprocess: Callable) -> VisionEncoder:
+    """DINOv2 (the paper's MS judge): CLS token; ``post_projection`` is the final layer norm at it."""
     from transformers import Dinov2Model
 
-    return _pooled_by_first_token(Dinov2Model.from_pretrained(source), source, family, processor)
+    return pooled_by_first_token(Dinov2Model.from_pretrained(source), source, "dinov2", preprocess)
 
 
-def _transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
+def transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
     """The list of transformer blocks of a transformers vision model (``encoder.layer(s)`` or ``layers``)."""
     for owner in (getattr(module, "encoder", None), module):
         for name in ("layers", "layer"):
@@ -384,20 +422,20 @@ def _transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
     raise ValueError(f"{source}: could not find the transformer blocks of {type(module).__name__}")
 
 
-def _pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str, processor) -> VisionEncoder:
+def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """SigLIP / AIMv2: no CLS token; ``post_projection`` is the attention-pool head's output."""
     head = getattr(vision, "head", None)
     if head is None:
         raise ValueError(f"{source}: {family} model without attention-pool head has no post_projection")
     width = model.config.hidden_size
-    return VisionEncoder(source, family, model, processor, _transformer_blocks(vision, source), head, False,
+    return VisionEncoder(source, family, model, processor, transformer_blocks(vision, source), head, False,
                          width, width)
 
 
-def _pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
+def pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """DINOv2 / ViT (Web-SSL): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
     width = model.config.hidden_size
-    return VisionEncoder(source, family, model, processor, _transformer_blocks(model, source), model.layernorm,
+    return VisionEncoder(source, family, model, processor, transformer_blocks(model, source), model.layernorm,
                          True, width, width, take_first_token_of_projection=True)
 
 
@@ -408,22 +446,6 @@ def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> Vision
     width = model.config.hidden_size
     projection_dim = getattr(model.config, "projection_dim", width) if projection is not vision.post_layernorm else width
     return VisionEncoder(name, "clip", model, processor, vision.encoder.layers, projection, True, width, projection_dim)
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and weight-loading progress bars (unused text towers etc.)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 @dataclass
@@ -487,7 +509,8 @@ def describe(encoder: VisionEncoder) -> dict:
 def activation_shapes(encoder: VisionEncoder, pixel_values: torch.Tensor, random_k: int = 2) -> list[dict]:
     """Shapes of the activations per hook point and token mode on one batch (invalid combinations noted)."""
     rows = []
-    for hook, layer in (("post_mlp_residual", -1), ("post_projection", None)):
+    for spec in hooks.specs():
+        hook, layer = spec.name, -1 if spec.per_block else None
         for tokens in TOKEN_MODES:
             try:
                 shape = tuple(encoder.activations(pixel_values, hook, layer, tokens, random_k).shape)

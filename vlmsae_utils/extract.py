@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import encoders as enc
+from . import hooks
 from .data import ImageFolderDataset, load_batch
 from .device import resolve_device, resolve_model_dtype
 from .io import check_writable
@@ -45,19 +46,18 @@ def check_num_workers(num_workers: int | None) -> int:
 
 def validate_extraction(encoder: enc.VisionEncoder, hook: str, layer: int | None, tokens: str,
                         random_k: int, dtype: str, batch_size: int) -> None:
-    """Every parameter check that can fail, done before any image is read."""
-    enc.check_hook(hook)
+    """Every parameter check that can fail, done before any image is read. A global hook
+    (``post_projection``) ignores ``layer``: the sweep's ``last`` layer passes -1 to notebook 01."""
+    spec = hooks.hook_spec(hook)
     enc.check_tokens(tokens, random_k)
     check_dtype(dtype)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if hook == "post_mlp_residual":
-        if layer is None:
-            raise ValueError("hook 'post_mlp_residual' needs a layer (0-based block index, negative from the end)")
+    if spec.per_block:
+        hooks.check_layer(hook, layer)
         encoder.block_index(layer)
-    if hook == "post_projection" and tokens == "random_k":
-        raise ValueError("post_projection has one vector per image: use tokens='cls' (or 'mean'/'all', the same)")
-    if hook == "post_mlp_residual" and tokens == "cls" and not encoder.has_cls_token:
+    hooks.check_token_mode(hook, tokens)
+    if spec.layout == hooks.TOKENS and tokens == "cls" and not encoder.has_cls_token:
         raise ValueError(f"{encoder.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
 
 
@@ -85,8 +85,10 @@ def batch_rows(encoder: enc.VisionEncoder, pixel_values: torch.Tensor, hook: str
 def _rows_per_image(encoder: enc.VisionEncoder, hook: str, tokens: str, random_k: int) -> int:
     """Rows per image; for ``tokens='all'`` the sequence length is measured on a blank image."""
     num_tokens = None
-    if tokens == "all" and hook == "post_mlp_residual":
-        num_tokens = encoder.capture(encoder.preprocess([Image.new("RGB", (64, 64))]), hook, -1).shape[1]
+    spec = hooks.hook_spec(hook)
+    if tokens == "all" and spec.layout == hooks.TOKENS:
+        blank = encoder.preprocess([Image.new("RGB", (64, 64))])
+        num_tokens = encoder.capture(blank, hook, -1 if spec.per_block else None).shape[1]
     return encoder.rows_per_image(hook, tokens, random_k, num_tokens)
 
 
@@ -106,7 +108,7 @@ def extract_activations(
     dataset: ImageFolderDataset,
     out_dir: str | os.PathLike,
     *,
-    hook: str = "post_mlp_residual",
+    hook: str = hooks.DEFAULT_HOOK,
     layer: int | None = -2,
     tokens: str = "cls",
     random_k: int = 2,
@@ -151,7 +153,7 @@ def extract_activations(
 def _plan(encoder: enc.VisionEncoder, dataset: ImageFolderDataset, hook: str, layer: int | None, tokens: str,
           random_k: int, dtype: str, batch_size: int, shard_images: int, seed: int) -> StorePlan:
     """The store plan: parameters that fix the content, the image list, the sharding."""
-    block = encoder.block_index(layer) if hook == "post_mlp_residual" else None
+    block = encoder.block_index(layer) if hooks.hook_spec(hook).per_block else None
     params = {"encoder": encoder.name, "family": encoder.family, "hook": hook, "layer": block, "tokens": tokens,
               "random_k": random_k if tokens == "random_k" else None, "seed": seed, "batch_size": batch_size,
               "data_root": str(dataset.root.resolve()), "split": dataset.split}
@@ -243,7 +245,7 @@ def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore 
 def extract_embeddings(scorer: enc.VisionEncoder | str | os.PathLike, dataset: ImageFolderDataset, out_dir: str | os.PathLike,
                        **kwargs) -> ActivationStore | None:
     """Scoring-encoder embeddings (``post_projection``, one per image) in the same store format."""
-    return extract_activations(scorer, dataset, out_dir, hook="post_projection", layer=None, tokens="cls", **kwargs)
+    return extract_activations(scorer, dataset, out_dir, hook=hooks.EMBEDDING_HOOK, layer=None, tokens="cls", **kwargs)
 
 
 def store_summary(store: ActivationStore) -> dict:

@@ -22,62 +22,24 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .device import resolve_device, resolve_model_dtype
-from .encoders import VisionEncoder, wrap_clip_vision
+# Loading (.llava) and prompting (.generation) live in their own modules; their names stay importable from here.
+from . import generation
 from .exemplars import TopK, top_k_images
+from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, prepare_inputs  # noqa: F401
+from .hooks import DEFAULT_HOOK, check_steerable
+from .labels import class_text
+from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower  # noqa: F401
 from .metrics import SparseCodes
 
 STEER_MODES = ("replace", "pre_zero", "error_preserving")
 CONCEPT_POOLS = ("mean", "max")
 ALPHA_SCALES = ("absolute", "max")
-DEFAULT_PROMPT = "What is shown in this image? Use exactly one word!"
 Clamp = Mapping[int, float]
-
-
-def vision_tower(model: nn.Module) -> VisionEncoder:
-    """The CLIP vision tower of a transformers LLaVA model, wrapped for splicing."""
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
-    if tower is None:
-        raise ValueError(f"{type(model).__name__} has no vision_tower: expected a LlavaForConditionalGeneration")
-    return wrap_clip_vision(tower, processor=_no_preprocess, name="llava.vision_tower")
-
-
-def load_llava(name_or_path: str = "fixture:llava", device: str | torch.device | None = "auto",
-               model_dtype: str | torch.dtype | None = "auto"):
-    """A transformers LLaVA model and its processor from a hub id, a folder, ``fixture:NAME`` or
-    ``rehearsal:llava-hf/llava-1.5-7b-hf``. ``model_dtype="auto"`` is float16 on CUDA, as the
-    authors run LLaVA-1.5-7B (14 GB instead of 28 GB), float32 on the CPU."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from .encoders import model_source, quiet_transformers
-
-    dev = resolve_device(device)
-    dtype = resolve_model_dtype(model_dtype, dev)
-    source = model_source(name_or_path)
-    with quiet_transformers():
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(dev).eval()
-        processor = AutoProcessor.from_pretrained(source)
-    return model, processor
-
-
-def feature_block(model: nn.Module) -> int:
-    """0-based vision block whose output LLaVA feeds to the language model (``vision_feature_layer``)."""
-    layer = model.config.vision_feature_layer
-    if isinstance(layer, (list, tuple)):
-        layer = max(layer, key=lambda h: h % (vision_tower(model).num_layers + 1))
-    num_blocks = vision_tower(model).num_layers
-    return num_blocks + layer if layer < 0 else layer - 1
-
-
-def _no_preprocess(images):
-    raise RuntimeError("use the LLaVA processor to prepare images")
 
 
 def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
@@ -138,8 +100,9 @@ def _per_row(clamp: Clamp | Sequence[Clamp] | None, batch: int) -> list[Clamp]:
 
 @contextlib.contextmanager
 def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[Clamp] | None = None,
-          mode: str = "replace") -> Iterator[None]:
-    """Within the block, vision block ``layer``'s output is replaced by the SAE's clamped reconstruction.
+          mode: str = "replace", hook: str = DEFAULT_HOOK) -> Iterator[None]:
+    """Within the block, vision block ``layer``'s output (at ``hook``, a steerable hook of
+    :mod:`.hooks`) is replaced by the SAE's clamped reconstruction.
 
     ``clamp`` maps latent → α for every image, or is a list with one mapping per image of the
     batch. α is in raw activation units, as the authors' α = 100 (for ``alpha_scale: absolute``):
@@ -150,13 +113,14 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     """
     if mode not in STEER_MODES:
         raise ValueError(f"unknown steering mode {mode!r}; valid: {', '.join(STEER_MODES)}")
+    check_steerable(hook)
     tower = vision_tower(model)
     block = tower.block_index(layer)
     if block > feature_block(model):
         raise ValueError(f"vision block {block} comes after the block LLaVA reads its image features from "
                          f"({feature_block(model)}): steering it cannot change the answer")
     rows = [clamp] if isinstance(clamp, Mapping) or clamp is None else list(clamp)
-    _check_sae(sae, tower.hidden_size, [r or {} for r in rows])
+    _check_sae(sae, tower.output_dim(hook), [r or {} for r in rows])
     sae_param = next(sae.parameters())
 
     def replace(hidden: torch.Tensor) -> torch.Tensor:
@@ -169,20 +133,22 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     was_training = sae.training
     sae.eval()  # inference encoding: the learned threshold, not the batch top-k
     try:
-        with tower.splice("post_mlp_residual", layer, replace):
+        with tower.splice(hook, layer, replace):
             yield
     finally:
         sae.train(was_training)
 
 
 @contextlib.contextmanager
-def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
-    """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` (DiffMean
-    steering); ``vector`` is ``[D]`` for every image or ``[B, D]`` with one vector per image of the batch."""
+def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0,
+               hook: str = DEFAULT_HOOK) -> Iterator[None]:
+    """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` at ``hook``
+    (DiffMean steering); ``vector`` is ``[D]`` for every image or ``[B, D]`` with one vector per image of the batch."""
+    check_steerable(hook)
     tower = vision_tower(model)
-    if vector.shape[-1:] != (tower.hidden_size,) or vector.ndim not in (1, 2):
-        raise ValueError(f"steering vector has shape {tuple(vector.shape)}; expected [{tower.hidden_size}] "
-                         f"or [batch, {tower.hidden_size}]")
+    width = tower.output_dim(hook)
+    if vector.shape[-1:] != (width,) or vector.ndim not in (1, 2):
+        raise ValueError(f"steering vector has shape {tuple(vector.shape)}; expected [{width}] or [batch, {width}]")
 
     def shift(hidden: torch.Tensor) -> torch.Tensor:
         v = vector.to(hidden.device, hidden.dtype)
@@ -190,70 +156,53 @@ def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float 
             raise ValueError(f"{v.shape[0]} steering vectors for a batch of {hidden.shape[0]} images")
         return hidden + scale * (v[:, None, :] if v.ndim == 2 else v)
 
-    with tower.splice("post_mlp_residual", layer, shift):
+    with tower.splice(hook, layer, shift):
         yield
 
 
-def block_mean(model: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """Mean output of vision block ``layer`` over images and tokens."""
-    return vision_tower(model).capture(pixel_values, "post_mlp_residual", layer).float().mean(dim=(0, 1))
+def block_mean(model: nn.Module, pixel_values: torch.Tensor, layer: int, hook: str = DEFAULT_HOOK) -> torch.Tensor:
+    """Mean activation of vision block ``layer`` at ``hook`` over images and tokens."""
+    check_steerable(hook)
+    return vision_tower(model).capture(pixel_values, hook, layer).float().mean(dim=(0, 1))
 
 
 def diffmean_vector(model: nn.Module, with_concept: torch.Tensor, without_concept: torch.Tensor,
-                    layer: int) -> torch.Tensor:
+                    layer: int, hook: str = DEFAULT_HOOK) -> torch.Tensor:
     """DiffMean steering vector: mean block output on images with the concept minus without it."""
-    return block_mean(model, with_concept, layer) - block_mean(model, without_concept, layer)
+    return block_mean(model, with_concept, layer, hook) - block_mean(model, without_concept, layer, hook)
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def chat_prompt(processor, prompt: str) -> str:
-    """The model's chat template around one image and the user's prompt."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
 def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 5,
              *, sae: nn.Module | None = None, layer: int | None = None,
              clamp: Clamp | Sequence[Clamp] | None = None, mode: str = "replace",
-             steering: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[str]:
-    """Greedy answers for a batch of images; with ``sae`` and ``clamp`` the vision tower is steered
-    (one clamp for all images, or one per image), with ``steering`` any other context (DiffMean)."""
+             steering: Callable[[], contextlib.AbstractContextManager] | None = None,
+             hook: str = DEFAULT_HOOK) -> list[str]:
+    """Greedy answers for a batch of images (:func:`vlmsae_utils.generation.generate`); with ``sae`` and
+    ``clamp`` the vision tower is steered (one clamp for all images, or one per image), with
+    ``steering`` any other context (DiffMean)."""
     if not images:
         return []
-    inputs = prepare_inputs(processor, images, prompt).to(model.device)
-    context = contextlib.nullcontext()
     if sae is not None:
         if layer is None:
             raise ValueError("steering with an SAE needs the vision block index `layer`")
-        context = steer(model, sae, layer, clamp, mode)
-    elif steering is not None:
-        context = steering()
-    with context, torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def prepare_inputs(processor, images: Sequence, prompt: str):
-    """Left-padded processor inputs for batched generation."""
-    processor.tokenizer.padding_side = "left"
-    text = chat_prompt(processor, prompt)
-    return processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
+        steering = lambda: steer(model, sae, layer, clamp, mode, hook)
+    return generation.generate(model, processor, images, prompt, max_new_tokens, steering=steering)
 
 
 def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images: Sequence,
                  latents: Sequence[int], alphas: Sequence[float], prompt: str = DEFAULT_PROMPT,
                  max_new_tokens: int = 5, mode: str = "replace", batch_size: int = 16,
-                 alpha_units: Mapping[int, float] | None = None) -> list[dict]:
+                 alpha_units: Mapping[int, float] | None = None, hook: str = DEFAULT_HOOK) -> list[dict]:
     """Answers for every (image, latent, α), batching different clamps on different rows.
 
     With ``alpha_units`` the clamp of latent j is ``α · alpha_units[j]`` raw activation units
     (e.g. α in multiples of the latent's largest activation, :func:`alpha_units`); the table
     keeps α as given.
     """
+    check_steerable(hook)
     units = alpha_units or {}
     jobs = [(i, latent, alpha) for i in range(len(images)) for latent in latents for alpha in alphas]
     rows = []
@@ -261,7 +210,7 @@ def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images
         chunk = jobs[start:start + batch_size]
         clamps = [{latent: alpha * units.get(latent, 1.0)} for _, latent, alpha in chunk]
         answers = generate(model, processor, [images[i] for i, _, _ in chunk], prompt, max_new_tokens,
-                           sae=sae, layer=layer, clamp=clamps, mode=mode)
+                           sae=sae, layer=layer, clamp=clamps, mode=mode, hook=hook)
         rows += [{"image": i, "latent": latent, "alpha": alpha, "answer": answer}
                  for (i, latent, alpha), answer in zip(chunk, answers)]
     return rows
@@ -360,57 +309,6 @@ def alpha_units(sae: nn.Module, codes: SparseCodes, latents: Sequence[int],
 # ----------------------------------------------------------------------------- steering score
 
 
-def first_word(answer: str) -> str:
-    """First word of an answer, without punctuation (the paper keeps only it)."""
-    for token in answer.replace("\n", " ").split():
-        word = token.strip(".,;:!?\"'()[]").lower()
-        if word:
-            return word
-    return ""
-
-
-@dataclass
-class ClipTextImage:
-    """A CLIP model's text and image towers, returning unit-norm embeddings."""
-
-    embed_text: Callable[[list[str]], torch.Tensor]
-    embed_images: Callable[[Sequence], torch.Tensor]
-
-
-def load_clip_text_image(name_or_path: str, device: str | torch.device | None = "auto",
-                         model_dtype: str | torch.dtype | None = "auto") -> ClipTextImage:
-    """CLIP text + image embedders from a transformers ``CLIPModel`` (hub id, folder, ``fixture:NAME``
-    or ``rehearsal:openai/clip-vit-base-patch32``); embeddings come back as float32 on the CPU."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from .encoders import model_source, quiet_transformers
-
-    dev = resolve_device(device)
-    dtype = resolve_model_dtype(model_dtype, dev)
-    source = model_source(name_or_path)
-    with quiet_transformers():
-        model = CLIPModel.from_pretrained(source, dtype=dtype).to(dev).eval()
-        processor = CLIPProcessor.from_pretrained(source)
-
-    def texts(words: list[str]) -> torch.Tensor:
-        tokens = processor(text=list(words), return_tensors="pt", padding=True).to(dev)
-        with torch.inference_mode():
-            return _unit(model.get_text_features(**tokens)).cpu()
-
-    def pictures(images: Sequence) -> torch.Tensor:
-        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(dev, dtype)
-        with torch.inference_mode():
-            return _unit(model.get_image_features(pixel_values=pixels)).cpu()
-
-    return ClipTextImage(texts, pictures)
-
-
-def _unit(x) -> torch.Tensor:
-    """Rows scaled to unit norm (accepts ModelOutput-style returns)."""
-    tensor = x if isinstance(x, torch.Tensor) else x.pooler_output
-    return torch.nn.functional.normalize(tensor.float(), dim=-1)
-
-
 def concept_embeddings(image_embeddings: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
     """Mean unit image embedding of each latent's top images ``[L, k]`` (−1 = absent) → ``[L, E]``."""
     unit = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
@@ -442,19 +340,6 @@ def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: t
 
 
 # ----------------------------------------------------------------------------- experiments of chapter 5
-
-
-def class_text(folder: str) -> str:
-    """Words for a class folder: the fixture's caption for a fixture class, else its readable
-    label (:func:`vlmsae_utils.labels.class_label`: ImageNet wnid → CLIP class name such as
-    ``tench``, iNaturalist folder → ``Genus species``, other names without numeric id and ``_``)."""
-    from .fixtures import fixture_classes
-    from .labels import class_label
-
-    captions = {c.folder: c.caption for c in fixture_classes()}
-    if folder in captions:
-        return captions[folder]
-    return class_label(folder)
 
 
 def top_class(top_indices: torch.Tensor, class_names: Sequence[str], latent: int) -> str:
@@ -513,13 +398,9 @@ def latent_concepts(clip: ClipTextImage, top_indices: torch.Tensor, latents: Seq
     return concept_embeddings(table, chosen)
 
 
-def pixel_values(processor, images: Sequence) -> torch.Tensor:
-    """LLaVA's own image preprocessing of a list of PIL images."""
-    return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-
-
 def diffmean_vectors(model: nn.Module, processor, layer: int, top_indices: torch.Tensor, latents: Sequence[int],
-                     load: Callable[[int], object], num_images: int, seed: int = 0) -> torch.Tensor:
+                     load: Callable[[int], object], num_images: int, seed: int = 0,
+                     hook: str = DEFAULT_HOOK) -> torch.Tensor:
     """One DiffMean vector per latent ``[L, D]``: block mean over its top images minus over as many others."""
     generator = torch.Generator().manual_seed(seed)
     vectors = []
@@ -528,5 +409,5 @@ def diffmean_vectors(model: nn.Module, processor, layer: int, top_indices: torch
         others = [i for i in torch.randperm(num_images, generator=generator).tolist() if i not in set(with_concept)]
         without = others[:len(with_concept)]
         vectors.append(diffmean_vector(model, pixel_values(processor, [load(i) for i in with_concept]),
-                                       pixel_values(processor, [load(i) for i in without]), layer))
+                                       pixel_values(processor, [load(i) for i in without]), layer, hook))
     return torch.stack(vectors)
