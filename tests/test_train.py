@@ -139,7 +139,9 @@ def test_matryoshka_loss_and_grads_match_dictionary_learning_weighting():
 def test_aux_weight_default_is_the_authors():
     import inspect
 
-    assert inspect.signature(train_sae).parameters["aux_alpha"].default == 0.03
+    from vlmsae_utils.train import TrainConfig
+
+    assert TrainConfig().aux_alpha == 0.03  # train_sae's settings and their defaults are TrainConfig's fields
     assert inspect.signature(sae_loss).parameters["aux_alpha"].default == 0.03
     sae = _rand_sae(BatchTopKSAE(D, W, k=4), seed=1)
     x = torch.randn(10, D, generator=torch.Generator().manual_seed(2))

@@ -1,14 +1,27 @@
-"""Sparse autoencoders (BatchTopK, Matryoshka BatchTopK, TopK, ReLU) and their on-disk formats.
+"""Sparse autoencoders (BatchTopK, Matryoshka BatchTopK, TopK, ReLU), their registry and on-disk formats.
 
 Formulas (Pach et al. 2025): ``z = ReLU((x·s − b_dec) W_enc + b_enc)``, ``x̂ = (f W_dec + b_dec) / s``
 where ``s = input_scale`` (1 for imported checkpoints). Shapes: ``W_enc [d, ω]``, ``b_enc [ω]``,
 ``W_dec [ω, d]``, ``b_dec [d]``.
+
+Every SAE type is a :class:`BaseSAE` subclass registered with :func:`register_sae`: the class owns
+its type name, table label, dictionary_learning class name, training selection rule
+(:meth:`BaseSAE.select` / :meth:`BaseSAE.select_indices`) and loss terms
+(:meth:`BaseSAE.sparse_reconstruction`, :meth:`BaseSAE.sparsity_penalty`). :data:`SAE_TYPES`,
+:data:`SAE_CLASSES`, :data:`SAE_LABELS` and the dictionary_learning name map are live views of
+the registry, so a type registered from another module is known everywhere (make_sae, load_sae,
+train_sae, TrainConfig, sweeps) without editing the package.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +29,32 @@ from torch import nn
 
 from .io import atomic_write_bytes
 
-SAE_TYPES = ("batch_top_k", "matryoshka_batch_top_k", "top_k", "relu")
 FORMAT_NAME = "vlmsae-sae"
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 
 
 class BaseSAE(nn.Module):
-    """Shared encoder/decoder of all SAE variants; subclasses only choose which latents survive."""
+    """Shared encoder/decoder of all SAE variants; subclasses choose which latents survive and the
+    loss terms, and declare themselves with the class attributes below (see :func:`register_sae`)."""
 
+    #: Registry name (``config.json`` ``type``, TrainConfig ``sae_type``, run folder names).
     sae_type: str = "base"
+    #: Human label in tables and plots, e.g. ``"BatchTopK"``.
+    label: str = "base"
+    #: dictionary_learning ``dict_class`` name read as this type by :func:`load_sae` (``None``: none).
+    dl_class: str | None = None
+    #: Whether the type needs ``k`` (active latents per input); without it ``k`` is ignored.
+    needs_k: bool = True
+    #: Whether inference codes use the learned threshold θ (set by an EMA of the smallest kept value).
+    uses_threshold: bool = False
+    #: Whether the type has ordered latent groups (``group_sizes``; TrainConfig ``group_fractions``).
+    uses_groups: bool = False
+    #: ``train.sae_loss`` path: True = only the entries kept by :meth:`select_indices` carry gradient
+    #: (sparse; auxiliary-K loss for dead latents); False = dense loss of :meth:`select` + L1 penalty.
+    sparse_training: bool = True
+    #: Whether the sparse path adds the auxiliary-K loss that revives dead latents.
+    uses_aux_loss: bool = True
 
     def __init__(self, activation_dim: int, dict_size: int, k: int | None = None):
         super().__init__()
@@ -60,6 +89,12 @@ class BaseSAE(nn.Module):
         """Training-time sparsification of post-ReLU activations (identity for ReLU SAEs)."""
         return z
 
+    def select_indices(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training rule in sparse form: ``(rows, cols)`` of the entries of the post-ReLU ``pre [B, ω]``
+        that keep their value and gradient, rows ascending; default: the nonzeros of :meth:`select`."""
+        rows, cols = self.select(pre).nonzero(as_tuple=True)
+        return rows, cols
+
     def encode(self, x: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
         """Sparse codes ``f [B, ω]``: learned threshold at inference, (batch) top-k in training
         or while no threshold is set (``threshold < 0``). ``use_threshold=None`` means
@@ -70,8 +105,6 @@ class BaseSAE(nn.Module):
         if use_threshold and self.uses_threshold and float(self.threshold) >= 0:
             return z * (z > self.threshold)
         return self.select(z)
-
-    uses_threshold: bool = False
 
     def encode_sparse(self, x: torch.Tensor, use_threshold: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes as ``(indices [B, m], values [B, m])`` with m = max active per row (zero-padded)."""
@@ -102,6 +135,30 @@ class BaseSAE(nn.Module):
         f = self.encode(x)
         x_hat = self.decode(f)
         return (x_hat, f) if output_features else x_hat
+
+    # ----- loss terms (called by train.sae_loss) ---------------------------------------------
+    def sparse_reconstruction(self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                              vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Reconstruction term of the sparse training loss on scaled inputs ``xs [B, d]`` from the kept
+        values ``vals`` at ``(rows, cols)``: ``(l2, x̂, extra outputs)``, ``l2 = mean_b ||xs − x̂||²``."""
+        x_hat = F.embedding_bag(cols, self.W_dec, bag_offsets(rows, xs.shape[0]), mode="sum",
+                                per_sample_weights=vals) + self.b_dec
+        return (xs - x_hat).pow(2).sum(-1).mean(), x_hat, {}
+
+    def sparsity_penalty(self, f: torch.Tensor) -> torch.Tensor:
+        """Penalty of the dense training path (weighted by ``l1_coeff``): L1 of the codes, mean over the batch."""
+        return f.sum(-1).mean()
+
+    @classmethod
+    def create(cls, activation_dim: int, dict_size: int, k: int | None = None,
+               group_sizes: list[int] | None = None) -> BaseSAE:
+        """Construct from the fields of ``config.json`` (what :func:`make_sae` and :func:`load_sae` call)."""
+        if cls.needs_k and k is None:
+            raise ValueError(f"sae_type {cls.sae_type!r} needs k (active latents per input), got None")
+        if group_sizes is not None and not cls.uses_groups:
+            raise ValueError(f"group_sizes only apply to types with latent groups, not {cls.sae_type!r}")
+        extra = {"group_sizes": group_sizes} if cls.uses_groups else {}
+        return cls(activation_dim, dict_size, k, **extra) if cls.needs_k else cls(activation_dim, dict_size, **extra)
 
     # ----- bookkeeping ---------------------------------------------------------------------
     @torch.no_grad()
@@ -134,25 +191,162 @@ def topk_mask(z: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(z).scatter(-1, idx, vals)
 
 
+def batch_topk_indices(pre: torch.Tensor, n: int, sample_size: int = 65536, margin: float = 2.0) -> torch.Tensor:
+    """Flat indices of the ``n`` largest entries of ``pre`` (exact, like ``flatten().topk``).
+
+    Fast path: a strided sample gives a cut ``t`` expected to leave ~``margin·n`` entries above it;
+    the exact top-n among the entries ``> t`` is the global top-n whenever at least n survive
+    (checked; otherwise a full top-k runs)."""
+    flat = pre.flatten()
+    N = flat.numel()
+    if N < 8 * sample_size or margin * n >= N / 4:
+        return flat.topk(n, sorted=False).indices
+    stride = max(1, N // sample_size)
+    while math.gcd(stride, pre.shape[-1]) != 1:  # avoid sampling the same columns
+        stride += 1
+    sample = flat[::stride]
+    rank = max(1, int(sample.numel() * (1.0 - margin * n / N)))
+    t = sample.kthvalue(rank).values
+    cand = (flat > t).nonzero().squeeze(1)
+    if cand.numel() < n:
+        return flat.topk(n, sorted=False).indices
+    return cand[flat[cand].topk(n, sorted=False).indices]
+
+
+def bag_offsets(keys: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """``embedding_bag`` offsets of ``n_bags`` consecutive bags from the (ascending) bag id of each entry."""
+    counts = torch.bincount(keys, minlength=n_bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+# ----- registry --------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[BaseSAE]] = {}
+_TYPE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def register_sae(cls: type[BaseSAE]) -> type[BaseSAE]:
+    """Class decorator: make ``cls`` an SAE type known to make_sae, load_sae, train_sae, TrainConfig and
+    the tables, under the ``sae_type`` and ``label`` its class body declares."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseSAE)) or cls is BaseSAE:
+        raise TypeError(f"register_sae expects a subclass of BaseSAE, got {cls!r}")
+    name, label = cls.__dict__.get("sae_type"), cls.__dict__.get("label")
+    if not isinstance(name, str) or not _TYPE_NAME.fullmatch(name):
+        raise ValueError(f"{cls.__qualname__} must declare its own sae_type (lower-case letters, digits, '_'), "
+                         f"got {name!r}")
+    if not isinstance(label, str) or not label:
+        raise ValueError(f"{cls.__qualname__} must declare its own label (a non-empty str), got {label!r}")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"sae_type {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+                         "call unregister_sae first")
+    dl_class = cls.__dict__.get("dl_class")
+    clash = [t for t, c in _REGISTRY.items() if c is not cls and c.__dict__.get("dl_class") == dl_class]
+    if dl_class is not None and clash:
+        raise ValueError(f"dictionary_learning class {dl_class!r} already loads as {clash[0]!r}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_sae(sae_type: str) -> type[BaseSAE]:
+    """Remove a registered SAE type (e.g. a test's toy type); returns its class."""
+    cls = sae_class(sae_type)
+    del _REGISTRY[sae_type]
+    return cls
+
+
+def sae_class(sae_type: str) -> type[BaseSAE]:
+    """The class registered under ``sae_type``."""
+    if not isinstance(sae_type, str) or sae_type not in _REGISTRY:
+        raise ValueError(f"unknown sae_type {sae_type!r}; valid: {', '.join(_REGISTRY)}")
+    return _REGISTRY[sae_type]
+
+
+class _RegisteredNames(Sequence):
+    """Live, read-only, tuple-like view of the registered type names, in registration order."""
+
+    def __getitem__(self, index):
+        return tuple(_REGISTRY)[index]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _REGISTRY
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (tuple, list, _RegisteredNames)) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _RegistryMap(Mapping):
+    """Live, read-only mapping recomputed from the registry on every access."""
+
+    def __init__(self, build: Callable[[], dict]):
+        self._build = build
+
+    def __getitem__(self, key):
+        return self._build()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
+
+    def __repr__(self) -> str:
+        return repr(self._build())
+
+
+#: Registered type names (live view, registration order).
+SAE_TYPES: Sequence[str] = _RegisteredNames()
+#: Type name → class (live, read-only; add types with :func:`register_sae`).
+SAE_CLASSES: Mapping[str, type[BaseSAE]] = MappingProxyType(_REGISTRY)
+#: Type name → human label, e.g. ``"matryoshka_batch_top_k"`` → ``"Matryoshka"`` (live).
+SAE_LABELS: Mapping[str, str] = _RegistryMap(lambda: {t: c.label for t, c in _REGISTRY.items()})
+_DL_DICT_CLASS_TO_TYPE: Mapping[str, str] = _RegistryMap(
+    lambda: {c.__dict__["dl_class"]: t for t, c in _REGISTRY.items() if c.__dict__.get("dl_class")})
+
+
+@register_sae
 class BatchTopKSAE(BaseSAE):
     """BatchTopK SAE (Bussmann et al. 2024): batch-wide top ``B·k`` in training, threshold θ at inference."""
 
     sae_type = "batch_top_k"
+    label = "BatchTopK"
+    dl_class = "BatchTopKSAE"
     uses_threshold = True
 
-    def __init__(self, activation_dim: int, dict_size: int, k: int = 20):
+    def __init__(self, activation_dim: int, dict_size: int, k: int):
         super().__init__(activation_dim, dict_size, k)
 
     def select(self, z: torch.Tensor) -> torch.Tensor:
         return batch_topk_mask(z, self.k)
 
+    def select_indices(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``B·k`` largest entries of the batch (fast exact top-n), sorted row-major."""
+        omega = pre.shape[1]
+        idx = batch_topk_indices(pre, min(self.k * pre.shape[0], pre.numel())).sort().values
+        return idx // omega, idx % omega
 
+
+@register_sae
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """Matryoshka BatchTopK SAE: ordered latent groups whose nested prefixes each reconstruct ``x``."""
 
     sae_type = "matryoshka_batch_top_k"
+    label = "Matryoshka"
+    dl_class = "MatryoshkaBatchTopKSAE"
+    uses_groups = True
 
-    def __init__(self, activation_dim: int, dict_size: int, k: int = 20, group_sizes: list[int] | None = None):
+    def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int] | None = None):
         super().__init__(activation_dim, dict_size, k)
         group_sizes = [int(g) for g in (group_sizes if group_sizes is not None else [dict_size])]
         if any(g < 1 for g in group_sizes) or sum(group_sizes) != self.dict_size:
@@ -183,44 +377,66 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             outs.append(acc / self.input_scale)
         return outs
 
+    def sparse_reconstruction(self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                              vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Nested-prefix reconstruction as dictionary_learning's ``MatryoshkaBatchTopKTrainer`` (Pach et al.
+        2025): each prefix error ``l2_m = mean_b ||xs − x̂_m||²`` weighted ``1/G``, then averaged over
+        the G prefixes, so ``l2 = Σ_m l2_m / G²``; extra output ``prefix_l2`` (the unweighted ``l2_m``)."""
+        if len(self.group_sizes) <= 1:
+            return super().sparse_reconstruction(xs, rows, cols, vals)
+        B, G = xs.shape[0], len(self.group_sizes)
+        bounds = torch.tensor(self.prefix_sizes, device=xs.device)
+        gid = torch.bucketize(cols, bounds, right=True)
+        keys = rows * G + gid
+        order = keys.argsort(stable=True)
+        contrib = F.embedding_bag(cols[order], self.W_dec, bag_offsets(keys[order], B * G),
+                                  mode="sum", per_sample_weights=vals[order]).view(B, G, -1)
+        recons = contrib.cumsum(1) + self.b_dec
+        prefix_l2 = (xs[:, None, :] - recons).pow(2).sum(-1).mean(0)
+        l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
+        return l2, recons[:, -1], {"prefix_l2": prefix_l2.detach()}
 
+
+@register_sae
 class TopKSAE(BaseSAE):
     """TopK SAE (Gao et al. 2024): per-sample top-k, no threshold."""
 
     sae_type = "top_k"
+    label = "TopK"
+    dl_class = "AutoEncoderTopK"
 
-    def __init__(self, activation_dim: int, dict_size: int, k: int = 20):
+    def __init__(self, activation_dim: int, dict_size: int, k: int):
         super().__init__(activation_dim, dict_size, k)
 
     def select(self, z: torch.Tensor) -> torch.Tensor:
         return topk_mask(z, self.k)
 
+    def select_indices(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest entries of each row (rows ascending, columns unordered)."""
+        cols = pre.topk(self.k, dim=-1, sorted=False).indices.flatten()
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
+        return rows, cols
 
+
+@register_sae
 class ReLUSAE(BaseSAE):
     """Plain ReLU SAE trained with an L1 penalty (baseline)."""
 
     sae_type = "relu"
+    label = "ReLU"
+    dl_class = "AutoEncoder"
+    needs_k = False
+    sparse_training = False
+    uses_aux_loss = False
 
     def __init__(self, activation_dim: int, dict_size: int, k: int | None = None):
         super().__init__(activation_dim, dict_size, None)
 
 
-SAE_CLASSES: dict[str, type[BaseSAE]] = {
-    "batch_top_k": BatchTopKSAE, "matryoshka_batch_top_k": MatryoshkaBatchTopKSAE,
-    "top_k": TopKSAE, "relu": ReLUSAE,
-}
-
-
-def make_sae(sae_type: str, activation_dim: int, dict_size: int, k: int | None = 20,
+def make_sae(sae_type: str, activation_dim: int, dict_size: int, k: int | None = None,
              group_sizes: list[int] | None = None) -> BaseSAE:
-    """Construct an SAE by type name (one of :data:`SAE_TYPES`)."""
-    if sae_type not in SAE_CLASSES:
-        raise ValueError(f"unknown sae_type {sae_type!r}; valid: {', '.join(SAE_TYPES)}")
-    if sae_type == "matryoshka_batch_top_k":
-        return MatryoshkaBatchTopKSAE(activation_dim, dict_size, k, group_sizes)
-    if sae_type == "relu":
-        return ReLUSAE(activation_dim, dict_size)
-    return SAE_CLASSES[sae_type](activation_dim, dict_size, k)
+    """Construct an SAE by type name (one of :data:`SAE_TYPES`); ``k`` is required by the types that need it."""
+    return sae_class(sae_type).create(activation_dim, dict_size, k, group_sizes)
 
 
 # ----- save / load -----------------------------------------------------------------------------
@@ -262,16 +478,13 @@ def _load_ours(folder: Path) -> BaseSAE:
         raise FileNotFoundError(f"{folder}: missing {CONFIG_FILE} next to {WEIGHTS_FILE}")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("type") not in SAE_TYPES:
-        raise ValueError(f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)}")
+        raise ValueError(f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
+                         "(a type defined outside the package must be registered with register_sae before loading)")
     state = load_file(str(folder / WEIGHTS_FILE))
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
     if set(state) != expected:
         raise ValueError(f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}")
     return _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
-
-
-_DL_DICT_CLASS_TO_TYPE = {"BatchTopKSAE": "batch_top_k", "MatryoshkaBatchTopKSAE": "matryoshka_batch_top_k",
-                          "AutoEncoderTopK": "top_k", "AutoEncoder": "relu"}
 
 
 def _load_dictionary_learning(pt: Path) -> BaseSAE:
@@ -318,10 +531,11 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         raise ValueError(f"{pt}: encoder weight must be 2-D, got shape {tuple(W_enc.shape)}")
     d, w = W_enc.shape
     k = int(state["k"]) if "k" in state else dl_cfg.get("k")
-    if sae_type != "relu" and k is None:
+    cls = sae_class(sae_type)
+    if cls.needs_k and k is None:
         raise ValueError(f"{pt}: no 'k' buffer and no k in {CONFIG_FILE}")
     group_sizes = None
-    if sae_type == "matryoshka_batch_top_k":
+    if cls.uses_groups:
         if "group_sizes" in state:
             group_sizes = [int(g) for g in state["group_sizes"].tolist()]
         else:

@@ -10,12 +10,13 @@ Speed: for the top-k variants only the ``B·k`` kept (plus auxiliary) entries ca
 so encoder and decoder gradients are computed sparsely (sparse mm / ``embedding_bag``); the
 dense encoder forward is the only ``B·d·ω`` product per step. Training data sits on the device
 when it fits (``data_on_device``), else streams in large pinned chunks; bf16 autocast of the
-encoder forward is used on CUDA only.
+encoder forward is used on CUDA only. Every setting, with its default, is a field of
+:class:`~vlmsae_utils.train_config.TrainConfig`; what differs between SAE types (selection rule,
+loss terms) is decided by the SAE class (:mod:`vlmsae_utils.sae`).
 """
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,38 +30,23 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .io import atomic_torch_save
-from .sae import SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, make_sae
+from .sae import SAE_LABELS, SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, batch_topk_indices, sae_class  # noqa: F401
+from .train_config import (  # noqa: F401 (re-exported: these lived here before TrainConfig)
+    DATA_MEMORY_FRACTION,
+    DECAY_LAST_20PCT,
+    DEFAULT_AUX_ALPHA,
+    DEFAULT_GROUP_FRACTIONS,
+    TrainConfig,
+    default_lr,
+    grid_configs,
+    group_sizes_from_fractions,
+    resolve_decay_start,
+)
 
-DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
 CHECKPOINT_FILE = "checkpoint.pt"
-#: Weight of the auxiliary-K loss: the authors' training scripts pass 0.03 (the paper text and
-#: dictionary_learning's default say 1/32 = 0.03125).
-DEFAULT_AUX_ALPHA = 0.03
-#: ``decay_start`` of the schedule this package used before matching the authors: linear decay
-#: to 0 over the last 20 % of the steps (``decay_start=0.8``).
-DECAY_LAST_20PCT = 0.8
 
 
-# ----- parameters ----------------------------------------------------------------------------
-
-def default_lr(dict_size: int) -> float:
-    """Reference learning rate ``2e-4 / sqrt(ω / 2**14)`` (the code's, not the paper text's)."""
-    return 2e-4 / math.sqrt(dict_size / 2**14)
-
-
-def group_sizes_from_fractions(group_fractions, dict_size: int) -> list[int]:
-    """Group sizes as dictionary_learning computes them: ``int(f·ω)`` for all but the last group."""
-    fr = [float(f) for f in group_fractions]
-    if not fr or any(not (f > 0) for f in fr):
-        raise ValueError(f"group_fractions must be positive, got {list(group_fractions)}")
-    if abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"group_fractions must sum to 1, got {list(group_fractions)} (sum {sum(fr):.6g})")
-    sizes = [int(f * dict_size) for f in fr[:-1]]
-    sizes.append(dict_size - sum(sizes))
-    if any(s < 1 for s in sizes):
-        raise ValueError(f"group_fractions {fr} give an empty group for dict_size={dict_size}: sizes {sizes}")
-    return sizes
-
+# ----- parameters (the settings themselves: vlmsae_utils.train_config.TrainConfig) ----------------
 
 def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None) -> float:
     """Learning-rate multiplier: linear warm-up from 0, then 1, then linear decay to 0 from ``decay_start``
@@ -69,29 +55,6 @@ def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None)
     if decay_start is not None and step >= decay_start:
         m *= max(0.0, (steps - step) / max(1, steps - decay_start))
     return m
-
-
-def resolve_decay_start(decay_start: int | float | None, steps: int) -> int | None:
-    """The step where the linear LR decay starts, or ``None`` for no decay.
-
-    ``None`` (default): no decay — the authors train 110k steps with decay from step 109,999 and
-    keep the 100k checkpoint, so their SAEs never see a decayed rate. An ``int`` is a step
-    (``>= steps`` also means no decay); a ``float`` in ``[0, 1]`` is a fraction of ``steps``
-    (:data:`DECAY_LAST_20PCT` ``= 0.8`` is this package's former schedule: decay over the last 20 %).
-    """
-    if decay_start is None:
-        return None
-    if isinstance(decay_start, bool) or not isinstance(decay_start, numbers.Real):
-        raise ValueError(f"decay_start must be None, a step (int) or a fraction of steps (float in [0, 1]), "
-                         f"got {decay_start!r}")
-    if not isinstance(decay_start, numbers.Integral):
-        decay_start = float(decay_start)
-        if not 0.0 <= decay_start <= 1.0:
-            raise ValueError(f"decay_start as a fraction of steps must be in [0, 1], got {decay_start}")
-        decay_start = int(decay_start * steps)
-    if decay_start < 0:
-        raise ValueError(f"decay_start must be >= 0, got {decay_start}")
-    return None if decay_start >= steps else int(decay_start)
 
 
 # ----- data ---------------------------------------------------------------------------------
@@ -103,9 +66,6 @@ def resolve_decay_start(decay_start: int | float | None, steps: int) -> int | No
 # memory map — does not change them, so both paths train bit-identically and a resumed run only
 # needs the step count.
 
-#: Share of the device's free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: available RAM) the
-#: training data may take for ``data_on_device="auto"`` to put it there whole.
-DATA_MEMORY_FRACTION = 0.5
 #: Batches gathered at once when streaming (fewer when a chunk would exceed :data:`CHUNK_MAX_BYTES`).
 CHUNK_BATCHES = 64
 CHUNK_MAX_BYTES = 1 << 30
@@ -461,55 +421,31 @@ class _SparseEncoderGrad(torch.autograd.Function):
         return None, None, gW, gb, gbdec, None, None
 
 
-def _select(sae: BaseSAE, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the kept entries, sorted row-major."""
-    B, omega = pre.shape
-    if sae.sae_type == "top_k":
-        cols = pre.topk(sae.k, dim=-1, sorted=False).indices.flatten()
-        rows = torch.arange(B, device=pre.device).repeat_interleave(sae.k)
-        return rows, cols
-    n = min(sae.k * B, pre.numel())
-    idx = batch_topk_indices(pre, n).sort().values
-    return idx // omega, idx % omega
-
-
-def batch_topk_indices(pre: torch.Tensor, n: int, sample_size: int = 65536, margin: float = 2.0) -> torch.Tensor:
-    """Flat indices of the ``n`` largest entries of ``pre`` (exact, like ``flatten().topk``).
-
-    Fast path: a strided sample gives a cut ``t`` expected to leave ~``margin·n`` entries above it;
-    the exact top-n among the entries ``> t`` is the global top-n whenever at least n survive
-    (checked; otherwise a full top-k runs)."""
-    flat = pre.flatten()
-    N = flat.numel()
-    if N < 8 * sample_size or margin * n >= N / 4:
-        return flat.topk(n, sorted=False).indices
-    stride = max(1, N // sample_size)
-    while math.gcd(stride, pre.shape[-1]) != 1:  # avoid sampling the same columns
-        stride += 1
-    sample = flat[::stride]
-    rank = max(1, int(sample.numel() * (1.0 - margin * n / N)))
-    t = sample.kthvalue(rank).values
-    cand = (flat > t).nonzero().squeeze(1)
-    if cand.numel() < n:
-        return flat.topk(n, sorted=False).indices
-    return cand[flat[cand].topk(n, sorted=False).indices]
-
-
-def _bag_offsets(keys: torch.Tensor, n_bags: int) -> torch.Tensor:
-    counts = torch.bincount(keys, minlength=n_bags)
-    return torch.cumsum(counts, 0) - counts
+def _dense_loss(sae: BaseSAE, xs: torch.Tensor, l1_coeff: float) -> dict[str, Any]:
+    """Dense training loss of a type without sparse training (ReLU): ``l2 + l1_coeff · sparsity_penalty``."""
+    pre = F.relu((xs - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    f = sae.select(pre)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    l2 = (xs - x_hat).pow(2).sum(-1).mean()
+    l1 = sae.sparsity_penalty(f)
+    fired = (f > 0).any(0)
+    return {"loss": l2 + l1_coeff * l1, "l2": l2.detach(), "aux": torch.zeros(()), "l1": l1.detach(),
+            "l0": float((f > 0).sum()) / xs.shape[0], "fired": fired, "min_kept": None}
 
 
 def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
-             aux_alpha: float = DEFAULT_AUX_ALPHA, k_aux: int | None = None, l1_coeff: float = 1e-1,
+             aux_alpha: float = DEFAULT_AUX_ALPHA, k_aux: int | None = None, l1_coeff: float = TrainConfig.l1_coeff,
              autocast: bool = False) -> dict[str, Any]:
     """Training loss of the reference trainer on raw inputs ``x`` (scaled by ``sae.input_scale``).
 
-    ``loss = l2 + aux_alpha · aux``. For Matryoshka with G groups, as dictionary_learning's
-    ``MatryoshkaBatchTopKTrainer``: each prefix's error ``l2_m = mean_b ||x_b − x̂_{m,b}||²`` is
-    weighted ``1/G`` and the weighted errors are averaged over the G prefixes, so
-    ``l2 = Σ_m l2_m / G²``. ``autocast`` runs the dense encoder forward in bf16 and only applies
-    on CUDA (ignored elsewhere).
+    ``loss = l2 + aux_alpha · aux``. The SAE class decides the terms: which entries are kept
+    (:meth:`~vlmsae_utils.sae.BaseSAE.select_indices`; only they carry gradient) and the
+    reconstruction term (:meth:`~vlmsae_utils.sae.BaseSAE.sparse_reconstruction`). For Matryoshka
+    with G groups, as dictionary_learning's ``MatryoshkaBatchTopKTrainer``: each prefix's error
+    ``l2_m = mean_b ||x_b − x̂_{m,b}||²`` is weighted ``1/G`` and the weighted errors are averaged
+    over the G prefixes, so ``l2 = Σ_m l2_m / G²``. Types with ``sparse_training = False`` (ReLU)
+    use the dense loss ``l2 + l1_coeff · L1``. ``autocast`` runs the dense encoder forward in bf16
+    and only applies on CUDA (ignored elsewhere).
 
     Returns a dict with ``loss`` (differentiable), ``l2`` (the reconstruction term of the loss),
     ``aux``, ``l0``, ``fired`` (bool [ω]), ``min_kept`` (smallest positive kept activation) and,
@@ -518,25 +454,19 @@ def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = Non
     autocast = bool(autocast) and x.device.type == "cuda"
     xs = x.to(sae.W_enc.dtype) * sae.input_scale
     B, omega = xs.shape[0], sae.dict_size
-    if sae.sae_type == "relu":
-        pre = F.relu((xs - sae.b_dec) @ sae.W_enc + sae.b_enc)
-        x_hat = pre @ sae.W_dec + sae.b_dec
-        l2 = (xs - x_hat).pow(2).sum(-1).mean()
-        l1 = pre.sum(-1).mean()
-        fired = (pre > 0).any(0)
-        return {"loss": l2 + l1_coeff * l1, "l2": l2.detach(), "aux": torch.zeros(()), "l1": l1.detach(),
-                "l0": float((pre > 0).sum()) / B, "fired": fired, "min_kept": None}
+    if not sae.sparse_training:
+        return _dense_loss(sae, xs, l1_coeff)
     with torch.no_grad():
         with torch.autocast(device_type=xs.device.type, dtype=torch.bfloat16, enabled=autocast):
             pre = torch.addmm(sae.b_enc, xs - sae.b_dec, sae.W_enc).relu_()
         pre = pre.float()
-        rows, cols = _select(sae, pre)
+        rows, cols = sae.select_indices(pre)
         vals = pre[rows, cols]
         pos = vals > 0
         fired = torch.zeros(omega, dtype=torch.bool, device=xs.device)
         fired[cols[pos]] = True
         min_kept = float(vals[pos].min()) if bool(pos.any()) else 0.0
-        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        n_dead = int(dead_mask.sum()) if dead_mask is not None and sae.uses_aux_loss else 0
         aux_rows = aux_cols = None
         if n_dead > 0:
             ka = min(k_aux if k_aux is not None else sae.activation_dim // 2, n_dead)
@@ -551,22 +481,8 @@ def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = Non
     n_kept = rows.shape[0]
     kv = g_vals[:n_kept]
     out: dict[str, Any] = {"l0": float(pos.sum()) / B, "fired": fired, "min_kept": min_kept}
-    if isinstance(sae, MatryoshkaBatchTopKSAE) and len(sae.group_sizes) > 1:
-        G = len(sae.group_sizes)
-        bounds = torch.tensor(sae.prefix_sizes, device=xs.device)
-        gid = torch.bucketize(cols, bounds, right=True)
-        keys = rows * G + gid
-        order = keys.argsort(stable=True)
-        contrib = F.embedding_bag(cols[order], sae.W_dec, _bag_offsets(keys[order], B * G),
-                                  mode="sum", per_sample_weights=kv[order]).view(B, G, -1)
-        recons = contrib.cumsum(1) + sae.b_dec
-        prefix_l2 = (xs[:, None, :] - recons).pow(2).sum(-1).mean(0)
-        l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
-        x_hat = recons[:, -1]
-        out["prefix_l2"] = prefix_l2.detach()
-    else:
-        x_hat = F.embedding_bag(cols, sae.W_dec, _bag_offsets(rows, B), mode="sum", per_sample_weights=kv) + sae.b_dec
-        l2 = (xs - x_hat).pow(2).sum(-1).mean()
+    l2, x_hat, extra = sae.sparse_reconstruction(xs, rows, cols, kv)
+    out.update(extra)
     aux = torch.zeros((), device=xs.device)
     if aux_rows is not None:
         resid = (xs - x_hat).detach()
@@ -661,38 +577,34 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
 
 # ----- trainer ---------------------------------------------------------------------------------
 
-def _validate(sae_type, expansion, k, group_fractions, steps, batch_size, d):
-    if sae_type not in SAE_TYPES:
-        raise ValueError(f"unknown sae_type {sae_type!r}; valid: {', '.join(SAE_TYPES)}")
-    if not (isinstance(expansion, (int, float)) and expansion > 0):
-        raise ValueError(f"expansion must be > 0, got {expansion!r}")
-    dict_size = int(round(expansion * d))
-    if dict_size < 1:
-        raise ValueError(f"expansion {expansion} × d={d} gives an empty dictionary")
-    if sae_type != "relu" and not (isinstance(k, int) and 1 <= k <= dict_size):
-        raise ValueError(f"k must be an integer in [1, dict_size={dict_size}], got {k!r}")
-    if int(steps) < 1 or int(batch_size) < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    group_sizes = None
-    if sae_type == "matryoshka_batch_top_k":
-        group_sizes = group_sizes_from_fractions(group_fractions or DEFAULT_GROUP_FRACTIONS, dict_size)
-    elif group_fractions is not None:
-        raise ValueError(f"group_fractions only apply to 'matryoshka_batch_top_k', not {sae_type!r}")
-    return dict_size, group_sizes
+def make_config(config: TrainConfig | str | None = None, expansion: float | None = None,
+                **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of ``train_sae(data, config, expansion, **overrides)``: ``config`` (default
+    ``TrainConfig()``) with ``overrides`` applied; a string ``config`` is the ``sae_type`` (short form)."""
+    if isinstance(config, str):
+        if "sae_type" in overrides:
+            raise TypeError(f"sae_type given twice: {config!r} and {overrides['sae_type']!r}")
+        overrides["sae_type"], config = config, None
+    if expansion is not None:
+        if "expansion" in overrides:
+            raise TypeError(f"expansion given twice: {expansion!r} and {overrides['expansion']!r}")
+        overrides["expansion"] = expansion
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig or an sae_type string, got {type(config).__name__}")
+    return (config or TrainConfig()).updated(**overrides)
 
 
-def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int = 20,
-              group_fractions: list[float] | None = None, steps: int = 1000, batch_size: int = 4096,
-              lr: float | None = None, seed: int = 0, device: str | torch.device = "auto", val_data=None,
-              eval_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
-              checkpoint_every: int | None = None, progress: bool = True, warmup_steps: int | None = None,
-              decay_start: int | float | None = None, threshold_start_step: int | None = None,
-              threshold_beta: float = 0.999, dead_tokens: int = 10_000_000, aux_alpha: float = DEFAULT_AUX_ALPHA,
-              k_aux: int | None = None, l1_coeff: float = 1e-1, grad_clip: float = 1.0,
-              resume: bool = True, stop_after: int | None = None, data_on_device: bool | str = "auto",
-              memory_fraction: float = DATA_MEMORY_FRACTION, autocast: bool | None = None,
-              ) -> tuple[BaseSAE, pd.DataFrame]:
-    """Train an SAE of ``sae_type`` on ``data`` (tensor [N, d] or ActivationStore); return (sae, history).
+def train_sae(data, config: TrainConfig | str | None = None, expansion: float | None = None, *,
+              device: str | torch.device = "auto", val_data=None, checkpoint_dir: str | os.PathLike | None = None,
+              progress: bool = True, resume: bool = True, stop_after: int | None = None,
+              **overrides: Any) -> tuple[BaseSAE, pd.DataFrame]:
+    """Train an SAE on ``data`` (tensor [N, d] or ActivationStore); return (sae, history).
+
+    Settings: ``config`` (a :class:`TrainConfig`; default ``TrainConfig()``) with ``overrides``
+    (TrainConfig fields, e.g. ``k=8, steps=600``) applied; ``train_sae(data, "top_k", 4, k=8)``
+    is the short form giving ``sae_type`` and ``expansion`` positionally. The rest says where and
+    how the run executes: ``device``, ``val_data``, ``checkpoint_dir``, ``progress``, ``resume``
+    (continue from a checkpoint there) and ``stop_after``.
 
     ``history`` has one row per evaluation (every ``eval_every`` steps and at the end): step, lr,
     loss, l2, aux, train L0, dead fraction (no firing within ``dead_tokens`` tokens), threshold
@@ -721,9 +633,10 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
     """
     from tqdm.auto import tqdm
 
+    cfg = make_config(config, expansion, **overrides)
     dev = resolve_device(device)
     d = _data_dim(data)
-    dict_size, group_sizes = _validate(sae_type, expansion, k, group_fractions, steps, batch_size, d)
+    dict_size, group_sizes = cfg.sizes(d)
     if val_data is not None:
         vd = _data_dim(val_data)
         if vd != d:
@@ -735,22 +648,24 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
         raise ValueError("training data is empty")
     if isinstance(data, torch.Tensor):
         _check_finite(data, "training data")
-    steps, batch_size = int(steps), int(batch_size)
-    lr = default_lr(dict_size) if lr is None else float(lr)
-    warmup_steps = min(1000, max(1, steps // 20)) if warmup_steps is None else int(warmup_steps)
-    decay_start = resolve_decay_start(decay_start, steps)
-    threshold_start_step = min(1000, steps // 4) if threshold_start_step is None else int(threshold_start_step)
-    eval_every = max(1, steps // 20) if eval_every is None else int(eval_every)
-    checkpoint_every = eval_every if checkpoint_every is None else int(checkpoint_every)
+    sae_type, steps, batch_size, seed, k = cfg.sae_type, cfg.steps, cfg.batch_size, cfg.seed, cfg.k
+    lr = default_lr(dict_size) if cfg.lr is None else float(cfg.lr)
+    warmup_steps = min(1000, max(1, steps // 20)) if cfg.warmup_steps is None else cfg.warmup_steps
+    decay_start = resolve_decay_start(cfg.decay_start, steps)
+    threshold_start_step = min(1000, steps // 4) if cfg.threshold_start_step is None else cfg.threshold_start_step
+    eval_every = max(1, steps // 20) if cfg.eval_every is None else cfg.eval_every
+    checkpoint_every = eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
+    autocast, threshold_beta, dead_tokens = cfg.autocast, cfg.threshold_beta, cfg.dead_tokens
     if autocast is None:
         autocast = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     elif autocast and dev.type != "cuda":
         raise ValueError(f"autocast (bf16) is only used on CUDA; device is {dev}")
 
-    stream = _TrainingStream(data, batch_size, seed, dev, data_on_device, memory_fraction)
+    stream = _TrainingStream(data, batch_size, seed, dev, cfg.data_on_device, cfg.memory_fraction)
+    cls = sae_class(sae_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sae = make_sae(sae_type, d, dict_size, k if sae_type != "relu" else None, group_sizes)
+        sae = cls.create(d, dict_size, k if cls.needs_k else None, group_sizes)
     sae.to(dev).train()
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, steps, warmup_steps, decay_start))
@@ -759,7 +674,7 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
     start = 0
     run_cfg = {"sae_type": sae_type, "activation_dim": d, "dict_size": dict_size, "k": k, "group_sizes": group_sizes,
                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
-               "decay_start": decay_start, "aux_alpha": float(aux_alpha), "trainer_version": TRAINER_VERSION,
+               "decay_start": decay_start, "aux_alpha": float(cfg.aux_alpha), "trainer_version": TRAINER_VERSION,
                "data": data_fingerprint(data)}
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
 
@@ -790,19 +705,19 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
                             "history": history}, ckpt_path)
 
     end = steps if stop_after is None else min(steps, int(stop_after))
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{sae_type} ε={expansion}")
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{sae_type} ε={cfg.expansion}")
     last: dict[str, Any] = {}
     batches = stream.batches(start, end)
     try:
         for step, x in zip(range(start, end), batches):
-            dead = since_fired >= dead_tokens if sae_type != "relu" else None
-            out = sae_loss(sae, x, dead_mask=dead, aux_alpha=aux_alpha, k_aux=k_aux, l1_coeff=l1_coeff,
+            dead = since_fired >= dead_tokens if sae.sparse_training and sae.uses_aux_loss else None
+            out = sae_loss(sae, x, dead_mask=dead, aux_alpha=cfg.aux_alpha, k_aux=cfg.k_aux, l1_coeff=cfg.l1_coeff,
                            autocast=autocast)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             project_decoder_grad(sae.W_dec)
-            if grad_clip is not None and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+            if cfg.grad_clip is not None and cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             sae.normalize_decoder()
@@ -840,8 +755,7 @@ def train_sae(data, sae_type: str = "batch_top_k", expansion: float = 8, k: int 
 
 
 # ----- grids of SAEs (notebook 02 and sweeps) ---------------------------------------------------
-
-SAE_LABELS = {"batch_top_k": "BatchTopK", "matryoshka_batch_top_k": "Matryoshka", "top_k": "TopK", "relu": "ReLU"}
+# SAE_LABELS (type name → table label) is the registry's live view, imported from vlmsae_utils.sae.
 
 
 def run_name(sae_type: str, expansion: float, k: int) -> str:
@@ -850,10 +764,14 @@ def run_name(sae_type: str, expansion: float, k: int) -> str:
 
 
 def train_grid(train_data, val_data, sae_types: list[str], expansions: list[float], out_dir: str | os.PathLike,
-               device: str | torch.device = "auto", **train_kwargs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+               device: str | torch.device = "auto", config: TrainConfig | None = None, progress: bool = True,
+               resume: bool = True, stop_after: int | None = None,
+               **overrides: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Train every (SAE type × expansion) on the same data, save each SAE and its history under
     ``out_dir/<run_name>/``, and return a results table (R², the authors' per-batch R², L0, dead %)
-    and the histories. ``device`` is resolved once (``"auto"``: CUDA if available); when the
+    and the histories. Settings: ``config`` (default ``TrainConfig()``) with ``overrides`` (TrainConfig
+    fields) applied, and each type and expansion of the grid; ``group_fractions`` only reach the
+    types with latent groups. ``device`` is resolved once (``"auto"``: CUDA if available); when the
     training data goes on the device (``data_on_device``, see :func:`train_sae`) it is put there
     once for the whole grid."""
     from .sae import save_sae
@@ -864,26 +782,24 @@ def train_grid(train_data, val_data, sae_types: list[str], expansions: list[floa
     unknown = [t for t in sae_types if t not in SAE_TYPES]
     if unknown:
         raise ValueError(f"unknown sae_types {unknown}; valid: {', '.join(SAE_TYPES)}")
+    configs = grid_configs(sae_types, expansions, config, **overrides)  # all validated before anything trains
+    base = next(iter(configs.values()))
     out = Path(out_dir)
-    k = train_kwargs.get("k", 20)
     _data_dim(train_data)
     src = _RowSource(train_data)
-    if _resolve_data_on_device(train_kwargs.get("data_on_device", "auto"), src, dev,
-                               train_kwargs.get("memory_fraction", DATA_MEMORY_FRACTION)):
+    if _resolve_data_on_device(base.data_on_device, src, dev, base.memory_fraction):
         train_data = src.load(dev, "training data")  # once for every SAE of the grid
     rows, histories = [], {}
     for sae_type in sae_types:
-        kwargs = dict(train_kwargs)
-        if sae_type != "matryoshka_batch_top_k":
-            kwargs.pop("group_fractions", None)
         for expansion in expansions:
+            cfg = configs[sae_type, expansion]
+            k = cfg.k
             name = run_name(sae_type, expansion, k)
-            sae, history = train_sae(train_data, sae_type, expansion, val_data=val_data, device=dev,
-                                     checkpoint_dir=out / name / "checkpoint", **kwargs)
+            sae, history = train_sae(train_data, cfg, val_data=val_data, device=dev, progress=progress, resume=resume,
+                                     stop_after=stop_after, checkpoint_dir=out / name / "checkpoint")
             save_sae(sae, out / name)
             history.to_csv(out / name / "history.csv", index=False)
-            final = evaluate_sae(sae, val_data if val_data is not None else train_data,
-                                 kwargs.get("batch_size", 4096), dev)
+            final = evaluate_sae(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
             rows.append({"SAE": SAE_LABELS[sae_type], "sae_type": sae_type, "expansion": expansion,
                          "latents": sae.dict_size, "k": k, "R² %": 100 * final["r2"],
                          "R² batch-mean %": 100 * final["r2_batch_mean"], "L0": final["l0"],
