@@ -111,3 +111,20 @@ def test_fixture_taxonomy_has_four_informative_ranks(fixture):
     paths = [h.parse_taxonomy(f) for f in folders]
     distinct = [len({p[:r + 1] for p in paths}) for r in range(7)]
     assert distinct[:5] == [1, 2, 4, 8, 16]  # kingdom, then 2 families, 4 shapes, 8 colours, 16 textures
+
+
+def test_level_trends_state_both_directions_from_the_table():
+    table = pd.DataFrame({"LCA depth (mean)": [np.nan, 2.0, 3.5], "fires on %": [90.0, 40.0, 5.0]})
+    assert h.level_trends(table) == [
+        "LCA depth, coarsest → finest scored level: 2.00 → 3.50 (deeper)",  # the NaN level is skipped
+        "fires on % of images, coarsest → finest level: 90.0 → 5.0 (narrower)"]
+    flat = pd.DataFrame({"LCA depth (mean)": [3.0, 2.0], "fires on %": [10.0, 30.0]})
+    assert [line.split("(")[-1] for line in h.level_trends(flat)] == ["not deeper)", "not narrower)"]
+
+
+def test_a_sae_without_levels_is_refused_by_name():
+    plain = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="my/sae is not a Matryoshka SAE"):
+        h.matryoshka_group_sizes(plain, "my/sae")
+    plain.group_sizes = [2, 6]
+    assert h.matryoshka_group_sizes(plain) == [2, 6]

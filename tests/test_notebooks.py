@@ -94,7 +94,7 @@ def test_05_steer_with_overrides(tmp_path, fixture):
 def test_06_results_on_defaults(executed_chapters, fixture_results):
     text, figures = _outputs(_chapter(executed_chapters, "06_results"))
     assert figures == 4  # best MS, mean MS, R²/L0, raw vs SAE
-    assert "8 SAE runs" in text and "hierarchy:" in text and "steering:" in text
+    assert "sweep fixture: 8 SAE runs" in text and "hierarchy:" in text and "steering:" in text
 
 
 @pytest.mark.slow
@@ -131,3 +131,42 @@ def test_chapters_1_and_3_run_on_a_model_named_by_a_nested_folder(fixture, tmp_p
     assert "ms_summary.csv" in written and len([n for n in written if n.startswith("ms_raw")]) == 1
     raw = pd.read_csv(ms / next(n for n in written if n.startswith("ms_raw")))
     assert set(raw["neurons"]) == {f"raw {model}"}
+
+
+MAX_CELL_LINES = 12  # CONTRIBUTING: notebooks orchestrate and show; logic lives in the package
+
+
+def _code_cells(source) -> list[tuple[list[str], str]]:
+    """(tags, code) of every code cell of a MyST notebook, without blank lines."""
+    import jupytext
+
+    notebook = jupytext.read(source)
+    return [(cell.metadata.get("tags", []), "\n".join(line for line in cell.source.splitlines() if line.strip()))
+            for cell in notebook.cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("source", run.all_notebooks(), ids=lambda p: p.stem)
+def test_notebook_cells_are_short_and_define_nothing(source):
+    for tags, code in _code_cells(source):
+        if "parameters" in tags:
+            continue  # one assignment per line: data, not logic
+        lines = code.splitlines()
+        assert len(lines) <= MAX_CELL_LINES, f"{source.name}: a cell of {len(lines)} lines:\n{code}"
+        assert not any(line.lstrip().startswith(("def ", "class ", "lambda")) for line in lines), \
+            f"{source.name}: defines a function:\n{code}"
+
+
+@pytest.mark.parametrize("source", run.all_notebooks(), ids=lambda p: p.stem)
+def test_every_labelled_figure_is_cited_and_every_citation_has_a_figure(source):
+    import re
+
+    import jupytext
+
+    notebook = jupytext.read(source)
+    labels = [cell.metadata["mystnb"]["figure"]["name"] for cell in notebook.cells
+              if cell.cell_type == "code" and "figure" in cell.metadata.get("mystnb", {})]
+    text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    cited = set(re.findall(r"\{numref\}`(fig-[\w-]+)`", text))
+    assert len(labels) == len(set(labels)), f"{source.name}: a figure label is used twice: {labels}"
+    assert set(labels) <= cited, f"{source.name}: figures never cited in the text: {set(labels) - cited}"
+    assert cited <= set(labels), f"{source.name}: citations of figures that do not exist: {cited - set(labels)}"

@@ -60,9 +60,14 @@ def test_ms_tables_of_models_named_by_hub_id_or_path_stay_in_the_folder(tmp_path
     report = scoring.score_neurons(name, torch.relu(torch.randn(20, 4)), torch.randn(20, 3), top_k=2)
     out = tmp_path / "ms"
     out.mkdir()
-    scoring.save_ms_tables([report], out)
-    written = list(out.iterdir())
-    assert len(written) == 1 and written[0].parent == out and written[0].name.startswith("ms_")
+    summary = scoring.save_ms_tables([report], out)
+    written = sorted(out.iterdir())
+    per_neuron = [p for p in written if p.name != scoring.MS_SUMMARY_FILE]
+    assert len(written) == 2 and len(per_neuron) == 1 and per_neuron[0].parent == out
+    assert per_neuron[0].name.startswith("ms_")
     import pandas as pd
 
-    assert set(pd.read_csv(written[0])["neurons"]) == {name}
+    assert set(pd.read_csv(per_neuron[0])["neurons"]) == {name}
+    on_disk = pd.read_csv(out / scoring.MS_SUMMARY_FILE, index_col=0)
+    assert on_disk.index.tolist() == [name] and on_disk["K"].tolist() == [4]
+    assert on_disk["best MS"].iloc[0] == pytest.approx(summary["best MS"].iloc[0])

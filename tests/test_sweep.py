@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from vlmsae_utils import run, sweep
+from vlmsae_utils import hooks, run, sweep
 from vlmsae_utils.paths import repo_root, results_root
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -205,3 +205,72 @@ def test_learning_rate_in_yaml_exponent_form_is_a_number(tmp_path):
     bad.write_text(text.replace("  lr: 2e-4", "  lr: fast"))
     with pytest.raises(sweep.ConfigError, match=r"sae.lr: expected float"):
         sweep.load_config(bad)
+
+
+def test_load_results_filters_one_scorer_and_names_the_sweep_by_folder(tmp_path):
+    from vlmsae_utils.sweep import load_results
+
+    folder = tmp_path / "machine" / "specific" / "mysweep"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"scorer": ["dino", "clip", "dino"], "layer": [2, 2, "last"], "MS max": [0.9, 0.8, 0.7]}
+                 ).to_csv(folder / "sae.csv", index=False)
+    pd.DataFrame({"scorer": ["clip", "dino"], "layer": [2, 2], "mean MS": [0.1, 0.2]}).to_csv(folder / "raw.csv",
+                                                                                            index=False)
+    results = load_results(folder)
+    assert results.scorer == "dino" and results.sae["MS max"].tolist() == [0.9, 0.7]
+    assert results.sae.layer.tolist() == ["2", "last"] and results.raw["mean MS"].tolist() == [0.2]
+    assert results.describe() == "sweep mysweep: 2 SAE runs, scorer dino; tables: raw, sae"
+    assert str(tmp_path) not in results.describe()  # a page never shows a machine path
+    assert load_results(folder, "clip").sae["MS max"].tolist() == [0.8]
+    with pytest.raises(ValueError, match="scorer 'siglip' is not in .*; it has dino, clip"):
+        load_results(folder, "siglip")
+    with pytest.raises(FileNotFoundError, match="has no sae.csv"):
+        load_results(tmp_path)
+
+
+# ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hook": "pre_mlp"}, r"sweep\.yaml\.hook: 'pre_mlp' is not a hook .*valid: post_mlp_residual; layers: \[last\]"),
+    ({"hook": "post_projection"}, r"sweep\.yaml\.hook: 'post_projection' .*layers: \[last\] extracts post_projection"),
+    ({"hook": 3}, r"sweep\.yaml\.hook: expected str"),
+    ({"steering": {"llava": "fixture:mini_llava", "encoder": "fixture:mini_clip", "layer": 2,
+                   "hook": "post_projection"}},
+     r"sweep\.yaml\.steering\.hook: 'post_projection' .*valid: post_mlp_residual"),
+])
+def test_bad_hook_names_file_key_and_valid_values(tmp_path, changes, message):
+    with pytest.raises(sweep.ConfigError, match=message):
+        sweep.load_config(_config(tmp_path, **changes))
+
+
+def test_default_hook_keeps_every_run_and_fingerprint(tmp_path):
+    config = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())
+    config.pop("hook"), config["steering"].pop("hook")
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(config))
+    plain = sweep.expand(sweep.load_config(tmp_path / "plain.yaml"))
+    named = sweep.expand(sweep.load_config(_config(tmp_path, hook="post_mlp_residual")))
+    root = tmp_path / "sweep"
+    assert [(r.id, sweep._fingerprint(r, root)) for r in plain] == [(r.id, sweep._fingerprint(r, root)) for r in named]
+    assert all("hook" not in r.parameters for r in plain if r.kind == "steer")
+    assert {r.parameters["hook"] for r in plain if r.kind in ("extract", "embed")} == {"post_mlp_residual",
+                                                                                      "post_projection"}
+
+
+def test_another_hook_gets_its_own_folders_and_reaches_the_notebooks(tmp_path):
+    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
+                                       locate=hooks.block_child("mlp"), steerable=True))
+    try:
+        steer = dict(yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["steering"], hook="mlp_output")
+        runs = sweep.expand(sweep.load_config(_config(tmp_path, hook="mlp_output", steering=steer)))
+    finally:
+        hooks.unregister_hook("mlp_output")
+    by_id = {r.id: r for r in runs}
+    assert by_id["extract/fixture_mini_clip/L2_mlp_output/train"].parameters["hook"] == "mlp_output"
+    assert by_id["extract/fixture_mini_clip/Llast/train"].parameters["hook"] == "post_projection"
+    assert "train/fixture_mini_clip/L2_mlp_output/batch_top_k_x2" in by_id
+    assert "hierarchy/fixture_mini_clip/L2_mlp_output" in by_id
+    assert not any("/L2/" in r.id for r in runs)
+    steer_run = next(r for r in runs if r.kind == "steer")
+    assert steer_run.id == "steer/fixture_mini_llava/L2_mlp_output" and steer_run.parameters["hook"] == "mlp_output"
+    assert by_id["extract/fixture_mini_clip/L2_mlp_output_random_k16/train"].parameters["hook"] == "mlp_output"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .extract import extract_activations, extract_embeddings, open_dataset
 from .paths import data_home, resolve_out_dir, safe_stem
@@ -41,21 +42,35 @@ def open_store(path: str | os.PathLike) -> ActivationStore:
     return ActivationStore.open(resolve_out_dir(path))
 
 
+def store_or_default(path: str | os.PathLike, split: str = "train", **default: Any) -> ActivationStore:
+    """The store a notebook parameter names, or, when the parameter is empty, the fixture default
+    (``default`` holds `default_store`'s keywords: model, layer, tokens, random_k)."""
+    return open_store(path) if path else default_store(split, **default)
+
+
+def embeddings_or_default(path: str | os.PathLike, split: str = "train") -> ActivationStore:
+    """The scorer embeddings a notebook parameter names, or the fixture scorer's when it is empty."""
+    return open_store(path) if path else default_embeddings(split)
+
+
 def default_sae(sae_type: str = "matryoshka_batch_top_k", *, expansion: float = 4, k: int = 8,
                 group_fractions: list[float] | None = None, steps: int = 600, store: ActivationStore | None = None,
                 name: str = "cls"):
-    """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE."""
+    """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE.
+    The settings are the fixture's scale (K = 8, 600 steps of 256 rows on its small activations; the
+    paper's defaults are :class:`~vlmsae_utils.train_config.TrainConfig`'s) and are checked before the cache."""
     from .sae import load_sae, save_sae
-    from .train import TRAINER_VERSION, run_name, train_sae
+    from .train import TRAINER_VERSION, TrainConfig, run_name, train_sae
 
+    config = TrainConfig(sae_type=sae_type, expansion=expansion, k=k, group_fractions=group_fractions, steps=steps,
+                         batch_size=256)
     data = store if store is not None else default_store("train")
     fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
     key = (f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_t{TRAINER_VERSION}"
            f"_{data.manifest['content_hash'][:12]}")
     folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
-        sae, _ = train_sae(data, sae_type, expansion, k=k, group_fractions=group_fractions, steps=steps,
-                           batch_size=256, progress=False, device="cpu")  # tiny: the same SAE on every machine
+        sae, _ = train_sae(data, config, progress=False, device="cpu")  # tiny: the same SAE on every machine
         save_sae(sae, folder)
     return load_sae(folder).eval()
 
@@ -65,3 +80,25 @@ def open_sae(path: str | os.PathLike):
     from .sae import load_sae
 
     return load_sae(resolve_out_dir(path)).eval()
+
+
+def saes_or_default(paths: list[str]) -> dict:
+    """SAEs named by folder (keyed by folder name), or, when ``paths`` is empty, a BatchTopK and a
+    Matryoshka SAE (ε = 4) trained on the fixture, as chapter 3 compares them."""
+    if paths:
+        return {Path(p).name: open_sae(p) for p in paths}
+    return {"BatchTopK ×4": default_sae("batch_top_k"), "Matryoshka ×4": default_sae()}
+
+
+def matryoshka_or_default(path: str | os.PathLike, group_fractions: list[float] | None = None):
+    """The Matryoshka SAE a notebook parameter names, or, when it is empty, one trained on the fixture
+    with ε = 2 as in the paper's hierarchy run and five levels (``group_fractions``, default
+    `hierarchy.FIXTURE_GROUP_FRACTIONS`)."""
+    from .hierarchy import FIXTURE_GROUP_FRACTIONS, matryoshka_group_sizes
+
+    if path:
+        sae = open_sae(path)
+        matryoshka_group_sizes(sae, str(path))  # refuse a non-Matryoshka SAE here, with its path
+        return sae
+    return default_sae("matryoshka_batch_top_k", expansion=2,
+                       group_fractions=list(group_fractions or FIXTURE_GROUP_FRACTIONS))

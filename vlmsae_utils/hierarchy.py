@@ -11,12 +11,21 @@ import csv
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .device import resolve_device
+from .exemplars import TopK, top_k_images
+from .metrics import SparseCodes, monosemanticity_score
+from .scoring import check_aligned, sae_codes
+
+LEVELS_FILE = "levels.csv"  # one row per Matryoshka level (read by sweep.gather)
+LINKS_FILE = "links.csv"  # each latent's closest latent one level up
+DENSE_LINK_LIMIT = 50_000_000  # co-activation needs dense codes: computed up to this many entries
 INATURALIST_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 
@@ -274,3 +283,69 @@ def concept_tree(links: pd.DataFrame, top_counts: torch.Tensor | np.ndarray, roo
         kids = kids[counts[kids.child.to_numpy()] > 0]
         tree.append((int(root), [int(c) for c in kids.child.head(children)]))
     return tree
+
+
+def matryoshka_group_sizes(sae: torch.nn.Module, name: str = "the SAE") -> list[int]:
+    """The nested group sizes of a Matryoshka SAE; any other SAE is refused (it has no levels)."""
+    group_sizes = getattr(sae, "group_sizes", None)
+    if not group_sizes:
+        raise ValueError(f"{name} is not a Matryoshka SAE (no group_sizes): chapter 4 needs nested levels")
+    return [int(g) for g in group_sizes]
+
+
+@dataclass
+class LevelAnalysis:
+    """What chapter 4 computes for one Matryoshka SAE: the per-level table and what it was built from."""
+
+    table: pd.DataFrame  # level_summary's layout (the paper's Table A8)
+    depths: pd.DataFrame  # per latent: LCA depth of its top images
+    codes: SparseCodes  # the SAE's codes on the store
+    top: TopK  # every latent's top images
+    group_sizes: list[int]
+
+
+def analyse_levels(sae: torch.nn.Module, store, embeddings, paths: Sequence[Sequence[str]], top_k: int = 16,
+                   device: str | torch.device | None = "auto", out: str | os.PathLike | None = None) -> LevelAnalysis:
+    """LCA depth of each latent's top images and MS per Matryoshka level (Pach et al. 2025, Table A8);
+    the table is written to ``out/LEVELS_FILE`` when ``out`` is given."""
+    group_sizes = matryoshka_group_sizes(sae)
+    check_aligned(store, embeddings)
+    dev = resolve_device(device)
+    codes = sae_codes(sae, store, device=dev)
+    top = top_k_images(codes, top_k, device=dev)
+    depths = latent_depths(top.indices, paths)
+    ms = monosemanticity_score(codes, embeddings.to_tensor(), device=dev)
+    breadth = top.count_positive.numpy() / len(store.image_ids)  # fraction of images each latent fires on
+    table = level_summary(depths, ms, group_sizes, breadth)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        table.to_csv(Path(out) / LEVELS_FILE)
+    return LevelAnalysis(table, depths, codes, top, group_sizes)
+
+
+def level_trends(table: pd.DataFrame) -> list[str]:
+    """Two sentences on the level table: does the LCA depth grow, and does the share of images a
+    latent fires on shrink, from the coarsest to the finest level?"""
+    kept = table.dropna(subset=["LCA depth (mean)"])
+    lines = []
+    if len(kept):
+        first, last = kept["LCA depth (mean)"].iloc[0], kept["LCA depth (mean)"].iloc[-1]
+        lines.append(f"LCA depth, coarsest → finest scored level: {first:.2f} → {last:.2f} "
+                     f"({'deeper' if last > first else 'not deeper'})")
+    if "fires on %" in table:
+        first, last = table["fires on %"].iloc[0], table["fires on %"].iloc[-1]
+        lines.append(f"fires on % of images, coarsest → finest level: {first:.1f} → {last:.1f} "
+                     f"({'narrower' if last < first else 'not narrower'})")
+    return lines
+
+
+def save_level_links(sae: torch.nn.Module, analysis: LevelAnalysis, out: str | os.PathLike | None = None) -> pd.DataFrame:
+    """`parent_links` of the SAE's levels, with co-activation when the dense codes fit in
+    `DENSE_LINK_LIMIT` entries; written to ``out/LINKS_FILE`` when ``out`` is given."""
+    codes = analysis.codes
+    dense = codes.to_dense() if len(codes) * codes.num_latents <= DENSE_LINK_LIMIT else None
+    links = parent_links(sae.W_dec, analysis.group_sizes, dense)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        links.to_csv(Path(out) / LINKS_FILE, index=False)
+    return links

@@ -20,7 +20,11 @@ from .data import load_image
 from .device import resolve_device
 from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, monosemanticity_score, summarize_ms
+from .paths import safe_stem
 from .store import ActivationStore
+
+MS_SUMMARY_FILE = "ms_summary.csv"  # one row per set of neurons (read by sweep.gather)
+UNIQUENESS_FILE = "uniqueness.csv"  # top-image overlap per set of neurons
 
 
 @dataclass
@@ -125,14 +129,35 @@ def exemplar_images(report: NeuronReport, neuron: int, load: Callable[[int], Ima
     return [load(i) if i >= 0 else None for i in indices], values
 
 
-def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> None:
-    """One ``ms_<safe stem>.csv`` per report (file names never taken raw from hub ids or folders);
-    the real name is kept in the ``neurons`` column."""
-    from .paths import safe_stem
+def ms_table_file(name: str) -> str:
+    """File name of one set of neurons' per-neuron MS table (never taken raw from a hub id or folder)."""
+    return f"ms_{safe_stem(name)}.csv"
 
+
+def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> pd.DataFrame:
+    """Write the summary (`MS_SUMMARY_FILE`, `ms_table`'s layout) and one per-neuron MS table per
+    report (real names kept in the ``neurons`` column); returns the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     for report in reports:
         table = pd.DataFrame({"neurons": report.name, "MS": report.ms.numpy()}).rename_axis("neuron")
-        table.to_csv(Path(out) / f"ms_{safe_stem(report.name)}.csv")
+        table.to_csv(out / ms_table_file(report.name))
+    summary = ms_table(reports)
+    summary.to_csv(out / MS_SUMMARY_FILE)
+    return summary
+
+
+def score_all(activations: ActivationStore, embeddings: ActivationStore, saes: dict[str, torch.nn.Module],
+              top_k: int = 16, device: str | torch.device | None = "auto") -> list[NeuronReport]:
+    """Reports for the raw neurons of ``activations`` and for each SAE's latents on the same images
+    (chapter 3's comparison), scored against the same scorer embeddings."""
+    check_aligned(activations, embeddings)
+    dev = resolve_device(device)
+    target = embeddings.to_tensor()
+    reports = [score_neurons(f"raw {activations.params['encoder']}", activations.to_tensor(), target, top_k, dev)]
+    for name, sae in saes.items():
+        reports.append(score_neurons(name, sae_codes(sae, activations, device=dev), target, top_k, dev))
+    return reports
 
 
 def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float] | None = None, *,
@@ -154,3 +179,10 @@ def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float
              "J > 0": u["num_overlapping"], **{f"J {sign} {t:g}": n for t, n in u["counts"].items()}}
             for name, u in overlaps.items()]
     return pd.DataFrame(rows).set_index("neurons"), overlaps
+
+
+def save_uniqueness(reports: Sequence[NeuronReport], out: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """`uniqueness_table` under the paper's protocol, written to `UNIQUENESS_FILE`."""
+    table, overlaps = uniqueness_table(reports)
+    table.to_csv(Path(out) / UNIQUENESS_FILE)
+    return table, overlaps

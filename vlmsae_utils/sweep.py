@@ -18,26 +18,33 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .hierarchy import LEVELS_FILE
+from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
 from .io import atomic_write_json, read_json, sha256_json
 from .paths import outputs_root, results_root, safe_stem
+from .scoring import MS_SUMMARY_FILE
+from .steering_study import STEERING_SCORES_FILE
 from .train import run_name
+from .train_config import TrainConfig, grid_configs
 
 DONE_FILE = "_sweep_run.json"
 TOP_KEYS = {"name": str, "data": dict, "models": list, "layers": list, "tokens": str, "dtype": str,
             "batch_size": int, "scorers": list, "sae": dict, "hierarchy": dict, "steering": dict,
-            "device": str, "model_dtype": str, "num_workers": int}
+            "device": str, "model_dtype": str, "num_workers": int, "hook": str}
 #: Parameters that say where a run executes, not what it computes: not part of a run's fingerprint,
 #: so a sweep finished on one GPU is not redone on another (results agree within the tested tolerances).
 EXECUTION_ONLY = ("device", "num_workers")
 REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
-SAE_KEYS = {"types": list, "expansions": list, "k": int, "steps": int, "batch_size": int, "lr": (float, type(None)),
-            "seed": int, "group_fractions": (list, type(None)), "aux_alpha": (int, float),
-            "decay_start": (int, float, type(None))}
+#: TrainConfig fields a sweep's ``sae`` section may set (notebook 02's parameters besides the grid).
+SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "aux_alpha", "decay_start")
+#: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
+SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
+TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
 STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
                  "num_images": int, "alphas": list, "clip_text_model": str, "latents": list,
                  "alpha_scale": str, "score_alpha": (int, float), "random_k": int, "concept_pool": str,
-                 "image_latents": int}
+                 "image_latents": int, "hook": str}
 SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 
@@ -82,6 +89,21 @@ def _check_keys(section: dict, allowed: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
 
 
+def _check_sae_settings(sae: dict, where: str) -> None:
+    """Every SAE type of the grid is registered and every (type, expansion) a valid TrainConfig (k >= 1,
+    fractions summing to 1, …), so a bad value fails here, not hours into the sweep."""
+    from .sae import SAE_TYPES
+
+    unknown = [t for t in sae.get("types") or [] if t not in SAE_TYPES]
+    if unknown:
+        raise ConfigError(f"{where}.types: unknown SAE type(s) {unknown}; valid: {', '.join(SAE_TYPES)}")
+    try:
+        grid_configs(sae.get("types") or [], sae.get("expansions") or [],
+                     **{key: sae[key] for key in SAE_SETTINGS if key in sae})
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str, Any]:
     """Read and validate a sweep file; data folders must exist (``fixture`` always does) unless
     ``check_data=False`` (to inspect a config meant for another machine)."""
@@ -99,6 +121,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", config["name"]):
         raise ConfigError(f"{where}.name: use letters, digits, '_', '-' or '.', got {config['name']!r}")
     _check_keys(config["sae"], SAE_KEYS, f"{where}.sae")
+    _check_sae_settings(config["sae"], f"{where}.sae")
     for section, keys in (("hierarchy", HIERARCHY_KEYS), ("steering", STEERING_KEYS)):
         if section in config:
             _check_keys(config[section], keys, f"{where}.{section}")
@@ -112,6 +135,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     for layer in config["layers"]:
         if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise ConfigError(f"{where}.layers: each layer is a block index or 'last', got {layer!r}")
+    _check_hooks(config, where)
     for key in ("models", "scorers"):
         may_be_empty = key == "models" and "steering" in config  # a steering-only config trains no grid
         if not (config[key] or may_be_empty) or not all(isinstance(m, str) for m in config[key]):
@@ -147,9 +171,25 @@ def _check_distinct_slugs(config: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: models {other!r} and {name!r} would share the run folder {slug(name)!r}")
 
 
-def _layer_params(layer: int | str) -> dict[str, Any]:
+def _check_hooks(config: dict[str, Any], where: str) -> None:
+    """``hook`` must be a per-block hook (``last`` in layers is post_projection), ``steering.hook`` a steerable one."""
+    checks = [("hook", config.get("hook", DEFAULT_HOOK), block_hooks(), f"; layers: [last] extracts {EMBEDDING_HOOK}")]
+    if "steering" in config:
+        checks.append(("steering.hook", config["steering"].get("hook", DEFAULT_HOOK), steerable_hooks(), ""))
+    for key, value, valid, note in checks:
+        if value not in valid:
+            raise ConfigError(f"{where}.{key}: {value!r} is not a hook this can use; valid: {', '.join(valid)}{note}")
+
+
+def _layer_params(layer: int | str, hook: str = DEFAULT_HOOK) -> dict[str, Any]:
     """Hook and layer parameters of notebook 01 for a config layer (``last`` = post_projection)."""
-    return {"hook": "post_projection", "layer": -1} if layer == "last" else {"hook": "post_mlp_residual", "layer": layer}
+    return {"hook": EMBEDDING_HOOK, "layer": -1} if layer == "last" else {"hook": hook, "layer": layer}
+
+
+def _layer_dir(layer: int | str, hook: str = DEFAULT_HOOK) -> str:
+    """Folder of a layer's runs: ``L<layer>``, with the hook appended when it is not the default
+    (so runs of the default hook keep their folders, parameters and fingerprints)."""
+    return f"L{layer}" if layer == "last" or hook == DEFAULT_HOOK else f"L{layer}_{hook}"
 
 
 def expand(config: dict[str, Any]) -> list[Run]:
@@ -158,12 +198,15 @@ def expand(config: dict[str, Any]) -> list[Run]:
     sae = config["sae"]
     common = {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
 
-    def extract(model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2) -> Run:
+    hook = config.get("hook", DEFAULT_HOOK)
+
+    def extract(model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2,
+                hook: str = hook) -> Run:
         data = config["data"][split]
         suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
-        run = Run("extract", "01", f"extract/{slug(model)}/L{layer}{suffix}/{split}",
-                  {"model": model, "data_dir": data["data_dir"], "split": data.get("split"), **_layer_params(layer),
-                   "tokens": tokens, "random_k": random_k, "scorer": "", **common},
+        run = Run("extract", "01", f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
+                  {"model": model, "data_dir": data["data_dir"], "split": data.get("split"),
+                   **_layer_params(layer, hook), "tokens": tokens, "random_k": random_k, "scorer": "", **common},
                   labels={"model": model, "layer": layer, "split": split})
         return _add(runs, run)
 
@@ -171,29 +214,31 @@ def expand(config: dict[str, Any]) -> list[Run]:
         data = config["data"][split]
         return _add(runs, Run("embed", "01", f"embed/{slug(scorer)}/{split}",
                               {"model": scorer, "data_dir": data["data_dir"], "split": data.get("split"),
-                               "hook": "post_projection", "layer": -1, "tokens": "cls", "scorer": "", **common},
+                               "hook": EMBEDDING_HOOK, "layer": -1, "tokens": "cls", "scorer": "", **common},
                               labels={"scorer": scorer, "split": split}))
 
     def train(source: Run, validation: Run | None, sae_type: str, expansion, group_fractions, steps: int,
               folder: str) -> Run:
+        settings = {name: sae.get(name, getattr(TRAIN_DEFAULTS, name))  # unset keys: TrainConfig's defaults
+                    for name in ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")}
         params = {"train_store": f"{source.out_dir}/activations", "val_store": f"{(validation or source).out_dir}/activations",
-                  "sae_types": [sae_type], "expansions": [expansion], "k": sae["k"], "group_fractions": group_fractions,
-                  "steps": steps, "batch_size": sae.get("batch_size", 4096), "lr": sae.get("lr"), "seed": sae.get("seed", 0),
-                  "aux_alpha": sae.get("aux_alpha", 0.03), "decay_start": sae.get("decay_start")}
+                  "sae_types": [sae_type], "expansions": [expansion], "k": settings["k"], "group_fractions": group_fractions,
+                  "steps": steps, "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": settings["seed"],
+                  "aux_alpha": settings["aux_alpha"], "decay_start": settings["decay_start"]}
         run = Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []),
-                  labels=dict(source.labels, sae_type=sae_type, expansion=expansion, k=sae["k"],
-                              sae_dir=f"{folder}/{run_name(sae_type, expansion, sae['k'])}"))
+                  labels=dict(source.labels, sae_type=sae_type, expansion=expansion, k=settings["k"],
+                              sae_dir=f"{folder}/{run_name(sae_type, expansion, settings['k'])}"))
         return _add(runs, run)
 
     val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
     for model in config["models"]:
         for layer in config["layers"]:
             train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
-            trained = [train(train_store, val_store, t, e, sae.get("group_fractions"), sae["steps"],
-                             f"train/{slug(model)}/L{layer}/{t}_x{e:g}")
+            trained = [train(train_store, val_store, t, e, sae.get("group_fractions"), sae.get("steps", TRAIN_DEFAULTS.steps),
+                             f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}")
                        for t in sae["types"] for e in sae["expansions"]]
             for scorer, embedding in val_embeddings.items():
-                _add(runs, Run("score", "03", f"score/{slug(model)}/L{layer}/{slug(scorer)}",
+                _add(runs, Run("score", "03", f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
                                {"activations_store": f"{val_store.out_dir}/activations",
                                 "scorer_store": f"{embedding.out_dir}/activations",
                                 "sae_paths": [r.labels["sae_dir"] for r in trained], "top_k": 16},
@@ -221,11 +266,11 @@ def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
 
 def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
     """A Matryoshka SAE with the hierarchy's group split, then notebook 04 on the training images."""
-    h = config["hierarchy"]
+    h, folder = config["hierarchy"], _layer_dir(layer, config.get("hook", DEFAULT_HOOK))
     matryoshka = train(train_store, val_store, "matryoshka_batch_top_k", h.get("expansion", 2), h["group_fractions"],
-                       h.get("steps", config["sae"]["steps"]), f"train/{slug(model)}/L{layer}/hierarchy")
+                       h.get("steps", config["sae"]["steps"]), f"train/{slug(model)}/{folder}/hierarchy")
     scorer = embed(config["scorers"][0], "train")
-    _add(runs, Run("hierarchy", "04", f"hierarchy/{slug(model)}/L{layer}",
+    _add(runs, Run("hierarchy", "04", f"hierarchy/{slug(model)}/{folder}",
                    {"train_store": f"{train_store.out_dir}/activations", "sae_path": matryoshka.labels["sae_dir"],
                     "top_k": h.get("top_k", 16), "scorer_store": f"{scorer.out_dir}/activations"},
                    [train_store.id, matryoshka.id, scorer.id], labels={"model": model, "layer": layer}))
@@ -234,17 +279,20 @@ def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
 def _steering(config, runs, extract, train) -> None:
     """An SAE on 2 random tokens per image of the LLaVA vision block, then notebook 05."""
     s = config["steering"]
-    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2))
+    hook = s.get("hook", DEFAULT_HOOK)  # SAE trained and clamped at the same hook point
+    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2), hook=hook)
+    folder = _layer_dir(s["layer"], hook)
     sae = train(tokens, None, "matryoshka_batch_top_k", s.get("expansion", 4), None,
-                s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/L{s['layer']}/steering")
+                s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/{folder}/steering")
     params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
               "layer": s["layer"], "num_images": s.get("num_images", 4)}
+    params |= {"hook": hook} if hook != DEFAULT_HOOK else {}  # today's steer runs keep their fingerprint
     params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents", "alpha_scale", "score_alpha",
                                        "concept_pool", "image_latents") if key in s}
     val = config["data"]["val"]
     if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
         params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))
-    _add(runs, Run("steer", "05", f"steer/{slug(s['llava'])}/L{s['layer']}", params, [tokens.id, sae.id],
+    _add(runs, Run("steer", "05", f"steer/{slug(s['llava'])}/{folder}", params, [tokens.id, sae.id],
                    labels={"llava": s["llava"], "layer": s["layer"]}))
 
 
@@ -263,8 +311,8 @@ def _add(runs: list[Run], run: Run) -> Run:
 
 
 EXPECTED_OUTPUTS = {"extract": ["activations/manifest.json"], "embed": ["activations/manifest.json"],
-                    "train": ["results.csv"], "score": ["ms_summary.csv"], "hierarchy": ["levels.csv"],
-                    "steer": ["steering_scores.csv"]}
+                    "train": ["results.csv"], "score": [MS_SUMMARY_FILE], "hierarchy": [LEVELS_FILE],
+                    "steer": [STEERING_SCORES_FILE]}
 
 
 def sweep_dir(name: str) -> Path:
@@ -353,15 +401,15 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
             continue
         if run.kind == "score":
             tables["sae"].append(_score_rows(run, folder, by_sae_dir, root))
-            summary = pd.read_csv(folder / "ms_summary.csv")
+            summary = pd.read_csv(folder / MS_SUMMARY_FILE)
             raw = summary[summary.neurons.str.startswith("raw")]
             tables["raw"].append(raw.assign(model=run.labels["model"], layer=str(run.labels["layer"]),
                                             scorer=run.labels["scorer"]))
         elif run.kind == "hierarchy":
-            tables["hierarchy"].append(pd.read_csv(folder / "levels.csv").assign(
+            tables["hierarchy"].append(pd.read_csv(folder / LEVELS_FILE).assign(
                 model=run.labels["model"], layer=str(run.labels["layer"])))
         elif run.kind == "steer":
-            tables["steering"].append(pd.read_csv(folder / "steering_scores.csv").assign(**run.labels))
+            tables["steering"].append(pd.read_csv(folder / STEERING_SCORES_FILE).assign(**run.labels))
     out = results_root() / config["name"]
     out.mkdir(parents=True, exist_ok=True)
     gathered = {}
@@ -376,7 +424,7 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
 
 def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) -> pd.DataFrame:
     """One row per SAE of a score run: its training metrics next to its MS."""
-    summary = pd.read_csv(folder / "ms_summary.csv").set_index("neurons")
+    summary = pd.read_csv(folder / MS_SUMMARY_FILE).set_index("neurons")
     rows = []
     for sae_dir in run.parameters["sae_paths"]:
         train_run = by_sae_dir[sae_dir]
@@ -399,6 +447,37 @@ def run_sweep(config_path: str | os.PathLike, *, dry_run: bool = False, progress
     status = execute(runs, root, dry_run=dry_run, progress=progress, runner=runner)
     results = {} if dry_run else gather(config, runs, root)
     return status, results
+
+
+@dataclass
+class SweepResults:
+    """The gathered tables of one sweep, filtered to one scorer (what chapter 6 draws)."""
+
+    folder: Path
+    scorer: str
+    sae: pd.DataFrame  # one row per SAE (layer as text)
+    raw: pd.DataFrame  # one row per model and layer: the raw neurons' MS
+    tables: dict[str, pd.DataFrame]  # every results table by name (sae, raw, hierarchy, steering)
+
+    def describe(self) -> str:
+        """One line: which sweep (by folder name, never a machine path), how many runs, which tables."""
+        return (f"sweep {self.folder.name}: {len(self.sae)} SAE runs, scorer {self.scorer}; "
+                f"tables: {', '.join(self.tables)}")
+
+
+def load_results(folder: str | os.PathLike, scorer: str = "") -> SweepResults:
+    """Read ``results/<name>/*.csv`` written by `gather`; ``scorer`` empty means the first in the tables."""
+    folder = Path(folder)
+    tables = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
+    if "sae" not in tables:
+        raise FileNotFoundError(f"{folder} has no sae.csv: run the sweep first (python -m vlmsae_utils.run --config ...)")
+    scorers = tables["sae"].scorer.unique().tolist()
+    scorer = scorer or scorers[0]
+    if scorer not in scorers:
+        raise ValueError(f"scorer {scorer!r} is not in {folder / 'sae.csv'}; it has {', '.join(scorers)}")
+    sae = tables["sae"][lambda d: d.scorer == scorer].assign(layer=lambda d: d.layer.astype(str))
+    raw = tables["raw"][lambda d: d.scorer == scorer].assign(layer=lambda d: d.layer.astype(str))
+    return SweepResults(folder, scorer, sae, raw, tables)
 
 
 def ensure_fixture_results(config_path: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,207 @@
+"""Stage 5 glue: one steering study as chapter 5 runs it, each step writing its own files.
+
+`prepare` loads LLaVA, the SAE, the latents' concept images and the test images once; the
+steps after it (`alpha_sweep`, `score_settings`, `class_name_baselines`, `diffmean_comparison`)
+each take that :class:`SteeringStudy`, so the chapter's cells stay short and a sweep reads the
+files they write (`STEERING_SCORES_FILE`) under names defined here.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from . import defaults, steering
+from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava
+from .extract import open_dataset
+from .hooks import DEFAULT_HOOK, check_steerable
+from .paths import resolve_out_dir
+from .scoring import sae_codes, store_image_loader
+from .store import ActivationStore
+
+STEERING_SCORES_FILE = "steering_scores.csv"  # the Table 3 rows (read by sweep.gather)
+ALPHA_SWEEP_FILE = "alpha_sweep.csv"  # one answer per (image, latent, α)
+LATENT_CONCEPTS_FILE = "latent_concepts.csv"  # the classes of each shown latent's top images
+PLAIN_ANSWER_FILE = "plain_answer.txt"  # the unsteered answer on the white image
+CONCEPT_IMAGES = 16  # top training images that define a latent's concept (the paper's 16)
+WHITE_IMAGE_SIZE = 336  # LLaVA-1.5's input size: the white image is not resized
+FIXTURE_STEERING_TOKENS = 16  # token rows per image of the fixture steering SAE (320 images only)
+
+
+@dataclass
+class SteeringStudy:
+    """Everything the steps of chapter 5 share: models, SAE, latents and images."""
+
+    model: torch.nn.Module
+    processor: object
+    sae: torch.nn.Module
+    layer: int
+    hook: str
+    train: ActivationStore
+    top: object  # exemplars.TopK over training images, pooled over each image's token rows
+    latents: list[int]  # all scored on the white image
+    focus: list[int]  # the first `image_latents` of them: shown, swept, scored on the test images
+    units: dict[int, float]  # raw activation units of one α per latent
+    clip: ClipTextImage
+    concepts: torch.Tensor  # [len(latents), E] mean CLIP embedding of each latent's top images
+    test_images: list
+    test_classes: list[str]
+    white: Image.Image
+    out: Path
+    load_train: Callable[[int], Image.Image]
+    silent: list[int]  # requested latents that never fire on the training images (not scored)
+
+    def concept_of(self, latents: Sequence[int]) -> torch.Tensor:
+        """Concept embeddings of the given latents (rows of `concepts`), in their order."""
+        return self.concepts[[self.latents.index(j) for j in latents]]
+
+    def describe(self) -> str:
+        """One line on what is steered where."""
+        text = (f"steering block {self.layer} ({self.hook}) with {self.sae.dict_size} latents; "
+                f"{len(self.latents)} latents on the white image, latents {self.focus} on the test images")
+        if self.silent:
+            text += f"; {len(self.silent)} latents never fire on the training images and are not scored: {self.silent[:20]}"
+        return text
+
+
+def evenly_spaced(n_items: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(n_items)``, first and last included."""
+    if n_items < 1 or count < 1:
+        raise ValueError(f"need at least one item and one pick, got {n_items} items and {count} picks")
+    return [round(i * (n_items - 1) / max(1, count - 1)) for i in range(min(count, n_items))]
+
+
+def _steering_sae(sae_path: str, train: ActivationStore, layer: int) -> torch.nn.Module:
+    """The SAE a parameter names, or a Matryoshka SAE trained on the fixture's token rows of ``layer``."""
+    if sae_path:
+        return defaults.open_sae(sae_path)
+    return defaults.default_sae("matryoshka_batch_top_k", store=train, name=f"tokens{FIXTURE_STEERING_TOKENS}_L{layer}")
+
+
+def _split_silent(latents: Sequence[int], top) -> tuple[list[int], list[int]]:
+    """The latents that fire on some training image (they have a concept), and those that never do."""
+    return [j for j in latents if int(top.indices[j, 0]) >= 0], [j for j in latents if int(top.indices[j, 0]) < 0]
+
+
+def prepare(llava: str, *, sae_path: str = "", train_store: str = "", layer: int = 2, hook: str = DEFAULT_HOOK,
+            latents: Sequence[int] = (), image_latents: int = 10, alpha_scale: str = "max",
+            concept_pool: str = "mean", clip_text_model: str = "fixture:mini_clip", images_dir: str = "",
+            num_images: int = 4, device: str = "auto", model_dtype: str = "auto",
+            out_dir: str | os.PathLike = "steer") -> SteeringStudy:
+    """Load everything chapter 5 needs; empty ``sae_path`` / ``train_store`` / ``images_dir`` / ``latents``
+    mean the fixture defaults (an SAE on 16 random tokens per image, its 6 most class-pure latents)."""
+    check_steerable(hook)
+    model, processor = load_llava(llava, device=device, model_dtype=model_dtype)
+    if layer > feature_block(model):
+        raise ValueError(f"layer {layer} is after LLaVA's feature block {feature_block(model)}")
+    train = defaults.store_or_default(train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS,
+                                      layer=layer)
+    sae = _steering_sae(sae_path, train, layer)
+    codes = sae_codes(sae, train, device=device)
+    top = steering.concept_top_images(codes, train.row_image_index(), CONCEPT_IMAGES, pool=concept_pool)
+    chosen = list(latents) or steering.class_pure_latents(top.indices, train.class_names, 6)
+    chosen, silent = _split_silent(chosen, top)
+    if not chosen:
+        raise ValueError(f"none of the latents {list(latents)} fires on the training images: nothing to steer")
+    load_train = store_image_loader(train)
+    clip = load_clip_text_image(clip_text_model, device=device, model_dtype=model_dtype)
+    test_set = open_dataset(images_dir or "fixture", None if images_dir else "val")
+    picks = evenly_spaced(len(test_set), num_images)
+    out = resolve_out_dir(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return SteeringStudy(
+        model=model, processor=processor, sae=sae, layer=layer, hook=hook, train=train, top=top, latents=chosen,
+        focus=chosen[:image_latents], units=steering.alpha_units(sae, codes, chosen, alpha_scale), clip=clip,
+        concepts=steering.latent_concepts(clip, top.indices, chosen, load_train),
+        test_images=[test_set.load(i) for i in picks], test_classes=[test_set[i].class_name for i in picks],
+        white=Image.new("RGB", (WHITE_IMAGE_SIZE, WHITE_IMAGE_SIZE), "white"), out=out, load_train=load_train,
+        silent=silent)
+
+
+def _generate(study: SteeringStudy, images: Sequence, prompt: str, max_new_tokens: int, **steer) -> list[str]:
+    """LLaVA's answers on ``images`` (steered when ``steer`` holds clamps or a steering context)."""
+    return steering.generate(study.model, study.processor, images, prompt, max_new_tokens, **steer)
+
+
+def alpha_sweep(study: SteeringStudy, alphas: Sequence[float], prompt: str, max_new_tokens: int = 5
+                ) -> tuple[str, pd.DataFrame]:
+    """The unsteered answer on the white image and a latent × α table of steered answers, with
+    each latent's top class and whether the answer at the largest α names it; writes
+    `PLAIN_ANSWER_FILE`, `ALPHA_SWEEP_FILE` and `LATENT_CONCEPTS_FILE`."""
+    plain = _generate(study, [study.white], prompt, max_new_tokens)[0]
+    sweep = pd.DataFrame(steering.latent_sweep(study.model, study.processor, study.sae, study.layer, [study.white],
+                                               study.focus, alphas, prompt, max_new_tokens, alpha_units=study.units,
+                                               hook=study.hook))
+    (study.out / PLAIN_ANSWER_FILE).write_text(plain)
+    sweep.to_csv(study.out / ALPHA_SWEEP_FILE, index=False)
+    names = study.train.class_names
+    classes = [" ".join(names[i] for i in study.top.indices[j].tolist() if i >= 0) for j in study.focus]
+    pd.DataFrame({"latent": study.focus, "top image classes": classes}).to_csv(study.out / LATENT_CONCEPTS_FILE,
+                                                                             index=False)
+    table = sweep.pivot(index="latent", columns="alpha", values="answer")
+    top_classes = [steering.top_class(study.top.indices, names, j) for j in table.index]
+    table["top class"] = [steering.class_text(c) for c in top_classes]
+    table["names it at the largest α"] = [steering.names_class(table.loc[j, max(alphas)], c)
+                                          for j, c in zip(table.index, top_classes)]
+    return plain, table
+
+
+def score_setting(study: SteeringStudy, name: str, images: Sequence, latents: Sequence[int], score_alpha: float,
+                  prompt: str, max_new_tokens: int = 5) -> tuple[dict, torch.Tensor]:
+    """Steering score of every (image, latent) pair, steered at ``score_alpha`` and not steered
+    (the paper's Table 3 row ``name``); returns the row and the steered scores."""
+    rows, image_of, latent_of = steering.sweep_rows(images, latents)
+    concept = study.concept_of(latent_of)
+    steered = _generate(study, rows, prompt, max_new_tokens, sae=study.sae, layer=study.layer, hook=study.hook,
+                        clamp=[{j: score_alpha * study.units[j]} for j in latent_of])
+    plain = _generate(study, images, prompt, max_new_tokens)
+    s = steering.score_answers(study.clip, steered, concept)
+    u = steering.score_answers(study.clip, [plain[i] for i in image_of], concept)
+    return {"setting": name, "pairs": len(rows), "steered": steering.mean_std(s), "not steered": steering.mean_std(u)}, s
+
+
+def score_settings(study: SteeringStudy, score_alpha: float, prompt: str, max_new_tokens: int = 5
+                   ) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Table 3's two settings — the white image × every latent, the test images × the focus
+    latents — written to `STEERING_SCORES_FILE`; returns the table and the test images' steered scores."""
+    white_row, _ = score_setting(study, f"white image × {len(study.latents)} latents", [study.white], study.latents,
+                                 score_alpha, prompt, max_new_tokens)
+    image_row, image_scores = score_setting(study, f"{len(study.test_images)} images × {len(study.focus)} latents",
+                                            study.test_images, study.focus, score_alpha, prompt, max_new_tokens)
+    scores = pd.DataFrame([white_row, image_row]).set_index("setting")
+    scores.to_csv(study.out / STEERING_SCORES_FILE)
+    return scores, image_scores
+
+
+def class_name_baselines(study: SteeringStudy) -> pd.DataFrame | None:
+    """CLIP similarity of each test image with its true class name and a shuffled one (the range a
+    steering score is read against); None when the test images have fewer than two classes."""
+    classes = sorted(set(study.test_classes))
+    if len(classes) < 2:
+        return None
+    names = [steering.class_text(c) for c in classes]
+    base = steering.class_name_baseline(study.clip.embed_images(study.test_images), study.clip.embed_text(names),
+                                        [classes.index(c) for c in study.test_classes])
+    return pd.DataFrame({k: [steering.mean_std(v)] for k, v in base.items()}, index=["image vs class name"])
+
+
+def diffmean_comparison(study: SteeringStudy, image_scores: torch.Tensor, score_alpha: float, diffmean_scale: float,
+                        prompt: str, max_new_tokens: int = 5) -> pd.DataFrame:
+    """Steering score of DiffMean vectors built from the same top images, next to the SAE clamp's
+    (``image_scores`` from `score_settings`), on the same test images and latents."""
+    rows, _, latent_of = steering.sweep_rows(study.test_images, study.focus)
+    vectors = steering.diffmean_vectors(study.model, study.processor, study.layer, study.top.indices, study.focus,
+                                        study.load_train, len(study.train.image_ids), hook=study.hook)
+    per_row = vectors[[study.focus.index(j) for j in latent_of]]
+    answers = _generate(study, rows, prompt, max_new_tokens,
+                        steering=lambda: steering.add_vector(study.model, study.layer, per_row, diffmean_scale,
+                                                             hook=study.hook))
+    diffmean = steering.score_answers(study.clip, answers, study.concept_of(latent_of))
+    return pd.DataFrame({"method": [f"SAE clamp α = {score_alpha}", f"DiffMean × {diffmean_scale}"],
+                         "steering score": [steering.mean_std(image_scores), steering.mean_std(diffmean)]}
+                        ).set_index("method")
