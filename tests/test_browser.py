@@ -19,8 +19,10 @@ def test_every_page_renders_in_chromium(built_book):
     for page in pages:
         report = book.browser_check(page)
         assert report["broken"] == [] and report["errors"] == [], report
+        assert report["raw_math"] == 0, report  # every equation typeset by the bundled MathJax, offline
     figures = {p.name: book.browser_check(p)["images"] for p in pages if p.parent.name == "chapters"}
     assert all(count >= 1 for name, count in figures.items() if not name.startswith("07")), figures
+    assert book.browser_check(built_book / "chapters" / "03_monosemanticity.html")["math"] >= 2  # the MS equations
 
 
 def test_probe_detects_a_broken_image_and_a_traceback(tmp_path):
@@ -28,6 +30,8 @@ def test_probe_detects_a_broken_image_and_a_traceback(tmp_path):
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
     page = tmp_path / "page.html"
     page.write_text('<html><body><img src="missing.png"><div class="output traceback">'
-                    "Traceback (most recent call last)</div></body></html>")
+                    "Traceback (most recent call last)</div>"
+                    '<div class="math notranslate">\\[a = b\\]</div></body></html>')
     report = book.browser_check(page)
     assert report["images"] == 1 and len(report["broken"]) == 1 and report["errors"]
+    assert report["raw_math"] == 1 and report["math"] == 0  # no MathJax on this page: the LaTeX shows raw

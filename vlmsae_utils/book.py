@@ -94,7 +94,16 @@ def browser_check(page: Path, chromium: str | None = None) -> dict:
     if body is None:
         raise RuntimeError(f"{page}: the page did not finish loading in Chromium")
     return {"page": page.name, "images": int(body.group(1)), "broken": body.group(2).split(),
-            "errors": [m for m in ERROR_MARKERS if m in dom]}
+            "errors": [m for m in ERROR_MARKERS if m in dom],
+            "math": dom.count("<mjx-container"), "raw_math": len(re.findall(r"\\\[|\\begin\{", _visible_text(dom)))}
+
+
+def _visible_text(dom: str) -> str:
+    """The page's text outside scripts and MathJax's own markup: LaTeX left here was not typeset."""
+    import re
+
+    dom = re.sub(r"<(script|style|mjx-container|mjx-assistive-mml)\b.*?</\1>", "", dom, flags=re.S)
+    return re.sub(r"<[^>]+>", "", dom)
 
 
 def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str | None = None) -> Path:
