@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install fixture sweep notebooks book demo test test-gpu rehearsal lab clean
+.PHONY: install jupyter-setup fixture sweep notebooks book demo lint format test test-gpu rehearsal lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
@@ -13,13 +13,22 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip -c constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e '.[test,book]'
+	$(MAKE) --no-print-directory jupyter-setup
 	touch $(STAMP)
+
+# JupyterLab in this environment opens notebooks/*.md as notebooks on a double-click (Jupytext
+# Notebook as the default viewer), and a kernel named vlmsae runs this environment's Python from
+# any JupyterLab (the notebooks ask for it).
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+jupyter-setup:
+	mkdir -p $(LAB_SETTINGS)
+	cp configs/jupyterlab-overrides.json $(LAB_SETTINGS)/overrides.json
+	$(PY) -m ipykernel install --user --name vlmsae --display-name "Python (vlmsae)" >/dev/null
 
 install: $(STAMP)
 
 fixture: install
-	$(PY) -m vlmsae_utils.fixtures
-	$(PY) -m vlmsae_utils.fixture_training
+	$(PY) -m vlmsae_utils.fixtures --trained
 
 sweep: fixture
 	$(PY) -m vlmsae_utils.run --config configs/fixture.yaml
@@ -34,7 +43,16 @@ demo: notebooks
 	$(PY) -m vlmsae_utils.book
 	@echo "book: book/_build/html/index.html"
 
-test: install
+# ruff (configured in pyproject.toml): lint and format check, before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest
 
 # CUDA against CPU (extraction, training step, bf16 autocast, MS, top-k, steering); skipped without CUDA.

@@ -9,6 +9,7 @@ ratios measured in the same run:
 - full: extraction with the rehearsal CLIP ViT-L/14-336 (block 22, CLS) end to end vs the bare
   forward on preloaded pixel tensors (goal on a GPU: ≥ 0.9).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def bench_extraction(tmp: Path, batch_size: int = 64) -> None:
     runs = iter(range(100))
 
     def ours(layer: int) -> None:
-        extract.extract_activations(encoder, dataset, tmp / f"run{next(runs)}", layer=layer,
-                                    batch_size=batch_size, progress=False)
+        extract.extract_activations(
+            encoder, dataset, tmp / f"run{next(runs)}", layer=layer, batch_size=batch_size, progress=False
+        )
 
     base = best_of(3, bare)
     last = best_of(3, lambda: ours(-1))
@@ -68,7 +70,7 @@ def bench_store_read(tmp: Path, rows: int = 131072, dim: int = 256, shard_rows: 
     writer.begin()
     for shard in range(plan.num_shards):
         part = plan.shard_range(shard)
-        writer.write_shard(shard, data[part.start:part.stop], list(part), [])
+        writer.write_shard(shard, data[part.start : part.stop], list(part), [])
     store = writer.finalize()
     np.save(tmp / "flat.npy", data)
     gigabytes = data.nbytes / 1e9
@@ -119,8 +121,10 @@ def bench_full_width(tmp: Path, device: str, images: int = 16, batch_size: int =
     dataset = ImageFolderDataset(rehearsal_images(384), "train")
     dataset.records = dataset.records[:images]
     encoder = encoders.load_encoder("rehearsal:openai/clip-vit-large-patch14-336", device=dev)
-    pixels = [encoder.preprocess([dataset.load(i) for i in range(s, min(s + batch_size, images))])
-              for s in range(0, images, batch_size)]
+    pixels = [
+        encoder.preprocess([dataset.load(i) for i in range(s, min(s + batch_size, images))])
+        for s in range(0, images, batch_size)
+    ]
     runs = iter(range(100))
 
     def bare() -> None:
@@ -129,15 +133,18 @@ def bench_full_width(tmp: Path, device: str, images: int = 16, batch_size: int =
         cuda_synchronize(dev)
 
     def ours() -> None:
-        extract.extract_activations(encoder, dataset, tmp / f"full{next(runs)}", layer=22, batch_size=batch_size,
-                                    num_workers=2, progress=False)
+        extract.extract_activations(
+            encoder, dataset, tmp / f"full{next(runs)}", layer=22, batch_size=batch_size, num_workers=2, progress=False
+        )
         cuda_synchronize(dev)
 
     bare()  # warm-up (CUDA kernels, allocator)
     base, end_to_end = best_of(2, bare), best_of(2, ours)
     print(f"full width on {dev} ({encoder.dtype}), rehearsal CLIP ViT-L/14-336 block 22, {images} images:")
     print(f"  bare forward on preloaded pixels: {images / base:7.2f} img/s")
-    print(f"  extract_activations end to end  : {images / end_to_end:7.2f} img/s  ratio {base / end_to_end:.2f} of bare")
+    print(
+        f"  extract_activations end to end  : {images / end_to_end:7.2f} img/s  ratio {base / end_to_end:.2f} of bare"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
     python benchmarks/bench_ms.py --only uniqueness # section (d) alone
     python benchmarks/bench_ms.py --only ms --full-width [--device cuda]   # (b)+(c) at N=10,000, K=65,536, D=1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ def bench_vs_reference(n: int, k: int, d: int) -> None:
     t_ref, ref = _timed(lambda: ms_reference_pairwise(a, e))
     t_our, ours = _timed(lambda: monosemanticity_score(a, e), repeat=3)
     err = (ours - ref).abs().max().item()
-    print(f"(a) N={n} K={k} D={d}: reference pairwise {t_ref:.2f} s, ours {t_our * 1e3:.1f} ms, "
-          f"speed-up {t_ref / t_our:.0f}x, max |diff| {err:.1e}")
+    print(
+        f"(a) N={n} K={k} D={d}: reference pairwise {t_ref:.2f} s, ours {t_our * 1e3:.1f} ms, "
+        f"speed-up {t_ref / t_our:.0f}x, max |diff| {err:.1e}"
+    )
 
 
 def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
@@ -78,33 +81,40 @@ def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.rand(n, k, generator=g)
     e = torch.randn(n, d, generator=g)
-    a_t, e_dev = a.T.contiguous().to(dev), e.to(dev)
+    operands = {"a_t": a.T.contiguous().to(dev), "e": e.to(dev)}  # dropped after the baseline, freeing a_t
 
     def gemm():
-        out = a_t @ e_dev
+        out = operands["a_t"] @ operands["e"]
         cuda_synchronize(dev)
         return out
 
     t_mm, _ = _timed(gemm, repeat=2)
-    del a_t
+    operands.clear()
     t_our, ms = _timed(lambda: monosemanticity_score(a, e, device=dev), repeat=1)
-    print(f"(b) N={n} K={k} D={d}: ours {t_our:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
-          f"ratio {t_our / t_mm:.2f}x (live neurons {int((~ms.isnan()).sum())})")
+    print(
+        f"(b) N={n} K={k} D={d}: ours {t_our:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
+        f"ratio {t_our / t_mm:.2f}x (live neurons {int((~ms.isnan()).sum())})"
+    )
     kk = 16
     t_top, top = _timed(lambda: top_k_images(a, k=kk, device=dev), repeat=1)
     t_sort, idx = _timed(lambda: torch.argsort(a.T, dim=1, descending=True)[:, :kk], repeat=1)
     same = bool(torch.equal(top.values, torch.gather(a.T, 1, idx)))  # values: ties may swap indices
-    print(f"(c) top-{kk} N={n} K={k}: top_k_images {t_top:.2f} s, full argsort per neuron {t_sort:.2f} s, "
-          f"speed-up {t_sort / t_top:.1f}x (same values: {same})")
-    print(f"(b+c) MS and top-{kk} together on {dev}: {t_our + t_top:.2f} s = {(t_our + t_top) / t_mm:.2f}x "
-          f"one [K,N]x[N,D] GEMM")
+    print(
+        f"(c) top-{kk} N={n} K={k}: top_k_images {t_top:.2f} s, full argsort per neuron {t_sort:.2f} s, "
+        f"speed-up {t_sort / t_top:.1f}x (same values: {same})"
+    )
+    print(
+        f"(b+c) MS and top-{kk} together on {dev}: {t_our + t_top:.2f} s = {(t_our + t_top) / t_mm:.2f}x "
+        f"one [K,N]x[N,D] GEMM"
+    )
 
 
 # ----------------------------------------------------------------------------- (d) uniqueness
 
 
-def uniqueness_dense_chunks(indices: torch.Tensor, thresholds=(0.5, 0.8, 1.0), *, top: int = 10,
-                            chunk: int = 256) -> dict:
+def uniqueness_dense_chunks(
+    indices: torch.Tensor, thresholds=(0.5, 0.8, 1.0), *, top: int = 10, chunk: int = 256
+) -> dict:
     """The former ``exemplars.uniqueness`` (our own code, kept here as the baseline): a sparse
     [K, N'] incidence matrix times a dense [N', chunk] block of neurons, so every chunk forms
     dense [K, chunk] intersection and Jaccard blocks over all K² pairs."""
@@ -155,18 +165,26 @@ def uniqueness_dense_chunks(indices: torch.Tensor, thresholds=(0.5, 0.8, 1.0), *
         v, i, j = torch.cat(cand_v), torch.cat(cand_i), torch.cat(cand_j)
         order = torch.argsort(v, descending=True, stable=True)[: int(top)]
         top_pairs = [(int(i[o]), int(j[o]), float(v[o])) for o in order]
-    return {"num_neurons": kdim, "num_pairs": kdim * (kdim - 1) // 2, "num_overlapping": n_over,
-            "counts": counts, "top_pairs": top_pairs, "max_jaccard": max_j}
+    return {
+        "num_neurons": kdim,
+        "num_pairs": kdim * (kdim - 1) // 2,
+        "num_overlapping": n_over,
+        "counts": counts,
+        "top_pairs": top_pairs,
+        "max_jaccard": max_j,
+    }
 
 
-def random_top_sets(k: int, n: int, size: int = 16, seed: int = 0, block: int = 1024,
-                    planted: float = 0.01) -> torch.Tensor:
+def random_top_sets(
+    k: int, n: int, size: int = 16, seed: int = 0, block: int = 1024, planted: float = 0.01
+) -> torch.Tensor:
     """[k, size] random sets of distinct image ids in [0, n) (seeded), built in row blocks; a
     fraction ``planted`` of the rows are near-copies of another row (0–8 of its ids redrawn) so
     that the J ≥ 0.5 / 0.8 / 1 counts are not all zero."""
     g = torch.Generator().manual_seed(seed)
-    sets = torch.cat([torch.rand(min(block, k - s), n, generator=g).topk(size, dim=1).indices
-                      for s in range(0, k, block)])
+    sets = torch.cat(
+        [torch.rand(min(block, k - s), n, generator=g).topk(size, dim=1).indices for s in range(0, k, block)]
+    )
     m = int(planted * k)
     rows = torch.randperm(k, generator=g)[: 2 * m]
     dst, src = rows[:m], rows[m:]
@@ -198,8 +216,17 @@ def _uniqueness_child(path: str) -> None:
     out = uniqueness(ind)
     dt = time.perf_counter() - t0
     after = _peak_rss_mib()
-    print(json.dumps({"seconds": dt, "rss_before_mib": before, "rss_peak_mib": after,
-                      "overlapping": out["num_overlapping"], "counts": {str(t): v for t, v in out["counts"].items()}}))
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "rss_before_mib": before,
+                "rss_peak_mib": after,
+                "overlapping": out["num_overlapping"],
+                "counts": {str(t): v for t, v in out["counts"].items()},
+            }
+        )
+    )
 
 
 def bench_uniqueness(k_both: int, k_large: int, n: int, threads: int) -> None:
@@ -207,23 +234,31 @@ def bench_uniqueness(k_both: int, k_large: int, n: int, threads: int) -> None:
     t_old, old = _timed(lambda: uniqueness_dense_chunks(ind), repeat=1)
     t_new, new = _timed(lambda: uniqueness(ind), repeat=3)
     top_old, top_new = [p[2] for p in old["top_pairs"]], [p[2] for p in new["top_pairs"]]
-    same = (old["counts"] == new["counts"] and old["num_overlapping"] == new["num_overlapping"]
-            and torch.allclose(old["max_jaccard"], new["max_jaccard"], atol=1e-6)
-            and len(top_old) == len(top_new) and all(abs(a - b) <= 1e-6 for a, b in zip(top_old, top_new)))
-    print(f"(d) uniqueness, top-16 sets over N={n} images, K={k_both}: dense-in-chunks (former) {t_old:.2f} s, "
-          f"sparse inverted index {t_new:.3f} s, speed-up {t_old / t_new:.0f}x "
-          f"(same counts: {same}; {new['num_overlapping']} overlapping of {new['num_pairs']} pairs, {new['counts']})")
+    same = (
+        old["counts"] == new["counts"]
+        and old["num_overlapping"] == new["num_overlapping"]
+        and torch.allclose(old["max_jaccard"], new["max_jaccard"], atol=1e-6)
+        and len(top_old) == len(top_new)
+        and all(abs(a - b) <= 1e-6 for a, b in zip(top_old, top_new))
+    )
+    print(
+        f"(d) uniqueness, top-16 sets over N={n} images, K={k_both}: dense-in-chunks (former) {t_old:.2f} s, "
+        f"sparse inverted index {t_new:.3f} s, speed-up {t_old / t_new:.0f}x "
+        f"(same counts: {same}; {new['num_overlapping']} overlapping of {new['num_pairs']} pairs, {new['counts']})"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "sets.pt")
         torch.save(random_top_sets(k_large, n), path)
         cmd = [sys.executable, __file__, "--uniqueness-child", path, "--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     child = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"(d) uniqueness K={k_large}: sparse {child['seconds']:.2f} s in a fresh process; peak resident memory "
-          f"{child['rss_peak_mib']:.0f} MiB (VmHWM of the whole process: {child['rss_before_mib']:.0f} MiB after "
-          f"importing torch and loading the {k_large}x16 sets, so the call added "
-          f"{child['rss_peak_mib'] - child['rss_before_mib']:.0f} MiB); {child['overlapping']} overlapping of "
-          f"{k_large * (k_large - 1) // 2} pairs, J>=t counts {child['counts']}")
+    print(
+        f"(d) uniqueness K={k_large}: sparse {child['seconds']:.2f} s in a fresh process; peak resident memory "
+        f"{child['rss_peak_mib']:.0f} MiB (VmHWM of the whole process: {child['rss_before_mib']:.0f} MiB after "
+        f"importing torch and loading the {k_large}x16 sets, so the call added "
+        f"{child['rss_peak_mib'] - child['rss_before_mib']:.0f} MiB); {child['overlapping']} overlapping of "
+        f"{k_large * (k_large - 1) // 2} pairs, J>=t counts {child['counts']}"
+    )
 
 
 def main() -> None:
@@ -236,8 +271,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--only", choices=("ms", "uniqueness"), default=None, help="run one part only")
-    p.add_argument("--full-width", action="store_true",
-                   help="(b)+(c) at the paper's width: N=10,000 images, K=65,536 latents, D=1024 (about 8 GB RAM)")
+    p.add_argument(
+        "--full-width",
+        action="store_true",
+        help="(b)+(c) at the paper's width: N=10,000 images, K=65,536 latents, D=1024 (about 8 GB RAM)",
+    )
     p.add_argument("--device", default="cpu", help="device of (b)+(c): cpu, cuda, auto")
     args = p.parse_args()
     if args.threads:

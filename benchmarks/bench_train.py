@@ -8,6 +8,7 @@ renormalisation, threshold EMA. Both run on the same data, threads and hardware 
 Usage: ``python benchmarks/bench_train.py [--d 768] [--expansion 8] [--batch 4096] [--k 20]
 [--steps 3] [--threads 1] [--recovery]``; prints steps/s and the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def naive_update(ae, opt, sched, x, since_fired, dead_tokens=10_000_000, k_aux=N
     for Wc, fc in zip(W_chunks, f_chunks):
         x_rec = x_rec + fc @ Wc
         total = total + (x - x_rec).pow(2).sum(dim=-1).mean() / len(ae.group_sizes)
-    active = (f.sum(0) > 0)
+    active = f.sum(0) > 0
     since_fired += x.size(0)
     since_fired[active] = 0
     dead = since_fired >= dead_tokens
@@ -94,8 +95,17 @@ def bench_naive(x, d, w, k, group_sizes, batch, steps, seed=0):
 
 
 def bench_ours(x, d, expansion, k, batch, steps, seed=0):
-    kw = dict(sae_type="matryoshka_batch_top_k", expansion=expansion, k=k, group_fractions=list(DEFAULT_GROUP_FRACTIONS),
-              batch_size=batch, seed=seed, progress=False, eval_every=10**9, device="cpu")  # baseline is CPU-only
+    kw = dict(
+        sae_type="matryoshka_batch_top_k",
+        expansion=expansion,
+        k=k,
+        group_fractions=list(DEFAULT_GROUP_FRACTIONS),
+        batch_size=batch,
+        seed=seed,
+        progress=False,
+        eval_every=10**9,
+        device="cpu",
+    )  # baseline is CPU-only
     train_sae(x, steps=1, **kw)  # warm-up (allocator, kernels)
     t0 = time.perf_counter()
     train_sae(x, steps=1, **kw)
@@ -113,10 +123,24 @@ def planted_recovery(steps=600, d=128, n_atoms=256, active=4, expansion=4, k=4, 
     atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
     n = 32768
     idx = torch.rand(n, n_atoms, generator=g).argsort(1)[:, :active]
-    x = ((torch.rand(n, active, generator=g) + 0.5)[:, :, None] * atoms[idx]).sum(1) + 0.01 * torch.randn(n, d, generator=g)
-    sae, hist = train_sae(x, "batch_top_k", expansion=expansion, k=k, steps=steps, batch_size=1024, lr=1e-2,
-                          val_data=x[:4096], eval_every=steps, dead_tokens=50_000, progress=False, seed=seed,
-                          device="cpu")
+    x = ((torch.rand(n, active, generator=g) + 0.5)[:, :, None] * atoms[idx]).sum(1) + 0.01 * torch.randn(
+        n, d, generator=g
+    )
+    sae, hist = train_sae(
+        x,
+        "batch_top_k",
+        expansion=expansion,
+        k=k,
+        steps=steps,
+        batch_size=1024,
+        lr=1e-2,
+        val_data=x[:4096],
+        eval_every=steps,
+        dead_tokens=50_000,
+        progress=False,
+        seed=seed,
+        device="cpu",
+    )
     cos = (atoms @ sae.W_dec.detach().T).max(1).values.mean()
     return float(cos), float(hist["val_r2"].iloc[-1])
 
@@ -135,18 +159,22 @@ def main():
     w = a.d * a.expansion
     gs = group_sizes_from_fractions(DEFAULT_GROUP_FRACTIONS, w)
     x = torch.randn(4 * a.batch, a.d, generator=torch.Generator().manual_seed(0)) * 3.0 + 1.0
-    print(f"Matryoshka BatchTopK d={a.d} ω={w} (ε={a.expansion}) B={a.batch} k={a.k} groups={gs} "
-          f"threads={torch.get_num_threads()} steps={a.steps}")
+    print(
+        f"Matryoshka BatchTopK d={a.d} ω={w} (ε={a.expansion}) B={a.batch} k={a.k} groups={gs} "
+        f"threads={torch.get_num_threads()} steps={a.steps}"
+    )
     naive = bench_naive(x, a.d, w, a.k, gs, a.batch, a.steps)
     print(f"baseline (dense, per-group loop): {naive:.3f} steps/s")
-    ours, total = bench_ours(x, a.d, a.expansion, a.k, a.batch, a.steps)
+    ours, _ = bench_ours(x, a.d, a.expansion, a.k, a.batch, a.steps)
     print(f"ours (train_sae, sparse grads):   {ours:.3f} steps/s")
     print(f"speed-up: {ours / naive:.2f}x")
     if a.recovery:
         t = time.perf_counter()
         cos, r2 = planted_recovery()
-        print(f"planted recovery (BatchTopK, d=128, 256 atoms, 4 active, ε=4, 600 steps): "
-              f"mean best cosine {cos:.4f}, val R² {r2:.4f} ({time.perf_counter() - t:.1f}s)")
+        print(
+            f"planted recovery (BatchTopK, d=128, 256 atoms, 4 active, ε=4, 600 steps): "
+            f"mean best cosine {cos:.4f}, val R² {r2:.4f} ({time.perf_counter() - t:.1f}s)"
+        )
 
 
 if __name__ == "__main__":

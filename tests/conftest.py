@@ -1,4 +1,5 @@
 """Shared test set-up: an isolated data home and output root for the whole session."""
+
 from __future__ import annotations
 
 import os

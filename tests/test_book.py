@@ -1,4 +1,5 @@
 """The book builds offline from executed notebooks and fails on missing pages."""
+
 from __future__ import annotations
 
 import shutil

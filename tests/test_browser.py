@@ -1,4 +1,5 @@
 """The built book in a real browser: headless Chromium loads every page's images, no error outputs."""
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ def test_every_page_renders_in_chromium(built_book):
     if book.find_chromium() is None:
         log.warning("chromium not installed (apt-get install chromium): browser check skipped")
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
-    pages = [built_book / "intro.html", built_book / "api.html"] + sorted((built_book / "chapters").glob("*.html"))
+    pages = [built_book / "intro.html", built_book / "api.html", *sorted((built_book / "chapters").glob("*.html"))]
     for page in pages:
         report = book.browser_check(page)
         assert report["broken"] == [] and report["errors"] == [], report
@@ -29,9 +30,11 @@ def test_probe_detects_a_broken_image_and_a_traceback(tmp_path):
     if book.find_chromium() is None:
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
     page = tmp_path / "page.html"
-    page.write_text('<html><body><img src="missing.png"><div class="output traceback">'
-                    "Traceback (most recent call last)</div>"
-                    '<div class="math notranslate">\\[a = b\\]</div></body></html>')
+    page.write_text(
+        '<html><body><img src="missing.png"><div class="output traceback">'
+        "Traceback (most recent call last)</div>"
+        '<div class="math notranslate">\\[a = b\\]</div></body></html>'
+    )
     report = book.browser_check(page)
     assert report["images"] == 1 and len(report["broken"]) == 1 and report["errors"]
     assert report["raw_math"] == 1 and report["math"] == 0  # no MathJax on this page: the LaTeX shows raw

@@ -1,4 +1,5 @@
 """Image loading: every PIL mode to RGB, EXIF orientation, bad files reported, folders sorted."""
+
 from __future__ import annotations
 
 import io
@@ -73,8 +74,12 @@ def test_bad_files_are_reported_with_reasons(mixed_folder, caplog):
     with caplog.at_level(logging.WARNING):
         images, kept, skipped = data.load_batch(dataset, range(len(dataset)))
     reasons = dict(skipped)
-    assert set(reasons) == {"train/bad/empty.png", "train/bad/text.jpg", "train/bad/truncated.png",
-                            "train/bad/dangling.png"}
+    assert set(reasons) == {
+        "train/bad/empty.png",
+        "train/bad/text.jpg",
+        "train/bad/truncated.png",
+        "train/bad/dangling.png",
+    }
     assert "empty" in reasons["train/bad/empty.png"]
     assert "not an image" in reasons["train/bad/text.jpg"]
     assert "truncated" in reasons["train/bad/truncated.png"]

@@ -3,8 +3,10 @@
 Margins are loose on purpose: they hold across fixture seeds, so a failure means an effect is
 gone, not that a number moved.
 """
+
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pandas as pd
@@ -40,7 +42,7 @@ def test_few_latents_share_their_top_images(executed_chapters):
 def test_matryoshka_levels_go_from_broad_to_narrow(executed_chapters):
     levels = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip/levels.csv", index_col=0)
     breadth = levels["fires on %"].tolist()
-    assert all(a > b for a, b in zip(breadth, breadth[1:])), breadth
+    assert all(a > b for a, b in itertools.pairwise(breadth)), breadth
     assert breadth[0] > 50 and breadth[-1] < 10
     ms = levels["MS avg"].dropna()
     assert ms.iloc[-1] > ms.iloc[0] + 0.05  # finer levels are more monosemantic, as in the paper

@@ -1,5 +1,6 @@
 """The CONTRIBUTING recipe "add an encoder family", followed from a test: one registered builder,
 no edit to the package, and the new family extracts like the built-in ones."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def _toy_model(fixture, tmp_path):
 
 
 def test_an_unknown_model_type_lists_the_registered_families(fixture, tmp_path):
-    with pytest.raises(ValueError, match="model type 'toy_vit' is not a supported vision encoder.*dinov2"):
+    with pytest.raises(ValueError, match=r"model type 'toy_vit' is not a supported vision encoder.*dinov2"):
         encoders.load_encoder(_toy_model(fixture, tmp_path), device="cpu")
 
 
@@ -49,8 +50,9 @@ def test_a_registered_family_loads_and_extracts_like_the_built_in_vit(fixture, t
     pixels = vit.preprocess(val_images)
     for hook, layer in (("post_mlp_residual", 1), ("post_projection", None)):
         assert torch.equal(toy.activations(pixels, hook, layer, "cls"), vit.activations(pixels, hook, layer, "cls"))
-    store = extract_activations(toy, open_dataset("fixture", "val"), tmp_path / "store", layer=1, progress=False,
-                                device="cpu", num_workers=0)
+    store = extract_activations(
+        toy, open_dataset("fixture", "val"), tmp_path / "store", layer=1, progress=False, device="cpu", num_workers=0
+    )
     assert store.params["encoder"].endswith("toy") and store.dim == toy.hidden_size
 
 

@@ -1,4 +1,5 @@
 """Encoders: loaders round-trip the tiny models, hooks capture the right tensors and vanish."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from vlmsae_utils import hooks
 from vlmsae_utils.encoders import activation_shapes, load_encoder, select_tokens
 
 HF_MODELS = ("clip", "siglip", "dinov2", "aimv2", "webssl")
-ALL_MODELS = HF_MODELS + ("open_clip",)
+ALL_MODELS = (*HF_MODELS, "open_clip")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,13 @@ def test_encoders_without_cls_token_refuse_cls(encoders, pixels, name):
 
 def test_families_are_read_from_the_config(encoders):
     assert {name: enc.family for name, enc in encoders.items()} == {
-        "clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "aimv2": "aimv2", "webssl": "vit",
-        "open_clip": "open_clip"}
+        "clip": "clip",
+        "siglip": "siglip",
+        "dinov2": "dinov2",
+        "aimv2": "aimv2",
+        "webssl": "vit",
+        "open_clip": "open_clip",
+    }
 
 
 def test_device_and_model_dtype_are_resolved_at_load(fixture):
@@ -168,7 +174,7 @@ def test_unknown_encoder_name_lists_valid_forms(tmp_path):
     with pytest.raises(ValueError, match="fixture:NAME"):
         load_encoder("not-a-model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config.json"):
         load_encoder(tmp_path / "empty")
 
 
@@ -194,17 +200,15 @@ def test_splice_hook_is_removed_after_an_exception(encoders, pixels):
     def boom(h):
         raise RuntimeError("inside the block")
 
-    with pytest.raises(RuntimeError, match="inside the block"):
-        with enc.splice("post_mlp_residual", 0, boom):
-            enc.embed_images(px)
+    with pytest.raises(RuntimeError, match="inside the block"), enc.splice("post_mlp_residual", 0, boom):
+        enc.embed_images(px)
     assert _hooks_left(enc) == 0
 
 
 def test_splice_refuses_a_shape_change(encoders, pixels):
     enc, px = encoders["clip"], pixels["clip"]
-    with pytest.raises(ValueError, match="changed the shape"):
-        with enc.splice("post_mlp_residual", 0, lambda h: h[:, :1]):
-            enc.embed_images(px)
+    with pytest.raises(ValueError, match="changed the shape"), enc.splice("post_mlp_residual", 0, lambda h: h[:, :1]):
+        enc.embed_images(px)
 
 
 # ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
@@ -231,8 +235,9 @@ def test_a_registered_hook_captures_its_module_in_the_token_layout(encoders, pix
         enc.embed_images(px)
     handle.remove()
     expected = grabbed[0].transpose(0, 1) if enc.sequence_first else grabbed[0]
-    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
-                                       locate=hooks.block_child("mlp")))
+    hooks.register_hook(
+        hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"))
+    )
     try:
         assert "mlp_output" in enc.hook_points
         torch.testing.assert_close(enc.capture(px, "mlp_output", 1), expected)

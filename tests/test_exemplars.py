@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.exemplars against torch.topk and brute-force loops."""
+
 from __future__ import annotations
 
 import itertools
@@ -154,8 +155,10 @@ def _brute_protocol(ind: np.ndarray, thresholds, *, drop_partial: bool, strict: 
         if inter:
             jac[(a, b)] = inter / len(sets[a] | sets[b])
     counts = {t: sum(1 for v in jac.values() if (v > t if strict else v >= t)) for t in thresholds}
-    max_j = [float("nan") if i not in kept else
-             max([v for (a, b), v in jac.items() if i in (a, b)], default=0.0) for i in range(len(sets))]
+    max_j = [
+        float("nan") if i not in kept else max([v for (a, b), v in jac.items() if i in (a, b)], default=0.0)
+        for i in range(len(sets))
+    ]
     return len(kept), jac, counts, max_j
 
 
@@ -185,12 +188,16 @@ def test_uniqueness_sparse_matches_brute_force(seed):
 
 
 def test_uniqueness_protocol_options_by_hand():
-    ind = np.array([[0, 1, 2, 3],
-                    [0, 1, 2, 3],  # J(0,1) = 1
-                    [0, 1, -1, -1],  # 2 of 4 images: J(0,2) = J(1,2) = 2/4
-                    [2, 3, 4, 5],  # J(0,3) = J(1,3) = 2/6, J(2,3) = 0
-                    [6, 7, 8, 9],  # overlaps nothing
-                    [-1, -1, -1, -1]])  # no positive image
+    ind = np.array(
+        [
+            [0, 1, 2, 3],
+            [0, 1, 2, 3],  # J(0,1) = 1
+            [0, 1, -1, -1],  # 2 of 4 images: J(0,2) = J(1,2) = 2/4
+            [2, 3, 4, 5],  # J(0,3) = J(1,3) = 2/6, J(2,3) = 0
+            [6, 7, 8, 9],  # overlaps nothing
+            [-1, -1, -1, -1],
+        ]
+    )  # no positive image
     ours = uniqueness(ind, (0.5, 1.0), top=3)
     assert (ours["num_pairs"], ours["num_overlapping"], ours["num_dropped"]) == (15, 5, 0)
     assert ours["counts"] == {0.5: 3, 1.0: 1}
@@ -206,8 +213,7 @@ def test_uniqueness_protocol_options_by_hand():
 
 
 def test_uniqueness_degenerate_shapes():
-    for ind in (np.zeros((0, 4), dtype=int), np.zeros((3, 0), dtype=int), -np.ones((3, 2), dtype=int),
-                np.array([[7]])):
+    for ind in (np.zeros((0, 4), dtype=int), np.zeros((3, 0), dtype=int), -np.ones((3, 2), dtype=int), np.array([[7]])):
         out = uniqueness(ind)
         assert out["num_overlapping"] == 0 and out["top_pairs"] == []
         assert out["num_pairs"] == ind.shape[0] * (ind.shape[0] - 1) // 2
@@ -219,7 +225,7 @@ def test_uniqueness_validation():
         uniqueness(np.arange(4))
     with pytest.raises(ValueError, match="thresholds"):
         uniqueness(np.zeros((3, 2), dtype=int), thresholds=(1.5,))
-    with pytest.raises(ValueError, match=">= -1|-1 for absent"):
+    with pytest.raises(ValueError, match=r">= -1|-1 for absent"):
         uniqueness(np.array([[0, -2]]))
     with pytest.raises(ValueError, match="chunk"):
         uniqueness(np.zeros((3, 2), dtype=int), chunk=0)

@@ -1,4 +1,5 @@
 """Extraction into the sharded store: content, bad files, resume, multi-process, errors."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def _extract(encoder, dataset, out, **kwargs):
 def test_rows_match_single_image_forward_and_ids(clip, small_set, tmp_path):
     st = _extract(clip, small_set, tmp_path / "s")
     assert len(st.image_ids) == 15 and len(st) == 15 and st.dim == 32
-    assert {p for p, _ in st.skipped} == {r.image_id for r in small_set if r.image_id.endswith(("zz_empty.png", "zz_text.jpg"))}
+    assert {p for p, _ in st.skipped} == {
+        r.image_id for r in small_set if r.image_id.endswith(("zz_empty.png", "zz_text.jpg"))
+    }
     rows = st.to_tensor()
     ids = small_set.image_ids
     for position in (0, 7, 14):
@@ -55,8 +58,9 @@ def test_store_does_not_depend_on_decoding_workers(clip, small_set, tmp_path):
     parallel = _extract(clip, small_set, tmp_path / "w2", tokens="random_k", random_k=2, num_workers=2)
     assert serial.manifest["content_hash"] == parallel.manifest["content_hash"]
     assert serial.skipped == parallel.skipped and len(serial.skipped) == 2
-    one_shard = _extract(clip, small_set, tmp_path / "big", tokens="random_k", random_k=2, num_workers=2,
-                         batch_size=4, shard_images=16)
+    one_shard = _extract(
+        clip, small_set, tmp_path / "big", tokens="random_k", random_k=2, num_workers=2, batch_size=4, shard_images=16
+    )
     torch.testing.assert_close(one_shard.to_tensor(), serial.to_tensor(), atol=1e-5, rtol=1e-5)
 
 
@@ -93,8 +97,11 @@ def test_interrupted_run_resumes_bit_identical(clip, small_set, tmp_path, monkey
         store.ActivationStore.open(tmp_path / "resumed")
     monkeypatch.setattr(store.StoreWriter, "write_shard", original)
     written = []
-    monkeypatch.setattr(store.StoreWriter, "write_shard",
-                        lambda self, shard, *a, **k: (written.append(shard), original(self, shard, *a, **k)))
+    monkeypatch.setattr(
+        store.StoreWriter,
+        "write_shard",
+        lambda self, shard, *a, **k: (written.append(shard), original(self, shard, *a, **k)),
+    )
     resumed = _extract(clip, small_set, tmp_path / "resumed", tokens="random_k")
     assert written == [1, 2]  # shard 0 was kept from the interrupted run
     assert resumed.manifest["content_hash"] == reference.manifest["content_hash"]
@@ -150,17 +157,20 @@ def test_verify_detects_corrupted_bytes(clip, small_set, tmp_path):
         store.ActivationStore.open(path, verify=True)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"hook": "pre_mlp"}, "unknown hook"),
-    ({"tokens": "cls_and_mean"}, "unknown token mode"),
-    ({"tokens": "random_k", "random_k": 0}, "random_k must be"),
-    ({"layer": 4}, "out of range"),
-    ({"layer": None}, "needs a layer"),
-    ({"dtype": "int8"}, "unknown dtype"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"hook": "post_projection", "tokens": "random_k"}, "one vector per image"),
-    ({"shard_images": 6}, "multiple of batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hook": "pre_mlp"}, "unknown hook"),
+        ({"tokens": "cls_and_mean"}, "unknown token mode"),
+        ({"tokens": "random_k", "random_k": 0}, "random_k must be"),
+        ({"layer": 4}, "out of range"),
+        ({"layer": None}, "needs a layer"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"hook": "post_projection", "tokens": "random_k"}, "one vector per image"),
+        ({"shard_images": 6}, "multiple of batch_size"),
+    ],
+)
 def test_bad_parameters_fail_before_work(clip, small_set, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _extract(clip, small_set, tmp_path / "s", **kwargs)
@@ -196,8 +206,9 @@ def _rank_main(rank: int, world_size: int, root: str, out: str, init_file: str) 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         dataset = data.ImageFolderDataset(root, "train")
-        extract.extract_activations("fixture:clip", dataset, out, tokens="random_k", batch_size=4,
-                                    shard_images=4, progress=False)
+        extract.extract_activations(
+            "fixture:clip", dataset, out, tokens="random_k", batch_size=4, shard_images=4, progress=False
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -205,8 +216,9 @@ def _rank_main(rank: int, world_size: int, root: str, out: str, init_file: str) 
 @pytest.mark.slow
 def test_two_process_gloo_run_equals_one_process(clip, small_set, tmp_path):
     single = _extract(clip, small_set, tmp_path / "one", tokens="random_k", shard_images=4)
-    torch.multiprocessing.spawn(_rank_main, args=(2, str(small_set.root), str(tmp_path / "two"),
-                                                  str(tmp_path / "init")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _rank_main, args=(2, str(small_set.root), str(tmp_path / "two"), str(tmp_path / "init")), nprocs=2, join=True
+    )
     double = store.ActivationStore.open(tmp_path / "two", verify=True)
     assert double.image_ids == single.image_ids
     assert double.manifest["content_hash"] == single.manifest["content_hash"]
@@ -222,7 +234,7 @@ def test_rows_at_and_sample_rows_read_the_right_rows(clip, small_set, tmp_path):
     assert sample.shape == (7, st.dim)
     assert all(any(np.array_equal(row, other) for other in every) for row in sample)
     np.testing.assert_array_equal(sample, st.sample_rows(7, seed=3))
-    with pytest.raises(IndexError, match="0..29"):
+    with pytest.raises(IndexError, match=r"0..29"):
         st.rows_at([30])
 
 
@@ -231,8 +243,13 @@ def test_rows_at_and_sample_rows_read_the_right_rows(clip, small_set, tmp_path):
 
 def test_extract_through_a_hook_registered_at_runtime(clip, small_set, tmp_path):
     """The recipe of CONTRIBUTING.md: one HookSpec, no package edit, and extraction works there."""
-    spec = hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"),
-                          description="output of the MLP inside a block, before the residual add")
+    spec = hooks.HookSpec(
+        "mlp_output",
+        per_block=True,
+        layout=hooks.TOKENS,
+        locate=hooks.block_child("mlp"),
+        description="output of the MLP inside a block, before the residual add",
+    )
     hooks.register_hook(spec)
     try:
         st = _extract(clip, small_set, tmp_path / "s", hook="mlp_output", layer=-2, tokens="mean")

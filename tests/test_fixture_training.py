@@ -1,5 +1,6 @@
 """Trained fixture models: mini-CLIP zero-shot, scorer similarity structure, mini-LLaVA answers,
 determinism and cache reuse. Models are trained once per session (``trained`` fixture, slow)."""
+
 from __future__ import annotations
 
 import json

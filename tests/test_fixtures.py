@@ -1,4 +1,5 @@
 """The embedded fixture: determinism, taxonomy, counts, model round trips."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,11 @@ from vlmsae_utils import fixtures
 
 def _digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` by relative path (the trained models are built separately)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "trained"}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] != "trained"
+    }
 
 
 def test_same_seed_gives_same_bytes(tmp_path, fixture):
@@ -46,7 +50,7 @@ def test_folder_names_follow_inaturalist_pattern_with_three_informative_ranks(fi
     informative = 0
     for rank in range(1, 8):
         parents = Counter(tuple(p[1:rank]) for p in parts)
-        children = Counter(tuple(p[1:rank + 1]) for p in parts)
+        children = Counter(tuple(p[1 : rank + 1]) for p in parts)
         if len(children) > len(parents) and len(children) < len(parts):
             informative += 1
     assert informative >= 3

@@ -3,6 +3,7 @@
 All tests here carry the ``gpu`` marker and are skipped, with the reason in pytest's summary,
 where CUDA is absent; ``make test-gpu`` runs them. Each section below covers one stage.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,6 +31,7 @@ def no_tf32():
 # is ≈ lr·sign(g)) parameters match to atol 1e-4 with lr = 2e-5, which bounds even a sign flip
 # of a near-zero gradient entry by 2·lr = 4e-5. bf16 autocast of the encoder forward changes the
 # loss by less than 2e-2 relative on one batch.
+
 
 def _planted(n, d=32, n_atoms=64, active=3, seed=0):
     g = torch.Generator().manual_seed(1234)
@@ -62,8 +64,10 @@ def test_train_loss_and_grads_cuda_match_cpu(no_tf32, kind):
     x = _planted(256)
     dead = torch.zeros(cpu.dict_size, dtype=torch.bool)
     dead[::5] = True
-    outs = [sae_loss(s, xx, dead_mask=dm, k_aux=8, autocast=False)
-            for s, xx, dm in ((cpu, x, dead), (gpu, x.cuda(), dead.cuda()))]
+    outs = [
+        sae_loss(s, xx, dead_mask=dm, k_aux=8, autocast=False)
+        for s, xx, dm in ((cpu, x, dead), (gpu, x.cuda(), dead.cuda()))
+    ]
     params = [[s.W_enc, s.b_enc, s.W_dec, s.b_dec] for s in (cpu, gpu)]
     grads = [torch.autograd.grad(o["loss"], p) for o, p in zip(outs, params)]
     torch.testing.assert_close(outs[1]["loss"].cpu(), outs[0]["loss"], rtol=1e-4, atol=1e-6)
@@ -105,8 +109,9 @@ def test_train_short_run_cuda_bf16_close_to_cpu():
     from vlmsae_utils.train import train_sae
 
     x, val = _planted(4096), _planted(512, seed=1)
-    kw = dict(expansion=4, k=3, steps=150, batch_size=256, lr=1e-2, seed=0, progress=False, val_data=val,
-              eval_every=150)
+    kw = dict(
+        expansion=4, k=3, steps=150, batch_size=256, lr=1e-2, seed=0, progress=False, val_data=val, eval_every=150
+    )
     _, h_cpu = train_sae(x, "batch_top_k", device="cpu", **kw)
     _, h_gpu = train_sae(x, "batch_top_k", device="cuda", **kw)
     assert h_cpu["val_r2"].iloc[-1] > 0.8
@@ -124,13 +129,20 @@ def test_train_data_paths_on_cuda_give_the_cpu_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)
     x = torch.randn(500, 32).half()
-    plan = StorePlan(params={"gpu-test": 1}, image_ids=[f"i{i}" for i in range(500)], class_names=["c"] * 500,
-                     dim=32, dtype="float16", rows_per_image=1, shard_images=128)
+    plan = StorePlan(
+        params={"gpu-test": 1},
+        image_ids=[f"i{i}" for i in range(500)],
+        class_names=["c"] * 500,
+        dim=32,
+        dtype="float16",
+        rows_per_image=1,
+        shard_images=128,
+    )
     writer = StoreWriter(tmp_path / "store", plan)
     writer.begin()
     for s in range(plan.num_shards):
         r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start:r.stop].numpy().astype(np.float16), list(r), [])
+        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.float16), list(r), [])
     store = writer.finalize()
     cpu = list(train_mod._TrainingStream(store, 64, 2, torch.device("cpu"), data_on_device=True).batches(0, 10))
     for resident in (True, False):

@@ -4,6 +4,7 @@ Tolerances: float32 on both devices agrees to 1e-4 (different GEMM kernels and r
 orders); float16 models, as ``model_dtype="auto"`` runs them on CUDA, agree with float32 to
 about 1e-2 relative on block outputs; MS accumulates in float64 on both and agrees to 1e-6.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,14 +19,27 @@ log = logging.getLogger(__name__)
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     log.warning("CUDA is not available: the GPU tests are skipped")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (make test-gpu on a GPU machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (make test-gpu on a GPU machine)"),
+]
 
 
 def _extract(tmp_path, name: str, device: str, model_dtype: str, num_workers: int = 0):
     dataset = extract.open_dataset("fixture", "val")
-    return extract.extract_activations("fixture:clip", dataset, tmp_path / name, layer=-2, tokens="random_k",
-                                       random_k=2, batch_size=16, device=device, model_dtype=model_dtype,
-                                       num_workers=num_workers, progress=False)
+    return extract.extract_activations(
+        "fixture:clip",
+        dataset,
+        tmp_path / name,
+        layer=-2,
+        tokens="random_k",
+        random_k=2,
+        batch_size=16,
+        device=device,
+        model_dtype=model_dtype,
+        num_workers=num_workers,
+        progress=False,
+    )
 
 
 def test_extraction_on_cuda_matches_cpu(fixture, tmp_path):
@@ -45,12 +59,18 @@ def test_ms_and_top_k_on_cuda_match_cpu():
     cuda = metrics.monosemanticity_score(acts, emb, device="cuda")
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-6, rtol=1e-6)
     codes = metrics.SparseCodes.from_dense(acts * (acts > 1.5))
-    torch.testing.assert_close(metrics.monosemanticity_score(codes, emb, device="cuda").cpu(),
-                               metrics.monosemanticity_score(codes, emb, device="cpu"), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        metrics.monosemanticity_score(codes, emb, device="cuda").cpu(),
+        metrics.monosemanticity_score(codes, emb, device="cpu"),
+        atol=1e-6,
+        rtol=1e-6,
+    )
     top_cpu, top_cuda = top_k_images(acts, 16, device="cpu"), top_k_images(acts, 16, device="cuda")
     assert top_cuda.values.device.type == "cpu"
     torch.testing.assert_close(top_cuda.values, top_cpu.values, equal_nan=True)
-    assert torch.equal(top_cuda.indices, top_cpu.indices) and torch.equal(top_cuda.count_positive, top_cpu.count_positive)
+    assert torch.equal(top_cuda.indices, top_cpu.indices) and torch.equal(
+        top_cuda.count_positive, top_cpu.count_positive
+    )
 
 
 def test_steered_generation_on_cuda_matches_cpu(fixture):

@@ -1,4 +1,5 @@
 """Taxonomy parsing, LCA depths of top images, per-level aggregates and level links."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ D = ("Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Rosaceae", "Rosa", 
 def test_parse_inaturalist_folder_names():
     assert h.parse_taxonomy("00042_" + "_".join(A)) == A
     assert h.parse_taxonomy("a/b/c", separator="/", id_prefix=False, num_ranks=3) == ("a", "b", "c")
-    with pytest.raises(ValueError, match="'00001_Animalia_Chordata_Aves'.*3 taxonomy ranks"):
+    with pytest.raises(ValueError, match=r"'00001_Animalia_Chordata_Aves'.*3 taxonomy ranks"):
         h.parse_taxonomy("00001_Animalia_Chordata_Aves")
     with pytest.raises(ValueError, match="numeric id"):
         h.parse_taxonomy("birds_" + "_".join(A))
@@ -71,9 +72,14 @@ def test_mean_and_majority_depth_on_a_constructed_latent():
 def test_level_summary_equals_a_brute_force_groupby():
     rng = np.random.default_rng(1)
     group_sizes = [2, 5, 9]
-    depths = pd.DataFrame({"latent": range(16), "depth_mean": rng.uniform(0, 7, 16),
-                           "depth_majority": rng.integers(0, 8, 16).astype(float),
-                           "excluded": rng.random(16) < 0.25})
+    depths = pd.DataFrame(
+        {
+            "latent": range(16),
+            "depth_mean": rng.uniform(0, 7, 16),
+            "depth_majority": rng.integers(0, 8, 16).astype(float),
+            "excluded": rng.random(16) < 0.25,
+        }
+    )
     depths["depth_rounded"] = depths.depth_mean.round()
     ms = rng.uniform(-0.1, 1, 16)
     breadth = rng.uniform(0, 1, 16)
@@ -95,8 +101,9 @@ def test_level_summary_equals_a_brute_force_groupby():
 def test_parent_links_find_the_direction_a_child_refines():
     torch.manual_seed(0)
     parents = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
-    children = torch.stack([parents[1] + 0.1 * torch.randn(8), parents[0] + 0.1 * torch.randn(8),
-                            parents[1] + 0.1 * torch.randn(8)])
+    children = torch.stack(
+        [parents[1] + 0.1 * torch.randn(8), parents[0] + 0.1 * torch.randn(8), parents[1] + 0.1 * torch.randn(8)]
+    )
     decoder = torch.cat([parents, torch.nn.functional.normalize(children, dim=1)])
     codes = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 1.0]])
     links = h.parent_links(decoder, [2, 3], codes)
@@ -109,7 +116,7 @@ def test_parent_links_find_the_direction_a_child_refines():
 def test_fixture_taxonomy_has_four_informative_ranks(fixture):
     folders = sorted(p.name for p in (fixture.images / "train").iterdir())
     paths = [h.parse_taxonomy(f) for f in folders]
-    distinct = [len({p[:r + 1] for p in paths}) for r in range(7)]
+    distinct = [len({p[: r + 1] for p in paths}) for r in range(7)]
     assert distinct[:5] == [1, 2, 4, 8, 16]  # kingdom, then 2 families, 4 shapes, 8 colours, 16 textures
 
 
@@ -117,7 +124,8 @@ def test_level_trends_state_both_directions_from_the_table():
     table = pd.DataFrame({"LCA depth (mean)": [np.nan, 2.0, 3.5], "fires on %": [90.0, 40.0, 5.0]})
     assert h.level_trends(table) == [
         "LCA depth, coarsest → finest scored level: 2.00 → 3.50 (deeper)",  # the NaN level is skipped
-        "fires on % of images, coarsest → finest level: 90.0 → 5.0 (narrower)"]
+        "fires on % of images, coarsest → finest level: 90.0 → 5.0 (narrower)",
+    ]
     flat = pd.DataFrame({"LCA depth (mean)": [3.0, 2.0], "fires on %": [10.0, 30.0]})
     assert [line.split("(")[-1] for line in h.level_trends(flat)] == ["not deeper)", "not narrower)"]
 

@@ -1,4 +1,5 @@
 """The hook-point table drives every check: names, layers, token modes, steering, registration."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,11 @@ from vlmsae_utils import encoders, hooks
 @pytest.fixture
 def extra_hook():
     """A registered per-block hook (the MLP's output inside each block), removed afterwards."""
-    spec = hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
-                                              locate=hooks.block_child("mlp"), steerable=True))
+    spec = hooks.register_hook(
+        hooks.HookSpec(
+            "mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"), steerable=True
+        )
+    )
     try:
         yield spec
     finally:

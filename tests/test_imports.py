@@ -9,6 +9,7 @@ under its own name: ``if TYPE_CHECKING:`` (type checkers only) and ``if __name__
 (runs only in the separate ``__main__`` module of ``python -m``, which nothing imports).
 A submodule's implicit import of its parent package is not an edge.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,9 +48,14 @@ def _skipped(test: ast.expr) -> bool:
         return True
     if isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
         return True
-    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
-            and len(test.comparators) == 1 and isinstance(test.comparators[0], ast.Constant)
-            and test.comparators[0].value == "__main__")
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and len(test.comparators) == 1
+        and isinstance(test.comparators[0], ast.Constant)
+        and test.comparators[0].value == "__main__"
+    )
 
 
 def _nodes(tree: ast.AST):
@@ -92,22 +98,28 @@ def imports_of(module: str, modules: dict[str, Path]) -> dict[str, int]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, node.module] if node.module else anchor)
             else:
                 base = node.module or ""
             for alias in node.names:  # `from pkg import submodule` imports the submodule
                 name = f"{base}.{alias.name}"
                 add(name if name in modules else base, node.lineno)
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))
+            )
+        ):
             name = node.args[0].value
             if name.startswith("."):
                 anchor = len(name) - len(name.lstrip("."))
                 parts = package.split(".")
-                name = ".".join([*parts[:len(parts) - (anchor - 1)], name.lstrip(".")])
+                name = ".".join([*parts[: len(parts) - (anchor - 1)], name.lstrip(".")])
             add(name, node.lineno)
     return found
 
@@ -128,7 +140,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, {})):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -146,11 +158,15 @@ def test_graph_builder_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from .b import g\n    return g\n")
-    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
-                              "if __name__ == '__main__':\n    import vlmsae_utils.a\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
+        "if __name__ == '__main__':\n    import vlmsae_utils.a\n"
+    )
     (pkg / "sub" / "__init__.py").write_text("from .. import b\n")
-    (pkg / "sub" / "c.py").write_text("from . import d\nfrom ..sub import e\nimport vlmsae_utils.a.x\n"
-                                      "import importlib\nimportlib.import_module('vlmsae_utils.b')\n")
+    (pkg / "sub" / "c.py").write_text(
+        "from . import d\nfrom ..sub import e\nimport vlmsae_utils.a.x\n"
+        "import importlib\nimportlib.import_module('vlmsae_utils.b')\n"
+    )
     (pkg / "sub" / "d.py").write_text("")
     (pkg / "sub" / "e.py").write_text("")
     global ROOT
@@ -198,3 +214,46 @@ def test_every_subpackage_is_installed():
     pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
     packages = {name for name, path in module_files().items() if path.name == "__init__.py"}
     assert set(pyproject["tool"]["setuptools"]["packages"]) == packages
+
+
+def _imported_names(path: Path, package: str | None) -> list[tuple[str, str]]:
+    """(module, name) of every ``from <package module> import name`` in a file (relative ones resolved)."""
+    pairs = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom) or (node.module is None and not node.level):
+            continue
+        if node.level:
+            parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+            module = ".".join([*parts, node.module] if node.module else parts)
+        else:
+            module = node.module
+        if module.split(".")[0] == PACKAGE:
+            pairs += [(module, alias.name) for alias in node.names if not alias.name.startswith("_")]
+    return pairs
+
+
+def test_every_module_declares_its_public_api_and_others_import_only_from_it():
+    """``__all__`` lists what a module offers: every entry exists, and every public name another
+    module, test or benchmark imports from it is listed (a submodule is fine too)."""
+    import importlib
+
+    modules = module_files()
+    files = [(path, name if path.name == "__init__.py" else name.rpartition(".")[0]) for name, path in modules.items()]
+    files += [
+        (p, None)
+        for p in sorted((ROOT.parent / "tests").glob("*.py")) + sorted((ROOT.parent / "benchmarks").glob("*.py"))
+    ]
+    unlisted = []
+    for name in modules:
+        if name == PACKAGE or name.endswith("__main__"):
+            continue
+        listed = getattr(importlib.import_module(name), "__all__", None)
+        assert listed is not None, f"{name} has no __all__"
+        assert all(hasattr(importlib.import_module(name), entry) for entry in listed), name
+    for path, package in files:
+        for module, imported in _imported_names(path, package):
+            if module == PACKAGE or f"{module}.{imported}" in modules:
+                continue
+            if imported not in importlib.import_module(module).__all__:
+                unlisted.append(f"{path.name} imports {imported} from {module}")
+    assert not unlisted, "\n".join(unlisted)

@@ -4,6 +4,7 @@ A researcher's ``pip install -e .`` must keep the torch build already in their e
 the package may not pin torch/torchvision exactly; ``make install`` gets the exact, reproducible
 versions from ``constraints.txt`` (``pip install -c``), whose pins must lie inside those ranges.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -66,11 +67,14 @@ def test_torch_requirement_is_a_range_satisfied_by_the_installed_version(name):
     req = Requirement(reqs[0])
     assert req.specifier, f"{name}: declare a lower bound (the oldest release the code works with)"
     exact = [s for s in req.specifier if s.operator in EXACT_OPERATORS]
-    assert not exact, (f"{name} is pinned exactly ({req}): that replaces the user's own build; "
-                       f"declare a range and pin the exact version in constraints.txt")
+    assert not exact, (
+        f"{name} is pinned exactly ({req}): that replaces the user's own build; "
+        f"declare a range and pin the exact version in constraints.txt"
+    )
     installed = md.version(name)
     assert req.specifier.contains(installed, prereleases=True), (
-        f"installed {name} {installed} does not satisfy the declared {req}")
+        f"installed {name} {installed} does not satisfy the declared {req}"
+    )
 
 
 def test_installed_metadata_is_a_range_when_installed_from_this_tree():
@@ -79,8 +83,7 @@ def test_installed_metadata_is_a_range_when_installed_from_this_tree():
         requires = md.requires("vlmsae-utils") or []
     except md.PackageNotFoundError:
         pytest.skip("vlmsae-utils is not installed (tests run from the source tree)")
-    installed = {canonicalize_name(Requirement(r).name): Requirement(r) for r in requires
-                 if "extra" not in r}
+    installed = {canonicalize_name(Requirement(r).name): Requirement(r) for r in requires if "extra" not in r}
     declared = {canonicalize_name(Requirement(r).name): Requirement(r) for r in _project()["dependencies"]}
     if {k: str(v.specifier) for k, v in installed.items()} != {k: str(v.specifier) for k, v in declared.items()}:
         pytest.skip("installed metadata predates pyproject.toml; `make install` refreshes it")
@@ -92,8 +95,11 @@ def test_every_direct_dependency_is_pinned_inside_its_declared_range():
     declared, pins = _declared(), _pins()
     missing = sorted(set(declared) - set(pins))
     assert not missing, f"constraints.txt does not pin these direct dependencies: {missing}"
-    outside = {name: (str(pins[name]), [str(r) for r in reqs]) for name, reqs in declared.items()
-               if not all(r.specifier.contains(pins[name], prereleases=True) for r in reqs)}
+    outside = {
+        name: (str(pins[name]), [str(r) for r in reqs])
+        for name, reqs in declared.items()
+        if not all(r.specifier.contains(pins[name], prereleases=True) for r in reqs)
+    }
     assert not outside, f"constraints.txt pins outside the ranges pyproject.toml declares: {outside}"
 
 

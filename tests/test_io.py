@@ -1,4 +1,5 @@
 """Atomic writes: content replaced whole, and files as readable as any file the user creates."""
+
 from __future__ import annotations
 
 import os

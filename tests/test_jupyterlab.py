@@ -1,4 +1,5 @@
 """JupyterLab from this environment opens the MyST chapters as notebooks, with the project's kernel."""
+
 from __future__ import annotations
 
 import json

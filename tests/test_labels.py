@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.labels: readable class names for ImageNet, iNaturalist and other folders."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,17 @@ def test_imagenet_wnid_list():
     assert wnids[916] == "n06359193" and wnids[970] == "n09193705"
 
 
-@pytest.mark.parametrize("wnid, name", [
-    ("n01440764", "tench"), ("n01443537", "goldfish"), ("n03838899", "oboe"), ("n04326547", "stone wall"),
-    ("n09835506", "baseball player"), ("n15075141", "toilet paper"),
-])
+@pytest.mark.parametrize(
+    "wnid, name",
+    [
+        ("n01440764", "tench"),
+        ("n01443537", "goldfish"),
+        ("n03838899", "oboe"),
+        ("n04326547", "stone wall"),
+        ("n09835506", "baseball player"),
+        ("n15075141", "toilet paper"),
+    ],
+)
 def test_imagenet_names(wnid, name):
     assert class_label(wnid) == name
 
@@ -40,7 +48,9 @@ def test_names_align_with_wordnet_lemmas():
 
 
 def test_other_names():
-    assert class_label("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus") == "Danaus plexippus"
+    assert (
+        class_label("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus") == "Danaus plexippus"
+    )
     assert class_label("09999_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina") == "Rosa canina"
     assert class_label("007_red_fox") == "red fox"
     assert class_label("red_fox") == "red fox"

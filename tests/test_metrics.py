@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.metrics against independent expectations (brute force, hand-computed cases)."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 The chapters are executed once per test session, exactly as `make demo` runs them (no
 parameter overrides); the book test builds the whole book from the same executed notebooks.
 """
+
 from __future__ import annotations
 
 import nbformat
@@ -84,8 +85,9 @@ def test_05_steer_on_defaults(executed_chapters):
 
 @pytest.mark.slow
 def test_05_steer_with_overrides(tmp_path, fixture):
-    run.run_notebook("05", {"out_dir": str(tmp_path / "s"), "num_images": 2, "alphas": [100], "latents": [0, 1]},
-                     tmp_path)
+    run.run_notebook(
+        "05", {"out_dir": str(tmp_path / "s"), "num_images": 2, "alphas": [100], "latents": [0, 1]}, tmp_path
+    )
     scores = pd.read_csv(tmp_path / "s" / "steering_scores.csv", index_col=0)
     assert scores.pairs.tolist() == [2, 4]
 
@@ -117,16 +119,34 @@ def test_chapters_1_and_3_run_on_a_model_named_by_a_nested_folder(fixture, tmp_p
     shutil.copytree(fixture.model("clip"), model)
     model = str(model)
     stores = tmp_path / "stores"
-    run.run_notebook("01", {"model": model, "split": "val", "scorer": "fixture:scorer", "out_dir": str(stores),
-                            "batch_size": 32, "device": "cpu"}, tmp_path / "nb01")
+    run.run_notebook(
+        "01",
+        {
+            "model": model,
+            "split": "val",
+            "scorer": "fixture:scorer",
+            "out_dir": str(stores),
+            "batch_size": 32,
+            "device": "cpu",
+        },
+        tmp_path / "nb01",
+    )
     activations = open_store(stores / "activations")
     assert activations.params["encoder"] == model  # the real name is kept in the manifest
     sae, _ = train_sae(activations, "batch_top_k", 2, k=4, steps=20, batch_size=64, progress=False, device="cpu")
     save_sae(sae, tmp_path / "sae")
     ms = tmp_path / "ms"
-    run.run_notebook("03", {"activations_store": str(stores / "activations"),
-                            "scorer_store": str(stores / "embeddings"), "sae_paths": [str(tmp_path / "sae")],
-                            "out_dir": str(ms), "device": "cpu"}, tmp_path / "nb03")
+    run.run_notebook(
+        "03",
+        {
+            "activations_store": str(stores / "activations"),
+            "scorer_store": str(stores / "embeddings"),
+            "sae_paths": [str(tmp_path / "sae")],
+            "out_dir": str(ms),
+            "device": "cpu",
+        },
+        tmp_path / "nb03",
+    )
     written = sorted(p.name for p in ms.iterdir())
     assert "ms_summary.csv" in written and len([n for n in written if n.startswith("ms_raw")]) == 1
     raw = pd.read_csv(ms / next(n for n in written if n.startswith("ms_raw")))
@@ -141,8 +161,11 @@ def _code_cells(source) -> list[tuple[list[str], str]]:
     import jupytext
 
     notebook = jupytext.read(source)
-    return [(cell.metadata.get("tags", []), "\n".join(line for line in cell.source.splitlines() if line.strip()))
-            for cell in notebook.cells if cell.cell_type == "code"]
+    return [
+        (cell.metadata.get("tags", []), "\n".join(line for line in cell.source.splitlines() if line.strip()))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
 
 
 @pytest.mark.parametrize("source", run.all_notebooks(), ids=lambda p: p.stem)
@@ -152,8 +175,9 @@ def test_notebook_cells_are_short_and_define_nothing(source):
             continue  # one assignment per line: data, not logic
         lines = code.splitlines()
         assert len(lines) <= MAX_CELL_LINES, f"{source.name}: a cell of {len(lines)} lines:\n{code}"
-        assert not any(line.lstrip().startswith(("def ", "class ", "lambda")) for line in lines), \
+        assert not any(line.lstrip().startswith(("def ", "class ", "lambda")) for line in lines), (
             f"{source.name}: defines a function:\n{code}"
+        )
 
 
 @pytest.mark.parametrize("source", run.all_notebooks(), ids=lambda p: p.stem)
@@ -163,8 +187,11 @@ def test_every_labelled_figure_is_cited_and_every_citation_has_a_figure(source):
     import jupytext
 
     notebook = jupytext.read(source)
-    labels = [cell.metadata["mystnb"]["figure"]["name"] for cell in notebook.cells
-              if cell.cell_type == "code" and "figure" in cell.metadata.get("mystnb", {})]
+    labels = [
+        cell.metadata["mystnb"]["figure"]["name"]
+        for cell in notebook.cells
+        if cell.cell_type == "code" and "figure" in cell.metadata.get("mystnb", {})
+    ]
     text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
     cited = set(re.findall(r"\{numref\}`(fig-[\w-]+)`", text))
     assert len(labels) == len(set(labels)), f"{source.name}: a figure label is used twice: {labels}"

@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.paths.safe_stem: file stems from user-supplied names."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,16 @@ def _h(name: str) -> str:
 def test_known_stems():
     # SHA-1 of the empty string is the well-known da39a3ee5e6b4b0d3255bfef95601890afd80709.
     assert safe_stem("") == "name-da39a3ee"
-    assert safe_stem("openai/clip-vit-large-patch14-336") == f"openai_clip-vit-large-patch14-336-{_h('openai/clip-vit-large-patch14-336')}"
+    assert (
+        safe_stem("openai/clip-vit-large-patch14-336")
+        == f"openai_clip-vit-large-patch14-336-{_h('openai/clip-vit-large-patch14-336')}"
+    )
     assert safe_stem("/data/models/clip") == f"data_models_clip-{_h('/data/models/clip')}"
     assert safe_stem("fixture:mini_clip") == f"fixture_mini_clip-{_h('fixture:mini_clip')}"
-    assert safe_stem("raw open_clip:ViT-L-14-336/openai") == f"raw_open_clip_ViT-L-14-336_openai-{_h('raw open_clip:ViT-L-14-336/openai')}"
+    assert (
+        safe_stem("raw open_clip:ViT-L-14-336/openai")
+        == f"raw_open_clip_ViT-L-14-336_openai-{_h('raw open_clip:ViT-L-14-336/openai')}"
+    )
     assert safe_stem("Matryoshka ×4") == f"Matryoshka_4-{_h('Matryoshka ×4')}"
     assert safe_stem("café au lait") == f"cafe_au_lait-{_h('café au lait')}"  # accents folded
     assert safe_stem("..") == f"name-{_h('..')}"
@@ -38,8 +45,25 @@ def test_safe_names_unchanged(name):
 
 
 def test_every_stem_is_safe_and_bounded():
-    names = ["", ".", "..", "/", "a/../b", " ", "\t\n", "ünï/cødé", "名前", "a" * 500, "é" * 300,
-             "hf-internal/x:y z", "-rf", "C:\\models\\clip", "fixture:mini_clip", "__x__", "\x00nul"]
+    names = [
+        "",
+        ".",
+        "..",
+        "/",
+        "a/../b",
+        " ",
+        "\t\n",
+        "ünï/cødé",
+        "名前",
+        "a" * 500,
+        "é" * 300,
+        "hf-internal/x:y z",
+        "-rf",
+        "C:\\models\\clip",
+        "fixture:mini_clip",
+        "__x__",
+        "\x00nul",
+    ]
     for name in names:
         stem = safe_stem(name)
         assert stem and SAFE.fullmatch(stem), (name, stem)

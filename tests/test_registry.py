@@ -1,5 +1,6 @@
 """The SAE registry and TrainConfig: a type defined here, with no package edit, trains, saves, loads and
 is scored; training settings are validated in one place and their defaults live there once."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,13 +66,20 @@ def _store(path, x: torch.Tensor):
     from vlmsae_utils.store import StorePlan, StoreWriter
 
     n = x.shape[0]
-    plan = StorePlan(params={"test": str(path)}, image_ids=[f"img{i:05d}.png" for i in range(n)],
-                     class_names=["c"] * n, dim=x.shape[1], dtype="float32", rows_per_image=1, shard_images=200)
+    plan = StorePlan(
+        params={"test": str(path)},
+        image_ids=[f"img{i:05d}.png" for i in range(n)],
+        class_names=["c"] * n,
+        dim=x.shape[1],
+        dtype="float32",
+        rows_per_image=1,
+        shard_images=200,
+    )
     writer = StoreWriter(path, plan)
     writer.begin()
     for s in range(plan.num_shards):
         r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start:r.stop].numpy().astype(np.float32), list(r), [])
+        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.float32), list(r), [])
     return writer.finalize()
 
 
@@ -94,8 +102,9 @@ def test_registered_type_is_known_everywhere(toy_type):
 def test_toy_type_trains_saves_loads_and_is_scored(tmp_path, toy_type):
     x = _planted(600)
     store = _store(tmp_path / "store", x)
-    sae, hist = train_sae(store, "toy_threshold", 2, steps=80, batch_size=64, lr=3e-3, eval_every=10,
-                          progress=False, device="cpu")
+    sae, hist = train_sae(
+        store, "toy_threshold", 2, steps=80, batch_size=64, lr=3e-3, eval_every=10, progress=False, device="cpu"
+    )
     assert type(sae) is toy_type and sae.dict_size == 2 * D
     assert hist["loss"].iloc[-1] < 0.5 * hist["loss"].iloc[0]  # it learns
     assert (hist["threshold"] == -1.0).all()  # no threshold EMA for a type without uses_threshold
@@ -113,8 +122,9 @@ def test_toy_type_trains_saves_loads_and_is_scored(tmp_path, toy_type):
 
     emb = torch.randn(len(x), 5, generator=torch.Generator().manual_seed(3))
     report = scoring.score_neurons("toy", codes, emb, top_k=3, device="cpu")
-    torch.testing.assert_close(report.ms, metrics.monosemanticity_score(expected, emb, device="cpu"),
-                               equal_nan=True, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        report.ms, metrics.monosemanticity_score(expected, emb, device="cpu"), equal_nan=True, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_toy_type_sparse_loss_equals_dense_autograd(toy_type):
@@ -144,13 +154,15 @@ def test_toy_type_sparse_loss_equals_dense_autograd(toy_type):
 
 def test_train_grid_labels_a_registered_type(tmp_path, toy_type):
     x = _planted(200)
-    results, _ = train_grid(x, x[:64], ["toy_threshold"], [2], tmp_path / "grid", device="cpu", steps=3,
-                            batch_size=32, progress=False)
+    results, _ = train_grid(
+        x, x[:64], ["toy_threshold"], [2], tmp_path / "grid", device="cpu", steps=3, batch_size=32, progress=False
+    )
     assert results["SAE"].tolist() == ["Threshold"] and results["k"].tolist() == [TrainConfig().k]
 
 
 def test_register_sae_is_a_decorator_and_checks_the_class():
     try:
+
         @register_sae
         class Tmp(BaseSAE):
             sae_type = "tmp_dense"
@@ -196,41 +208,52 @@ def test_register_sae_is_a_decorator_and_checks_the_class():
 
 
 def test_builtin_registry_entries():
-    assert dict(SAE_LABELS) == {"batch_top_k": "BatchTopK", "matryoshka_batch_top_k": "Matryoshka",
-                                "top_k": "TopK", "relu": "ReLU"}
+    assert dict(SAE_LABELS) == {
+        "batch_top_k": "BatchTopK",
+        "matryoshka_batch_top_k": "Matryoshka",
+        "top_k": "TopK",
+        "relu": "ReLU",
+    }
     from vlmsae_utils.sae import _DL_DICT_CLASS_TO_TYPE
 
-    assert dict(_DL_DICT_CLASS_TO_TYPE) == {"BatchTopKSAE": "batch_top_k",
-                                            "MatryoshkaBatchTopKSAE": "matryoshka_batch_top_k",
-                                            "AutoEncoderTopK": "top_k", "AutoEncoder": "relu"}
+    assert dict(_DL_DICT_CLASS_TO_TYPE) == {
+        "BatchTopKSAE": "batch_top_k",
+        "MatryoshkaBatchTopKSAE": "matryoshka_batch_top_k",
+        "AutoEncoderTopK": "top_k",
+        "AutoEncoder": "relu",
+    }
     with pytest.raises(TypeError):
         SAE_CLASSES["x"] = BatchTopKSAE  # read-only: types are added with register_sae
 
 
 # ----- TrainConfig --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, message", [
-    ({"sae_type": "gated"}, r"unknown sae_type 'gated'; valid: batch_top_k, matryoshka_batch_top_k, top_k, relu"),
-    ({"k": 0}, r"k must be an integer >= 1, got 0"),
-    ({"k": 2.5}, r"k must be an integer >= 1, got 2.5"),
-    ({"k": True}, r"k must be an integer >= 1, got True"),
-    ({"k": None}, r"k must be an integer >= 1, got None"),  # batch_top_k needs k
-    ({"expansion": 0}, r"expansion must be a number > 0, got 0"),
-    ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
-    ({"batch_size": "big"}, r"batch_size must be an integer >= 1, got 'big'"),
-    ({"lr": -1e-3}, r"lr must be a number >= 0 or None, got -0.001"),
-    ({"group_fractions": [1.0]}, r"group_fractions only apply to 'matryoshka_batch_top_k', not 'batch_top_k'"),
-    ({"sae_type": "matryoshka_batch_top_k", "group_fractions": [0.5, 0.4]}, r"must sum to 1"),
-    ({"sae_type": "matryoshka_batch_top_k", "group_fractions": [0.5, -0.5, 1.0]}, r"must be positive"),
-    ({"decay_start": 1.5}, r"decay_start as a fraction of steps must be in \[0, 1\], got 1.5"),
-    ({"threshold_beta": 1.5}, r"threshold_beta must be a number in \[0, 1\], got 1.5"),
-    ({"warmup_steps": -1}, r"warmup_steps must be an integer >= 0 or None, got -1"),
-    ({"eval_every": 0}, r"eval_every must be an integer >= 1 or None, got 0"),
-    ({"aux_alpha": float("nan")}, r"aux_alpha must be a number >= 0, got nan"),
-    ({"autocast": "yes"}, r"autocast must be None, True or False, got 'yes'"),
-    ({"data_on_device": "yes"}, r"data_on_device must be 'auto', True or False, got 'yes'"),
-    ({"memory_fraction": 0}, r"memory_fraction must be a number in \(0, 1\], got 0"),
-])
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sae_type": "gated"}, r"unknown sae_type 'gated'; valid: batch_top_k, matryoshka_batch_top_k, top_k, relu"),
+        ({"k": 0}, r"k must be an integer >= 1, got 0"),
+        ({"k": 2.5}, r"k must be an integer >= 1, got 2.5"),
+        ({"k": True}, r"k must be an integer >= 1, got True"),
+        ({"k": None}, r"k must be an integer >= 1, got None"),  # batch_top_k needs k
+        ({"expansion": 0}, r"expansion must be a number > 0, got 0"),
+        ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
+        ({"batch_size": "big"}, r"batch_size must be an integer >= 1, got 'big'"),
+        ({"lr": -1e-3}, r"lr must be a number >= 0 or None, got -0.001"),
+        ({"group_fractions": [1.0]}, r"group_fractions only apply to 'matryoshka_batch_top_k', not 'batch_top_k'"),
+        ({"sae_type": "matryoshka_batch_top_k", "group_fractions": [0.5, 0.4]}, r"must sum to 1"),
+        ({"sae_type": "matryoshka_batch_top_k", "group_fractions": [0.5, -0.5, 1.0]}, r"must be positive"),
+        ({"decay_start": 1.5}, r"decay_start as a fraction of steps must be in \[0, 1\], got 1.5"),
+        ({"threshold_beta": 1.5}, r"threshold_beta must be a number in \[0, 1\], got 1.5"),
+        ({"warmup_steps": -1}, r"warmup_steps must be an integer >= 0 or None, got -1"),
+        ({"eval_every": 0}, r"eval_every must be an integer >= 1 or None, got 0"),
+        ({"aux_alpha": float("nan")}, r"aux_alpha must be a number >= 0, got nan"),
+        ({"autocast": "yes"}, r"autocast must be None, True or False, got 'yes'"),
+        ({"data_on_device": "yes"}, r"data_on_device must be 'auto', True or False, got 'yes'"),
+        ({"memory_fraction": 0}, r"memory_fraction must be a number in \(0, 1\], got 0"),
+    ],
+)
 def test_train_config_rejects_bad_values_naming_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
@@ -262,8 +285,9 @@ def test_every_default_lives_in_train_config_once():
     x = _planted(256)
     sae, _ = train_sae(x, "batch_top_k", 2, steps=1, batch_size=32, progress=False, device="cpu")
     assert sae.k == defaults.k
-    sae, _ = train_sae(x, TrainConfig(sae_type="top_k", expansion=2, k=5, steps=1, batch_size=32),
-                       progress=False, device="cpu")
+    sae, _ = train_sae(
+        x, TrainConfig(sae_type="top_k", expansion=2, k=5, steps=1, batch_size=32), progress=False, device="cpu"
+    )
     assert sae.k == 5 and sae.sae_type == "top_k"
     for cls in SAE_CLASSES.values():
         if cls.needs_k:
@@ -278,10 +302,12 @@ def test_sweep_sae_section_is_typed_and_checked_by_train_config(tmp_path):
     assert sweep.SAE_KEYS["k"] is int and sweep.SAE_KEYS["group_fractions"] == (list, type(None))
     assert set(sweep.SAE_KEYS) - {"types", "expansions"} <= set(TrainConfig.field_names())
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "fixture.yaml").read_text())
-    for changes, message in (({"k": 0}, r"bad.yaml.sae: k must be an integer >= 1, got 0"),
-                             ({"types": ["gated"]}, r"bad.yaml.sae.types: unknown SAE type\(s\) \['gated'\]"),
-                             ({"group_fractions": [0.5, 0.4]}, r"bad.yaml.sae: group_fractions must sum to 1"),
-                             ({"k": "eight"}, r"bad.yaml.sae.k: expected int, got 'eight'")):
+    for changes, message in (
+        ({"k": 0}, r"bad.yaml.sae: k must be an integer >= 1, got 0"),
+        ({"types": ["gated"]}, r"bad.yaml.sae.types: unknown SAE type\(s\) \['gated'\]"),
+        ({"group_fractions": [0.5, 0.4]}, r"bad.yaml.sae: group_fractions must sum to 1"),
+        ({"k": "eight"}, r"bad.yaml.sae.k: expected int, got 'eight'"),
+    ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**config, "sae": {**config["sae"], **changes}}))
         with pytest.raises(sweep.ConfigError, match=message):

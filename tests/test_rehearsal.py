@@ -1,4 +1,5 @@
 """Rehearsal models: the paper's architectures at full width, built without a download."""
+
 from __future__ import annotations
 
 import pytest
@@ -69,8 +70,9 @@ def test_unknown_rehearsal_model_lists_the_available_ones():
         rehearsal.rehearsal_model("openai/clip-vit-huge")
 
 
-@pytest.mark.parametrize("stage", rehearsal.rehearsal_stages(rehearsal.rehearsal_dir() / "images", "cpu"),
-                         ids=lambda s: s["stage"])
+@pytest.mark.parametrize(
+    "stage", rehearsal.rehearsal_stages(rehearsal.rehearsal_dir() / "images", "cpu"), ids=lambda s: s["stage"]
+)
 def test_every_rehearsal_stage_names_real_notebook_parameters(stage, tmp_path):
     ipynb = to_ipynb(find_notebook(stage["notebook"]), tmp_path / "nb.ipynb")
     check_parameters(ipynb, stage["parameters"])  # raises on an unknown name

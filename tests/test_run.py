@@ -1,4 +1,5 @@
 """The papermill runner: parameters, failures, unknown names."""
+
 from __future__ import annotations
 
 import json

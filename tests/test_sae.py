@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.sae against hand-written reference formulas (Pach et al. 2025)."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,7 @@ import json
 import pytest
 import torch
 
-from vlmsae_utils.sae import (BatchTopKSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE, load_sae, make_sae,
-                              save_sae)
+from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE, load_sae, make_sae, save_sae
 
 D, W = 12, 40
 
@@ -42,8 +42,9 @@ def test_encode_decode_match_reference_formulas():
     z = _ref_pre(x, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach(), 0.7)
     f = sae.encode(x)
     torch.testing.assert_close(f.double(), z, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sae.decode(f).double(), _ref_dec(z, sae.W_dec.detach(), sae.b_dec.detach(), 0.7),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sae.decode(f).double(), _ref_dec(z, sae.W_dec.detach(), sae.b_dec.detach(), 0.7), atol=1e-5, rtol=1e-5
+    )
     x_hat, f2 = sae(x, output_features=True)
     torch.testing.assert_close(f2, f)
     torch.testing.assert_close(x_hat, sae.decode(f))
@@ -136,8 +137,14 @@ def test_dictionary_learning_batchtopk_layout(tmp_path):
     g = torch.Generator().manual_seed(3)
     enc_w, enc_b = torch.randn(W, D, generator=g), torch.randn(W, generator=g) * 0.1
     dec_w, b_dec = torch.randn(D, W, generator=g), torch.randn(D, generator=g)
-    state = {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w, "b_dec": b_dec,
-             "k": torch.tensor(4, dtype=torch.int), "threshold": torch.tensor(0.3)}
+    state = {
+        "encoder.weight": enc_w,
+        "encoder.bias": enc_b,
+        "decoder.weight": dec_w,
+        "b_dec": b_dec,
+        "k": torch.tensor(4, dtype=torch.int),
+        "threshold": torch.tensor(0.3),
+    }
     torch.save(state, tmp_path / "ae.pt")
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE", "k": 4}}))
     sae = load_sae(tmp_path)
@@ -154,8 +161,15 @@ def test_dictionary_learning_matryoshka_layout(tmp_path):
     g = torch.Generator().manual_seed(4)
     W_enc, b_enc = torch.randn(D, W, generator=g), torch.randn(W, generator=g) * 0.1
     W_dec, b_dec = torch.randn(W, D, generator=g), torch.randn(D, generator=g)
-    state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "k": torch.tensor(5),
-             "threshold": torch.tensor(0.2), "group_sizes": torch.tensor([8, 12, 20])}
+    state = {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
+        "b_dec": b_dec,
+        "k": torch.tensor(5),
+        "threshold": torch.tensor(0.2),
+        "group_sizes": torch.tensor([8, 12, 20]),
+    }
     torch.save(state, tmp_path / "ae_100.pt")
     sae = load_sae(tmp_path / "ae_100.pt")
     assert isinstance(sae, MatryoshkaBatchTopKSAE) and sae.group_sizes == [8, 12, 20] and sae.k == 5
@@ -182,8 +196,13 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         load_sae(tmp_path / "evil.pt")
     # unknown keys
-    base = {"W_enc": torch.zeros(D, W), "b_enc": torch.zeros(W), "W_dec": torch.zeros(W, D), "b_dec": torch.zeros(D),
-            "k": torch.tensor(3)}
+    base = {
+        "W_enc": torch.zeros(D, W),
+        "b_enc": torch.zeros(W),
+        "W_dec": torch.zeros(W, D),
+        "b_dec": torch.zeros(D),
+        "k": torch.tensor(3),
+    }
     torch.save({**base, "extra": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="unknown keys"):
         load_sae(tmp_path / "extra.pt")

@@ -1,4 +1,5 @@
 """Real-scale estimates are products of shapes: check them by hand."""
+
 from vlmsae_utils import scale
 
 

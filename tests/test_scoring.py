@@ -1,4 +1,5 @@
 """Stage-3 glue: reports over dense and sparse codes, level picks, alignment checks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,7 +55,9 @@ def test_store_checks():
         scoring.check_aligned(_FakeStore(["a", "b"]), _FakeStore(["b", "a"]))
 
 
-@pytest.mark.parametrize("name", ["raw openai/clip-vit-large-patch14-336", "raw /data/models/clip", "raw ../x", "fixture:x"])
+@pytest.mark.parametrize(
+    "name", ["raw openai/clip-vit-large-patch14-336", "raw /data/models/clip", "raw ../x", "fixture:x"]
+)
 def test_ms_tables_of_models_named_by_hub_id_or_path_stay_in_the_folder(tmp_path, name):
     """Chapter 3 crashed on every real model: a hub id or folder in the report name became a path."""
     report = scoring.score_neurons(name, torch.relu(torch.randn(20, 4)), torch.randn(20, 3), top_k=2)

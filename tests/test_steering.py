@@ -1,4 +1,5 @@
 """Steering LLaVA through an SAE in its vision tower: exact splicing, restoration, batching, scores."""
+
 from __future__ import annotations
 
 import pytest
@@ -68,9 +69,8 @@ def test_model_is_restored_exactly_also_after_an_error(llava, sae, val_images):
         steered = _logits(model, processor, val_images[:2])
     assert not torch.equal(steered, reference)
     assert torch.equal(_logits(model, processor, val_images[:2]), reference)
-    with pytest.raises(RuntimeError, match="boom"):
-        with steering.steer(model, sae, LAYER, {1: 10.0}):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steering.steer(model, sae, LAYER, {1: 10.0}):
+        raise RuntimeError("boom")
     assert torch.equal(_logits(model, processor, val_images[:2]), reference)
     assert len(steering.vision_tower(model).blocks[LAYER]._forward_hooks) == hooks_before
 
@@ -97,12 +97,20 @@ def test_pre_zero_keeps_only_the_clamped_latent(sae):
 def test_batched_sweep_equals_one_at_a_time(llava, sae, val_images):
     model, processor = llava
     images = val_images[:2]
-    sweep = steering.latent_sweep(model, processor, sae, LAYER, images, latents=[3, 9], alphas=[-20.0, 20.0],
-                                  max_new_tokens=3, batch_size=8)
+    sweep = steering.latent_sweep(
+        model, processor, sae, LAYER, images, latents=[3, 9], alphas=[-20.0, 20.0], max_new_tokens=3, batch_size=8
+    )
     assert len(sweep) == 8
     for row in sweep:
-        single = steering.generate(model, processor, [images[row["image"]]], max_new_tokens=3, sae=sae,
-                                   layer=LAYER, clamp={row["latent"]: row["alpha"]})
+        single = steering.generate(
+            model,
+            processor,
+            [images[row["image"]]],
+            max_new_tokens=3,
+            sae=sae,
+            layer=LAYER,
+            clamp={row["latent"]: row["alpha"]},
+        )
         assert single == [row["answer"]], row
 
 
@@ -120,30 +128,32 @@ def test_steering_score_by_hand():
     images = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     top = torch.tensor([[0, 1], [2, -1]])
     concepts = steering.concept_embeddings(images, top)
-    torch.testing.assert_close(concepts, torch.tensor([[0.5, 0.5], [2 ** -0.5, 2 ** -0.5]]))
+    torch.testing.assert_close(concepts, torch.tensor([[0.5, 0.5], [2**-0.5, 2**-0.5]]))
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     scores = steering.steering_scores(texts, concepts)
-    torch.testing.assert_close(scores, torch.tensor([2 ** -0.5, 2 ** -0.5]))
+    torch.testing.assert_close(scores, torch.tensor([2**-0.5, 2**-0.5]))
     base = steering.class_name_baseline(images, torch.eye(2), labels=[0, 1, 1], seed=0)
-    torch.testing.assert_close(base["true class"], torch.tensor([1.0, 1.0, 2 ** -0.5]))
-    torch.testing.assert_close(base["shuffled class"], torch.tensor([0.0, 0.0, 2 ** -0.5]))
+    torch.testing.assert_close(base["true class"], torch.tensor([1.0, 1.0, 2**-0.5]))
+    torch.testing.assert_close(base["shuffled class"], torch.tensor([0.0, 0.0, 2**-0.5]))
     assert steering.first_word("  Triangle, red.") == "triangle" and steering.first_word("...") == ""
 
 
 def test_bad_latent_width_mode_and_block(llava, sae):
     model, _ = llava
-    with pytest.raises(ValueError, match="out of range"):
-        with steering.steer(model, sae, LAYER, {64: 1.0}):
-            pass
-    with pytest.raises(ValueError, match="reads 16-d"):
-        with steering.steer(model, BatchTopKSAE(16, 32, k=2), LAYER, {0: 1.0}):
-            pass
-    with pytest.raises(ValueError, match="unknown steering mode"):
-        with steering.steer(model, sae, LAYER, {0: 1.0}, mode="add"):
-            pass
-    with pytest.raises(ValueError, match="cannot change the answer"):
-        with steering.steer(model, sae, 3, {0: 1.0}):
-            pass
+    with pytest.raises(ValueError, match="out of range"), steering.steer(model, sae, LAYER, {64: 1.0}):
+        pass
+    with (
+        pytest.raises(ValueError, match="reads 16-d"),
+        steering.steer(model, BatchTopKSAE(16, 32, k=2), LAYER, {0: 1.0}),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="unknown steering mode"),
+        steering.steer(model, sae, LAYER, {0: 1.0}, mode="add"),
+    ):
+        pass
+    with pytest.raises(ValueError, match="cannot change the answer"), steering.steer(model, sae, 3, {0: 1.0}):
+        pass
 
 
 # ----------------------------------------------------------------------------- α units (issue 14, item 1)
@@ -155,10 +165,19 @@ def _same_function_two_formats(tmp_path, scale: float):
     the same reconstruction of raw inputs and our codes are ``scale`` times theirs."""
     torch.manual_seed(1)
     d, w, theta = 32, 64, 0.05
-    W_enc, W_dec = torch.randn(d, w) / d ** 0.5, torch.randn(w, d) / d ** 0.5
+    W_enc, W_dec = torch.randn(d, w) / d**0.5, torch.randn(w, d) / d**0.5
     b_enc, b_dec = 0.1 * torch.randn(w), 0.1 * torch.randn(d)
-    torch.save({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "decoder.weight": W_dec.T.contiguous(),
-                "b_dec": b_dec, "k": torch.tensor(4), "threshold": torch.tensor(theta)}, tmp_path / "ae.pt")
+    torch.save(
+        {
+            "encoder.weight": W_enc.T.contiguous(),
+            "encoder.bias": b_enc,
+            "decoder.weight": W_dec.T.contiguous(),
+            "b_dec": b_dec,
+            "k": torch.tensor(4),
+            "threshold": torch.tensor(theta),
+        },
+        tmp_path / "ae.pt",
+    )
     imported = load_sae(tmp_path / "ae.pt")
     ours = BatchTopKSAE(d, w, k=4)
     with torch.no_grad():
@@ -197,8 +216,12 @@ def test_same_clamp_on_imported_and_rescaled_sae_gives_the_same_block_output(tmp
         a = steering.steered_block_output(hidden, imported, [{5: 100.0}] * len(hidden), mode)
         b = steering.steered_block_output(hidden, ours, [{5: 100.0}] * len(hidden), mode)
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(steering.steered_block_output(hidden, ours, [{5: 100.0}] * len(hidden), "replace"),
-                               by_hand, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        steering.steered_block_output(hidden, ours, [{5: 100.0}] * len(hidden), "replace"),
+        by_hand,
+        atol=1e-4,
+        rtol=1e-5,
+    )
     # Through the LLaVA hook: the steered block output (and hence the answer) is the same.
     model = llava[0]
     with steering.steer(model, imported, LAYER, {5: 100.0}):
@@ -259,10 +282,12 @@ def test_concept_top_images_against_dense_brute_force(pool):
         for j, ranked in enumerate(expected):
             got = [(float(v), int(i)) for v, i in zip(top.values[j], top.indices[j]) if i >= 0]
             assert [i for _, i in got] == [i for _, i in ranked], (seed, j)
-            torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in ranked]),
-                                       atol=1e-6, rtol=1e-6)
-            assert top.indices[j, len(ranked):].eq(-1).all() and int(top.count_positive[j]) == sum(
-                1 for i in range(len(rows)) if (dense[image == i, j] > 0).any())
+            torch.testing.assert_close(
+                torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in ranked]), atol=1e-6, rtol=1e-6
+            )
+            assert top.indices[j, len(ranked) :].eq(-1).all() and int(top.count_positive[j]) == sum(
+                1 for i in range(len(rows)) if (dense[image == i, j] > 0).any()
+            )
 
 
 def test_mean_pool_in_small_chunks_equals_the_dense_mean():
@@ -297,8 +322,10 @@ def test_class_text_is_readable_on_real_folders(fixture):
     assert steering.class_text(first.folder) == first.caption
     assert steering.class_text("n01440764") == "tench"
     assert steering.class_text("n04326547") == "stone wall"
-    assert steering.class_text("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus") == \
-        "Danaus plexippus"
+    assert (
+        steering.class_text("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus")
+        == "Danaus plexippus"
+    )
     assert steering.class_text("007_red_fox") == "red fox"
     assert steering.names_class("Tench.", "n01440764") and not steering.names_class("goldfish", "n01440764")
 
@@ -316,16 +343,18 @@ def test_default_hook_is_bit_identical_to_naming_the_block_output(llava, sae, pi
     assert torch.equal(implicit, explicit)
     vector = steering.diffmean_vector(model, pixels[:2], pixels[2:], LAYER)
     assert torch.equal(vector, steering.diffmean_vector(model, pixels[:2], pixels[2:], LAYER, hook="post_mlp_residual"))
-    assert torch.equal(steering.block_mean(model, pixels, LAYER),
-                       steering.block_mean(model, pixels, LAYER, hook="post_mlp_residual"))
+    assert torch.equal(
+        steering.block_mean(model, pixels, LAYER), steering.block_mean(model, pixels, LAYER, hook="post_mlp_residual")
+    )
     with steering.add_vector(model, LAYER, vector, 2.0):
         implicit = _logits(model, processor, images)
     with steering.add_vector(model, LAYER, vector, 2.0, hook="post_mlp_residual"):
         explicit = _logits(model, processor, images)
     assert torch.equal(implicit, explicit)
     kwargs = {"latents": [3], "alphas": [20.0], "max_new_tokens": 2}
-    assert (steering.latent_sweep(model, processor, sae, LAYER, images, **kwargs)
-            == steering.latent_sweep(model, processor, sae, LAYER, images, hook="post_mlp_residual", **kwargs))
+    assert steering.latent_sweep(model, processor, sae, LAYER, images, **kwargs) == steering.latent_sweep(
+        model, processor, sae, LAYER, images, hook="post_mlp_residual", **kwargs
+    )
 
 
 def test_steering_refuses_a_hook_it_cannot_clamp_at(llava, sae, pixels, val_images):
@@ -333,8 +362,10 @@ def test_steering_refuses_a_hook_it_cannot_clamp_at(llava, sae, pixels, val_imag
     message = r"cannot clamp at hook 'post_projection'.*valid steering hooks: post_mlp_residual"
     with pytest.raises(ValueError, match=message), steering.steer(model, sae, LAYER, {0: 1.0}, hook="post_projection"):
         pass
-    with pytest.raises(ValueError, match=message), steering.add_vector(model, LAYER, torch.zeros(32), 1.0,
-                                                                       hook="post_projection"):
+    with (
+        pytest.raises(ValueError, match=message),
+        steering.add_vector(model, LAYER, torch.zeros(32), 1.0, hook="post_projection"),
+    ):
         pass
     with pytest.raises(ValueError, match=message):
         steering.block_mean(model, pixels, LAYER, hook="post_projection")
@@ -349,8 +380,11 @@ def test_steering_at_a_registered_hook_splices_that_module(llava, pixels):
     model, _ = llava
     before = _hidden_states(model, pixels)[LAYER + 1]
     vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
-                                       locate=hooks.block_child("mlp"), steerable=True))
+    hooks.register_hook(
+        hooks.HookSpec(
+            "mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"), steerable=True
+        )
+    )
     try:
         with steering.add_vector(model, LAYER, vector, hook="mlp_output"):
             shifted = _hidden_states(model, pixels)[LAYER + 1]

@@ -1,4 +1,5 @@
 """Sweep files: validation, grid expansion, resume, failure isolation, gathered tables."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,15 +59,25 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
     assert all(p.startswith("train/fixture_mini_clip/Llast/") for p in score.parameters["sae_paths"])
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"modles": ["fixture:clip"]}, "unknown key"),
-    ({"layers": ["middle"]}, "block index or 'last'"),
-    ({"sae": {"types": ["batch_top_k"], "expansions": [2], "k": "twenty", "steps": 10}}, "sae.k: expected int"),
-    ({"data": {"train": {"data_dir": "/no/such/folder", "split": "train"},
-               "val": {"data_dir": "fixture", "split": "val"}}}, "does not exist"),
-    ({"scorers": []}, "non-empty list"),
-    ({"name": "a b"}, "name"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"modles": ["fixture:clip"]}, "unknown key"),
+        ({"layers": ["middle"]}, "block index or 'last'"),
+        ({"sae": {"types": ["batch_top_k"], "expansions": [2], "k": "twenty", "steps": 10}}, "sae.k: expected int"),
+        (
+            {
+                "data": {
+                    "train": {"data_dir": "/no/such/folder", "split": "train"},
+                    "val": {"data_dir": "fixture", "split": "val"},
+                }
+            },
+            "does not exist",
+        ),
+        ({"scorers": []}, "non-empty list"),
+        ({"name": "a b"}, "name"),
+    ],
+)
 def test_config_errors_name_the_problem(tmp_path, changes, message):
     with pytest.raises(sweep.ConfigError, match=message):
         sweep.load_config(_config(tmp_path, **changes))
@@ -138,8 +149,20 @@ def test_changed_parameters_rerun(tmp_path):
 def test_fixture_sweep_end_to_end(fixture_results):
     sae = pd.read_csv(fixture_results / "sae.csv")
     assert len(sae) == 8  # 2 layers × 2 SAE types × 2 expansions, one scorer
-    assert set(sae.columns) >= {"model", "layer", "scorer", "SAE", "expansion", "K", "R² %", "L0", "dead %",
-                                "MS mean", "MS std", "MS max"}
+    assert set(sae.columns) >= {
+        "model",
+        "layer",
+        "scorer",
+        "SAE",
+        "expansion",
+        "K",
+        "R² %",
+        "L0",
+        "dead %",
+        "MS mean",
+        "MS std",
+        "MS max",
+    }
     assert sorted(sae.layer.astype(str).unique()) == ["2", "last"]
     assert sae["R² %"].between(0, 100).all() and sae["MS max"].between(-1, 1).all()
     raw = pd.read_csv(fixture_results / "raw.csv")
@@ -212,33 +235,52 @@ def test_load_results_filters_one_scorer_and_names_the_sweep_by_folder(tmp_path)
 
     folder = tmp_path / "machine" / "specific" / "mysweep"
     folder.mkdir(parents=True)
-    pd.DataFrame({"scorer": ["dino", "clip", "dino"], "layer": [2, 2, "last"], "MS max": [0.9, 0.8, 0.7]}
-                 ).to_csv(folder / "sae.csv", index=False)
-    pd.DataFrame({"scorer": ["clip", "dino"], "layer": [2, 2], "mean MS": [0.1, 0.2]}).to_csv(folder / "raw.csv",
-                                                                                            index=False)
+    pd.DataFrame({"scorer": ["dino", "clip", "dino"], "layer": [2, 2, "last"], "MS max": [0.9, 0.8, 0.7]}).to_csv(
+        folder / "sae.csv", index=False
+    )
+    pd.DataFrame({"scorer": ["clip", "dino"], "layer": [2, 2], "mean MS": [0.1, 0.2]}).to_csv(
+        folder / "raw.csv", index=False
+    )
     results = load_results(folder)
     assert results.scorer == "dino" and results.sae["MS max"].tolist() == [0.9, 0.7]
     assert results.sae.layer.tolist() == ["2", "last"] and results.raw["mean MS"].tolist() == [0.2]
     assert results.describe() == "sweep mysweep: 2 SAE runs, scorer dino; tables: raw, sae"
     assert str(tmp_path) not in results.describe()  # a page never shows a machine path
     assert load_results(folder, "clip").sae["MS max"].tolist() == [0.8]
-    with pytest.raises(ValueError, match="scorer 'siglip' is not in .*; it has dino, clip"):
+    with pytest.raises(ValueError, match=r"scorer 'siglip' is not in .*; it has dino, clip"):
         load_results(folder, "siglip")
-    with pytest.raises(FileNotFoundError, match="has no sae.csv"):
+    with pytest.raises(FileNotFoundError, match=r"has no sae.csv"):
         load_results(tmp_path)
 
 
 # ----------------------------------------------------------------------------- hook points as data (issue 13, item 4)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"hook": "pre_mlp"}, r"sweep\.yaml\.hook: 'pre_mlp' is not a hook .*valid: post_mlp_residual; layers: \[last\]"),
-    ({"hook": "post_projection"}, r"sweep\.yaml\.hook: 'post_projection' .*layers: \[last\] extracts post_projection"),
-    ({"hook": 3}, r"sweep\.yaml\.hook: expected str"),
-    ({"steering": {"llava": "fixture:mini_llava", "encoder": "fixture:mini_clip", "layer": 2,
-                   "hook": "post_projection"}},
-     r"sweep\.yaml\.steering\.hook: 'post_projection' .*valid: post_mlp_residual"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"hook": "pre_mlp"},
+            r"sweep\.yaml\.hook: 'pre_mlp' is not a hook .*valid: post_mlp_residual; layers: \[last\]",
+        ),
+        (
+            {"hook": "post_projection"},
+            r"sweep\.yaml\.hook: 'post_projection' .*layers: \[last\] extracts post_projection",
+        ),
+        ({"hook": 3}, r"sweep\.yaml\.hook: expected str"),
+        (
+            {
+                "steering": {
+                    "llava": "fixture:mini_llava",
+                    "encoder": "fixture:mini_clip",
+                    "layer": 2,
+                    "hook": "post_projection",
+                }
+            },
+            r"sweep\.yaml\.steering\.hook: 'post_projection' .*valid: post_mlp_residual",
+        ),
+    ],
+)
 def test_bad_hook_names_file_key_and_valid_values(tmp_path, changes, message):
     with pytest.raises(sweep.ConfigError, match=message):
         sweep.load_config(_config(tmp_path, **changes))
@@ -253,13 +295,18 @@ def test_default_hook_keeps_every_run_and_fingerprint(tmp_path):
     root = tmp_path / "sweep"
     assert [(r.id, sweep._fingerprint(r, root)) for r in plain] == [(r.id, sweep._fingerprint(r, root)) for r in named]
     assert all("hook" not in r.parameters for r in plain if r.kind == "steer")
-    assert {r.parameters["hook"] for r in plain if r.kind in ("extract", "embed")} == {"post_mlp_residual",
-                                                                                      "post_projection"}
+    assert {r.parameters["hook"] for r in plain if r.kind in ("extract", "embed")} == {
+        "post_mlp_residual",
+        "post_projection",
+    }
 
 
 def test_another_hook_gets_its_own_folders_and_reaches_the_notebooks(tmp_path):
-    hooks.register_hook(hooks.HookSpec("mlp_output", per_block=True, layout=hooks.TOKENS,
-                                       locate=hooks.block_child("mlp"), steerable=True))
+    hooks.register_hook(
+        hooks.HookSpec(
+            "mlp_output", per_block=True, layout=hooks.TOKENS, locate=hooks.block_child("mlp"), steerable=True
+        )
+    )
     try:
         steer = dict(yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["steering"], hook="mlp_output")
         runs = sweep.expand(sweep.load_config(_config(tmp_path, hook="mlp_output", steering=steer)))

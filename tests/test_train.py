@@ -1,4 +1,5 @@
 """Tests of vlmsae_utils.train: sparse-gradient loss vs dense autograd, training tricks, determinism, resume."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,18 @@ import pytest
 import torch
 
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
-from vlmsae_utils.train import (DECAY_LAST_20PCT, evaluate_sae, geometric_median, group_sizes_from_fractions,
-                                lr_lambda, project_decoder_grad, resolve_decay_start, sae_loss, train_sae,
-                                training_batch_rows)
+from vlmsae_utils.train import (
+    DECAY_LAST_20PCT,
+    evaluate_sae,
+    geometric_median,
+    group_sizes_from_fractions,
+    lr_lambda,
+    project_decoder_grad,
+    resolve_decay_start,
+    sae_loss,
+    train_sae,
+    training_batch_rows,
+)
 
 D, W = 16, 48
 
@@ -99,7 +109,9 @@ def test_matryoshka_loss_is_weighted_sum_of_prefix_errors():
         keep = torch.zeros(z.numel())
         keep[z.flatten().topk(24).indices] = 1
         f = z * keep.view_as(z)
-        brute = [float(((xs[i] - sae.b_dec - f[i, :m] @ sae.W_dec[:m]) ** 2).sum()) for m in (4, 16, 48) for i in range(8)]
+        brute = [
+            float(((xs[i] - sae.b_dec - f[i, :m] @ sae.W_dec[:m]) ** 2).sum()) for m in (4, 16, 48) for i in range(8)
+        ]
     assert float(out["loss"].detach()) == pytest.approx(sum(brute) / 8 / 3**2, rel=1e-5)
     assert out["prefix_l2"].shape == (3,)
     assert float(out["prefix_l2"].sum()) == pytest.approx(sum(brute) / 8, rel=1e-5)
@@ -124,7 +136,7 @@ def test_matryoshka_loss_and_grads_match_dictionary_learning_weighting():
     x_hat = sae.b_dec.expand(B, -1)
     weighted = []
     for start, size in ((0, 3), (3, 6), (9, 12), (21, 27)):
-        x_hat = x_hat + f[:, start:start + size] @ sae.W_dec[start:start + size]
+        x_hat = x_hat + f[:, start : start + size] @ sae.W_dec[start : start + size]
         l2_m = (xs - x_hat).pow(2).sum(dim=-1).mean()  # mean over the batch of ||x − x̂_m||² (scaled inputs)
         weighted.append(l2_m * (1.0 / G))
     ref = torch.stack(weighted).mean()
@@ -166,7 +178,9 @@ def test_geometric_median_and_schedule():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
     gm = geometric_median(pts, max_iter=500, tol=1e-9)
     # brute force: grid search of the sum of distances
-    grid = torch.stack(torch.meshgrid(torch.linspace(-0.5, 1.5, 401), torch.linspace(-0.5, 1.5, 401), indexing="ij"), -1)
+    grid = torch.stack(
+        torch.meshgrid(torch.linspace(-0.5, 1.5, 401), torch.linspace(-0.5, 1.5, 401), indexing="ij"), -1
+    )
     cost = (grid.view(-1, 1, 2) - pts).norm(dim=-1).sum(-1)
     best = grid.view(-1, 2)[cost.argmin()]
     assert float((gm - best).norm()) < 0.02
@@ -180,8 +194,19 @@ def test_geometric_median_and_schedule():
 def test_threshold_ema_follows_definition():
     x, _ = _planted(512, d=D, n_atoms=W, seed=3)
     beta, bs, steps = 0.5, 64, 4
-    sae, _ = train_sae(x, "batch_top_k", expansion=2, k=3, steps=steps, batch_size=bs, lr=0.0, seed=7,
-                       threshold_start_step=1, threshold_beta=beta, progress=False)
+    sae, _ = train_sae(
+        x,
+        "batch_top_k",
+        expansion=2,
+        k=3,
+        steps=steps,
+        batch_size=bs,
+        lr=0.0,
+        seed=7,
+        threshold_start_step=1,
+        threshold_beta=beta,
+        progress=False,
+    )
     theta = -1.0
     for step in range(steps):
         b = x[torch.from_numpy(training_batch_rows(x.shape[0], bs, 7, step))]
@@ -197,8 +222,19 @@ def test_threshold_ema_follows_definition():
 def test_planted_atoms_recovered_and_r2():
     x, atoms = _planted(8192)
     val, _ = _planted(1024, seed=1)
-    sae, hist = train_sae(x, "batch_top_k", expansion=4, k=3, steps=300, batch_size=256, lr=1e-2, val_data=val,
-                          eval_every=150, dead_tokens=5000, progress=False)
+    sae, hist = train_sae(
+        x,
+        "batch_top_k",
+        expansion=4,
+        k=3,
+        steps=300,
+        batch_size=256,
+        lr=1e-2,
+        val_data=val,
+        eval_every=150,
+        dead_tokens=5000,
+        progress=False,
+    )
     assert hist["val_r2"].iloc[-1] > 0.9
     assert list(hist["step"]) == [150, 300]
     best_cos = (atoms @ sae.W_dec.detach().T).max(dim=1).values.mean()
@@ -212,8 +248,19 @@ def test_planted_atoms_recovered_and_r2():
 def test_matryoshka_prefix_r2_increases():
     x, _ = _planted(4096)
     val, _ = _planted(1024, seed=1)
-    sae, hist = train_sae(x, "matryoshka_batch_top_k", expansion=2, k=3, group_fractions=[0.125, 0.25, 0.625],
-                          steps=120, batch_size=256, lr=3e-3, val_data=val, eval_every=120, progress=False)
+    sae, hist = train_sae(
+        x,
+        "matryoshka_batch_top_k",
+        expansion=2,
+        k=3,
+        group_fractions=[0.125, 0.25, 0.625],
+        steps=120,
+        batch_size=256,
+        lr=3e-3,
+        val_data=val,
+        eval_every=120,
+        progress=False,
+    )
     assert sae.group_sizes == [16, 32, 80]
     r2 = [hist[f"val_r2_prefix_{m}"].iloc[-1] for m in (16, 48, 128)]
     assert r2[0] < r2[1] < r2[2]
@@ -235,10 +282,19 @@ def test_same_seed_same_weights_and_different_seed_differs():
 def test_resume_equals_uninterrupted(tmp_path):
     x, _ = _planted(2048, d=D, n_atoms=W)
     val, _ = _planted(256, d=D, n_atoms=W, seed=1)
-    kw = dict(expansion=2, k=3, steps=30, batch_size=64, val_data=val, eval_every=10, progress=False,
-              dead_tokens=300, threshold_start_step=5)
+    kw = dict(
+        expansion=2,
+        k=3,
+        steps=30,
+        batch_size=64,
+        val_data=val,
+        eval_every=10,
+        progress=False,
+        dead_tokens=300,
+        threshold_start_step=5,
+    )
     full, hf = train_sae(x, "batch_top_k", **kw)
-    part, _ = train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, stop_after=13, **kw)
+    train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, stop_after=13, **kw)
     assert (tmp_path / "checkpoint.pt").is_file()
     res, hr = train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **kw)
     for n, t in full.state_dict().items():
@@ -268,9 +324,13 @@ class _FakeStore:
         return self.x.to(dtype)
 
     def iter_batches(self, batch_size, shuffle=False, seed=0):
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(self))
+        order = (
+            torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+            if shuffle
+            else torch.arange(len(self))
+        )
         for i in range(0, len(self), batch_size):
-            yield self.x[order[i:i + batch_size]]
+            yield self.x[order[i : i + batch_size]]
 
 
 def test_store_input_and_resume(tmp_path):
@@ -326,6 +386,7 @@ def test_fast_batch_topk_indices_exact():
 
 # ----- device, data paths, input scale, LR decay, authors' R² (issues 12 and 14) -----------------
 
+
 def _make_store(path, x, dtype="float32", shard_images=64):
     """A real ActivationStore (one row per image, several shards) holding the rows of ``x``."""
     import numpy as np
@@ -333,13 +394,20 @@ def _make_store(path, x, dtype="float32", shard_images=64):
     from vlmsae_utils.store import StorePlan, StoreWriter
 
     n = x.shape[0]
-    plan = StorePlan(params={"test": str(path)}, image_ids=[f"img{i:05d}.png" for i in range(n)],
-                     class_names=["c"] * n, dim=x.shape[1], dtype=dtype, rows_per_image=1, shard_images=shard_images)
+    plan = StorePlan(
+        params={"test": str(path)},
+        image_ids=[f"img{i:05d}.png" for i in range(n)],
+        class_names=["c"] * n,
+        dim=x.shape[1],
+        dtype=dtype,
+        rows_per_image=1,
+        shard_images=shard_images,
+    )
     writer = StoreWriter(path, plan)
     writer.begin()
     for s in range(plan.num_shards):
         r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start:r.stop].numpy().astype(np.dtype(dtype)), list(r), [])
+        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.dtype(dtype)), list(r), [])
     return writer.finalize()
 
 
@@ -348,9 +416,9 @@ def test_training_batch_rows_are_epoch_permutations():
     rows = np.concatenate([training_batch_rows(n, bs, 3, s) for s in range(25)])  # 400 rows = 8 epochs
     assert all(len(training_batch_rows(n, bs, 3, s)) == bs for s in range(25))
     for e in range(8):
-        assert sorted(rows[e * n:(e + 1) * n].tolist()) == list(range(n))
-    assert not np.array_equal(rows[:n], rows[n:2 * n])
-    assert np.array_equal(training_batch_rows(n, bs, 3, 7), rows[7 * bs:8 * bs])  # a pure function of the step
+        assert sorted(rows[e * n : (e + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(rows[:n], rows[n : 2 * n])
+    assert np.array_equal(training_batch_rows(n, bs, 3, 7), rows[7 * bs : 8 * bs])  # a pure function of the step
     assert not np.array_equal(training_batch_rows(n, bs, 4, 0), rows[:bs])
     big = training_batch_rows(5, 12, 0, 0)  # batch larger than the data: spans epochs
     assert len(big) == 12 and sorted(big[:5].tolist()) == list(range(5))
@@ -367,14 +435,28 @@ def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
     store16 = _make_store(tmp_path / "s16", x16, "float16", shard_images=128)
     store32 = _make_store(tmp_path / "s32", x16, "float32", shard_images=200)
     gf = [0.25, 0.75] if kind == "matryoshka_batch_top_k" else None
-    kw = dict(expansion=2, k=3, group_fractions=gf, steps=11, batch_size=96, lr=3e-3, seed=5, device="cpu",
-              eval_every=4, progress=False, dead_tokens=400, threshold_start_step=2)
+    kw = dict(
+        expansion=2,
+        k=3,
+        group_fractions=gf,
+        steps=11,
+        batch_size=96,
+        lr=3e-3,
+        seed=5,
+        device="cpu",
+        eval_every=4,
+        progress=False,
+        dead_tokens=400,
+        threshold_start_step=2,
+    )
     ref, h_ref = train_sae(x16, kind, data_on_device=True, **kw)
     assert h_ref.attrs == {"device": "cpu", "data_on_device": True}
-    runs = {"tensor streamed": train_sae(x16, kind, data_on_device=False, **kw),
-            "f16 store resident": train_sae(store16, kind, data_on_device=True, **kw),
-            "f16 store streamed": train_sae(store16, kind, data_on_device=False, **kw),
-            "f32 store auto": train_sae(store32, kind, **kw)}
+    runs = {
+        "tensor streamed": train_sae(x16, kind, data_on_device=False, **kw),
+        "f16 store resident": train_sae(store16, kind, data_on_device=True, **kw),
+        "f16 store streamed": train_sae(store16, kind, data_on_device=False, **kw),
+        "f32 store auto": train_sae(store32, kind, **kw),
+    }
     assert runs["f16 store streamed"][1].attrs["data_on_device"] is False
     assert runs["f32 store auto"][1].attrs["data_on_device"] is True  # tiny: fits in half the free RAM
     for name, (sae, hist) in runs.items():
@@ -426,7 +508,7 @@ def test_input_scale_is_estimated_over_the_whole_class_sorted_store(tmp_path):
     x[10000:] *= 3.0
     store = _make_store(tmp_path / "sorted", x, "float32", shard_images=2500)
     true_scale = 1.0 / math.sqrt(5.0)
-    first_rows_scale = 1.0 / math.sqrt(float(x[:100 * 50].pow(2).sum(1).mean()))  # the old, in-order estimate
+    first_rows_scale = 1.0 / math.sqrt(float(x[: 100 * 50].pow(2).sum(1).mean()))  # the old, in-order estimate
     assert first_rows_scale == pytest.approx(1.0, rel=1e-5)
     est = estimate_input_scale(store, batch_size=50)  # 100 batches of 50 random rows
     assert est == pytest.approx(true_scale, rel=0.03)
@@ -478,7 +560,7 @@ def test_r2_batch_mean_hand_computed():
     with torch.no_grad():
         per = []
         for i in (0, 4):  # full batches only; the last batch (2 rows) is partial
-            b = xr[order[i:i + 4]].double()
+            b = xr[order[i : i + 4]].double()
             r = (b.float() - sae2(b.float())).double()  # residual in float32, as the SAE computes it
             per.append(1 - torch.var(r, dim=0).sum() / torch.var(b, dim=0).sum())
     assert ev2["r2_batch_mean"] == pytest.approx(float(sum(per) / 2), abs=1e-7)
@@ -490,8 +572,9 @@ def test_device_argument():
     for fn in (train_sae, evaluate_sae):
         assert inspect.signature(fn).parameters["device"].default == "auto"
     x, _ = _planted(256, d=D, n_atoms=W)
-    sae, hist = train_sae(x, "batch_top_k", expansion=2, k=3, steps=2, batch_size=32, progress=False,
-                          device=torch.device("cpu"))
+    sae, hist = train_sae(
+        x, "batch_top_k", expansion=2, k=3, steps=2, batch_size=32, progress=False, device=torch.device("cpu")
+    )
     assert hist.attrs["device"] == "cpu" and sae.W_enc.device.type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
@@ -512,8 +595,16 @@ def test_train_grid_device_and_authors_r2_column(tmp_path):
     store = _make_store(tmp_path / "store", x, "float32", shard_images=150)
     val = x[:96]
     kw = dict(k=3, steps=6, batch_size=64, progress=False, eval_every=3)
-    results, histories = train_grid(store, val, ["batch_top_k", "matryoshka_batch_top_k"], [2], tmp_path / "grid",
-                                    device="cpu", group_fractions=[0.5, 0.5], **kw)
+    results, histories = train_grid(
+        store,
+        val,
+        ["batch_top_k", "matryoshka_batch_top_k"],
+        [2],
+        tmp_path / "grid",
+        device="cpu",
+        group_fractions=[0.5, 0.5],
+        **kw,
+    )
     assert {"R² %", "R² batch-mean %", "L0", "dead %"} <= set(results.columns)
     assert results["R² batch-mean %"].between(-100, 100).all()
     direct, _ = train_sae(store, "batch_top_k", 2, device="cpu", val_data=val, **kw)
@@ -529,10 +620,18 @@ def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
     first = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
     other = first.clone()
     other[3, 5] += 1.0  # one value differs
-    kwargs = {"sae_type": "batch_top_k", "expansion": 2, "k": 4, "steps": 20, "batch_size": 64,
-              "checkpoint_dir": tmp_path, "progress": False, "device": "cpu"}
+    kwargs = {
+        "sae_type": "batch_top_k",
+        "expansion": 2,
+        "k": 4,
+        "steps": 20,
+        "batch_size": 64,
+        "checkpoint_dir": tmp_path,
+        "progress": False,
+        "device": "cpu",
+    }
     train_sae(first, stop_after=10, **kwargs)
-    with pytest.raises(ValueError, match="different settings.*'data'"):
+    with pytest.raises(ValueError, match=r"different settings.*'data'"):
         train_sae(other, **kwargs)
     sae, _ = train_sae(first, **kwargs)  # the same data resumes
     assert sae.dict_size == 32

@@ -4,6 +4,7 @@
 an executed notebook, then runs Jupyter Book 1 with warnings as errors, so a broken
 reference or a missing page fails the build.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -13,6 +14,18 @@ from pathlib import Path
 import yaml
 
 from .paths import repo_root
+
+__all__ = [
+    "ERROR_MARKERS",
+    "PROBE",
+    "book_dir",
+    "browser_check",
+    "build",
+    "find_chromium",
+    "missing_pages",
+    "screenshot",
+    "toc_files",
+]
 
 
 def book_dir() -> Path:
@@ -42,10 +55,20 @@ def build(book: Path | None = None, *, builder: str = "html") -> Path:
     book = book or book_dir()
     missing = missing_pages(book)
     if missing:
-        raise FileNotFoundError(f"book pages missing: {missing}; run `python -m vlmsae_utils.run --all "
-                                f"--out {book / 'chapters'}` first (or `make notebooks`)")
-    command = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(book),
-               "--builder", builder, "-W", "-n", "--keep-going"]
+        raise FileNotFoundError(
+            f"book pages missing: {missing}; run `python -m vlmsae_utils.run --all "
+            f"--out {book / 'chapters'}` first (or `make notebooks`)"
+        )
+    command = [
+        str(Path(sys.executable).with_name("jupyter-book")),
+        "build",
+        str(book),
+        "--builder",
+        builder,
+        "-W",
+        "-n",
+        "--keep-going",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -59,7 +82,7 @@ PROBE = """<script>window.addEventListener("load", () => {
   document.body.setAttribute("data-images", String(document.images.length));
   document.body.setAttribute("data-broken", broken.join(" "));
 });</script>"""
-ERROR_MARKERS = ("Traceback (most recent call last)", "class=\"output traceback", "class=\"output stderr")
+ERROR_MARKERS = ("Traceback (most recent call last)", 'class="output traceback', 'class="output stderr')
 
 
 def find_chromium() -> str | None:
@@ -71,8 +94,15 @@ def find_chromium() -> str | None:
 
 def _headless(chromium: str, *arguments: str) -> str:
     """Run headless Chromium with the flags that work in containers; returns stdout."""
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-               "--virtual-time-budget=5000", *arguments]
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+        *arguments,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
 
 
@@ -93,9 +123,14 @@ def browser_check(page: Path, chromium: str | None = None) -> dict:
     body = re.search(r'<body[^>]*data-images="(\d+)"[^>]*data-broken="([^"]*)"', dom)
     if body is None:
         raise RuntimeError(f"{page}: the page did not finish loading in Chromium")
-    return {"page": page.name, "images": int(body.group(1)), "broken": body.group(2).split(),
-            "errors": [m for m in ERROR_MARKERS if m in dom],
-            "math": dom.count("<mjx-container"), "raw_math": len(re.findall(r"\\\[|\\begin\{", _visible_text(dom)))}
+    return {
+        "page": page.name,
+        "images": int(body.group(1)),
+        "broken": body.group(2).split(),
+        "errors": [m for m in ERROR_MARKERS if m in dom],
+        "math": dom.count("<mjx-container"),
+        "raw_math": len(re.findall(r"\\\[|\\begin\{", _visible_text(dom))),
+    }
 
 
 def _visible_text(dom: str) -> str:
@@ -111,8 +146,13 @@ def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str |
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("chromium not found (Debian: apt-get install chromium)")
-    _headless(chromium, f"--screenshot={target.resolve()}", f"--window-size={size}", "--hide-scrollbars",
-              page.resolve().as_uri())
+    _headless(
+        chromium,
+        f"--screenshot={target.resolve()}",
+        f"--window-size={size}",
+        "--hide-scrollbars",
+        page.resolve().as_uri(),
+    )
     return target
 
 

@@ -7,6 +7,7 @@ notebook beside a run log. ``--all`` runs every notebook in order on its default
 ``--config FILE [--dry-run]`` runs a sweep file (:mod:`.sweep`). A failing cell exits non-zero
 and prints the cell and the error.
 """
+
 # This module sits above .run and .sweep (which runs its notebooks through .run): neither imports it.
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ import yaml
 
 from .run import NotebookError, all_notebooks, run_notebook
 
+__all__ = [
+    "build_parser",
+    "main",
+    "parse_value",
+]
+
 
 def parse_value(text: str) -> Any:
     """A command-line parameter value: YAML scalars and lists (``3``, ``0.5``, ``[1, 2]``, ``true``)."""
@@ -28,11 +35,19 @@ def parse_value(text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of ``python -m vlmsae_utils.run``."""
-    parser = argparse.ArgumentParser(prog="python -m vlmsae_utils.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m vlmsae_utils.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("notebook", nargs="?", help="notebook path, name or number (e.g. 00)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="override a parameter (value parsed as YAML)")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter (value parsed as YAML)",
+    )
     parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
     parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
     parser.add_argument("--config", help="run a sweep file (configs/*.yaml) instead of one notebook")

@@ -4,6 +4,7 @@ Every image is loaded as RGB whatever its PIL mode, turned upright by its EXIF
 orientation, and a file that cannot be used (unreadable, truncated, empty, not an image)
 is reported with a reason instead of crashing a long extraction or silently vanishing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "FLAT_CLASS",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "ImageLoadError",
+    "ImageRecord",
+    "class_counts",
+    "images_by_class",
+    "is_image_file",
+    "load_batch",
+    "load_image",
+    "to_rgb",
+]
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +220,9 @@ def class_counts(dataset: ImageFolderDataset) -> dict[str, int]:
     return dict(sorted(Counter(dataset.class_names).items()))
 
 
-def load_batch(dataset: ImageFolderDataset, indices: Sequence[int]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
+def load_batch(
+    dataset: ImageFolderDataset, indices: Sequence[int]
+) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
     """Load ``indices``; returns the good images, their indices, and ``(image_id, reason)`` for bad ones."""
     images, kept, skipped = [], [], []
     for index in indices:

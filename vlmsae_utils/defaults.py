@@ -3,6 +3,7 @@
 A notebook parameter left empty (``""``) means "the embedded default": the stores and SAEs
 below are computed once from the fixture and cached under the data home.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,22 @@ from typing import Any
 from .extract import extract_activations, extract_embeddings, open_dataset
 from .paths import data_home, resolve_out_dir, safe_stem
 from .store import ActivationStore
+
+__all__ = [
+    "DEFAULT_LAYER",
+    "DEFAULT_MODEL",
+    "DEFAULT_SCORER",
+    "default_embeddings",
+    "default_sae",
+    "default_store",
+    "defaults_dir",
+    "embeddings_or_default",
+    "matryoshka_or_default",
+    "open_sae",
+    "open_store",
+    "saes_or_default",
+    "store_or_default",
+]
 
 DEFAULT_MODEL = "fixture:mini_clip"
 DEFAULT_SCORER = "fixture:scorer"
@@ -23,12 +40,25 @@ def defaults_dir() -> Path:
     return data_home() / "defaults"
 
 
-def default_store(split: str = "train", *, model: str = DEFAULT_MODEL, layer: int = DEFAULT_LAYER,
-                  tokens: str = "cls", random_k: int = 2) -> ActivationStore:
+def default_store(
+    split: str = "train",
+    *,
+    model: str = DEFAULT_MODEL,
+    layer: int = DEFAULT_LAYER,
+    tokens: str = "cls",
+    random_k: int = 2,
+) -> ActivationStore:
     """Activations of a fixture model on a fixture split (built on first use)."""
     name = safe_stem(f"{model}_L{layer}_{tokens}{random_k if tokens == 'random_k' else ''}_{split}")
-    return extract_activations(model, open_dataset("fixture", split), defaults_dir() / name, layer=layer,
-                               tokens=tokens, random_k=random_k, progress=False)
+    return extract_activations(
+        model,
+        open_dataset("fixture", split),
+        defaults_dir() / name,
+        layer=layer,
+        tokens=tokens,
+        random_k=random_k,
+        progress=False,
+    )
 
 
 def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) -> ActivationStore:
@@ -53,21 +83,31 @@ def embeddings_or_default(path: str | os.PathLike, split: str = "train") -> Acti
     return open_store(path) if path else default_embeddings(split)
 
 
-def default_sae(sae_type: str = "matryoshka_batch_top_k", *, expansion: float = 4, k: int = 8,
-                group_fractions: list[float] | None = None, steps: int = 600, store: ActivationStore | None = None,
-                name: str = "cls"):
+def default_sae(
+    sae_type: str = "matryoshka_batch_top_k",
+    *,
+    expansion: float = 4,
+    k: int = 8,
+    group_fractions: list[float] | None = None,
+    steps: int = 600,
+    store: ActivationStore | None = None,
+    name: str = "cls",
+):
     """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE.
     The settings are the fixture's scale (K = 8, 600 steps of 256 rows on its small activations; the
     paper's defaults are :class:`~vlmsae_utils.train_config.TrainConfig`'s) and are checked before the cache."""
     from .sae import load_sae, save_sae
     from .train import TRAINER_VERSION, TrainConfig, run_name, train_sae
 
-    config = TrainConfig(sae_type=sae_type, expansion=expansion, k=k, group_fractions=group_fractions, steps=steps,
-                         batch_size=256)
+    config = TrainConfig(
+        sae_type=sae_type, expansion=expansion, k=k, group_fractions=group_fractions, steps=steps, batch_size=256
+    )
     data = store if store is not None else default_store("train")
     fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
-    key = (f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_t{TRAINER_VERSION}"
-           f"_{data.manifest['content_hash'][:12]}")
+    key = (
+        f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_t{TRAINER_VERSION}"
+        f"_{data.manifest['content_hash'][:12]}"
+    )
     folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
         sae, _ = train_sae(data, config, progress=False, device="cpu")  # tiny: the same SAE on every machine
@@ -100,5 +140,6 @@ def matryoshka_or_default(path: str | os.PathLike, group_fractions: list[float] 
         sae = open_sae(path)
         matryoshka_group_sizes(sae, str(path))  # refuse a non-Matryoshka SAE here, with its path
         return sae
-    return default_sae("matryoshka_batch_top_k", expansion=2,
-                       group_fractions=list(group_fractions or FIXTURE_GROUP_FRACTIONS))
+    return default_sae(
+        "matryoshka_batch_top_k", expansion=2, group_fractions=list(group_fractions or FIXTURE_GROUP_FRACTIONS)
+    )

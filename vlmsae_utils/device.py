@@ -9,6 +9,7 @@
 CUDA (encoders and LLaVA), float32 on the CPU. It is separate from the store's dtype (how
 activations are written to disk) and from the SAE's training precision.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,14 @@ import torch
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-__all__ = ["DEVICE_NAMES", "MODEL_DTYPES", "available_devices", "resolve_device", "resolve_model_dtype",
-           "cuda_synchronize"]
+__all__ = [
+    "DEVICE_NAMES",
+    "MODEL_DTYPES",
+    "available_devices",
+    "cuda_synchronize",
+    "resolve_device",
+    "resolve_model_dtype",
+]
 
 
 def available_devices() -> list[str]:
@@ -50,8 +57,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return parsed
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available here; "
-                             f"available: {', '.join(available_devices())} (use device='auto' or 'cpu')")
+            raise ValueError(
+                f"device {device!r} was asked for but CUDA is not available here; "
+                f"available: {', '.join(available_devices())} (use device='auto' or 'cpu')"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} does not exist; available: {', '.join(available_devices())}")
         return parsed
@@ -74,8 +83,10 @@ def resolve_model_dtype(model_dtype: str | torch.dtype | None, device: torch.dev
     if name not in MODEL_DTYPES:
         raise ValueError(f"unknown model_dtype {model_dtype!r}; valid: auto, {', '.join(MODEL_DTYPES)}")
     if device.type == "cpu" and name == "float16":
-        raise ValueError("model_dtype 'float16' is not supported on the CPU (missing and slow kernels); "
-                         "use 'float32' or 'bfloat16', or run on CUDA")
+        raise ValueError(
+            "model_dtype 'float16' is not supported on the CPU (missing and slow kernels); "
+            "use 'float32' or 'bfloat16', or run on CUDA"
+        )
     if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{device} does not support bfloat16; use 'float16' or 'float32'")
     return MODEL_DTYPES[name]

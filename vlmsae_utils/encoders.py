@@ -8,6 +8,7 @@ always removed; the forward pass stops right after the captured block, so extrac
 early layer costs only that part of the network. :meth:`VisionEncoder.splice` replaces a
 hook point's output by any callable, which is how SAEs are spliced into a model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,33 @@ from torch import nn
 from . import hooks
 from .device import resolve_device, resolve_model_dtype
 from .hf import quiet_transformers
-from .hooks import TOKEN_MODES, HookSpec, check_hook, hook_spec  # noqa: F401  (re-exported)
+from .hooks import TOKEN_MODES, HookSpec, check_hook, hook_spec
+
+__all__ = [
+    "FAMILY_BUILDERS",
+    "FIXTURE_PREFIX",
+    "KNOWN_HUB_MODELS",
+    "MODEL_TYPE_FAMILY",
+    "OPEN_CLIP_PREFIX",
+    "REHEARSAL_PREFIX",
+    "TOKEN_MODES",
+    "HookSpec",
+    "VisionEncoder",
+    "activation_shapes",
+    "check_hook",
+    "check_tokens",
+    "describe",
+    "hook_spec",
+    "load_encoder",
+    "model_source",
+    "pooled_by_first_token",
+    "pooled_by_head",
+    "register_family",
+    "select_tokens",
+    "transformer_blocks",
+    "unregister_family",
+    "wrap_clip_vision",
+]
 
 OPEN_CLIP_PREFIX = "open_clip:"
 FIXTURE_PREFIX = "fixture:"
@@ -50,6 +77,7 @@ def register_family(name: str, model_types: Sequence[str], *, replace: bool = Fa
     """Decorator: ``builder(source, preprocess) -> VisionEncoder`` loads the vision model of the
     transformers ``model_types`` of family ``name`` from a hub id or folder and wraps it. One entry
     per family is all a new encoder family needs (see CONTRIBUTING.md)."""
+
     def add(builder: Callable[[str, Callable], VisionEncoder]) -> Callable[[str, Callable], VisionEncoder]:
         taken = [t for t in model_types if MODEL_TYPE_FAMILY.get(t, name) != name]
         if not replace and (name in FAMILY_BUILDERS or taken):
@@ -188,7 +216,9 @@ class VisionEncoder:
         check_tokens(tokens, random_k)
         spec = hooks.check_token_mode(hook, tokens)
         if spec.layout == hooks.TOKENS and tokens == "cls" and not self.has_cls_token:
-            raise ValueError(f"{self.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
+            raise ValueError(
+                f"{self.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)"
+            )
         out = self.capture(pixel_values, hook, layer)
         return out if spec.layout == hooks.POOLED else select_tokens(out, tokens, random_k, generator)
 
@@ -227,7 +257,7 @@ class VisionEncoder:
             new = new.transpose(0, 1) if transpose else new
             if new.shape != value.shape:
                 raise ValueError(f"spliced function changed the shape {tuple(value.shape)} → {tuple(new.shape)}")
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+            return (new, *tuple(output[1:])) if isinstance(output, tuple) else new
 
         return replace
 
@@ -284,16 +314,17 @@ def model_source(name_or_path: str | Path) -> str:
     if spec.startswith(FIXTURE_PREFIX):
         from .fixtures import ensure_fixture
 
-        return str(ensure_fixture().model(spec[len(FIXTURE_PREFIX):]))
+        return str(ensure_fixture().model(spec[len(FIXTURE_PREFIX) :]))
     if spec.startswith(REHEARSAL_PREFIX):
         from .rehearsal import rehearsal_model
 
-        return str(rehearsal_model(spec[len(REHEARSAL_PREFIX):]))
+        return str(rehearsal_model(spec[len(REHEARSAL_PREFIX) :]))
     return spec
 
 
-def load_encoder(name_or_path: str | Path, device: str | torch.device | None = "auto",
-                 model_dtype: str | torch.dtype | None = "auto") -> VisionEncoder:
+def load_encoder(
+    name_or_path: str | Path, device: str | torch.device | None = "auto", model_dtype: str | torch.dtype | None = "auto"
+) -> VisionEncoder:
     """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder,
     ``fixture:NAME`` (a tiny model of the embedded fixture) or ``rehearsal:HUB_ID``.
 
@@ -330,16 +361,19 @@ def _hub_family(model_id: str) -> str:
     try:
         model_type = AutoConfig.from_pretrained(model_id).model_type
     except Exception as err:  # offline, typo, private repo
-        raise ValueError(f"could not load the config of hub model {model_id!r} ({err}). Known models: "
-                         f"{', '.join(KNOWN_HUB_MODELS)}") from err
+        raise ValueError(
+            f"could not load the config of hub model {model_id!r} ({err}). Known models: {', '.join(KNOWN_HUB_MODELS)}"
+        ) from err
     return _family_of(model_type, model_id)
 
 
 def _family_of(model_type: str, where: str) -> str:
     """Encoder family of a transformers ``model_type``, or a clear error."""
     if model_type not in MODEL_TYPE_FAMILY:
-        raise ValueError(f"{where}: model type {model_type!r} is not a supported vision encoder; "
-                         f"supported types: {', '.join(sorted(MODEL_TYPE_FAMILY))}")
+        raise ValueError(
+            f"{where}: model type {model_type!r} is not a supported vision encoder; "
+            f"supported types: {', '.join(sorted(MODEL_TYPE_FAMILY))}"
+        )
     return MODEL_TYPE_FAMILY[model_type]
 
 
@@ -428,15 +462,26 @@ def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str
     if head is None:
         raise ValueError(f"{source}: {family} model without attention-pool head has no post_projection")
     width = model.config.hidden_size
-    return VisionEncoder(source, family, model, processor, transformer_blocks(vision, source), head, False,
-                         width, width)
+    return VisionEncoder(
+        source, family, model, processor, transformer_blocks(vision, source), head, False, width, width
+    )
 
 
 def pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """DINOv2 / ViT (Web-SSL): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
     width = model.config.hidden_size
-    return VisionEncoder(source, family, model, processor, transformer_blocks(model, source), model.layernorm,
-                         True, width, width, take_first_token_of_projection=True)
+    return VisionEncoder(
+        source,
+        family,
+        model,
+        processor,
+        transformer_blocks(model, source),
+        model.layernorm,
+        True,
+        width,
+        width,
+        take_first_token_of_projection=True,
+    )
 
 
 def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> VisionEncoder:
@@ -444,7 +489,9 @@ def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> Vision
     vision = getattr(model, "vision_model", model)
     projection = getattr(model, "visual_projection", None) or vision.post_layernorm
     width = model.config.hidden_size
-    projection_dim = getattr(model.config, "projection_dim", width) if projection is not vision.post_layernorm else width
+    projection_dim = (
+        getattr(model.config, "projection_dim", width) if projection is not vision.post_layernorm else width
+    )
     return VisionEncoder(name, "clip", model, processor, vision.encoder.layers, projection, True, width, projection_dim)
 
 
@@ -475,7 +522,7 @@ def _hf_preprocess(image_processor) -> Callable:
 
 def _load_open_clip_hub(spec: str) -> VisionEncoder:
     """``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-L-14-336/openai``)."""
-    arch, _, tag = spec[len(OPEN_CLIP_PREFIX):].partition("/")
+    arch, _, tag = spec[len(OPEN_CLIP_PREFIX) :].partition("/")
     if not arch or not tag:
         raise ValueError(f"open_clip spec must be 'open_clip:ARCH/PRETRAINED', got {spec!r}")
     return _load_open_clip(arch, tag, spec)
@@ -495,15 +542,31 @@ def _load_open_clip(model_name: str, pretrained: str | None, name: str) -> Visio
     run = _TransformPreprocess(preprocess)
     sequence_first = not getattr(visual.transformer, "batch_first", True)
     has_cls = getattr(visual, "pool_type", "tok") == "tok" or getattr(visual, "class_embedding", None) is not None
-    return VisionEncoder(name, "open_clip", model, run, visual.transformer.resblocks, visual, has_cls,
-                         width, embed_dim, sequence_first=sequence_first)
+    return VisionEncoder(
+        name,
+        "open_clip",
+        model,
+        run,
+        visual.transformer.resblocks,
+        visual,
+        has_cls,
+        width,
+        embed_dim,
+        sequence_first=sequence_first,
+    )
 
 
 def describe(encoder: VisionEncoder) -> dict:
     """One table row about an encoder: family, blocks, widths, CLS token, hook points."""
-    return {"encoder": encoder.name, "family": encoder.family, "blocks": encoder.num_layers,
-            "width": encoder.hidden_size, "projection dim": encoder.projection_dim,
-            "CLS token": encoder.has_cls_token, "hooks": ", ".join(encoder.hook_points)}
+    return {
+        "encoder": encoder.name,
+        "family": encoder.family,
+        "blocks": encoder.num_layers,
+        "width": encoder.hidden_size,
+        "projection dim": encoder.projection_dim,
+        "CLS token": encoder.has_cls_token,
+        "hooks": ", ".join(encoder.hook_points),
+    }
 
 
 def activation_shapes(encoder: VisionEncoder, pixel_values: torch.Tensor, random_k: int = 2) -> list[dict]:

@@ -4,9 +4,11 @@ Pach et al. 2025: the 16 highest-activating images of a neuron; a neuron that fi
 than 16 images is flagged and its non-positive slots are marked absent (index −1, value
 NaN) so they are never shown as exemplars.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ import torch
 from .device import resolve_device
 from .metrics import SparseCodes, iter_dense_batches, rows_and_dim
 
-__all__ = ["TopK", "top_k_images", "image_grid", "uniqueness"]
+__all__ = ["TopK", "image_grid", "top_k_images", "uniqueness"]
 
 _DEFAULT_BATCH = 4096
 _MAX_DENSE_ELEMS = 1 << 24  # dense batch bound when densifying sparse codes

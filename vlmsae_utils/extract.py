@@ -8,6 +8,7 @@ writes shards ``r, r+N, …`` and rank 0 assembles the manifest, so the store is
 a single-process run. Random tokens are drawn with a per-image seed, so they do not depend
 on batching, resumption or the number of processes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,6 +26,21 @@ from .data import ImageFolderDataset, load_batch
 from .device import resolve_device, resolve_model_dtype
 from .io import check_writable
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
+
+__all__ = [
+    "DEFAULT_SHARD_BATCHES",
+    "batch_rows",
+    "check_num_workers",
+    "decoded_batches",
+    "default_num_workers",
+    "extract_activations",
+    "extract_embeddings",
+    "image_seed",
+    "open_dataset",
+    "random_token_rows",
+    "store_summary",
+    "validate_extraction",
+]
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BATCHES = 16  # a shard holds this many batches of images
@@ -44,8 +60,9 @@ def check_num_workers(num_workers: int | None) -> int:
     return num_workers
 
 
-def validate_extraction(encoder: enc.VisionEncoder, hook: str, layer: int | None, tokens: str,
-                        random_k: int, dtype: str, batch_size: int) -> None:
+def validate_extraction(
+    encoder: enc.VisionEncoder, hook: str, layer: int | None, tokens: str, random_k: int, dtype: str, batch_size: int
+) -> None:
     """Every parameter check that can fail, done before any image is read. A global hook
     (``post_projection``) ignores ``layer``: the sweep's ``last`` layer passes -1 to notebook 01."""
     spec = hooks.hook_spec(hook)
@@ -58,7 +75,9 @@ def validate_extraction(encoder: enc.VisionEncoder, hook: str, layer: int | None
         encoder.block_index(layer)
     hooks.check_token_mode(hook, tokens)
     if spec.layout == hooks.TOKENS and tokens == "cls" and not encoder.has_cls_token:
-        raise ValueError(f"{encoder.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)")
+        raise ValueError(
+            f"{encoder.name} has no CLS token: use tokens='mean' or 'random_k' (the paper uses 2 random tokens)"
+        )
 
 
 def image_seed(seed: int, image_index: int) -> int:
@@ -69,13 +88,25 @@ def image_seed(seed: int, image_index: int) -> int:
 def random_token_rows(hidden: torch.Tensor, image_indices: Sequence[int], random_k: int, seed: int) -> torch.Tensor:
     """``random_k`` tokens per image drawn with replacement using each image's own seed; rows image-major."""
     batch, length, dim = hidden.shape
-    picks = torch.stack([torch.randint(0, length, (random_k,), generator=torch.Generator().manual_seed(image_seed(seed, i)))
-                         for i in image_indices]).to(hidden.device)
+    picks = torch.stack(
+        [
+            torch.randint(0, length, (random_k,), generator=torch.Generator().manual_seed(image_seed(seed, i)))
+            for i in image_indices
+        ]
+    ).to(hidden.device)
     return torch.gather(hidden, 1, picks[..., None].expand(-1, -1, dim)).reshape(batch * random_k, dim)
 
 
-def batch_rows(encoder: enc.VisionEncoder, pixel_values: torch.Tensor, hook: str, layer: int | None, tokens: str,
-               random_k: int, image_indices: Sequence[int], seed: int) -> torch.Tensor:
+def batch_rows(
+    encoder: enc.VisionEncoder,
+    pixel_values: torch.Tensor,
+    hook: str,
+    layer: int | None,
+    tokens: str,
+    random_k: int,
+    image_indices: Sequence[int],
+    seed: int,
+) -> torch.Tensor:
     """Activation rows of one batch (image-major) for the chosen hook and token mode."""
     if tokens != "random_k":
         return encoder.activations(pixel_values, hook, layer, tokens)
@@ -141,8 +172,10 @@ def extract_activations(
     shard_images = shard_images or batch_size * DEFAULT_SHARD_BATCHES
     if shard_images % batch_size:
         raise ValueError(f"shard_images ({shard_images}) must be a multiple of batch_size ({batch_size})")
-    writer = StoreWriter(check_writable(out_dir), _plan(encoder, dataset, hook, layer, tokens, random_k, dtype,
-                                                        batch_size, shard_images, seed))
+    writer = StoreWriter(
+        check_writable(out_dir),
+        _plan(encoder, dataset, hook, layer, tokens, random_k, dtype, batch_size, shard_images, seed),
+    )
     writer.begin()
     if writer.is_complete():
         return ActivationStore.open(out_dir)
@@ -150,15 +183,41 @@ def extract_activations(
     return _finish(writer, rank, world_size)
 
 
-def _plan(encoder: enc.VisionEncoder, dataset: ImageFolderDataset, hook: str, layer: int | None, tokens: str,
-          random_k: int, dtype: str, batch_size: int, shard_images: int, seed: int) -> StorePlan:
+def _plan(
+    encoder: enc.VisionEncoder,
+    dataset: ImageFolderDataset,
+    hook: str,
+    layer: int | None,
+    tokens: str,
+    random_k: int,
+    dtype: str,
+    batch_size: int,
+    shard_images: int,
+    seed: int,
+) -> StorePlan:
     """The store plan: parameters that fix the content, the image list, the sharding."""
     block = encoder.block_index(layer) if hooks.hook_spec(hook).per_block else None
-    params = {"encoder": encoder.name, "family": encoder.family, "hook": hook, "layer": block, "tokens": tokens,
-              "random_k": random_k if tokens == "random_k" else None, "seed": seed, "batch_size": batch_size,
-              "data_root": str(dataset.root.resolve()), "split": dataset.split}
-    return StorePlan(params, dataset.image_ids, dataset.class_names, encoder.output_dim(hook), dtype,
-                     _rows_per_image(encoder, hook, tokens, random_k), shard_images)
+    params = {
+        "encoder": encoder.name,
+        "family": encoder.family,
+        "hook": hook,
+        "layer": block,
+        "tokens": tokens,
+        "random_k": random_k if tokens == "random_k" else None,
+        "seed": seed,
+        "batch_size": batch_size,
+        "data_root": str(dataset.root.resolve()),
+        "split": dataset.split,
+    }
+    return StorePlan(
+        params,
+        dataset.image_ids,
+        dataset.class_names,
+        encoder.output_dim(hook),
+        dtype,
+        _rows_per_image(encoder, hook, tokens, random_k),
+        shard_images,
+    )
 
 
 class _DecodedBatches(Dataset):
@@ -185,20 +244,34 @@ def _batch_plan(plan: StorePlan, shards: list[int], batch_size: int) -> list[tup
     work = []
     for shard in shards:
         indices = list(plan.shard_range(shard))
-        work += [(shard, indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+        work += [(shard, indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
     return work
 
 
-def decoded_batches(dataset: ImageFolderDataset, preprocess, work: list[tuple[int, list[int]]],
-                    num_workers: int, pin_memory: bool) -> DataLoader:
+def decoded_batches(
+    dataset: ImageFolderDataset, preprocess, work: list[tuple[int, list[int]]], num_workers: int, pin_memory: bool
+) -> DataLoader:
     """An in-order DataLoader over decoded batches; workers prefetch two batches each."""
     extra = {"prefetch_factor": 2, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(_DecodedBatches(dataset, preprocess, work), batch_size=None, shuffle=False,
-                      num_workers=num_workers, pin_memory=pin_memory, **extra)
+    return DataLoader(
+        _DecodedBatches(dataset, preprocess, work),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        **extra,
+    )
 
 
-def _write_my_shards(writer: StoreWriter, encoder: enc.VisionEncoder, dataset: ImageFolderDataset,
-                     rank: int, world_size: int, progress: bool, num_workers: int = 0) -> None:
+def _write_my_shards(
+    writer: StoreWriter,
+    encoder: enc.VisionEncoder,
+    dataset: ImageFolderDataset,
+    rank: int,
+    world_size: int,
+    progress: bool,
+    num_workers: int = 0,
+) -> None:
     """Extract every shard of this rank that is not on disk yet; a shard is written once its last batch is in."""
     from tqdm.auto import tqdm
 
@@ -207,16 +280,25 @@ def _write_my_shards(writer: StoreWriter, encoder: enc.VisionEncoder, dataset: I
     work = _batch_plan(plan, todo, params["batch_size"])
     remaining = {s: sum(1 for shard, _ in work if shard == s) for s in todo}
     pending: dict[int, tuple[list, list, list]] = {s: ([], [], []) for s in todo}
-    loader = decoded_batches(dataset, encoder.processor, work, min(num_workers, len(work)),
-                             pin_memory=encoder.device.type == "cuda")
+    loader = decoded_batches(
+        dataset, encoder.processor, work, min(num_workers, len(work)), pin_memory=encoder.device.type == "cuda"
+    )
     total = sum(len(plan.shard_range(s)) for s in todo)
     with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
         for shard, pixels, good, bad in loader:
             rows, kept, skipped = pending[shard]
             skipped += bad
             if pixels is not None:
-                out = batch_rows(encoder, pixels, params["hook"], params["layer"], params["tokens"],
-                                 params["random_k"] or 1, good, params["seed"])
+                out = batch_rows(
+                    encoder,
+                    pixels,
+                    params["hook"],
+                    params["layer"],
+                    params["tokens"],
+                    params["random_k"] or 1,
+                    good,
+                    params["seed"],
+                )
                 rows.append(out.float().cpu().numpy())
                 kept += good
             bar.update(len(good) + len(bad))
@@ -242,8 +324,9 @@ def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore 
     return None
 
 
-def extract_embeddings(scorer: enc.VisionEncoder | str | os.PathLike, dataset: ImageFolderDataset, out_dir: str | os.PathLike,
-                       **kwargs) -> ActivationStore | None:
+def extract_embeddings(
+    scorer: enc.VisionEncoder | str | os.PathLike, dataset: ImageFolderDataset, out_dir: str | os.PathLike, **kwargs
+) -> ActivationStore | None:
     """Scoring-encoder embeddings (``post_projection``, one per image) in the same store format."""
     return extract_activations(scorer, dataset, out_dir, hook=hooks.EMBEDDING_HOOK, layer=None, tokens="cls", **kwargs)
 
@@ -251,9 +334,18 @@ def extract_embeddings(scorer: enc.VisionEncoder | str | os.PathLike, dataset: I
 def store_summary(store: ActivationStore) -> dict:
     """One table row about a store: what produced it, rows, dim, dtype, skipped files."""
     p = store.params
-    return {"encoder": p["encoder"], "hook": p["hook"], "layer": p["layer"], "tokens": p["tokens"],
-            "images": len(store.image_ids), "rows": len(store), "dim": store.dim, "dtype": store.dtype,
-            "skipped": len(store.skipped), "MB": round(store.nbytes / 2**20, 2)}
+    return {
+        "encoder": p["encoder"],
+        "hook": p["hook"],
+        "layer": p["layer"],
+        "tokens": p["tokens"],
+        "images": len(store.image_ids),
+        "rows": len(store),
+        "dim": store.dim,
+        "dtype": store.dtype,
+        "skipped": len(store.skipped),
+        "MB": round(store.nbytes / 2**20, 2),
+    }
 
 
 def open_dataset(data_dir: str | os.PathLike, split: str | None) -> ImageFolderDataset:
@@ -263,4 +355,3 @@ def open_dataset(data_dir: str | os.PathLike, split: str | None) -> ImageFolderD
     if data_dir in (None, ""):
         raise ValueError("data_dir is empty: give an image folder or 'fixture'")
     return ImageFolderDataset(resolve_data_dir(data_dir), split or None)
-

@@ -3,6 +3,7 @@
 No loading and no steering here (:mod:`.llava` loads the models, :mod:`.steering` changes the vision
 tower), and no import of the rest of the package: the fixture's mini-LLaVA trainer uses these too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "chat_prompt",
+    "first_word",
+    "generate",
+    "pixel_values",
+    "prepare_inputs",
+]
 
 DEFAULT_PROMPT = "What is shown in this image? Use exactly one word!"
 
@@ -32,8 +42,15 @@ def pixel_values(processor, images: Sequence) -> torch.Tensor:
     return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
-def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 5,
-             *, steering: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[str]:
+def generate(
+    model: nn.Module,
+    processor,
+    images: Sequence,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 5,
+    *,
+    steering: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> list[str]:
     """Greedy answers for a batch of images; ``steering`` builds a context entered around the
     generation (e.g. an SAE clamp or a DiffMean shift, :mod:`.steering`)."""
     if not images:
@@ -41,9 +58,10 @@ def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAUL
     inputs = prepare_inputs(processor, images, prompt).to(model.device)
     context = steering() if steering is not None else contextlib.nullcontext()
     with context, torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 

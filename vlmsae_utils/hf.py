@@ -1,9 +1,14 @@
 """Helpers around Hugging Face transformers shared by the model loaders and writers
 (:mod:`.encoders`, :mod:`.llava`, :mod:`.rehearsal`); imports nothing else of the package."""
+
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
+__all__ = [
+    "quiet_transformers",
+]
 
 
 @contextlib.contextmanager

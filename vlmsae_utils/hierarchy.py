@@ -5,6 +5,7 @@ path through the taxonomy. Two images share the first ``d`` ranks of their paths
 LCA depth is ``d``. A latent whose top images share deep ranks encodes a specific concept;
 the paper finds deeper (more specific) latents in later Matryoshka levels (Pach et al. 2025).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,14 +24,43 @@ from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, monosemanticity_score
 from .scoring import check_aligned, sae_codes
 
+__all__ = [
+    "DENSE_LINK_LIMIT",
+    "FIXTURE_GROUP_FRACTIONS",
+    "INATURALIST_RANKS",
+    "LEVELS_FILE",
+    "LINKS_FILE",
+    "PAPER_GROUP_FRACTIONS",
+    "LevelAnalysis",
+    "analyse_levels",
+    "concept_tree",
+    "image_paths_of",
+    "latent_depths",
+    "lca_depth",
+    "level_of_latents",
+    "level_summary",
+    "level_trends",
+    "load_taxonomy_map",
+    "matryoshka_group_sizes",
+    "pair_depths",
+    "parent_links",
+    "parse_taxonomy",
+    "rank_codes",
+    "save_level_links",
+    "shared_prefix",
+    "short_label",
+    "taxonomy_of_classes",
+]
+
 LEVELS_FILE = "levels.csv"  # one row per Matryoshka level (read by sweep.gather)
 LINKS_FILE = "links.csv"  # each latent's closest latent one level up
 DENSE_LINK_LIMIT = 50_000_000  # co-activation needs dense codes: computed up to this many entries
 INATURALIST_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 
-def parse_taxonomy(folder: str, *, separator: str = "_", id_prefix: bool = True,
-                   num_ranks: int | None = len(INATURALIST_RANKS)) -> tuple[str, ...]:
+def parse_taxonomy(
+    folder: str, *, separator: str = "_", id_prefix: bool = True, num_ranks: int | None = len(INATURALIST_RANKS)
+) -> tuple[str, ...]:
     """Taxonomy path of a class folder name, iNaturalist style: ``NNNNN_Kingdom_…_species`` → 7 ranks.
 
     ``id_prefix`` drops a leading numeric id; ``num_ranks`` (``None`` = any) is the number of
@@ -44,8 +74,10 @@ def parse_taxonomy(folder: str, *, separator: str = "_", id_prefix: bool = True,
     if any(p == "" for p in parts) or not parts:
         raise ValueError(f"class folder {folder!r} has an empty taxonomy rank")
     if num_ranks is not None and len(parts) != num_ranks:
-        raise ValueError(f"class folder {folder!r} has {len(parts)} taxonomy ranks after the id; expected "
-                         f"{num_ranks} ({', '.join(INATURALIST_RANKS) if num_ranks == 7 else 'see num_ranks'})")
+        raise ValueError(
+            f"class folder {folder!r} has {len(parts)} taxonomy ranks after the id; expected "
+            f"{num_ranks} ({', '.join(INATURALIST_RANKS) if num_ranks == 7 else 'see num_ranks'})"
+        )
     return tuple(parts)
 
 
@@ -82,8 +114,9 @@ def load_taxonomy_map(path: str | os.PathLike, *, separator: str = "/") -> dict[
     return mapping
 
 
-def taxonomy_of_classes(class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None,
-                        **parse_kwargs) -> dict[str, tuple[str, ...]]:
+def taxonomy_of_classes(
+    class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None, **parse_kwargs
+) -> dict[str, tuple[str, ...]]:
     """Taxonomy path of each distinct class, from ``mapping`` or by parsing the folder names."""
     out = {}
     for name in dict.fromkeys(class_names):
@@ -153,8 +186,15 @@ def latent_depths(top_indices: torch.Tensor | np.ndarray, image_paths: Sequence[
     with np.errstate(invalid="ignore"):
         mean = np.where(excluded, np.nan, depths.clip(min=0).mean(axis=1))
     majority = np.where(excluded, np.nan, counts.argmax(axis=1).astype(float))  # ties → shallower depth
-    return pd.DataFrame({"latent": np.arange(len(depths)), "depth_mean": mean,
-                         "depth_rounded": np.round(mean), "depth_majority": majority, "excluded": excluded})
+    return pd.DataFrame(
+        {
+            "latent": np.arange(len(depths)),
+            "depth_mean": mean,
+            "depth_rounded": np.round(mean),
+            "depth_majority": majority,
+            "excluded": excluded,
+        }
+    )
 
 
 def level_of_latents(group_sizes: Sequence[int]) -> np.ndarray:
@@ -164,8 +204,12 @@ def level_of_latents(group_sizes: Sequence[int]) -> np.ndarray:
     return np.repeat(np.arange(len(group_sizes)), [int(g) for g in group_sizes])
 
 
-def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
-                  group_sizes: Sequence[int], breadth: torch.Tensor | np.ndarray | None = None) -> pd.DataFrame:
+def level_summary(
+    depths: pd.DataFrame,
+    ms: torch.Tensor | np.ndarray | None,
+    group_sizes: Sequence[int],
+    breadth: torch.Tensor | np.ndarray | None = None,
+) -> pd.DataFrame:
     """Table A8 of the paper: per level, LCA depth (rounded mean / majority) and MS avg/max/min.
 
     Depth and MS averages use the latents that are not excluded (fewer than k positive
@@ -190,9 +234,14 @@ def level_summary(depths: pd.DataFrame, ms: torch.Tensor | np.ndarray | None,
         prefix += int(size)
         part = frame[frame.level == level]
         kept = part[~part.excluded]
-        row = {"level": level, "prefix": prefix, "latents": len(part),
-               "excluded %": 100.0 * part.excluded.mean(),
-               "LCA depth (mean)": kept.depth_rounded.mean(), "LCA depth (majority)": kept.depth_majority.mean()}
+        row = {
+            "level": level,
+            "prefix": prefix,
+            "latents": len(part),
+            "excluded %": 100.0 * part.excluded.mean(),
+            "LCA depth (mean)": kept.depth_rounded.mean(),
+            "LCA depth (majority)": kept.depth_majority.mean(),
+        }
         if ms is not None:
             scores = kept.ms.dropna()
             row |= {"MS avg": scores.mean(), "MS max": scores.max(), "MS min": scores.min()}
@@ -229,16 +278,18 @@ def parent_links(decoder: torch.Tensor, group_sizes: Sequence[int], codes: torch
         best, which = cosine.max(dim=1)
         child_ids = np.arange(children.start, children.stop)
         parent_ids = which.numpy() + parents.start
-        frame = pd.DataFrame({"child": child_ids, "child_level": level, "parent": parent_ids,
-                              "cosine": best.numpy()})
+        frame = pd.DataFrame({"child": child_ids, "child_level": level, "parent": parent_ids, "cosine": best.numpy()})
         if codes is not None:
             active = codes > 0
             child_active = active[:, children].float()
             both = (child_active * active[:, parent_ids].float()).sum(0)
             frame["coactivation"] = (both / child_active.sum(0).clamp(min=1)).numpy()
         rows.append(frame)
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["child", "child_level", "parent", "cosine"])
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["child", "child_level", "parent", "cosine"])
+    )
 
 
 def short_label(folder: str) -> str:
@@ -258,14 +309,17 @@ FIXTURE_GROUP_FRACTIONS = (2 / 128, 4 / 128, 10 / 128, 28 / 128, 84 / 128)
 PAPER_GROUP_FRACTIONS = (0.002, 0.009, 0.035, 0.189, 0.765)
 
 
-def image_paths_of(class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None) -> list[tuple[str, ...]]:
+def image_paths_of(
+    class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None
+) -> list[tuple[str, ...]]:
     """Taxonomy path of every image from its class (folder name or mapping file)."""
     per_class = taxonomy_of_classes(class_names, mapping)
     return [per_class[name] for name in class_names]
 
 
-def concept_tree(links: pd.DataFrame, top_counts: torch.Tensor | np.ndarray, roots: int = 3,
-                 children: int = 3) -> list[tuple[int, list[int]]]:
+def concept_tree(
+    links: pd.DataFrame, top_counts: torch.Tensor | np.ndarray, roots: int = 3, children: int = 3
+) -> list[tuple[int, list[int]]]:
     """A few level-0 latents (those firing on most images) with their strongest level-1 children.
 
     Children are ranked by co-activation with the parent when known, else decoder cosine.
@@ -304,8 +358,15 @@ class LevelAnalysis:
     group_sizes: list[int]
 
 
-def analyse_levels(sae: torch.nn.Module, store, embeddings, paths: Sequence[Sequence[str]], top_k: int = 16,
-                   device: str | torch.device | None = "auto", out: str | os.PathLike | None = None) -> LevelAnalysis:
+def analyse_levels(
+    sae: torch.nn.Module,
+    store,
+    embeddings,
+    paths: Sequence[Sequence[str]],
+    top_k: int = 16,
+    device: str | torch.device | None = "auto",
+    out: str | os.PathLike | None = None,
+) -> LevelAnalysis:
     """LCA depth of each latent's top images and MS per Matryoshka level (Pach et al. 2025, Table A8);
     the table is written to ``out/LEVELS_FILE`` when ``out`` is given."""
     group_sizes = matryoshka_group_sizes(sae)
@@ -330,16 +391,22 @@ def level_trends(table: pd.DataFrame) -> list[str]:
     lines = []
     if len(kept):
         first, last = kept["LCA depth (mean)"].iloc[0], kept["LCA depth (mean)"].iloc[-1]
-        lines.append(f"LCA depth, coarsest → finest scored level: {first:.2f} → {last:.2f} "
-                     f"({'deeper' if last > first else 'not deeper'})")
+        lines.append(
+            f"LCA depth, coarsest → finest scored level: {first:.2f} → {last:.2f} "
+            f"({'deeper' if last > first else 'not deeper'})"
+        )
     if "fires on %" in table:
         first, last = table["fires on %"].iloc[0], table["fires on %"].iloc[-1]
-        lines.append(f"fires on % of images, coarsest → finest level: {first:.1f} → {last:.1f} "
-                     f"({'narrower' if last < first else 'not narrower'})")
+        lines.append(
+            f"fires on % of images, coarsest → finest level: {first:.1f} → {last:.1f} "
+            f"({'narrower' if last < first else 'not narrower'})"
+        )
     return lines
 
 
-def save_level_links(sae: torch.nn.Module, analysis: LevelAnalysis, out: str | os.PathLike | None = None) -> pd.DataFrame:
+def save_level_links(
+    sae: torch.nn.Module, analysis: LevelAnalysis, out: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """`parent_links` of the SAE's levels, with co-activation when the dense codes fit in
     `DENSE_LINK_LIMIT` entries; written to ``out/LINKS_FILE`` when ``out`` is given."""
     codes = analysis.codes

@@ -10,11 +10,38 @@ there. Adding a hook point is one :func:`register_hook` call (or one entry in
 
 This module imports nothing heavy (no torch): encoders are duck-typed (``.blocks``, ``.projection``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+__all__ = [
+    "DEFAULT_HOOK",
+    "EMBEDDING_HOOK",
+    "HOOKS",
+    "LAYOUTS",
+    "POOLED",
+    "POOLED_TOKEN_MODES",
+    "TOKENS",
+    "TOKEN_MODES",
+    "HookSpec",
+    "Locator",
+    "block_child",
+    "block_hooks",
+    "block_output",
+    "check_hook",
+    "check_layer",
+    "check_steerable",
+    "check_token_mode",
+    "hook_spec",
+    "projection_output",
+    "register_hook",
+    "specs",
+    "steerable_hooks",
+    "unregister_hook",
+]
 
 TOKEN_MODES = ("cls", "mean", "random_k", "all")
 TOKENS = "tokens"  # layout [B, T, D]: a sequence of CLS/register/patch tokens
@@ -41,12 +68,14 @@ def projection_output(encoder: Any, block: int | None) -> Any:
 
 def block_child(*path: str) -> Locator:
     """A locator for a sub-module of block ``block``, e.g. ``block_child("mlp")`` or ``("layer_norm2",)``."""
+
     def locate(encoder: Any, block: int | None) -> Any:
         module = encoder.blocks[block]
         for name in path:
             if not hasattr(module, name):
-                raise ValueError(f"{encoder.name}: block {block} ({type(module).__name__}) has no sub-module "
-                                 f"{'.'.join(path)!r}")
+                raise ValueError(
+                    f"{encoder.name}: block {block} ({type(module).__name__}) has no sub-module {'.'.join(path)!r}"
+                )
             module = getattr(module, name)
         return module
 
@@ -80,11 +109,25 @@ class HookSpec:
 _BUILT_IN = (
     # The residual stream after block ℓ: what the paper's SAEs read and its steering clamps
     # (Pach et al. 2025, CLIP blocks 11–23 and LLaVA's vision block 22).
-    HookSpec("post_mlp_residual", per_block=True, layout=TOKENS, locate=block_output, width="hidden_size",
-             steerable=True, description="output of a transformer block (residual stream after attention and MLP)"),
+    HookSpec(
+        "post_mlp_residual",
+        per_block=True,
+        layout=TOKENS,
+        locate=block_output,
+        width="hidden_size",
+        steerable=True,
+        description="output of a transformer block (residual stream after attention and MLP)",
+    ),
     # The model's own image embedding (Pach et al. 2025: the "last" layer, and the scorer's embedding).
-    HookSpec("post_projection", per_block=False, layout=POOLED, locate=projection_output, width="projection_dim",
-             steerable=False, description="pooled, projected image embedding (CLIP image_embeds, pooler output)"),
+    HookSpec(
+        "post_projection",
+        per_block=False,
+        layout=POOLED,
+        locate=projection_output,
+        width="projection_dim",
+        steerable=False,
+        description="pooled, projected image embedding (CLIP image_embeds, pooler output)",
+    ),
 )
 _TABLE: dict[str, HookSpec] = {spec.name: spec for spec in _BUILT_IN}
 HOOKS: tuple[str, ...] = tuple(_TABLE)  # rebound by register_hook / unregister_hook
@@ -123,8 +166,10 @@ def check_layer(hook: str, layer: int | None) -> HookSpec:
     if spec.per_block and layer is None:
         raise ValueError(f"hook {hook!r} needs a layer (0-based block index, negative from the end)")
     if not spec.per_block and layer is not None:
-        raise ValueError(f"hook {hook!r} is global (one per model, after the last block): it takes layer=None, "
-                         f"got {layer!r}; per-block hooks: {', '.join(block_hooks())}")
+        raise ValueError(
+            f"hook {hook!r} is global (one per model, after the last block): it takes layer=None, "
+            f"got {layer!r}; per-block hooks: {', '.join(block_hooks())}"
+        )
     return spec
 
 
@@ -140,8 +185,10 @@ def check_steerable(hook: str) -> HookSpec:
     """Steering can clamp at ``hook``, or an error naming the hooks where it can; returns the spec."""
     spec = hook_spec(hook)
     if not spec.steerable:
-        raise ValueError(f"steering cannot clamp at hook {hook!r} (LLaVA reads a vision block's token outputs); "
-                         f"valid steering hooks: {', '.join(steerable_hooks())}")
+        raise ValueError(
+            f"steering cannot clamp at hook {hook!r} (LLaVA reads a vision block's token outputs); "
+            f"valid steering hooks: {', '.join(steerable_hooks())}"
+        )
     return spec
 
 

@@ -1,4 +1,5 @@
 """Atomic writes, JSON and hashing: every file a run leaves behind is either complete or absent."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_writable",
+    "library_versions",
+    "read_json",
+    "sha256_file",
+    "sha256_json",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

@@ -12,6 +12,7 @@ The tables are loaded on the first wnid seen, so other names never import open_c
 :func:`class_label` does not know the fixture's captions; :func:`class_text` (the words an answer
 is matched against) uses them for the fixture's class folders.
 """
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ Sources are hub ids, folders, ``fixture:NAME`` or ``rehearsal:HUB_ID``
 (:func:`vlmsae_utils.encoders.model_source`). Prompting and generation are in :mod:`.generation`,
 the steering itself in :mod:`.steering`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,7 +15,16 @@ import torch
 from torch import nn
 
 from .device import resolve_device, resolve_model_dtype
-from .encoders import VisionEncoder, model_source, quiet_transformers, wrap_clip_vision
+from .encoders import VisionEncoder, model_source, wrap_clip_vision
+from .hf import quiet_transformers
+
+__all__ = [
+    "ClipTextImage",
+    "feature_block",
+    "load_clip_text_image",
+    "load_llava",
+    "vision_tower",
+]
 
 
 def vision_tower(model: nn.Module) -> VisionEncoder:
@@ -26,8 +36,11 @@ def vision_tower(model: nn.Module) -> VisionEncoder:
     return wrap_clip_vision(tower, processor=_no_preprocess, name="llava.vision_tower")
 
 
-def load_llava(name_or_path: str = "fixture:llava", device: str | torch.device | None = "auto",
-               model_dtype: str | torch.dtype | None = "auto"):
+def load_llava(
+    name_or_path: str = "fixture:llava",
+    device: str | torch.device | None = "auto",
+    model_dtype: str | torch.dtype | None = "auto",
+):
     """A transformers LLaVA model and its processor from a hub id, a folder, ``fixture:NAME`` or
     ``rehearsal:llava-hf/llava-1.5-7b-hf``. ``model_dtype="auto"`` is float16 on CUDA, as the
     authors run LLaVA-1.5-7B (14 GB instead of 28 GB), float32 on the CPU."""
@@ -66,8 +79,9 @@ class ClipTextImage:
     embed_images: Callable[[Sequence], torch.Tensor]
 
 
-def load_clip_text_image(name_or_path: str, device: str | torch.device | None = "auto",
-                         model_dtype: str | torch.dtype | None = "auto") -> ClipTextImage:
+def load_clip_text_image(
+    name_or_path: str, device: str | torch.device | None = "auto", model_dtype: str | torch.dtype | None = "auto"
+) -> ClipTextImage:
     """CLIP text + image embedders from a transformers ``CLIPModel`` (hub id, folder, ``fixture:NAME``
     or ``rehearsal:openai/clip-vit-base-patch32``); embeddings come back as float32 on the CPU."""
     from transformers import CLIPModel, CLIPProcessor

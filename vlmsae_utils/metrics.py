@@ -13,13 +13,15 @@ With unit-normalised embeddings ê_n and q_n = ||ê_n||² (1 up to rounding):
 so all neurons cost one (K×N)·(N×D) product, streamed over row batches and accumulated
 in float64.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +29,15 @@ import torch
 from .device import resolve_device
 
 __all__ = [
+    "DEFAULT_GAP_BINS",
     "SparseCodes",
     "encode_to_sparse",
+    "iter_dense_batches",
     "monosemanticity_score",
     "ms_brute_force",
-    "summarize_ms",
     "ms_user_agreement",
-    "DEFAULT_GAP_BINS",
+    "rows_and_dim",
+    "summarize_ms",
 ]
 
 _DEFAULT_BATCH = 2048  # rows per float32 product; float64 error ≈3e-7 at N=50k (grows with it)
@@ -67,16 +71,12 @@ class SparseCodes:
                 f"{tuple(self.values.shape)} must be 1-D of equal length"
             )
         if int(self.indptr[-1]) != self.indices.numel():
-            raise ValueError(
-                f"SparseCodes.indptr[-1]={int(self.indptr[-1])} must equal nnz={self.indices.numel()}"
-            )
+            raise ValueError(f"SparseCodes.indptr[-1]={int(self.indptr[-1])} must equal nnz={self.indices.numel()}")
         if self.indptr.numel() > 1 and bool((self.indptr[1:] < self.indptr[:-1]).any()):
             raise ValueError("SparseCodes.indptr must be non-decreasing")
         if self.num_latents < 1:
             raise ValueError(f"SparseCodes.num_latents must be >= 1, got {self.num_latents}")
-        if self.indices.numel() and (
-            int(self.indices.min()) < 0 or int(self.indices.max()) >= self.num_latents
-        ):
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.num_latents):
             raise ValueError(f"SparseCodes.indices must lie in [0, {self.num_latents})")
 
     def __len__(self) -> int:
@@ -99,7 +99,7 @@ class SparseCodes:
         counts = self.indptr[1:] - self.indptr[:-1]
         return torch.repeat_interleave(torch.arange(len(self)), counts)
 
-    def slice_rows(self, start: int, stop: int) -> "SparseCodes":
+    def slice_rows(self, start: int, stop: int) -> SparseCodes:
         """Rows [start, stop) as a new SparseCodes (views, no copy of the big arrays)."""
         start, stop = max(0, int(start)), min(len(self), int(stop))
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
@@ -110,9 +110,7 @@ class SparseCodes:
             self.num_latents,
         )
 
-    def iter_batches(
-        self, batch_size: int, shuffle: bool = False, seed: int = 0
-    ) -> Iterator["SparseCodes"]:
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[SparseCodes]:
         """Consecutive row batches as SparseCodes (shuffle is not supported: row order matters)."""
         if shuffle:
             raise ValueError("SparseCodes.iter_batches supports shuffle=False only")
@@ -127,7 +125,7 @@ class SparseCodes:
         return out
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor) -> "SparseCodes":
+    def from_dense(cls, dense: torch.Tensor) -> SparseCodes:
         """CSR of the non-zero entries of a dense [N, K] tensor."""
         dense = torch.as_tensor(dense)
         if dense.ndim != 2:
@@ -161,7 +159,7 @@ class SparseCodes:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SparseCodes":
+    def load(cls, path: str | os.PathLike) -> SparseCodes:
         """Read a file written by `save`."""
         path = Path(path)
         if not path.is_file():
@@ -192,9 +190,7 @@ def encode_to_sparse(
         for x in batches:
             f = sae_encode_fn(torch.as_tensor(x).to(device, non_blocking=True).float())
             if f.ndim != 2 or f.shape[1] != num_latents:
-                raise ValueError(
-                    f"encode function returned shape {tuple(f.shape)}, expected [B, {num_latents}]"
-                )
+                raise ValueError(f"encode function returned shape {tuple(f.shape)}, expected [B, {num_latents}]")
             f = f.detach().float().cpu()
             if not torch.isfinite(f).all():
                 raise ValueError("encode function returned non-finite codes")
@@ -213,8 +209,10 @@ def encode_to_sparse(
 
 
 def _is_store_like(x: Any) -> bool:
-    return hasattr(x, "iter_batches") and hasattr(x, "__len__") and not isinstance(
-        x, (torch.Tensor, np.ndarray, SparseCodes)
+    return (
+        hasattr(x, "iter_batches")
+        and hasattr(x, "__len__")
+        and not isinstance(x, (torch.Tensor, np.ndarray, SparseCodes))
     )
 
 
@@ -408,8 +406,9 @@ def monosemanticity_score(
             e_b = e_hat[row : row + nb].to(matmul_dtype)
             s_acc += (a.T @ e_b).to(acc_dev, torch.float64)
             # Σ ã, Σ ã² and Σ ã² (q_n − 1) as small products; per-batch sums, accumulated in float64.
-            w = torch.stack([torch.ones(nb, dtype=matmul_dtype, device=dev),
-                             (q[row : row + nb] - 1.0).to(dev, matmul_dtype)])
+            w = torch.stack(
+                [torch.ones(nb, dtype=matmul_dtype, device=dev), (q[row : row + nb] - 1.0).to(dev, matmul_dtype)]
+            )
             sum_a += (w[0] @ a).to(acc_dev, torch.float64)
             sq_terms = (w @ a2).to(acc_dev, torch.float64)
             sum_a2 += sq_terms[0]
@@ -429,7 +428,7 @@ def _ms_sparse(codes: SparseCodes, e64: torch.Tensor, q: torch.Tensor, batch: in
     lo, hi = _minmax_sparse(codes)
     rng = hi - lo
     safe = torch.where(rng > 0, rng, torch.ones_like(rng)).to(dev)
-    c = (-lo.to(dev) / safe)
+    c = -lo.to(dev) / safe
     c = torch.where(rng.to(dev) > 0, c, torch.zeros_like(c))
     d_acc = torch.zeros(k, e64.shape[1], dtype=torch.float64, device=dev)  # Σ d_kn ê_n
     sum_d = torch.zeros(k, dtype=torch.float64, device=dev)
@@ -443,9 +442,7 @@ def _ms_sparse(codes: SparseCodes, e64: torch.Tensor, q: torch.Tensor, batch: in
         rows = part.row_ids().to(dev)
         lat = part.indices.to(dev)
         d = part.values.to(dev, torch.float64) / safe[lat]
-        sp = torch.sparse_coo_tensor(
-            torch.stack([lat, rows]), d, (k, len(part)), check_invariants=False
-        )
+        sp = torch.sparse_coo_tensor(torch.stack([lat, rows]), d, (k, len(part)), check_invariants=False)
         d_acc += torch.sparse.mm(sp, e64[s : s + len(part)])
         qn = q[s + rows]
         sum_d.index_add_(0, lat, d)
@@ -544,9 +541,7 @@ def ms_user_agreement(
     cx, cy = f"MS_x_{scorer}", f"MS_y_{scorer}"
     missing = [c for c in ("R_user", cx, cy) if c not in pairs.columns]
     if missing:
-        raise ValueError(
-            f"pairs table lacks columns {missing}; expected {list(_PAIR_COLUMNS)} (scorer={scorer!r})"
-        )
+        raise ValueError(f"pairs table lacks columns {missing}; expected {list(_PAIR_COLUMNS)} (scorer={scorer!r})")
     edges = np.asarray(bins, dtype=float)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be increasing edges with at least 2 values, got {list(bins)}")
@@ -571,14 +566,34 @@ def ms_user_agreement(
         acc = float(agree[m].mean()) if cnt else float("nan")
         if cnt:
             per_bin.append(acc)
-        rows.append({"bin": f"({edges[i]:.2g}, {edges[i + 1]:.2g}]", "gap_lo": edges[i],
-                     "gap_hi": edges[i + 1], "n_pairs": cnt, "agreement": acc})
+        rows.append(
+            {
+                "bin": f"({edges[i]:.2g}, {edges[i + 1]:.2g}]",
+                "gap_lo": edges[i],
+                "gap_hi": edges[i + 1],
+                "n_pairs": cnt,
+                "agreement": acc,
+            }
+        )
     out_of_range = int(((which < 0) | (which >= edges.size - 1)).sum())
     if out_of_range:
         raise ValueError(f"{out_of_range} MS gaps fall outside the bins {list(edges)}")
-    rows.append({"bin": "overall", "gap_lo": edges[0], "gap_hi": edges[-1], "n_pairs": int(keep.sum()),
-                 "agreement": float(agree.mean()) if agree.size else float("nan")})
-    rows.append({"bin": "uniform over bins", "gap_lo": edges[0], "gap_hi": edges[-1],
-                 "n_pairs": int(keep.sum()),
-                 "agreement": float(np.mean(per_bin)) if per_bin else float("nan")})
+    rows.append(
+        {
+            "bin": "overall",
+            "gap_lo": edges[0],
+            "gap_hi": edges[-1],
+            "n_pairs": int(keep.sum()),
+            "agreement": float(agree.mean()) if agree.size else float("nan"),
+        }
+    )
+    rows.append(
+        {
+            "bin": "uniform over bins",
+            "gap_lo": edges[0],
+            "gap_hi": edges[-1],
+            "n_pairs": int(keep.sum()),
+            "agreement": float(np.mean(per_bin)) if per_bin else float("nan"),
+        }
+    )
     return pd.DataFrame(rows)

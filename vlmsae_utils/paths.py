@@ -1,4 +1,5 @@
 """Where the embedded fixture and run outputs live on disk."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,15 @@ import os
 import re
 import unicodedata
 from pathlib import Path
+
+__all__ = [
+    "data_home",
+    "outputs_root",
+    "repo_root",
+    "resolve_out_dir",
+    "results_root",
+    "safe_stem",
+]
 
 
 def data_home() -> Path:

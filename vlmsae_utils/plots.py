@@ -1,4 +1,5 @@
 """One plotting style for the whole book, and the figures several chapters share."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -9,6 +10,24 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
+__all__ = [
+    "TRAINING_PANELS",
+    "activation_stats",
+    "class_grid",
+    "concept_tree_figure",
+    "depth_per_level",
+    "images_beside_rows",
+    "latent_strips",
+    "ms_curves",
+    "ms_distributions",
+    "ms_heatmaps",
+    "overlap_histogram",
+    "quality_by_expansion",
+    "raw_vs_sae",
+    "set_style",
+    "training_curves",
+]
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -16,24 +35,35 @@ if TYPE_CHECKING:
 def set_style() -> None:
     """The book's look: seaborn whitegrid, readable fonts, compact figures (call once per notebook)."""
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
-    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 120, "figure.figsize": (7, 4),
-                         "axes.titlesize": 11, "axes.labelsize": 10})
+    plt.rcParams.update(
+        {"figure.dpi": 100, "savefig.dpi": 120, "figure.figsize": (7, 4), "axes.titlesize": 11, "axes.labelsize": 10}
+    )
 
 
-def class_grid(images_by_class: Mapping[str, Sequence], labels: Mapping[str, str] | None = None,
-               *, thumb: float = 0.9, title: str | None = None) -> Figure:
+def class_grid(
+    images_by_class: Mapping[str, Sequence],
+    labels: Mapping[str, str] | None = None,
+    *,
+    thumb: float = 0.9,
+    title: str | None = None,
+) -> Figure:
     """One row of thumbnails per class, labelled on the left (e.g. with the class's taxonomy)."""
     classes = list(images_by_class)
     ncols = max(len(v) for v in images_by_class.values())
     label_width = 3.2
-    fig, axes = plt.subplots(len(classes), ncols + 1, squeeze=False,
-                             figsize=(label_width + thumb * ncols, thumb * len(classes)),
-                             gridspec_kw={"width_ratios": [label_width / thumb] + [1] * ncols})
+    fig, axes = plt.subplots(
+        len(classes),
+        ncols + 1,
+        squeeze=False,
+        figsize=(label_width + thumb * ncols, thumb * len(classes)),
+        gridspec_kw={"width_ratios": [label_width / thumb] + [1] * ncols},
+    )
     for row, name in enumerate(classes):
         label_ax = axes[row, 0]
         label_ax.axis("off")
-        label_ax.text(1.0, 0.5, (labels or {}).get(name, name), ha="right", va="center", fontsize=8,
-                      transform=label_ax.transAxes)
+        label_ax.text(
+            1.0, 0.5, (labels or {}).get(name, name), ha="right", va="center", fontsize=8, transform=label_ax.transAxes
+        )
         for col in range(ncols):
             ax = axes[row, col + 1]
             ax.axis("off")
@@ -54,8 +84,9 @@ def activation_stats(rows: np.ndarray, title: str = "") -> Figure:
     order = np.argsort(rows.mean(0))
     dims = np.arange(rows.shape[1])
     right.plot(dims, rows.mean(0)[order], lw=1.2, label="mean")
-    right.fill_between(dims, (rows.mean(0) - rows.std(0))[order], (rows.mean(0) + rows.std(0))[order],
-                       alpha=0.3, label="± std")
+    right.fill_between(
+        dims, (rows.mean(0) - rows.std(0))[order], (rows.mean(0) + rows.std(0))[order], alpha=0.3, label="± std"
+    )
     right.set(xlabel="dimension (sorted by mean)", ylabel="value", title="per-dimension statistics")
     right.legend(loc="upper left", fontsize=8)
     if title:
@@ -68,8 +99,9 @@ def images_beside_rows(images: Sequence, rows: np.ndarray, captions: Sequence[st
     """Each image next to its activation row drawn as a colour strip (diverging, shared scale)."""
     rows = np.asarray(rows, dtype=np.float64)
     limit = float(np.abs(rows).max()) or 1.0
-    fig, axes = plt.subplots(len(images), 2, figsize=(9, 0.9 * len(images)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 8]})
+    fig, axes = plt.subplots(
+        len(images), 2, figsize=(9, 0.9 * len(images)), squeeze=False, gridspec_kw={"width_ratios": [1, 8]}
+    )
     for (image_ax, row_ax), image, row, caption in zip(axes, images, rows, captions):
         image_ax.imshow(np.asarray(image))
         image_ax.axis("off")
@@ -81,10 +113,15 @@ def images_beside_rows(images: Sequence, rows: np.ndarray, captions: Sequence[st
     return fig
 
 
-TRAINING_PANELS = {"loss": "training loss", "val_r2": "val R²", "val_l0": "val L0", "val_dead_frac_val": "val dead fraction"}
+TRAINING_PANELS = {
+    "loss": "training loss",
+    "val_r2": "val R²",
+    "val_l0": "val L0",
+    "val_dead_frac_val": "val dead fraction",
+}
 
 
-def training_curves(histories: Mapping[str, "pd.DataFrame"]) -> Figure:
+def training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Loss, validation R², L0 and dead fraction over steps, one line per trained SAE."""
     import pandas as pd
 
@@ -119,10 +156,13 @@ def ms_distributions(scores: Mapping[str, np.ndarray]) -> Figure:
     """Distribution of MS per model (raw neurons vs SAE latents), dead neurons left out."""
     import pandas as pd
 
-    long = pd.concat([pd.DataFrame({"MS": np.asarray(ms, dtype=float), "neurons": name}) for name, ms in scores.items()])
+    long = pd.concat(
+        [pd.DataFrame({"MS": np.asarray(ms, dtype=float), "neurons": name}) for name, ms in scores.items()]
+    )
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    sns.violinplot(data=long.dropna(), x="MS", y="neurons", hue="neurons", cut=0, density_norm="width", ax=ax,
-                   legend=False)
+    sns.violinplot(
+        data=long.dropna(), x="MS", y="neurons", hue="neurons", cut=0, density_norm="width", ax=ax, legend=False
+    )
     ax.set(ylabel="", title="MS distributions")
     fig.tight_layout()
     return fig
@@ -133,32 +173,50 @@ def overlap_histogram(max_jaccard: Mapping[str, np.ndarray]) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, values in max_jaccard.items():
         values = np.asarray(values, dtype=float)
-        sns.histplot(values[~np.isnan(values)], bins=np.linspace(0, 1, 21), ax=ax, label=name,
-                     element="step", fill=False, stat="percent")
-    ax.set(xlabel="max Jaccard overlap of top-k images with another neuron", ylabel="% of neurons",
-           title="uniqueness of top images")
+        sns.histplot(
+            values[~np.isnan(values)],
+            bins=np.linspace(0, 1, 21),
+            ax=ax,
+            label=name,
+            element="step",
+            fill=False,
+            stat="percent",
+        )
+    ax.set(
+        xlabel="max Jaccard overlap of top-k images with another neuron",
+        ylabel="% of neurons",
+        title="uniqueness of top images",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def depth_per_level(depths: "pd.DataFrame", levels: np.ndarray) -> Figure:
+def depth_per_level(depths: pd.DataFrame, levels: np.ndarray) -> Figure:
     """LCA depth of each latent's top images per Matryoshka level (mean and majority), excluded latents left out."""
     import pandas as pd
 
     kept = depths.assign(level=levels)[lambda d: ~d.excluded]
-    long = pd.concat([kept.assign(depth=kept.depth_rounded, statistic="rounded mean"),
-                      kept.assign(depth=kept.depth_majority, statistic="majority")])
+    long = pd.concat(
+        [
+            kept.assign(depth=kept.depth_rounded, statistic="rounded mean"),
+            kept.assign(depth=kept.depth_majority, statistic="majority"),
+        ]
+    )
     fig, ax = plt.subplots(figsize=(6, 3.4))
     sns.pointplot(data=long, x="level", y="depth", hue="statistic", dodge=0.3, errorbar="se", ax=ax)
-    ax.set(xlabel="Matryoshka level (0 = coarsest)", ylabel="LCA depth of top images",
-           title="deeper = more specific concepts")
+    ax.set(
+        xlabel="Matryoshka level (0 = coarsest)",
+        ylabel="LCA depth of top images",
+        title="deeper = more specific concepts",
+    )
     fig.tight_layout()
     return fig
 
 
-def concept_tree_figure(tree: Sequence[tuple[int, Sequence[int]]], top_indices, load, paths: Sequence[Sequence[str]],
-                        thumbs: int = 3) -> Figure:
+def concept_tree_figure(
+    tree: Sequence[tuple[int, Sequence[int]]], top_indices, load, paths: Sequence[Sequence[str]], thumbs: int = 3
+) -> Figure:
     """Each root latent above its children; a node is a strip of its top images labelled by the ranks they share."""
     width = max(1, max(len(children) for _, children in tree))
     fig, axes = plt.subplots(2 * len(tree), width, figsize=(2.3 * width, 1.6 * 2 * len(tree)), squeeze=False)
@@ -187,8 +245,9 @@ def _node(ax, latent: int, role: str, top_indices, load, paths, thumbs: int) -> 
     ax.set_title(f"{role} {latent}: {' › '.join(shared[-2:])}", fontsize=7)
 
 
-def latent_strips(latents: Sequence[int], top_indices, load, labels: Sequence[str] | None = None,
-                  thumbs: int = 6) -> Figure:
+def latent_strips(
+    latents: Sequence[int], top_indices, load, labels: Sequence[str] | None = None, thumbs: int = 6
+) -> Figure:
     """One row of top images per latent: what each steered latent stands for."""
     fig, axes = plt.subplots(len(latents), thumbs, figsize=(1.1 * thumbs, 1.2 * len(latents)), squeeze=False)
     for row, latent in enumerate(latents):
@@ -199,13 +258,14 @@ def latent_strips(latents: Sequence[int], top_indices, load, labels: Sequence[st
                 ax.imshow(np.asarray(load(images[col])))
                 if labels is not None:
                     ax.set_title(labels[images[col]], fontsize=6)
-        axes[row, 0].text(-0.15, 0.5, f"latent {latent}", transform=axes[row, 0].transAxes, ha="right",
-                          va="center", fontsize=8)
+        axes[row, 0].text(
+            -0.15, 0.5, f"latent {latent}", transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8
+        )
     fig.tight_layout()
     return fig
 
 
-def ms_heatmaps(sae: "pd.DataFrame", value: str = "MS max") -> Figure:
+def ms_heatmaps(sae: pd.DataFrame, value: str = "MS max") -> Figure:
     """Layer × expansion heat map of an MS statistic, one panel per SAE type (the paper's Table 1a)."""
     types = sorted(sae["SAE"].unique())
     fig, axes = plt.subplots(1, len(types), figsize=(3.6 * len(types), 2.8), squeeze=False)
@@ -217,7 +277,7 @@ def ms_heatmaps(sae: "pd.DataFrame", value: str = "MS max") -> Figure:
     return fig
 
 
-def quality_by_expansion(sae: "pd.DataFrame") -> Figure:
+def quality_by_expansion(sae: pd.DataFrame) -> Figure:
     """R² and L0 against the expansion factor, per SAE type and layer."""
     fig, (r2, l0) = plt.subplots(1, 2, figsize=(9, 3.2))
     frame = sae.assign(run=sae["SAE"] + " · layer " + sae["layer"].astype(str))
@@ -230,12 +290,14 @@ def quality_by_expansion(sae: "pd.DataFrame") -> Figure:
     return fig
 
 
-def raw_vs_sae(sae: "pd.DataFrame", raw: "pd.DataFrame") -> Figure:
+def raw_vs_sae(sae: pd.DataFrame, raw: pd.DataFrame) -> Figure:
     """Mean MS of raw neurons next to the SAEs' latents, per layer."""
     import pandas as pd
 
-    rows = [raw.assign(kind="raw neurons")[["layer", "kind", "mean MS"]].rename(columns={"mean MS": "MS mean"}),
-            sae.assign(kind=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format))[["layer", "kind", "MS mean"]]]
+    rows = [
+        raw.assign(kind="raw neurons")[["layer", "kind", "mean MS"]].rename(columns={"mean MS": "MS mean"}),
+        sae.assign(kind=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format))[["layer", "kind", "MS mean"]],
+    ]
     frame = pd.concat(rows, ignore_index=True).assign(layer=lambda d: d.layer.astype(str))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     sns.barplot(data=frame, x="layer", y="MS mean", hue="kind", ax=ax)

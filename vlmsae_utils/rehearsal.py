@@ -16,6 +16,7 @@ laptop (≈1 B instead of 7 B parameters); a word-level tokenizer stands in for 
 over generated images at each model's resolution and writes what it measured (images/s,
 peak memory, bytes per image) to ``results/rehearsal/measurements.csv``, which chapter 7 shows.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,16 @@ if TYPE_CHECKING:
 REHEARSAL_VERSION = "v1"
 LLAVA_REHEARSAL_LAYERS = 2  # of LLaMA-7B's 32 decoder layers
 
-__all__ = ["REHEARSAL_MODELS", "LLAVA_REHEARSAL_LAYERS", "RehearsalSpec", "rehearsal_model", "rehearsal_images",
-           "rehearsal_stages", "run_rehearsal", "main"]
+__all__ = [
+    "LLAVA_REHEARSAL_LAYERS",
+    "REHEARSAL_MODELS",
+    "RehearsalSpec",
+    "main",
+    "rehearsal_images",
+    "rehearsal_model",
+    "rehearsal_stages",
+    "run_rehearsal",
+]
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -47,8 +56,16 @@ def _clip_vision_config_l14_336(projection: bool = True):
     """CLIP ViT-L/14 at 336 px (also LLaVA-1.5's vision tower): 24 blocks, width 1024, 577 tokens."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
 
 
 def _clip_processor(size: int):
@@ -68,8 +85,16 @@ def _siglip_so400m():
     """SigLIP so400m/14 at 384 px: 27 blocks, width 1152, 729 tokens, attention-pool head."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    return SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                                num_attention_heads=16, image_size=384, patch_size=14))
+    return SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        )
+    )
 
 
 def _siglip_processor(path: Path) -> None:
@@ -82,27 +107,56 @@ def _dinov2_base():
     """DINOv2 ViT-B/14: 12 blocks, width 768."""
     from transformers import Dinov2Config, Dinov2Model
 
-    return Dinov2Model(Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                    num_attention_heads=12, image_size=518, patch_size=14))
+    return Dinov2Model(
+        Dinov2Config(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=518,
+            patch_size=14,
+        )
+    )
 
 
 def _dinov2_processor(path: Path) -> None:
     """Resize 256, centre crop 224, ImageNet mean/std (DINOv2's own preprocessing)."""
     from transformers import BitImageProcessor
 
-    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_convert_rgb=True,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    BitImageProcessor(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
 
 
 def _clip_b32():
     """CLIP ViT-B/32 with its text tower (the steering score's judge): projection 512."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                          num_attention_heads=8, max_position_embeddings=77, projection_dim=512,
-                          hidden_act="quick_gelu", **_special_token_ids())
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu")
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        max_position_embeddings=77,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+        **_special_token_ids(),
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+    )
     return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512))
 
 
@@ -119,32 +173,55 @@ def _special_token_ids() -> dict[str, int]:
     from .fixtures import build_tokenizer
 
     tokenizer = build_tokenizer()
-    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id}
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def _aimv2_large():
     """AIMv2-L/14 at 224 px: 24 blocks, width 1024, SwiGLU 2816, RMSNorm, no CLS token."""
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
-    return Aimv2VisionModel(Aimv2VisionConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                                              num_attention_heads=8, image_size=224, patch_size=14,
-                                              rms_norm_eps=1e-5, qkv_bias=False, mlp_bias=False))
+    return Aimv2VisionModel(
+        Aimv2VisionConfig(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=24,
+            num_attention_heads=8,
+            image_size=224,
+            patch_size=14,
+            rms_norm_eps=1e-5,
+            qkv_bias=False,
+            mlp_bias=False,
+        )
+    )
 
 
 def _webssl_mae300m():
     """Web-SSL MAE ViT-L/14 (300 M) at 224 px: 24 blocks, width 1024, CLS token (transformers ``ViTModel``)."""
     from transformers import ViTConfig, ViTModel
 
-    return ViTModel(ViTConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=224, patch_size=14), add_pooling_layer=False)
+    return ViTModel(
+        ViTConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
+        add_pooling_layer=False,
+    )
 
 
 def _webssl_processor(path: Path) -> None:
     from transformers import ViTImageProcessor
 
-    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    ViTImageProcessor(
+        size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    ).save_pretrained(path)
 
 
 def _llava_15_7b():
@@ -154,13 +231,25 @@ def _llava_15_7b():
 
     from .fixtures import build_tokenizer
 
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=LLAVA_REHEARSAL_LAYERS, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, **_special_token_ids())
-    config = LlavaConfig(vision_config=_clip_vision_config_l14_336().to_dict(), text_config=text.to_dict(),
-                         image_token_index=build_tokenizer().convert_tokens_to_ids("<image>"),
-                         projector_hidden_act="gelu", vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=LLAVA_REHEARSAL_LAYERS,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        **_special_token_ids(),
+    )
+    config = LlavaConfig(
+        vision_config=_clip_vision_config_l14_336().to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=build_tokenizer().convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     return LlavaForConditionalGeneration(config)
 
 
@@ -169,23 +258,30 @@ def _llava_processor(path: Path) -> None:
 
     from .fixtures import CHAT_TEMPLATE, build_tokenizer
 
-    LlavaProcessor(image_processor=_clip_processor(336), tokenizer=build_tokenizer(), patch_size=14,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=CHAT_TEMPLATE).save_pretrained(path)
+    LlavaProcessor(
+        image_processor=_clip_processor(336),
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(path)
 
 
 @dataclass(frozen=True)
 class RehearsalSpec:
     """How to build one paper model's architecture (random weights) and write its preprocessing."""
 
-    build: Callable[[], "nn.Module"]
+    build: Callable[[], nn.Module]
     write_processor: Callable[[Path], None]
     save_dtype: str = "float32"  # LLaVA is stored in float16, as on the hub
 
 
 #: hub id → the architecture of that checkpoint; ``rehearsal:HUB_ID`` loads it with random weights.
 REHEARSAL_MODELS: dict[str, RehearsalSpec] = {
-    "openai/clip-vit-large-patch14-336": RehearsalSpec(_clip_l14_336, lambda p: _clip_processor(336).save_pretrained(p)),
+    "openai/clip-vit-large-patch14-336": RehearsalSpec(
+        _clip_l14_336, lambda p: _clip_processor(336).save_pretrained(p)
+    ),
     "google/siglip-so400m-patch14-384": RehearsalSpec(_siglip_so400m, _siglip_processor),
     "facebook/dinov2-base": RehearsalSpec(_dinov2_base, _dinov2_processor),
     "openai/clip-vit-base-patch32": RehearsalSpec(_clip_b32, _clip_b32_processor),
@@ -227,8 +323,9 @@ def rehearsal_model(hub_id: str, *, seed: int = 0) -> Path:
         with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(seed)
             write_rehearsal_model(hub_id, staging)
-        (staging / "rehearsal.json").write_text(json.dumps({"hub_id": hub_id, "version": REHEARSAL_VERSION,
-                                                            "weights": "random", "seed": seed}))
+        (staging / "rehearsal.json").write_text(
+            json.dumps({"hub_id": hub_id, "version": REHEARSAL_VERSION, "weights": "random", "seed": seed})
+        )
         os.chmod(staging, 0o755)  # mkdtemp makes it private
         os.replace(staging, folder)
     except BaseException:
@@ -265,40 +362,104 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
     """
     clip_l, dino = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
     common = {"data_dir": str(images), "device": device, "batch_size": 8}
-    tokens_all = {"model": clip_l, "split": "train", "layer": 22, "tokens": "all", "scorer": "",
-                  "out_dir": "rehearsal/extract/clip_l_all_train"}
-    cls_val = {"model": clip_l, "split": "val", "layer": 22, "tokens": "cls", "scorer": dino,
-               "out_dir": "rehearsal/extract/clip_l_cls_val"}
-    others = [("siglip_mean", "rehearsal:google/siglip-so400m-patch14-384", {"layer": 25, "tokens": "mean"}),
-              ("aimv2_random2", "rehearsal:apple/aimv2-large-patch14-224", {"layer": 22, "tokens": "random_k"}),
-              ("webssl_projection", "rehearsal:facebook/webssl-mae300m-full2b-224",
-               {"hook": "post_projection", "layer": -1, "tokens": "cls"})]
-    stages = [("extract CLIP-L all tokens", "01", common | tokens_all),
-              ("extract CLIP-L CLS + DINOv2-B", "01", common | cls_val)]
-    stages += [(f"extract {name}", "01", common | {"model": model, "split": "val", "scorer": "",
-                                                   "out_dir": f"rehearsal/extract/{name}"} | extra)
-               for name, model, extra in others]
-    train = {"train_store": f"{tokens_all['out_dir']}/activations", "val_store": f"{cls_val['out_dir']}/activations",
-             "sae_types": ["matryoshka_batch_top_k"], "k": 20, "steps": 10, "batch_size": 1024, "device": device}
-    stages += [("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": "rehearsal/sae"}),
-               ("train ×2 hierarchy", "02", train | {"expansions": [2], "group_fractions": HIERARCHY_FRACTIONS,
-                                                     "out_dir": "rehearsal/sae_hierarchy"})]
+    tokens_all = {
+        "model": clip_l,
+        "split": "train",
+        "layer": 22,
+        "tokens": "all",
+        "scorer": "",
+        "out_dir": "rehearsal/extract/clip_l_all_train",
+    }
+    cls_val = {
+        "model": clip_l,
+        "split": "val",
+        "layer": 22,
+        "tokens": "cls",
+        "scorer": dino,
+        "out_dir": "rehearsal/extract/clip_l_cls_val",
+    }
+    others = [
+        ("siglip_mean", "rehearsal:google/siglip-so400m-patch14-384", {"layer": 25, "tokens": "mean"}),
+        ("aimv2_random2", "rehearsal:apple/aimv2-large-patch14-224", {"layer": 22, "tokens": "random_k"}),
+        (
+            "webssl_projection",
+            "rehearsal:facebook/webssl-mae300m-full2b-224",
+            {"hook": "post_projection", "layer": -1, "tokens": "cls"},
+        ),
+    ]
+    stages = [
+        ("extract CLIP-L all tokens", "01", common | tokens_all),
+        ("extract CLIP-L CLS + DINOv2-B", "01", common | cls_val),
+    ]
+    stages += [
+        (
+            f"extract {name}",
+            "01",
+            common | {"model": model, "split": "val", "scorer": "", "out_dir": f"rehearsal/extract/{name}"} | extra,
+        )
+        for name, model, extra in others
+    ]
+    train = {
+        "train_store": f"{tokens_all['out_dir']}/activations",
+        "val_store": f"{cls_val['out_dir']}/activations",
+        "sae_types": ["matryoshka_batch_top_k"],
+        "k": 20,
+        "steps": 10,
+        "batch_size": 1024,
+        "device": device,
+    }
+    stages += [
+        ("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": "rehearsal/sae"}),
+        (
+            "train ×2 hierarchy",
+            "02",
+            train | {"expansions": [2], "group_fractions": HIERARCHY_FRACTIONS, "out_dir": "rehearsal/sae_hierarchy"},
+        ),
+    ]
     x64 = "rehearsal/sae/matryoshka_batch_top_k_x64_k20"
     stages += [
-        ("score 65,536 latents", "03", {"activations_store": f"{cls_val['out_dir']}/activations",
-                                        "scorer_store": f"{cls_val['out_dir']}/embeddings", "sae_paths": [x64],
-                                        "device": device, "out_dir": "rehearsal/ms"}),
-        ("hierarchy", "04", {"train_store": f"{cls_val['out_dir']}/activations",
-                             "scorer_store": f"{cls_val['out_dir']}/embeddings",
-                             "sae_path": "rehearsal/sae_hierarchy/matryoshka_batch_top_k_x2_k20",
-                             "device": device, "out_dir": "rehearsal/hierarchy"}),
-        ("steer LLaVA-1.5 block 22", "05", {"llava": "rehearsal:llava-hf/llava-1.5-7b-hf", "layer": 22,
-                                            "sae_path": x64, "train_store": f"{tokens_all['out_dir']}/activations",
-                                            "images_dir": str(images / "val"), "num_images": 1, "alphas": [0, 100],
-                                            "alpha_scale": "absolute", "score_alpha": 100, "max_new_tokens": 2,
-                                            "image_latents": 2,
-                                            "clip_text_model": "rehearsal:openai/clip-vit-base-patch32",
-                                            "device": device, "out_dir": "rehearsal/steer"}),
+        (
+            "score 65,536 latents",
+            "03",
+            {
+                "activations_store": f"{cls_val['out_dir']}/activations",
+                "scorer_store": f"{cls_val['out_dir']}/embeddings",
+                "sae_paths": [x64],
+                "device": device,
+                "out_dir": "rehearsal/ms",
+            },
+        ),
+        (
+            "hierarchy",
+            "04",
+            {
+                "train_store": f"{cls_val['out_dir']}/activations",
+                "scorer_store": f"{cls_val['out_dir']}/embeddings",
+                "sae_path": "rehearsal/sae_hierarchy/matryoshka_batch_top_k_x2_k20",
+                "device": device,
+                "out_dir": "rehearsal/hierarchy",
+            },
+        ),
+        (
+            "steer LLaVA-1.5 block 22",
+            "05",
+            {
+                "llava": "rehearsal:llava-hf/llava-1.5-7b-hf",
+                "layer": 22,
+                "sae_path": x64,
+                "train_store": f"{tokens_all['out_dir']}/activations",
+                "images_dir": str(images / "val"),
+                "num_images": 1,
+                "alphas": [0, 100],
+                "alpha_scale": "absolute",
+                "score_alpha": 100,
+                "max_new_tokens": 2,
+                "image_latents": 2,
+                "clip_text_model": "rehearsal:openai/clip-vit-base-patch32",
+                "device": device,
+                "out_dir": "rehearsal/steer",
+            },
+        ),
     ]
     return [{"stage": name, "notebook": notebook, "parameters": params} for name, notebook, params in stages]
 
@@ -334,7 +495,7 @@ def stage_command(stage: dict, notebooks_out: Path) -> list[str]:
     command = [sys.executable, "-m", "vlmsae_utils.run", stage["notebook"]]
     for name, value in stage["parameters"].items():
         command += ["-p", name, yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
-    return command + ["--out", str(notebooks_out / safe_stem(stage["stage"]))]
+    return [*command, "--out", str(notebooks_out / safe_stem(stage["stage"]))]
 
 
 def _images_of(stage: dict) -> tuple[int, int]:
@@ -362,12 +523,20 @@ def run_rehearsal(device: str = "auto", only: list[str] | None = None) -> pd.Dat
         command = stage_command(stage, outputs_root() / "rehearsal" / "notebooks")
         print("$ python", " ".join(command[1:]), flush=True)
         result = measure(command)
-        row = {"stage": stage["stage"], "notebook": stage["notebook"], "seconds": round(result["seconds"], 1),
-               "peak MiB": round(result["peak_mib"]), "ok": result["returncode"] == 0}
+        row = {
+            "stage": stage["stage"],
+            "notebook": stage["notebook"],
+            "seconds": round(result["seconds"], 1),
+            "peak MiB": round(result["peak_mib"]),
+            "ok": result["returncode"] == 0,
+        }
         if row["ok"] and stage["notebook"] == "01":
             count, nbytes = _images_of(stage)
-            row |= {"images": count, "images/s": round(count / result["seconds"], 2),
-                    "KiB/image": round(nbytes / count / 1024, 1)}
+            row |= {
+                "images": count,
+                "images/s": round(count / result["seconds"], 2),
+                "KiB/image": round(nbytes / count / 1024, 1),
+            }
         rows.append(row)
         print(row, flush=True)
         _merge_measurements(out / "measurements.csv", row)

@@ -6,6 +6,7 @@ run log; a failing cell raises :class:`NotebookError` with the cell and the erro
 line (``python -m vlmsae_utils.run NOTEBOOK [-p NAME VALUE]... [--out DIR]``, ``--all``,
 ``--config``) is :mod:`vlmsae_utils.cli`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from .paths import outputs_root, repo_root
+
+__all__ = [
+    "INLINE_BACKEND",
+    "KERNEL_NAME",
+    "NotebookError",
+    "all_notebooks",
+    "check_parameters",
+    "find_notebook",
+    "notebook_parameters",
+    "notebooks_dir",
+    "run_notebook",
+    "to_ipynb",
+]
 
 KERNEL_NAME = "python3"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -80,8 +94,13 @@ def check_parameters(ipynb: Path, parameters: dict[str, Any]) -> None:
         raise ValueError(f"unknown parameter(s) {unknown} for {ipynb.stem}; valid: {sorted(declared)}")
 
 
-def run_notebook(source: str | Path, parameters: dict[str, Any] | None = None,
-                 out_dir: str | Path | None = None, *, progress: bool = False) -> Path:
+def run_notebook(
+    source: str | Path,
+    parameters: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> Path:
     """Execute one notebook with ``parameters``; returns the executed ``.ipynb`` (log beside it)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -98,8 +117,13 @@ def run_notebook(source: str | Path, parameters: dict[str, Any] | None = None,
         with _log_to(log_path), _inline_figures():
             try:
                 papermill.execute_notebook(
-                    str(unexecuted), str(executed), parameters=parameters, kernel_name=KERNEL_NAME,
-                    cwd=str(source.parent), log_output=True, progress_bar=progress,
+                    str(unexecuted),
+                    str(executed),
+                    parameters=parameters,
+                    kernel_name=KERNEL_NAME,
+                    cwd=str(source.parent),
+                    log_output=True,
+                    progress_bar=progress,
                 )
             except PapermillExecutionError as err:
                 raise NotebookError(_describe_failure(executed, err)) from None
@@ -129,8 +153,10 @@ def _describe_failure(executed: Path, err) -> str:
         cells = nbformat.read(executed, as_version=4).cells
         failed = [c for c in cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
         cell_source = failed[0].source if failed else cell_source
-    return (f"{executed.stem}: cell {err.exec_count} failed with {err.ename}: {err.evalue}\n"
-            f"--- cell source ---\n{cell_source}\n--- executed notebook: {executed}")
+    return (
+        f"{executed.stem}: cell {err.exec_count} failed with {err.ename}: {err.evalue}\n"
+        f"--- cell source ---\n{cell_source}\n--- executed notebook: {executed}"
+    )
 
 
 class _log_to:

@@ -12,6 +12,7 @@ its type name, table label, dictionary_learning class name, training selection r
 the registry, so a type registered from another module is known everywhere (make_sae, load_sae,
 train_sae, TrainConfig, sweeps) without editing the package.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .io import atomic_write_bytes
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_NAME",
+    "SAE_CLASSES",
+    "SAE_LABELS",
+    "SAE_TYPES",
+    "WEIGHTS_FILE",
+    "BaseSAE",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "ReLUSAE",
+    "TopKSAE",
+    "bag_offsets",
+    "batch_topk_indices",
+    "batch_topk_mask",
+    "load_sae",
+    "make_sae",
+    "register_sae",
+    "sae_class",
+    "save_sae",
+    "topk_mask",
+    "unregister_sae",
+]
 
 FORMAT_NAME = "vlmsae-sae"
 WEIGHTS_FILE = "sae.safetensors"
@@ -123,10 +148,13 @@ class BaseSAE(nn.Module):
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`decode` from sparse codes ``(indices [B, m], values [B, m])`` via embedding_bag."""
         if indices.shape != values.shape or indices.dim() != 2:
-            raise ValueError(f"indices and values must both be [B, m], got {tuple(indices.shape)} and {tuple(values.shape)}")
+            raise ValueError(
+                f"indices and values must both be [B, m], got {tuple(indices.shape)} and {tuple(values.shape)}"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.dict_size):
-            raise ValueError(f"indices must lie in [0, {self.dict_size}), got range "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"indices must lie in [0, {self.dict_size}), got range [{int(indices.min())}, {int(indices.max())}]"
+            )
         out = F.embedding_bag(indices.long(), self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return (out + self.b_dec) / self.input_scale
 
@@ -137,12 +165,15 @@ class BaseSAE(nn.Module):
         return (x_hat, f) if output_features else x_hat
 
     # ----- loss terms (called by train.sae_loss) ---------------------------------------------
-    def sparse_reconstruction(self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                              vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def sparse_reconstruction(
+        self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Reconstruction term of the sparse training loss on scaled inputs ``xs [B, d]`` from the kept
         values ``vals`` at ``(rows, cols)``: ``(l2, x̂, extra outputs)``, ``l2 = mean_b ||xs − x̂||²``."""
-        x_hat = F.embedding_bag(cols, self.W_dec, bag_offsets(rows, xs.shape[0]), mode="sum",
-                                per_sample_weights=vals) + self.b_dec
+        x_hat = (
+            F.embedding_bag(cols, self.W_dec, bag_offsets(rows, xs.shape[0]), mode="sum", per_sample_weights=vals)
+            + self.b_dec
+        )
         return (xs - x_hat).pow(2).sum(-1).mean(), x_hat, {}
 
     def sparsity_penalty(self, f: torch.Tensor) -> torch.Tensor:
@@ -150,8 +181,9 @@ class BaseSAE(nn.Module):
         return f.sum(-1).mean()
 
     @classmethod
-    def create(cls, activation_dim: int, dict_size: int, k: int | None = None,
-               group_sizes: list[int] | None = None) -> BaseSAE:
+    def create(
+        cls, activation_dim: int, dict_size: int, k: int | None = None, group_sizes: list[int] | None = None
+    ) -> BaseSAE:
         """Construct from the fields of ``config.json`` (what :func:`make_sae` and :func:`load_sae` call)."""
         if cls.needs_k and k is None:
             raise ValueError(f"sae_type {cls.sae_type!r} needs k (active latents per input), got None")
@@ -168,10 +200,17 @@ class BaseSAE(nn.Module):
 
     def config(self) -> dict:
         """JSON-able description used by :func:`save_sae`."""
-        return {"format": FORMAT_NAME, "version": 1, "type": self.sae_type,
-                "activation_dim": self.activation_dim, "dict_size": self.dict_size, "k": self.k,
-                "group_sizes": getattr(self, "group_sizes", None),
-                "input_scale": float(self.input_scale), "threshold": float(self.threshold)}
+        return {
+            "format": FORMAT_NAME,
+            "version": 1,
+            "type": self.sae_type,
+            "activation_dim": self.activation_dim,
+            "dict_size": self.dict_size,
+            "k": self.k,
+            "group_sizes": getattr(self, "group_sizes", None),
+            "input_scale": float(self.input_scale),
+            "threshold": float(self.threshold),
+        }
 
     def extra_repr(self) -> str:
         return f"activation_dim={self.activation_dim}, dict_size={self.dict_size}, k={self.k}"
@@ -199,7 +238,7 @@ def batch_topk_indices(pre: torch.Tensor, n: int, sample_size: int = 65536, marg
     (checked; otherwise a full top-k runs)."""
     flat = pre.flatten()
     N = flat.numel()
-    if N < 8 * sample_size or margin * n >= N / 4:
+    if 8 * sample_size > N or margin * n >= N / 4:
         return flat.topk(n, sorted=False).indices
     stride = max(1, N // sample_size)
     while math.gcd(stride, pre.shape[-1]) != 1:  # avoid sampling the same columns
@@ -232,14 +271,17 @@ def register_sae(cls: type[BaseSAE]) -> type[BaseSAE]:
         raise TypeError(f"register_sae expects a subclass of BaseSAE, got {cls!r}")
     name, label = cls.__dict__.get("sae_type"), cls.__dict__.get("label")
     if not isinstance(name, str) or not _TYPE_NAME.fullmatch(name):
-        raise ValueError(f"{cls.__qualname__} must declare its own sae_type (lower-case letters, digits, '_'), "
-                         f"got {name!r}")
+        raise ValueError(
+            f"{cls.__qualname__} must declare its own sae_type (lower-case letters, digits, '_'), got {name!r}"
+        )
     if not isinstance(label, str) or not label:
         raise ValueError(f"{cls.__qualname__} must declare its own label (a non-empty str), got {label!r}")
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"sae_type {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
-                         "call unregister_sae first")
+        raise ValueError(
+            f"sae_type {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+            "call unregister_sae first"
+        )
     dl_class = cls.__dict__.get("dl_class")
     clash = [t for t, c in _REGISTRY.items() if c is not cls and c.__dict__.get("dl_class") == dl_class]
     if dl_class is not None and clash:
@@ -312,7 +354,8 @@ SAE_CLASSES: Mapping[str, type[BaseSAE]] = MappingProxyType(_REGISTRY)
 #: Type name → human label, e.g. ``"matryoshka_batch_top_k"`` → ``"Matryoshka"`` (live).
 SAE_LABELS: Mapping[str, str] = _RegistryMap(lambda: {t: c.label for t, c in _REGISTRY.items()})
 _DL_DICT_CLASS_TO_TYPE: Mapping[str, str] = _RegistryMap(
-    lambda: {c.__dict__["dl_class"]: t for t, c in _REGISTRY.items() if c.__dict__.get("dl_class")})
+    lambda: {c.__dict__["dl_class"]: t for t, c in _REGISTRY.items() if c.__dict__.get("dl_class")}
+)
 
 
 @register_sae
@@ -372,13 +415,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         """Reconstructions of every nested prefix, computed incrementally (one pass over W_dec)."""
         outs, acc, start = [], self.b_dec.expand(f.shape[0], -1), 0
         for g in self.group_sizes:
-            acc = acc + f[:, start:start + g].to(self.W_dec.dtype) @ self.W_dec[start:start + g]
+            acc = acc + f[:, start : start + g].to(self.W_dec.dtype) @ self.W_dec[start : start + g]
             start += g
             outs.append(acc / self.input_scale)
         return outs
 
-    def sparse_reconstruction(self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                              vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def sparse_reconstruction(
+        self, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Nested-prefix reconstruction as dictionary_learning's ``MatryoshkaBatchTopKTrainer`` (Pach et al.
         2025): each prefix error ``l2_m = mean_b ||xs − x̂_m||²`` weighted ``1/G``, then averaged over
         the G prefixes, so ``l2 = Σ_m l2_m / G²``; extra output ``prefix_l2`` (the unweighted ``l2_m``)."""
@@ -389,8 +433,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         gid = torch.bucketize(cols, bounds, right=True)
         keys = rows * G + gid
         order = keys.argsort(stable=True)
-        contrib = F.embedding_bag(cols[order], self.W_dec, bag_offsets(keys[order], B * G),
-                                  mode="sum", per_sample_weights=vals[order]).view(B, G, -1)
+        contrib = F.embedding_bag(
+            cols[order], self.W_dec, bag_offsets(keys[order], B * G), mode="sum", per_sample_weights=vals[order]
+        ).view(B, G, -1)
         recons = contrib.cumsum(1) + self.b_dec
         prefix_l2 = (xs[:, None, :] - recons).pow(2).sum(-1).mean(0)
         l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
@@ -433,13 +478,15 @@ class ReLUSAE(BaseSAE):
         super().__init__(activation_dim, dict_size, None)
 
 
-def make_sae(sae_type: str, activation_dim: int, dict_size: int, k: int | None = None,
-             group_sizes: list[int] | None = None) -> BaseSAE:
+def make_sae(
+    sae_type: str, activation_dim: int, dict_size: int, k: int | None = None, group_sizes: list[int] | None = None
+) -> BaseSAE:
     """Construct an SAE by type name (one of :data:`SAE_TYPES`); ``k`` is required by the types that need it."""
     return sae_class(sae_type).create(activation_dim, dict_size, k, group_sizes)
 
 
 # ----- save / load -----------------------------------------------------------------------------
+
 
 def save_sae(sae: BaseSAE, path: str | os.PathLike) -> Path:
     """Write ``path/sae.safetensors`` (W_enc, b_enc, W_dec, b_dec) and ``path/config.json``; return the folder."""
@@ -459,7 +506,12 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], src: Path) 
 
 def _build(cfg: dict, W_enc, b_enc, W_dec, b_dec, src: Path) -> BaseSAE:
     d, w = int(cfg["activation_dim"]), int(cfg["dict_size"])
-    for name, t, shape in (("W_enc", W_enc, (d, w)), ("b_enc", b_enc, (w,)), ("W_dec", W_dec, (w, d)), ("b_dec", b_dec, (d,))):
+    for name, t, shape in (
+        ("W_enc", W_enc, (d, w)),
+        ("b_enc", b_enc, (w,)),
+        ("W_dec", W_dec, (w, d)),
+        ("b_dec", b_dec, (d,)),
+    ):
         _check_shape(name, t, shape, src)
     sae = make_sae(cfg["type"], d, w, cfg.get("k"), cfg.get("group_sizes"))
     with torch.no_grad():
@@ -478,12 +530,16 @@ def _load_ours(folder: Path) -> BaseSAE:
         raise FileNotFoundError(f"{folder}: missing {CONFIG_FILE} next to {WEIGHTS_FILE}")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("type") not in SAE_TYPES:
-        raise ValueError(f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
-                         "(a type defined outside the package must be registered with register_sae before loading)")
+        raise ValueError(
+            f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
+            "(a type defined outside the package must be registered with register_sae before loading)"
+        )
     state = load_file(str(folder / WEIGHTS_FILE))
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
     if set(state) != expected:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}")
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}"
+        )
     return _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
 
 
@@ -522,8 +578,10 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         W_dec, b_dec = state["decoder.weight"].T, state["bias"]
         sae_type = "relu"
     else:
-        raise ValueError(f"{pt}: keys {sorted(keys)} match no known dictionary_learning layout "
-                         f"(BatchTopK {sorted(linear)}, Matryoshka {sorted(matry)}, standard {sorted(standard)})")
+        raise ValueError(
+            f"{pt}: keys {sorted(keys)} match no known dictionary_learning layout "
+            f"(BatchTopK {sorted(linear)}, Matryoshka {sorted(matry)}, standard {sorted(standard)})"
+        )
     unknown = keys - base - buffers - ({"decoder.bias"} if base is standard else set())
     if unknown:
         raise ValueError(f"{pt}: unknown keys {sorted(unknown)} for the {sae_type} layout")
@@ -540,8 +598,15 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
             group_sizes = [int(g) for g in state["group_sizes"].tolist()]
         else:
             group_sizes = [int(w)]
-    cfg = {"type": sae_type, "activation_dim": d, "dict_size": w, "k": k, "group_sizes": group_sizes,
-           "threshold": float(state["threshold"]) if "threshold" in state else -1.0, "input_scale": 1.0}
+    cfg = {
+        "type": sae_type,
+        "activation_dim": d,
+        "dict_size": w,
+        "k": k,
+        "group_sizes": group_sizes,
+        "threshold": float(state["threshold"]) if "threshold" in state else -1.0,
+        "input_scale": 1.0,
+    }
     return _build(cfg, W_enc, b_enc, W_dec, b_dec, pt)
 
 
@@ -558,8 +623,9 @@ def load_sae(path: str | os.PathLike) -> BaseSAE:
             return _load_dictionary_learning(path / "ae.pt")
         if len(pts) == 1:
             return _load_dictionary_learning(pts[0])
-        raise FileNotFoundError(f"{path}: contains neither {WEIGHTS_FILE} nor a single ae.pt "
-                                f"(found .pt files: {[p.name for p in pts]})")
+        raise FileNotFoundError(
+            f"{path}: contains neither {WEIGHTS_FILE} nor a single ae.pt (found .pt files: {[p.name for p in pts]})"
+        )
     if path.name == WEIGHTS_FILE:
         return _load_ours(path.parent)
     if path.suffix in (".pt", ".pth"):

@@ -4,11 +4,30 @@ Sizes are exact products of counts and widths. Times divide a FLOP count by a su
 throughput that the reader sets (an assumption, stated next to every time), so the numbers
 scale with the reader's hardware rather than being guessed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pandas as pd
+
+__all__ = [
+    "BYTES",
+    "CLIP_B_32",
+    "CLIP_L_336",
+    "DINOV2_B",
+    "VisionModel",
+    "forward_flops",
+    "gib",
+    "gpu_commands",
+    "human",
+    "ms_flops",
+    "paper_plan",
+    "rehearsal_measurements",
+    "sae_parameters",
+    "store_bytes",
+    "training_flops",
+]
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 IMAGENET_TRAIN, IMAGENET_VAL, INAT2021_TRAIN = 1_281_167, 50_000, 2_686_843
@@ -70,8 +89,15 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
-def paper_plan(sustained_tflops: float = 100.0, expansions=(1, 2, 4, 8, 16, 64), blocks=(11, 17, 22, 23, None),
-               num_blocks: int = 24, steps: int = 100_000, batch: int = 4096, k: int = 20) -> pd.DataFrame:
+def paper_plan(
+    sustained_tflops: float = 100.0,
+    expansions=(1, 2, 4, 8, 16, 64),
+    blocks=(11, 17, 22, 23, None),
+    num_blocks: int = 24,
+    steps: int = 100_000,
+    batch: int = 4096,
+    k: int = 20,
+) -> pd.DataFrame:
     """Disk and compute of each stage of the paper's MS grid on CLIP-L/14-336 (see configs/paper_clip_vitl14.yaml).
 
     ``blocks``: hooked blocks (``None`` = post_projection). The sweep runs one extraction per layer
@@ -84,19 +110,39 @@ def paper_plan(sustained_tflops: float = 100.0, expansions=(1, 2, 4, 8, 16, 64),
     rows = []
     for split, images in (("train", IMAGENET_TRAIN), ("val", IMAGENET_VAL)):
         size = sum(store_bytes(images, m.projection_dim if b is None else m.width) for b in blocks)
-        rows.append({"stage": f"1 · extract {split} (CLS, {layers} layers, fp16)", "disk": gib(size),
-                     "compute": human(passes * forward_flops(m, images) / rate)})
+        rows.append(
+            {
+                "stage": f"1 · extract {split} (CLS, {layers} layers, fp16)",
+                "disk": gib(size),
+                "compute": human(passes * forward_flops(m, images) / rate),
+            }
+        )
     for scorer in (DINOV2_B, CLIP_B_32):
-        rows.append({"stage": f"1 · {scorer.name} embeddings of val", "disk": gib(store_bytes(IMAGENET_VAL, scorer.projection_dim)),
-                     "compute": human(forward_flops(scorer, IMAGENET_VAL) / rate)})
+        rows.append(
+            {
+                "stage": f"1 · {scorer.name} embeddings of val",
+                "disk": gib(store_bytes(IMAGENET_VAL, scorer.projection_dim)),
+                "compute": human(forward_flops(scorer, IMAGENET_VAL) / rate),
+            }
+        )
     for expansion in expansions:
         weights = layers * 2 * sae_parameters(m.width, expansion) * BYTES["float32"]
         flops = layers * 2 * training_flops(m.width, expansion, steps, batch, k)
-        rows.append({"stage": f"2 · train 2 SAE types × {layers} layers, ε = {expansion}", "disk": gib(weights),
-                     "compute": human(flops / rate)})
+        rows.append(
+            {
+                "stage": f"2 · train 2 SAE types × {layers} layers, ε = {expansion}",
+                "disk": gib(weights),
+                "compute": human(flops / rate),
+            }
+        )
     neurons = layers * 2 * sum(m.width * e for e in expansions)
-    rows.append({"stage": "3 · MS of every latent, 2 scorers", "disk": "—",
-                 "compute": human(2 * ms_flops(IMAGENET_VAL, neurons, 768) / rate)})
+    rows.append(
+        {
+            "stage": "3 · MS of every latent, 2 scorers",
+            "disk": "—",
+            "compute": human(2 * ms_flops(IMAGENET_VAL, neurons, 768) / rate),
+        }
+    )
     return pd.DataFrame(rows).set_index("stage")
 
 
@@ -111,7 +157,10 @@ def rehearsal_measurements() -> pd.DataFrame | None:
 def gpu_commands(device: str = "cuda") -> list[str]:
     """The commands a GPU user runs for the paper's three experiments (sweeps resume when rerun)."""
     run = "python -m vlmsae_utils.run"
-    return [f"{run} --config configs/{name}.yaml --dry-run   # list the runs" if i == 0 else
-            f"{run} --config configs/{name}.yaml" for name in ("paper_clip_vitl14", "paper_hierarchy",
-                                                                 "paper_steering") for i in (0, 1)] + [
-        f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights"]
+    return [
+        f"{run} --config configs/{name}.yaml --dry-run   # list the runs"
+        if i == 0
+        else f"{run} --config configs/{name}.yaml"
+        for name in ("paper_clip_vitl14", "paper_hierarchy", "paper_steering")
+        for i in (0, 1)
+    ] + [f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights"]

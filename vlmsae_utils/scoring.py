@@ -4,6 +4,7 @@ A :class:`NeuronReport` holds, for one set of neurons (raw activations or SAE la
 Monosemanticity Score of every neuron, its top-k images and the activations themselves (dense
 or sparse), so notebooks can tabulate, plot and browse them without recomputing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -22,6 +23,25 @@ from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, monosemanticity_score, summarize_ms
 from .paths import safe_stem
 from .store import ActivationStore
+
+__all__ = [
+    "MS_SUMMARY_FILE",
+    "UNIQUENESS_FILE",
+    "NeuronReport",
+    "check_aligned",
+    "exemplar_images",
+    "ms_table",
+    "ms_table_file",
+    "neurons_at_levels",
+    "per_image",
+    "sae_codes",
+    "save_ms_tables",
+    "save_uniqueness",
+    "score_all",
+    "score_neurons",
+    "store_image_loader",
+    "uniqueness_table",
+]
 
 MS_SUMMARY_FILE = "ms_summary.csv"  # one row per set of neurons (read by sweep.gather)
 UNIQUENESS_FILE = "uniqueness.csv"  # top-image overlap per set of neurons
@@ -57,20 +77,25 @@ class NeuronReport:
 def per_image(store: ActivationStore) -> ActivationStore:
     """MS compares images: the store must hold one row per image (CLS, mean or projection)."""
     if store.rows_per_image != 1:
-        raise ValueError(f"{store.path} holds {store.rows_per_image} rows per image (tokens="
-                         f"{store.params.get('tokens')!r}); score a store with tokens='cls' or 'mean'")
+        raise ValueError(
+            f"{store.path} holds {store.rows_per_image} rows per image (tokens="
+            f"{store.params.get('tokens')!r}); score a store with tokens='cls' or 'mean'"
+        )
     return store
 
 
 def check_aligned(activations: ActivationStore, embeddings: ActivationStore) -> None:
     """Activations and scorer embeddings must describe the same images in the same order."""
     if activations.image_ids != embeddings.image_ids:
-        raise ValueError(f"{activations.path} and {embeddings.path} do not hold the same images in the same "
-                         "order; extract both from the same data_dir and split")
+        raise ValueError(
+            f"{activations.path} and {embeddings.path} do not hold the same images in the same "
+            "order; extract both from the same data_dir and split"
+        )
 
 
-def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096,
-              device: str | torch.device | None = "auto") -> SparseCodes:
+def sae_codes(
+    sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096, device: str | torch.device | None = "auto"
+) -> SparseCodes:
     """Sparse inference codes of an SAE on every row of a store (threshold encoding), computed on
     ``device`` (the SAE is moved there); the codes come back on the CPU."""
     if sae.activation_dim != store.dim:
@@ -81,8 +106,9 @@ def sae_codes(sae: torch.nn.Module, store: ActivationStore, batch_size: int = 40
         return encode_to_sparse(sae.encode, store.iter_batches(batch_size), sae.dict_size, device=dev)
 
 
-def score_neurons(name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16,
-                  device: str | torch.device | None = "auto") -> NeuronReport:
+def score_neurons(
+    name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16, device: str | torch.device | None = "auto"
+) -> NeuronReport:
     """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse)."""
     dev = resolve_device(device)
     ms = monosemanticity_score(activations, embeddings, device=dev)
@@ -94,9 +120,17 @@ def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
     rows = []
     for report in reports:
         summary = summarize_ms(report.ms)
-        rows.append({"neurons": report.name, "K": report.num_neurons, "best MS": summary["max"],
-                     "mean MS": summary["mean"], "std": summary["std"], "dead": summary["num_dead"],
-                     f"< {report.top.k} positive images": int(report.top.flagged.sum())})
+        rows.append(
+            {
+                "neurons": report.name,
+                "K": report.num_neurons,
+                "best MS": summary["max"],
+                "mean MS": summary["mean"],
+                "std": summary["std"],
+                "dead": summary["num_dead"],
+                f"< {report.top.k} positive images": int(report.top.flagged.sum()),
+            }
+        )
     return pd.DataFrame(rows).set_index("neurons")
 
 
@@ -147,8 +181,13 @@ def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> pd.DataFrame:
     return summary
 
 
-def score_all(activations: ActivationStore, embeddings: ActivationStore, saes: dict[str, torch.nn.Module],
-              top_k: int = 16, device: str | torch.device | None = "auto") -> list[NeuronReport]:
+def score_all(
+    activations: ActivationStore,
+    embeddings: ActivationStore,
+    saes: dict[str, torch.nn.Module],
+    top_k: int = 16,
+    device: str | torch.device | None = "auto",
+) -> list[NeuronReport]:
     """Reports for the raw neurons of ``activations`` and for each SAE's latents on the same images
     (chapter 3's comparison), scored against the same scorer embeddings."""
     check_aligned(activations, embeddings)
@@ -160,8 +199,9 @@ def score_all(activations: ActivationStore, embeddings: ActivationStore, saes: d
     return reports
 
 
-def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float] | None = None, *,
-                     paper_protocol: bool = True) -> tuple[pd.DataFrame, dict[str, dict]]:
+def uniqueness_table(
+    reports: Sequence[NeuronReport], thresholds: Sequence[float] | None = None, *, paper_protocol: bool = True
+) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Jaccard overlap of top-k image sets per report, as a table and the raw results.
 
     ``paper_protocol`` follows the authors: neurons with fewer than k positive images are dropped
@@ -173,11 +213,20 @@ def uniqueness_table(reports: Sequence[NeuronReport], thresholds: Sequence[float
     thresholds = thresholds or ((0.5, 0.8) if paper_protocol else (0.5, 0.8, 1.0))
 
     sign = ">" if paper_protocol else "≥"
-    overlaps = {r.name: uniqueness(r.top.indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
-                for r in reports}
-    rows = [{"neurons": name, "kept": u["num_neurons"] - u.get("num_dropped", 0), "pairs": u["num_pairs"],
-             "J > 0": u["num_overlapping"], **{f"J {sign} {t:g}": n for t, n in u["counts"].items()}}
-            for name, u in overlaps.items()]
+    overlaps = {
+        r.name: uniqueness(r.top.indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
+        for r in reports
+    }
+    rows = [
+        {
+            "neurons": name,
+            "kept": u["num_neurons"] - u.get("num_dropped", 0),
+            "pairs": u["num_pairs"],
+            "J > 0": u["num_overlapping"],
+            **{f"J {sign} {t:g}": n for t, n in u["counts"].items()},
+        }
+        for name, u in overlaps.items()
+    ]
     return pd.DataFrame(rows).set_index("neurons"), overlaps
 
 

@@ -17,6 +17,7 @@ by us with any ``input_scale`` steers identically.
 the image's token rows (``pool="mean"``, the authors' ``--mean_pool``), or by its maximum
 (``pool="max"``, our earlier variant).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,11 +31,51 @@ from torch import nn
 # Loading (.llava) and prompting (.generation) live in their own modules; their names stay importable from here.
 from . import generation
 from .exemplars import TopK, top_k_images
-from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, prepare_inputs  # noqa: F401
+from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, prepare_inputs
 from .hooks import DEFAULT_HOOK, check_steerable
 from .labels import class_text
-from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower  # noqa: F401
+from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
 from .metrics import SparseCodes
+
+__all__ = [
+    "ALPHA_SCALES",
+    "CONCEPT_POOLS",
+    "DEFAULT_PROMPT",
+    "STEER_MODES",
+    "Clamp",
+    "ClipTextImage",
+    "add_vector",
+    "alpha_units",
+    "block_mean",
+    "chat_prompt",
+    "clamp_codes",
+    "class_name_baseline",
+    "class_pure_latents",
+    "code_scale",
+    "concept_embeddings",
+    "concept_top_images",
+    "diffmean_vector",
+    "diffmean_vectors",
+    "feature_block",
+    "first_word",
+    "generate",
+    "latent_concepts",
+    "latent_max_activation",
+    "latent_sweep",
+    "load_clip_text_image",
+    "load_llava",
+    "mean_std",
+    "names_class",
+    "pixel_values",
+    "prepare_inputs",
+    "score_answers",
+    "steer",
+    "steered_block_output",
+    "steering_scores",
+    "sweep_rows",
+    "top_class",
+    "vision_tower",
+]
 
 STEER_MODES = ("replace", "pre_zero", "error_preserving")
 CONCEPT_POOLS = ("mean", "max")
@@ -49,7 +90,9 @@ def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
     for clamp in clamps:
         bad = [j for j in clamp if not 0 <= int(j) < sae.dict_size]
         if bad:
-            raise ValueError(f"latent(s) {bad} out of range: the SAE has {sae.dict_size} latents (0..{sae.dict_size - 1})")
+            raise ValueError(
+                f"latent(s) {bad} out of range: the SAE has {sae.dict_size} latents (0..{sae.dict_size - 1})"
+            )
 
 
 def code_scale(sae: nn.Module) -> float:
@@ -99,8 +142,14 @@ def _per_row(clamp: Clamp | Sequence[Clamp] | None, batch: int) -> list[Clamp]:
 
 
 @contextlib.contextmanager
-def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[Clamp] | None = None,
-          mode: str = "replace", hook: str = DEFAULT_HOOK) -> Iterator[None]:
+def steer(
+    model: nn.Module,
+    sae: nn.Module,
+    layer: int,
+    clamp: Clamp | Sequence[Clamp] | None = None,
+    mode: str = "replace",
+    hook: str = DEFAULT_HOOK,
+) -> Iterator[None]:
     """Within the block, vision block ``layer``'s output (at ``hook``, a steerable hook of
     :mod:`.hooks`) is replaced by the SAE's clamped reconstruction.
 
@@ -117,8 +166,10 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     tower = vision_tower(model)
     block = tower.block_index(layer)
     if block > feature_block(model):
-        raise ValueError(f"vision block {block} comes after the block LLaVA reads its image features from "
-                         f"({feature_block(model)}): steering it cannot change the answer")
+        raise ValueError(
+            f"vision block {block} comes after the block LLaVA reads its image features from "
+            f"({feature_block(model)}): steering it cannot change the answer"
+        )
     rows = [clamp] if isinstance(clamp, Mapping) or clamp is None else list(clamp)
     _check_sae(sae, tower.output_dim(hook), [r or {} for r in rows])
     sae_param = next(sae.parameters())
@@ -126,8 +177,9 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
     def replace(hidden: torch.Tensor) -> torch.Tensor:
         # the SAE runs in its own precision (float32); the block output keeps the tower's (float16 on CUDA)
         with torch.no_grad():
-            new = steered_block_output(hidden.to(sae_param.device, sae_param.dtype), sae,
-                                       _per_row(clamp, hidden.shape[0]), mode)
+            new = steered_block_output(
+                hidden.to(sae_param.device, sae_param.dtype), sae, _per_row(clamp, hidden.shape[0]), mode
+            )
         return new.to(hidden.device, hidden.dtype)
 
     was_training = sae.training
@@ -140,8 +192,9 @@ def steer(model: nn.Module, sae: nn.Module, layer: int, clamp: Clamp | Sequence[
 
 
 @contextlib.contextmanager
-def add_vector(model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0,
-               hook: str = DEFAULT_HOOK) -> Iterator[None]:
+def add_vector(
+    model: nn.Module, layer: int, vector: torch.Tensor, scale: float = 1.0, hook: str = DEFAULT_HOOK
+) -> Iterator[None]:
     """Within the block, ``scale · vector`` is added to every token of vision block ``layer`` at ``hook``
     (DiffMean steering); ``vector`` is ``[D]`` for every image or ``[B, D]`` with one vector per image of the batch."""
     check_steerable(hook)
@@ -166,8 +219,9 @@ def block_mean(model: nn.Module, pixel_values: torch.Tensor, layer: int, hook: s
     return vision_tower(model).capture(pixel_values, hook, layer).float().mean(dim=(0, 1))
 
 
-def diffmean_vector(model: nn.Module, with_concept: torch.Tensor, without_concept: torch.Tensor,
-                    layer: int, hook: str = DEFAULT_HOOK) -> torch.Tensor:
+def diffmean_vector(
+    model: nn.Module, with_concept: torch.Tensor, without_concept: torch.Tensor, layer: int, hook: str = DEFAULT_HOOK
+) -> torch.Tensor:
     """DiffMean steering vector: mean block output on images with the concept minus without it."""
     return block_mean(model, with_concept, layer, hook) - block_mean(model, without_concept, layer, hook)
 
@@ -175,11 +229,20 @@ def diffmean_vector(model: nn.Module, with_concept: torch.Tensor, without_concep
 # ----------------------------------------------------------------------------- generation
 
 
-def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 5,
-             *, sae: nn.Module | None = None, layer: int | None = None,
-             clamp: Clamp | Sequence[Clamp] | None = None, mode: str = "replace",
-             steering: Callable[[], contextlib.AbstractContextManager] | None = None,
-             hook: str = DEFAULT_HOOK) -> list[str]:
+def generate(
+    model: nn.Module,
+    processor,
+    images: Sequence,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 5,
+    *,
+    sae: nn.Module | None = None,
+    layer: int | None = None,
+    clamp: Clamp | Sequence[Clamp] | None = None,
+    mode: str = "replace",
+    steering: Callable[[], contextlib.AbstractContextManager] | None = None,
+    hook: str = DEFAULT_HOOK,
+) -> list[str]:
     """Greedy answers for a batch of images (:func:`vlmsae_utils.generation.generate`); with ``sae`` and
     ``clamp`` the vision tower is steered (one clamp for all images, or one per image), with
     ``steering`` any other context (DiffMean)."""
@@ -192,10 +255,21 @@ def generate(model: nn.Module, processor, images: Sequence, prompt: str = DEFAUL
     return generation.generate(model, processor, images, prompt, max_new_tokens, steering=steering)
 
 
-def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images: Sequence,
-                 latents: Sequence[int], alphas: Sequence[float], prompt: str = DEFAULT_PROMPT,
-                 max_new_tokens: int = 5, mode: str = "replace", batch_size: int = 16,
-                 alpha_units: Mapping[int, float] | None = None, hook: str = DEFAULT_HOOK) -> list[dict]:
+def latent_sweep(
+    model: nn.Module,
+    processor,
+    sae: nn.Module,
+    layer: int,
+    images: Sequence,
+    latents: Sequence[int],
+    alphas: Sequence[float],
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 5,
+    mode: str = "replace",
+    batch_size: int = 16,
+    alpha_units: Mapping[int, float] | None = None,
+    hook: str = DEFAULT_HOOK,
+) -> list[dict]:
     """Answers for every (image, latent, α), batching different clamps on different rows.
 
     With ``alpha_units`` the clamp of latent j is ``α · alpha_units[j]`` raw activation units
@@ -207,12 +281,24 @@ def latent_sweep(model: nn.Module, processor, sae: nn.Module, layer: int, images
     jobs = [(i, latent, alpha) for i in range(len(images)) for latent in latents for alpha in alphas]
     rows = []
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         clamps = [{latent: alpha * units.get(latent, 1.0)} for _, latent, alpha in chunk]
-        answers = generate(model, processor, [images[i] for i, _, _ in chunk], prompt, max_new_tokens,
-                           sae=sae, layer=layer, clamp=clamps, mode=mode, hook=hook)
-        rows += [{"image": i, "latent": latent, "alpha": alpha, "answer": answer}
-                 for (i, latent, alpha), answer in zip(chunk, answers)]
+        answers = generate(
+            model,
+            processor,
+            [images[i] for i, _, _ in chunk],
+            prompt,
+            max_new_tokens,
+            sae=sae,
+            layer=layer,
+            clamp=clamps,
+            mode=mode,
+            hook=hook,
+        )
+        rows += [
+            {"image": i, "latent": latent, "alpha": alpha, "answer": answer}
+            for (i, latent, alpha), answer in zip(chunk, answers)
+        ]
     return rows
 
 
@@ -288,8 +374,9 @@ def latent_max_activation(codes: SparseCodes) -> torch.Tensor:
     return out
 
 
-def alpha_units(sae: nn.Module, codes: SparseCodes, latents: Sequence[int],
-                alpha_scale: str = "absolute") -> dict[int, float]:
+def alpha_units(
+    sae: nn.Module, codes: SparseCodes, latents: Sequence[int], alpha_scale: str = "absolute"
+) -> dict[int, float]:
     """Raw activation units of one α per latent, for :func:`latent_sweep` and the clamps.
 
     ``absolute``: 1 (α is in raw activation units, the paper's α = 100). ``max``: latent j's
@@ -324,8 +411,9 @@ def steering_scores(text_embeddings: torch.Tensor, concepts: torch.Tensor) -> to
     return torch.nn.functional.cosine_similarity(text_embeddings.float(), concepts.float(), dim=-1)
 
 
-def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: torch.Tensor,
-                        labels: Sequence[int], seed: int = 0) -> dict[str, torch.Tensor]:
+def class_name_baseline(
+    image_embeddings: torch.Tensor, class_text_embeddings: torch.Tensor, labels: Sequence[int], seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Similarity of each image to its true class name and to a shuffled (other) class name."""
     labels_t = torch.as_tensor(list(labels))
     unit = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
@@ -334,7 +422,9 @@ def class_name_baseline(image_embeddings: torch.Tensor, class_text_embeddings: t
     shuffled = labels_t[torch.randperm(len(labels_t), generator=generator)]
     clash = shuffled == labels_t
     n_classes = class_text_embeddings.shape[0]
-    shuffled[clash] = (shuffled[clash] + 1 + torch.randint(0, n_classes - 1, (int(clash.sum()),), generator=generator)) % n_classes
+    shuffled[clash] = (
+        shuffled[clash] + 1 + torch.randint(0, n_classes - 1, (int(clash.sum()),), generator=generator)
+    ) % n_classes
     wrong = (unit * class_text_embeddings[shuffled]).sum(-1)
     return {"true class": true, "shuffled class": wrong}
 
@@ -385,8 +475,9 @@ def mean_std(scores: torch.Tensor) -> str:
     return f"{float(scores.mean()):.3f} ± {float(scores.std(unbiased=False)):.3f}"
 
 
-def latent_concepts(clip: ClipTextImage, top_indices: torch.Tensor, latents: Sequence[int],
-                    load: Callable[[int], object]) -> torch.Tensor:
+def latent_concepts(
+    clip: ClipTextImage, top_indices: torch.Tensor, latents: Sequence[int], load: Callable[[int], object]
+) -> torch.Tensor:
     """Mean CLIP image embedding of each latent's top training images ``[L, E]`` (only those images are embedded)."""
     chosen = top_indices[list(latents)]
     needed = sorted({int(i) for i in chosen.flatten().tolist() if i >= 0})
@@ -398,16 +489,31 @@ def latent_concepts(clip: ClipTextImage, top_indices: torch.Tensor, latents: Seq
     return concept_embeddings(table, chosen)
 
 
-def diffmean_vectors(model: nn.Module, processor, layer: int, top_indices: torch.Tensor, latents: Sequence[int],
-                     load: Callable[[int], object], num_images: int, seed: int = 0,
-                     hook: str = DEFAULT_HOOK) -> torch.Tensor:
+def diffmean_vectors(
+    model: nn.Module,
+    processor,
+    layer: int,
+    top_indices: torch.Tensor,
+    latents: Sequence[int],
+    load: Callable[[int], object],
+    num_images: int,
+    seed: int = 0,
+    hook: str = DEFAULT_HOOK,
+) -> torch.Tensor:
     """One DiffMean vector per latent ``[L, D]``: block mean over its top images minus over as many others."""
     generator = torch.Generator().manual_seed(seed)
     vectors = []
     for latent in latents:
         with_concept = [int(i) for i in top_indices[latent].tolist() if i >= 0]
         others = [i for i in torch.randperm(num_images, generator=generator).tolist() if i not in set(with_concept)]
-        without = others[:len(with_concept)]
-        vectors.append(diffmean_vector(model, pixel_values(processor, [load(i) for i in with_concept]),
-                                       pixel_values(processor, [load(i) for i in without]), layer, hook))
+        without = others[: len(with_concept)]
+        vectors.append(
+            diffmean_vector(
+                model,
+                pixel_values(processor, [load(i) for i in with_concept]),
+                pixel_values(processor, [load(i) for i in without]),
+                layer,
+                hook,
+            )
+        )
     return torch.stack(vectors)

@@ -5,6 +5,7 @@ steps after it (`alpha_sweep`, `score_settings`, `class_name_baselines`, `diffme
 each take that :class:`SteeringStudy`, so the chapter's cells stay short and a sweep reads the
 files they write (`STEERING_SCORES_FILE`) under names defined here.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,30 @@ import torch
 from PIL import Image
 
 from . import defaults, steering
-from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava
 from .extract import open_dataset
 from .hooks import DEFAULT_HOOK, check_steerable
+from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava
 from .paths import resolve_out_dir
 from .scoring import sae_codes, store_image_loader
 from .store import ActivationStore
+
+__all__ = [
+    "ALPHA_SWEEP_FILE",
+    "CONCEPT_IMAGES",
+    "FIXTURE_STEERING_TOKENS",
+    "LATENT_CONCEPTS_FILE",
+    "PLAIN_ANSWER_FILE",
+    "STEERING_SCORES_FILE",
+    "WHITE_IMAGE_SIZE",
+    "SteeringStudy",
+    "alpha_sweep",
+    "class_name_baselines",
+    "diffmean_comparison",
+    "evenly_spaced",
+    "prepare",
+    "score_setting",
+    "score_settings",
+]
 
 STEERING_SCORES_FILE = "steering_scores.csv"  # the Table 3 rows (read by sweep.gather)
 ALPHA_SWEEP_FILE = "alpha_sweep.csv"  # one answer per (image, latent, α)
@@ -62,10 +81,14 @@ class SteeringStudy:
 
     def describe(self) -> str:
         """One line on what is steered where."""
-        text = (f"steering block {self.layer} ({self.hook}) with {self.sae.dict_size} latents; "
-                f"{len(self.latents)} latents on the white image, latents {self.focus} on the test images")
+        text = (
+            f"steering block {self.layer} ({self.hook}) with {self.sae.dict_size} latents; "
+            f"{len(self.latents)} latents on the white image, latents {self.focus} on the test images"
+        )
         if self.silent:
-            text += f"; {len(self.silent)} latents never fire on the training images and are not scored: {self.silent[:20]}"
+            text += (
+                f"; {len(self.silent)} latents never fire on the training images and are not scored: {self.silent[:20]}"
+            )
         return text
 
 
@@ -88,19 +111,33 @@ def _split_silent(latents: Sequence[int], top) -> tuple[list[int], list[int]]:
     return [j for j in latents if int(top.indices[j, 0]) >= 0], [j for j in latents if int(top.indices[j, 0]) < 0]
 
 
-def prepare(llava: str, *, sae_path: str = "", train_store: str = "", layer: int = 2, hook: str = DEFAULT_HOOK,
-            latents: Sequence[int] = (), image_latents: int = 10, alpha_scale: str = "max",
-            concept_pool: str = "mean", clip_text_model: str = "fixture:mini_clip", images_dir: str = "",
-            num_images: int = 4, device: str = "auto", model_dtype: str = "auto",
-            out_dir: str | os.PathLike = "steer") -> SteeringStudy:
+def prepare(
+    llava: str,
+    *,
+    sae_path: str = "",
+    train_store: str = "",
+    layer: int = 2,
+    hook: str = DEFAULT_HOOK,
+    latents: Sequence[int] = (),
+    image_latents: int = 10,
+    alpha_scale: str = "max",
+    concept_pool: str = "mean",
+    clip_text_model: str = "fixture:mini_clip",
+    images_dir: str = "",
+    num_images: int = 4,
+    device: str = "auto",
+    model_dtype: str = "auto",
+    out_dir: str | os.PathLike = "steer",
+) -> SteeringStudy:
     """Load everything chapter 5 needs; empty ``sae_path`` / ``train_store`` / ``images_dir`` / ``latents``
     mean the fixture defaults (an SAE on 16 random tokens per image, its 6 most class-pure latents)."""
     check_steerable(hook)
     model, processor = load_llava(llava, device=device, model_dtype=model_dtype)
     if layer > feature_block(model):
         raise ValueError(f"layer {layer} is after LLaVA's feature block {feature_block(model)}")
-    train = defaults.store_or_default(train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS,
-                                      layer=layer)
+    train = defaults.store_or_default(
+        train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS, layer=layer
+    )
     sae = _steering_sae(sae_path, train, layer)
     codes = sae_codes(sae, train, device=device)
     top = steering.concept_top_images(codes, train.row_image_index(), CONCEPT_IMAGES, pool=concept_pool)
@@ -115,12 +152,25 @@ def prepare(llava: str, *, sae_path: str = "", train_store: str = "", layer: int
     out = resolve_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return SteeringStudy(
-        model=model, processor=processor, sae=sae, layer=layer, hook=hook, train=train, top=top, latents=chosen,
-        focus=chosen[:image_latents], units=steering.alpha_units(sae, codes, chosen, alpha_scale), clip=clip,
+        model=model,
+        processor=processor,
+        sae=sae,
+        layer=layer,
+        hook=hook,
+        train=train,
+        top=top,
+        latents=chosen,
+        focus=chosen[:image_latents],
+        units=steering.alpha_units(sae, codes, chosen, alpha_scale),
+        clip=clip,
         concepts=steering.latent_concepts(clip, top.indices, chosen, load_train),
-        test_images=[test_set.load(i) for i in picks], test_classes=[test_set[i].class_name for i in picks],
-        white=Image.new("RGB", (WHITE_IMAGE_SIZE, WHITE_IMAGE_SIZE), "white"), out=out, load_train=load_train,
-        silent=silent)
+        test_images=[test_set.load(i) for i in picks],
+        test_classes=[test_set[i].class_name for i in picks],
+        white=Image.new("RGB", (WHITE_IMAGE_SIZE, WHITE_IMAGE_SIZE), "white"),
+        out=out,
+        load_train=load_train,
+        silent=silent,
+    )
 
 
 def _generate(study: SteeringStudy, images: Sequence, prompt: str, max_new_tokens: int, **steer) -> list[str]:
@@ -128,51 +178,101 @@ def _generate(study: SteeringStudy, images: Sequence, prompt: str, max_new_token
     return steering.generate(study.model, study.processor, images, prompt, max_new_tokens, **steer)
 
 
-def alpha_sweep(study: SteeringStudy, alphas: Sequence[float], prompt: str, max_new_tokens: int = 5
-                ) -> tuple[str, pd.DataFrame]:
+def alpha_sweep(
+    study: SteeringStudy, alphas: Sequence[float], prompt: str, max_new_tokens: int = 5
+) -> tuple[str, pd.DataFrame]:
     """The unsteered answer on the white image and a latent × α table of steered answers, with
     each latent's top class and whether the answer at the largest α names it; writes
     `PLAIN_ANSWER_FILE`, `ALPHA_SWEEP_FILE` and `LATENT_CONCEPTS_FILE`."""
     plain = _generate(study, [study.white], prompt, max_new_tokens)[0]
-    sweep = pd.DataFrame(steering.latent_sweep(study.model, study.processor, study.sae, study.layer, [study.white],
-                                               study.focus, alphas, prompt, max_new_tokens, alpha_units=study.units,
-                                               hook=study.hook))
+    sweep = pd.DataFrame(
+        steering.latent_sweep(
+            study.model,
+            study.processor,
+            study.sae,
+            study.layer,
+            [study.white],
+            study.focus,
+            alphas,
+            prompt,
+            max_new_tokens,
+            alpha_units=study.units,
+            hook=study.hook,
+        )
+    )
     (study.out / PLAIN_ANSWER_FILE).write_text(plain)
     sweep.to_csv(study.out / ALPHA_SWEEP_FILE, index=False)
     names = study.train.class_names
     classes = [" ".join(names[i] for i in study.top.indices[j].tolist() if i >= 0) for j in study.focus]
-    pd.DataFrame({"latent": study.focus, "top image classes": classes}).to_csv(study.out / LATENT_CONCEPTS_FILE,
-                                                                             index=False)
+    pd.DataFrame({"latent": study.focus, "top image classes": classes}).to_csv(
+        study.out / LATENT_CONCEPTS_FILE, index=False
+    )
     table = sweep.pivot(index="latent", columns="alpha", values="answer")
     top_classes = [steering.top_class(study.top.indices, names, j) for j in table.index]
     table["top class"] = [steering.class_text(c) for c in top_classes]
-    table["names it at the largest α"] = [steering.names_class(table.loc[j, max(alphas)], c)
-                                          for j, c in zip(table.index, top_classes)]
+    table["names it at the largest α"] = [
+        steering.names_class(table.loc[j, max(alphas)], c) for j, c in zip(table.index, top_classes)
+    ]
     return plain, table
 
 
-def score_setting(study: SteeringStudy, name: str, images: Sequence, latents: Sequence[int], score_alpha: float,
-                  prompt: str, max_new_tokens: int = 5) -> tuple[dict, torch.Tensor]:
+def score_setting(
+    study: SteeringStudy,
+    name: str,
+    images: Sequence,
+    latents: Sequence[int],
+    score_alpha: float,
+    prompt: str,
+    max_new_tokens: int = 5,
+) -> tuple[dict, torch.Tensor]:
     """Steering score of every (image, latent) pair, steered at ``score_alpha`` and not steered
     (the paper's Table 3 row ``name``); returns the row and the steered scores."""
     rows, image_of, latent_of = steering.sweep_rows(images, latents)
     concept = study.concept_of(latent_of)
-    steered = _generate(study, rows, prompt, max_new_tokens, sae=study.sae, layer=study.layer, hook=study.hook,
-                        clamp=[{j: score_alpha * study.units[j]} for j in latent_of])
+    steered = _generate(
+        study,
+        rows,
+        prompt,
+        max_new_tokens,
+        sae=study.sae,
+        layer=study.layer,
+        hook=study.hook,
+        clamp=[{j: score_alpha * study.units[j]} for j in latent_of],
+    )
     plain = _generate(study, images, prompt, max_new_tokens)
     s = steering.score_answers(study.clip, steered, concept)
     u = steering.score_answers(study.clip, [plain[i] for i in image_of], concept)
-    return {"setting": name, "pairs": len(rows), "steered": steering.mean_std(s), "not steered": steering.mean_std(u)}, s
+    return {
+        "setting": name,
+        "pairs": len(rows),
+        "steered": steering.mean_std(s),
+        "not steered": steering.mean_std(u),
+    }, s
 
 
-def score_settings(study: SteeringStudy, score_alpha: float, prompt: str, max_new_tokens: int = 5
-                   ) -> tuple[pd.DataFrame, torch.Tensor]:
+def score_settings(
+    study: SteeringStudy, score_alpha: float, prompt: str, max_new_tokens: int = 5
+) -> tuple[pd.DataFrame, torch.Tensor]:
     """Table 3's two settings — the white image × every latent, the test images × the focus
     latents — written to `STEERING_SCORES_FILE`; returns the table and the test images' steered scores."""
-    white_row, _ = score_setting(study, f"white image × {len(study.latents)} latents", [study.white], study.latents,
-                                 score_alpha, prompt, max_new_tokens)
-    image_row, image_scores = score_setting(study, f"{len(study.test_images)} images × {len(study.focus)} latents",
-                                            study.test_images, study.focus, score_alpha, prompt, max_new_tokens)
+    white_row, _ = score_setting(
+        study,
+        f"white image × {len(study.latents)} latents",
+        [study.white],
+        study.latents,
+        score_alpha,
+        prompt,
+        max_new_tokens,
+    )
+    image_row, image_scores = score_setting(
+        study,
+        f"{len(study.test_images)} images × {len(study.focus)} latents",
+        study.test_images,
+        study.focus,
+        score_alpha,
+        prompt,
+        max_new_tokens,
+    )
     scores = pd.DataFrame([white_row, image_row]).set_index("setting")
     scores.to_csv(study.out / STEERING_SCORES_FILE)
     return scores, image_scores
@@ -185,23 +285,47 @@ def class_name_baselines(study: SteeringStudy) -> pd.DataFrame | None:
     if len(classes) < 2:
         return None
     names = [steering.class_text(c) for c in classes]
-    base = steering.class_name_baseline(study.clip.embed_images(study.test_images), study.clip.embed_text(names),
-                                        [classes.index(c) for c in study.test_classes])
+    base = steering.class_name_baseline(
+        study.clip.embed_images(study.test_images),
+        study.clip.embed_text(names),
+        [classes.index(c) for c in study.test_classes],
+    )
     return pd.DataFrame({k: [steering.mean_std(v)] for k, v in base.items()}, index=["image vs class name"])
 
 
-def diffmean_comparison(study: SteeringStudy, image_scores: torch.Tensor, score_alpha: float, diffmean_scale: float,
-                        prompt: str, max_new_tokens: int = 5) -> pd.DataFrame:
+def diffmean_comparison(
+    study: SteeringStudy,
+    image_scores: torch.Tensor,
+    score_alpha: float,
+    diffmean_scale: float,
+    prompt: str,
+    max_new_tokens: int = 5,
+) -> pd.DataFrame:
     """Steering score of DiffMean vectors built from the same top images, next to the SAE clamp's
     (``image_scores`` from `score_settings`), on the same test images and latents."""
     rows, _, latent_of = steering.sweep_rows(study.test_images, study.focus)
-    vectors = steering.diffmean_vectors(study.model, study.processor, study.layer, study.top.indices, study.focus,
-                                        study.load_train, len(study.train.image_ids), hook=study.hook)
+    vectors = steering.diffmean_vectors(
+        study.model,
+        study.processor,
+        study.layer,
+        study.top.indices,
+        study.focus,
+        study.load_train,
+        len(study.train.image_ids),
+        hook=study.hook,
+    )
     per_row = vectors[[study.focus.index(j) for j in latent_of]]
-    answers = _generate(study, rows, prompt, max_new_tokens,
-                        steering=lambda: steering.add_vector(study.model, study.layer, per_row, diffmean_scale,
-                                                             hook=study.hook))
+    answers = _generate(
+        study,
+        rows,
+        prompt,
+        max_new_tokens,
+        steering=lambda: steering.add_vector(study.model, study.layer, per_row, diffmean_scale, hook=study.hook),
+    )
     diffmean = steering.score_answers(study.clip, answers, study.concept_of(latent_of))
-    return pd.DataFrame({"method": [f"SAE clamp α = {score_alpha}", f"DiffMean × {diffmean_scale}"],
-                         "steering score": [steering.mean_std(image_scores), steering.mean_std(diffmean)]}
-                        ).set_index("method")
+    return pd.DataFrame(
+        {
+            "method": [f"SAE clamp α = {score_alpha}", f"DiffMean × {diffmean_scale}"],
+            "steering score": [steering.mean_std(image_scores), steering.mean_std(diffmean)],
+        }
+    ).set_index("method")

@@ -13,6 +13,7 @@ size), so its rows are ``kept images × rows_per_image``: batches never straddle
 resumed or multi-process run sees exactly the batches of an uninterrupted one, which is what
 makes it bit-identical.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,17 @@ import numpy as np
 import torch
 
 from .io import atomic_write, atomic_write_json, library_versions, read_json, sha256_file, sha256_json
+
+__all__ = [
+    "DTYPES",
+    "STORE_FORMAT",
+    "ActivationStore",
+    "StoreError",
+    "StorePlan",
+    "StoreWriter",
+    "check_dtype",
+    "shard_name",
+]
 
 STORE_FORMAT = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -71,16 +83,30 @@ class StorePlan:
 
     def to_json(self) -> dict[str, Any]:
         """The plan as written to ``plan.json``."""
-        return {"format": STORE_FORMAT, "params": self.params, "image_ids": self.image_ids,
-                "class_names": self.class_names, "dim": self.dim, "dtype": self.dtype,
-                "rows_per_image": self.rows_per_image, "shard_images": self.shard_images,
-                "fingerprint": self.fingerprint()}
+        return {
+            "format": STORE_FORMAT,
+            "params": self.params,
+            "image_ids": self.image_ids,
+            "class_names": self.class_names,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "rows_per_image": self.rows_per_image,
+            "shard_images": self.shard_images,
+            "fingerprint": self.fingerprint(),
+        }
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the store's content."""
-        return sha256_json({"params": self.params, "image_ids": self.image_ids, "dim": self.dim,
-                            "dtype": self.dtype, "rows_per_image": self.rows_per_image,
-                            "shard_images": self.shard_images})
+        return sha256_json(
+            {
+                "params": self.params,
+                "image_ids": self.image_ids,
+                "dim": self.dim,
+                "dtype": self.dtype,
+                "rows_per_image": self.rows_per_image,
+                "shard_images": self.shard_images,
+            }
+        )
 
 
 class StoreWriter:
@@ -109,7 +135,9 @@ class StoreWriter:
         """A shard is done when its metadata (written after its rows) exists."""
         return (self.path / SHARD_DIR / f"{shard_name(shard)}.json").is_file()
 
-    def write_shard(self, shard: int, rows: np.ndarray, kept: Sequence[int], skipped: Sequence[tuple[str, str]]) -> None:
+    def write_shard(
+        self, shard: int, rows: np.ndarray, kept: Sequence[int], skipped: Sequence[tuple[str, str]]
+    ) -> None:
         """Write one shard's rows, then its metadata (both atomically)."""
         expected = len(kept) * self.plan.rows_per_image
         if rows.shape != (expected, self.plan.dim):
@@ -117,15 +145,20 @@ class StoreWriter:
         rows = np.ascontiguousarray(rows, dtype=DTYPES[self.plan.dtype])
         array_path = self.path / SHARD_DIR / f"{shard_name(shard)}.npy"
         atomic_write(array_path, lambda stream: np.save(stream, rows, allow_pickle=False))
-        meta = {"shard": shard, "kept": [int(i) for i in kept], "skipped": [list(s) for s in skipped],
-                "rows": int(rows.shape[0]), "sha256": sha256_file(array_path)}
+        meta = {
+            "shard": shard,
+            "kept": [int(i) for i in kept],
+            "skipped": [list(s) for s in skipped],
+            "rows": int(rows.shape[0]),
+            "sha256": sha256_file(array_path),
+        }
         atomic_write_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json", meta)
 
     def all_shards_done(self) -> bool:
         """Every shard of the plan has been written (by any process)."""
         return all(self.shard_done(s) for s in range(self.plan.num_shards))
 
-    def finalize(self) -> "ActivationStore":
+    def finalize(self) -> ActivationStore:
         """Assemble ``manifest.json`` from the shard metadata, in dataset order, and open the store."""
         if not self.all_shards_done():
             missing = [s for s in range(self.plan.num_shards) if not self.shard_done(s)]
@@ -134,8 +167,10 @@ class StoreWriter:
         kept = [i for meta in metas for i in meta["kept"]]
         if not kept:
             raise StoreError(f"{self.path}: no image could be used; skipped: {metas[0]['skipped'][:3]}")
-        shards = [{"file": f"{SHARD_DIR}/{shard_name(m['shard'])}.npy", "rows": m["rows"], "sha256": m["sha256"]}
-                  for m in metas]
+        shards = [
+            {"file": f"{SHARD_DIR}/{shard_name(m['shard'])}.npy", "rows": m["rows"], "sha256": m["sha256"]}
+            for m in metas
+        ]
         image_ids = [self.plan.image_ids[i] for i in kept]
         manifest = self.plan.to_json() | {
             "image_ids": image_ids,
@@ -157,11 +192,14 @@ def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
     if old.get("fingerprint") == plan.fingerprint():
         return
     new = plan.to_json()
-    changed = sorted(k for k in set(old.get("params", {})) | set(plan.params)
-                     if old.get("params", {}).get(k) != plan.params.get(k))
+    changed = sorted(
+        k for k in set(old.get("params", {})) | set(plan.params) if old.get("params", {}).get(k) != plan.params.get(k)
+    )
     changed += [k for k in ("dim", "dtype", "rows_per_image", "shard_images", "image_ids") if old.get(k) != new[k]]
-    raise StoreError(f"{existing.parent} already holds a store made with different parameters "
-                     f"(differs in: {', '.join(changed) or 'format'}). Use another out_dir or delete that folder.")
+    raise StoreError(
+        f"{existing.parent} already holds a store made with different parameters "
+        f"(differs in: {', '.join(changed) or 'format'}). Use another out_dir or delete that folder."
+    )
 
 
 class ActivationStore:
@@ -173,15 +211,16 @@ class ActivationStore:
         self._arrays: list[np.ndarray] | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: bool = False) -> "ActivationStore":
+    def open(cls, path: str | os.PathLike, *, verify: bool = False) -> ActivationStore:
         """Open a finished store; ``verify=True`` also checks every shard's SHA-256."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"activation store {path} does not exist")
         if not (path / MANIFEST_FILE).is_file():
             if (path / PLAN_FILE).is_file():
-                raise StoreError(f"{path}: extraction is incomplete (no manifest.json); rerun it with the same "
-                                 "parameters to resume")
+                raise StoreError(
+                    f"{path}: extraction is incomplete (no manifest.json); rerun it with the same parameters to resume"
+                )
             raise FileNotFoundError(f"{path} is not an activation store (no manifest.json)")
         store = cls(path, read_json(path / MANIFEST_FILE))
         store._check(verify)
@@ -201,8 +240,10 @@ class ActivationStore:
                 raise StoreError(f"{self.path}: shard {shard['file']} is missing")
             array = np.load(file, mmap_mode="r")
             if array.shape != (shard["rows"], m["dim"]) or array.dtype != DTYPES[m["dtype"]]:
-                raise StoreError(f"{self.path}: shard {shard['file']} has shape {array.shape} {array.dtype}, "
-                                 f"manifest says ({shard['rows']}, {m['dim']}) {m['dtype']}")
+                raise StoreError(
+                    f"{self.path}: shard {shard['file']} has shape {array.shape} {array.dtype}, "
+                    f"manifest says ({shard['rows']}, {m['dim']}) {m['dtype']}"
+                )
             if verify and sha256_file(file) != shard["sha256"]:
                 raise StoreError(f"{self.path}: shard {shard['file']} does not match its SHA-256 (corrupted)")
 
@@ -278,8 +319,14 @@ class ActivationStore:
             start = stop
         return out if dtype == storage else out.to(dtype)
 
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor]:
         """Batches of rows: in order (streamed shard by shard), or shuffled with a seeded permutation."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -292,7 +339,7 @@ class ActivationStore:
             start = 0
             while start < len(array):
                 take = min(batch_size - pending_rows, len(array) - start)
-                pending.append(array[start:start + take])
+                pending.append(array[start : start + take])
                 pending_rows += take
                 start += take
                 if pending_rows == batch_size:
@@ -305,7 +352,7 @@ class ActivationStore:
         """Seeded global permutation; each batch gathers its rows from the memory maps shard by shard."""
         order = np.random.default_rng(seed).permutation(len(self))
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             if drop_last and len(rows) < batch_size:
                 return
             yield torch.from_numpy(self.rows_at(rows)).to(dtype)

@@ -5,6 +5,7 @@ SAE types × expansions × scorers into notebook runs, skips runs whose outputs 
 runs the rest in dependency order (extract → train → score → hierarchy / steer), keeps each
 executed notebook and log beside its outputs, and writes ``results/<name>/*.csv``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +28,51 @@ from .steering_study import STEERING_SCORES_FILE
 from .train import run_name
 from .train_config import TrainConfig, grid_configs
 
+__all__ = [
+    "DONE_FILE",
+    "EXECUTION_ONLY",
+    "EXPECTED_OUTPUTS",
+    "HIERARCHY_KEYS",
+    "REQUIRED",
+    "SAE_KEYS",
+    "SAE_SETTINGS",
+    "SPLIT_KEYS",
+    "STEERING_KEYS",
+    "TOP_KEYS",
+    "TRAIN_DEFAULTS",
+    "ConfigError",
+    "Run",
+    "SweepResults",
+    "ensure_fixture_results",
+    "execute",
+    "expand",
+    "gather",
+    "is_complete",
+    "load_config",
+    "load_results",
+    "run_sweep",
+    "slug",
+    "sweep_dir",
+]
+
 DONE_FILE = "_sweep_run.json"
-TOP_KEYS = {"name": str, "data": dict, "models": list, "layers": list, "tokens": str, "dtype": str,
-            "batch_size": int, "scorers": list, "sae": dict, "hierarchy": dict, "steering": dict,
-            "device": str, "model_dtype": str, "num_workers": int, "hook": str}
+TOP_KEYS = {
+    "name": str,
+    "data": dict,
+    "models": list,
+    "layers": list,
+    "tokens": str,
+    "dtype": str,
+    "batch_size": int,
+    "scorers": list,
+    "sae": dict,
+    "hierarchy": dict,
+    "steering": dict,
+    "device": str,
+    "model_dtype": str,
+    "num_workers": int,
+    "hook": str,
+}
 #: Parameters that say where a run executes, not what it computes: not part of a run's fingerprint,
 #: so a sweep finished on one GPU is not redone on another (results agree within the tested tolerances).
 EXECUTION_ONLY = ("device", "num_workers")
@@ -41,10 +83,23 @@ SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "au
 SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
-STEERING_KEYS = {"llava": str, "encoder": str, "layer": int, "expansion": (int, float), "steps": int,
-                 "num_images": int, "alphas": list, "clip_text_model": str, "latents": list,
-                 "alpha_scale": str, "score_alpha": (int, float), "random_k": int, "concept_pool": str,
-                 "image_latents": int, "hook": str}
+STEERING_KEYS = {
+    "llava": str,
+    "encoder": str,
+    "layer": int,
+    "expansion": (int, float),
+    "steps": int,
+    "num_images": int,
+    "alphas": list,
+    "clip_text_model": str,
+    "latents": list,
+    "alpha_scale": str,
+    "score_alpha": (int, float),
+    "random_k": int,
+    "concept_pool": str,
+    "image_latents": int,
+    "hook": str,
+}
 SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 
@@ -83,7 +138,7 @@ def _check_keys(section: dict, allowed: dict, where: str) -> None:
         if isinstance(value, str) and float in expected and str not in expected:
             with contextlib.suppress(ValueError):
                 section[key] = value = float(value)
-        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is int:
+        if not isinstance(value, allowed[key]) or (isinstance(value, bool) and allowed[key] is int):
             expected = allowed[key] if isinstance(allowed[key], type) else " or ".join(t.__name__ for t in allowed[key])
             expected = getattr(expected, "__name__", expected)
             raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
@@ -98,8 +153,9 @@ def _check_sae_settings(sae: dict, where: str) -> None:
     if unknown:
         raise ConfigError(f"{where}.types: unknown SAE type(s) {unknown}; valid: {', '.join(SAE_TYPES)}")
     try:
-        grid_configs(sae.get("types") or [], sae.get("expansions") or [],
-                     **{key: sae[key] for key in SAE_SETTINGS if key in sae})
+        grid_configs(
+            sae.get("types") or [], sae.get("expansions") or [], **{key: sae[key] for key in SAE_SETTINGS if key in sae}
+        )
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
 
@@ -145,8 +201,10 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
             raise ConfigError(f"{where}.sae.{key}: a non-empty list")
     _check_distinct_slugs(config, where)
     if "hierarchy" in config and config["hierarchy"].get("layer", config["layers"][0]) not in config["layers"]:
-        raise ConfigError(f"{where}.hierarchy.layer: {config['hierarchy']['layer']!r} is not one of layers "
-                          f"{config['layers']}; the hierarchy run uses that layer's extraction")
+        raise ConfigError(
+            f"{where}.hierarchy.layer: {config['hierarchy']['layer']!r} is not one of layers "
+            f"{config['layers']}; the hierarchy run uses that layer's extraction"
+        )
     return config
 
 
@@ -200,50 +258,122 @@ def expand(config: dict[str, Any]) -> list[Run]:
 
     hook = config.get("hook", DEFAULT_HOOK)
 
-    def extract(model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2,
-                hook: str = hook) -> Run:
+    def extract(
+        model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2, hook: str = hook
+    ) -> Run:
         data = config["data"][split]
         suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
-        run = Run("extract", "01", f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
-                  {"model": model, "data_dir": data["data_dir"], "split": data.get("split"),
-                   **_layer_params(layer, hook), "tokens": tokens, "random_k": random_k, "scorer": "", **common},
-                  labels={"model": model, "layer": layer, "split": split})
+        run = Run(
+            "extract",
+            "01",
+            f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
+            {
+                "model": model,
+                "data_dir": data["data_dir"],
+                "split": data.get("split"),
+                **_layer_params(layer, hook),
+                "tokens": tokens,
+                "random_k": random_k,
+                "scorer": "",
+                **common,
+            },
+            labels={"model": model, "layer": layer, "split": split},
+        )
         return _add(runs, run)
 
     def embed(scorer: str, split: str) -> Run:
         data = config["data"][split]
-        return _add(runs, Run("embed", "01", f"embed/{slug(scorer)}/{split}",
-                              {"model": scorer, "data_dir": data["data_dir"], "split": data.get("split"),
-                               "hook": EMBEDDING_HOOK, "layer": -1, "tokens": "cls", "scorer": "", **common},
-                              labels={"scorer": scorer, "split": split}))
+        return _add(
+            runs,
+            Run(
+                "embed",
+                "01",
+                f"embed/{slug(scorer)}/{split}",
+                {
+                    "model": scorer,
+                    "data_dir": data["data_dir"],
+                    "split": data.get("split"),
+                    "hook": EMBEDDING_HOOK,
+                    "layer": -1,
+                    "tokens": "cls",
+                    "scorer": "",
+                    **common,
+                },
+                labels={"scorer": scorer, "split": split},
+            ),
+        )
 
-    def train(source: Run, validation: Run | None, sae_type: str, expansion, group_fractions, steps: int,
-              folder: str) -> Run:
-        settings = {name: sae.get(name, getattr(TRAIN_DEFAULTS, name))  # unset keys: TrainConfig's defaults
-                    for name in ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")}
-        params = {"train_store": f"{source.out_dir}/activations", "val_store": f"{(validation or source).out_dir}/activations",
-                  "sae_types": [sae_type], "expansions": [expansion], "k": settings["k"], "group_fractions": group_fractions,
-                  "steps": steps, "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": settings["seed"],
-                  "aux_alpha": settings["aux_alpha"], "decay_start": settings["decay_start"]}
-        run = Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []),
-                  labels=dict(source.labels, sae_type=sae_type, expansion=expansion, k=settings["k"],
-                              sae_dir=f"{folder}/{run_name(sae_type, expansion, settings['k'])}"))
+    def train(
+        source: Run, validation: Run | None, sae_type: str, expansion, group_fractions, steps: int, folder: str
+    ) -> Run:
+        settings = {
+            name: sae.get(name, getattr(TRAIN_DEFAULTS, name))  # unset keys: TrainConfig's defaults
+            for name in ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")
+        }
+        params = {
+            "train_store": f"{source.out_dir}/activations",
+            "val_store": f"{(validation or source).out_dir}/activations",
+            "sae_types": [sae_type],
+            "expansions": [expansion],
+            "k": settings["k"],
+            "group_fractions": group_fractions,
+            "steps": steps,
+            "batch_size": settings["batch_size"],
+            "lr": settings["lr"],
+            "seed": settings["seed"],
+            "aux_alpha": settings["aux_alpha"],
+            "decay_start": settings["decay_start"],
+        }
+        run = Run(
+            "train",
+            "02",
+            folder,
+            params,
+            [source.id] + ([validation.id] if validation else []),
+            labels=dict(
+                source.labels,
+                sae_type=sae_type,
+                expansion=expansion,
+                k=settings["k"],
+                sae_dir=f"{folder}/{run_name(sae_type, expansion, settings['k'])}",
+            ),
+        )
         return _add(runs, run)
 
     val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
     for model in config["models"]:
         for layer in config["layers"]:
             train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
-            trained = [train(train_store, val_store, t, e, sae.get("group_fractions"), sae.get("steps", TRAIN_DEFAULTS.steps),
-                             f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}")
-                       for t in sae["types"] for e in sae["expansions"]]
+            trained = [
+                train(
+                    train_store,
+                    val_store,
+                    t,
+                    e,
+                    sae.get("group_fractions"),
+                    sae.get("steps", TRAIN_DEFAULTS.steps),
+                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}",
+                )
+                for t in sae["types"]
+                for e in sae["expansions"]
+            ]
             for scorer, embedding in val_embeddings.items():
-                _add(runs, Run("score", "03", f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
-                               {"activations_store": f"{val_store.out_dir}/activations",
-                                "scorer_store": f"{embedding.out_dir}/activations",
-                                "sae_paths": [r.labels["sae_dir"] for r in trained], "top_k": 16},
-                               [val_store.id, embedding.id] + [r.id for r in trained],
-                               labels={"model": model, "layer": layer, "scorer": scorer}))
+                _add(
+                    runs,
+                    Run(
+                        "score",
+                        "03",
+                        f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
+                        {
+                            "activations_store": f"{val_store.out_dir}/activations",
+                            "scorer_store": f"{embedding.out_dir}/activations",
+                            "sae_paths": [r.labels["sae_dir"] for r in trained],
+                            "top_k": 16,
+                        },
+                        [val_store.id, embedding.id] + [r.id for r in trained],
+                        labels={"model": model, "layer": layer, "scorer": scorer},
+                    ),
+                )
             if "hierarchy" in config and layer == config["hierarchy"].get("layer", config["layers"][0]):
                 _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
     if "steering" in config:
@@ -267,13 +397,32 @@ def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
 def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
     """A Matryoshka SAE with the hierarchy's group split, then notebook 04 on the training images."""
     h, folder = config["hierarchy"], _layer_dir(layer, config.get("hook", DEFAULT_HOOK))
-    matryoshka = train(train_store, val_store, "matryoshka_batch_top_k", h.get("expansion", 2), h["group_fractions"],
-                       h.get("steps", config["sae"]["steps"]), f"train/{slug(model)}/{folder}/hierarchy")
+    matryoshka = train(
+        train_store,
+        val_store,
+        "matryoshka_batch_top_k",
+        h.get("expansion", 2),
+        h["group_fractions"],
+        h.get("steps", config["sae"]["steps"]),
+        f"train/{slug(model)}/{folder}/hierarchy",
+    )
     scorer = embed(config["scorers"][0], "train")
-    _add(runs, Run("hierarchy", "04", f"hierarchy/{slug(model)}/{folder}",
-                   {"train_store": f"{train_store.out_dir}/activations", "sae_path": matryoshka.labels["sae_dir"],
-                    "top_k": h.get("top_k", 16), "scorer_store": f"{scorer.out_dir}/activations"},
-                   [train_store.id, matryoshka.id, scorer.id], labels={"model": model, "layer": layer}))
+    _add(
+        runs,
+        Run(
+            "hierarchy",
+            "04",
+            f"hierarchy/{slug(model)}/{folder}",
+            {
+                "train_store": f"{train_store.out_dir}/activations",
+                "sae_path": matryoshka.labels["sae_dir"],
+                "top_k": h.get("top_k", 16),
+                "scorer_store": f"{scorer.out_dir}/activations",
+            },
+            [train_store.id, matryoshka.id, scorer.id],
+            labels={"model": model, "layer": layer},
+        ),
+    )
 
 
 def _steering(config, runs, extract, train) -> None:
@@ -282,18 +431,50 @@ def _steering(config, runs, extract, train) -> None:
     hook = s.get("hook", DEFAULT_HOOK)  # SAE trained and clamped at the same hook point
     tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2), hook=hook)
     folder = _layer_dir(s["layer"], hook)
-    sae = train(tokens, None, "matryoshka_batch_top_k", s.get("expansion", 4), None,
-                s.get("steps", config["sae"]["steps"]), f"train/{slug(s['encoder'])}/{folder}/steering")
-    params = {"llava": s["llava"], "sae_path": sae.labels["sae_dir"], "train_store": f"{tokens.out_dir}/activations",
-              "layer": s["layer"], "num_images": s.get("num_images", 4)}
+    sae = train(
+        tokens,
+        None,
+        "matryoshka_batch_top_k",
+        s.get("expansion", 4),
+        None,
+        s.get("steps", config["sae"]["steps"]),
+        f"train/{slug(s['encoder'])}/{folder}/steering",
+    )
+    params = {
+        "llava": s["llava"],
+        "sae_path": sae.labels["sae_dir"],
+        "train_store": f"{tokens.out_dir}/activations",
+        "layer": s["layer"],
+        "num_images": s.get("num_images", 4),
+    }
     params |= {"hook": hook} if hook != DEFAULT_HOOK else {}  # today's steer runs keep their fingerprint
-    params |= {key: s[key] for key in ("alphas", "clip_text_model", "latents", "alpha_scale", "score_alpha",
-                                       "concept_pool", "image_latents") if key in s}
+    params |= {
+        key: s[key]
+        for key in (
+            "alphas",
+            "clip_text_model",
+            "latents",
+            "alpha_scale",
+            "score_alpha",
+            "concept_pool",
+            "image_latents",
+        )
+        if key in s
+    }
     val = config["data"]["val"]
     if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
         params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))
-    _add(runs, Run("steer", "05", f"steer/{slug(s['llava'])}/{folder}", params, [tokens.id, sae.id],
-                   labels={"llava": s["llava"], "layer": s["layer"]}))
+    _add(
+        runs,
+        Run(
+            "steer",
+            "05",
+            f"steer/{slug(s['llava'])}/{folder}",
+            params,
+            [tokens.id, sae.id],
+            labels={"llava": s["llava"], "layer": s["layer"]},
+        ),
+    )
 
 
 def _add(runs: list[Run], run: Run) -> Run:
@@ -310,9 +491,14 @@ def _add(runs: list[Run], run: Run) -> Run:
 # ----------------------------------------------------------------------------- execution
 
 
-EXPECTED_OUTPUTS = {"extract": ["activations/manifest.json"], "embed": ["activations/manifest.json"],
-                    "train": ["results.csv"], "score": [MS_SUMMARY_FILE], "hierarchy": [LEVELS_FILE],
-                    "steer": [STEERING_SCORES_FILE]}
+EXPECTED_OUTPUTS = {
+    "extract": ["activations/manifest.json"],
+    "embed": ["activations/manifest.json"],
+    "train": ["results.csv"],
+    "score": [MS_SUMMARY_FILE],
+    "hierarchy": [LEVELS_FILE],
+    "steer": [STEERING_SCORES_FILE],
+}
 
 
 def sweep_dir(name: str) -> Path:
@@ -347,8 +533,14 @@ def _resolved(run: Run, root: Path) -> dict[str, Any]:
     return params
 
 
-def execute(runs: list[Run], root: Path, *, dry_run: bool = False, progress: bool = True,
-            runner: Callable[[str, dict, Path], Any] | None = None) -> pd.DataFrame:
+def execute(
+    runs: list[Run],
+    root: Path,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    runner: Callable[[str, dict, Path], Any] | None = None,
+) -> pd.DataFrame:
     """Run what is not complete, in order; a failure blocks only the runs that depend on it."""
     from tqdm.auto import tqdm
 
@@ -383,8 +575,15 @@ def _execute_one(run: Run, root: Path, runner, error_type) -> tuple[str, str]:
         runner(run.notebook, _resolved(run, root), folder)
     except (error_type, ValueError, FileNotFoundError) as err:
         return "failed", str(err).splitlines()[0]
-    atomic_write_json(folder / DONE_FILE, {"fingerprint": _fingerprint(run, root), "notebook": run.notebook,
-                                           "parameters": _resolved(run, root), "labels": run.labels})
+    atomic_write_json(
+        folder / DONE_FILE,
+        {
+            "fingerprint": _fingerprint(run, root),
+            "notebook": run.notebook,
+            "parameters": _resolved(run, root),
+            "labels": run.labels,
+        },
+    )
     return "ran", ""
 
 
@@ -403,11 +602,13 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
             tables["sae"].append(_score_rows(run, folder, by_sae_dir, root))
             summary = pd.read_csv(folder / MS_SUMMARY_FILE)
             raw = summary[summary.neurons.str.startswith("raw")]
-            tables["raw"].append(raw.assign(model=run.labels["model"], layer=str(run.labels["layer"]),
-                                            scorer=run.labels["scorer"]))
+            tables["raw"].append(
+                raw.assign(model=run.labels["model"], layer=str(run.labels["layer"]), scorer=run.labels["scorer"])
+            )
         elif run.kind == "hierarchy":
-            tables["hierarchy"].append(pd.read_csv(folder / LEVELS_FILE).assign(
-                model=run.labels["model"], layer=str(run.labels["layer"])))
+            tables["hierarchy"].append(
+                pd.read_csv(folder / LEVELS_FILE).assign(model=run.labels["model"], layer=str(run.labels["layer"]))
+            )
         elif run.kind == "steer":
             tables["steering"].append(pd.read_csv(folder / STEERING_SCORES_FILE).assign(**run.labels))
     out = results_root() / config["name"]
@@ -430,16 +631,34 @@ def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) 
         train_run = by_sae_dir[sae_dir]
         trained = pd.read_csv(root / train_run.out_dir / "results.csv").iloc[0]
         ms = summary.loc[Path(sae_dir).name]
-        rows.append({"model": run.labels["model"], "layer": str(run.labels["layer"]), "scorer": run.labels["scorer"],
-                     "SAE": trained["SAE"], "expansion": trained["expansion"], "K": trained["k"],
-                     "latents": trained["latents"], "R² %": trained["R² %"], "L0": trained["L0"],
-                     "dead %": trained["dead %"], "MS mean": ms["mean MS"], "MS std": ms["std"],
-                     "MS max": ms["best MS"], "dead latents (MS)": ms["dead"]})
+        rows.append(
+            {
+                "model": run.labels["model"],
+                "layer": str(run.labels["layer"]),
+                "scorer": run.labels["scorer"],
+                "SAE": trained["SAE"],
+                "expansion": trained["expansion"],
+                "K": trained["k"],
+                "latents": trained["latents"],
+                "R² %": trained["R² %"],
+                "L0": trained["L0"],
+                "dead %": trained["dead %"],
+                "MS mean": ms["mean MS"],
+                "MS std": ms["std"],
+                "MS max": ms["best MS"],
+                "dead latents (MS)": ms["dead"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def run_sweep(config_path: str | os.PathLike, *, dry_run: bool = False, progress: bool = True,
-              runner: Callable[[str, dict, Path], Any] | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def run_sweep(
+    config_path: str | os.PathLike,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    runner: Callable[[str, dict, Path], Any] | None = None,
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Load, expand, execute and gather a sweep; returns the status table and the results tables."""
     config = load_config(config_path)
     runs = expand(config)
@@ -461,8 +680,10 @@ class SweepResults:
 
     def describe(self) -> str:
         """One line: which sweep (by folder name, never a machine path), how many runs, which tables."""
-        return (f"sweep {self.folder.name}: {len(self.sae)} SAE runs, scorer {self.scorer}; "
-                f"tables: {', '.join(self.tables)}")
+        return (
+            f"sweep {self.folder.name}: {len(self.sae)} SAE runs, scorer {self.scorer}; "
+            f"tables: {', '.join(self.tables)}"
+        )
 
 
 def load_results(folder: str | os.PathLike, scorer: str = "") -> SweepResults:
@@ -470,7 +691,9 @@ def load_results(folder: str | os.PathLike, scorer: str = "") -> SweepResults:
     folder = Path(folder)
     tables = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
     if "sae" not in tables:
-        raise FileNotFoundError(f"{folder} has no sae.csv: run the sweep first (python -m vlmsae_utils.run --config ...)")
+        raise FileNotFoundError(
+            f"{folder} has no sae.csv: run the sweep first (python -m vlmsae_utils.run --config ...)"
+        )
     scorers = tables["sae"].scorer.unique().tolist()
     scorer = scorer or scorers[0]
     if scorer not in scorers:

@@ -14,14 +14,16 @@ encoder forward is used on CUDA only. Every setting, with its default, is a fiel
 :class:`~vlmsae_utils.train_config.TrainConfig`; what differs between SAE types (selection rule,
 loss terms) is decided by the SAE class (:mod:`vlmsae_utils.sae`).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .io import atomic_torch_save
-from .sae import SAE_LABELS, SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, batch_topk_indices, sae_class  # noqa: F401
-from .train_config import (  # noqa: F401 (re-exported: these lived here before TrainConfig)
+from .sae import SAE_LABELS, SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, batch_topk_indices, sae_class
+from .train_config import (
     DATA_MEMORY_FRACTION,
     DECAY_LAST_20PCT,
     DEFAULT_AUX_ALPHA,
@@ -43,10 +45,46 @@ from .train_config import (  # noqa: F401 (re-exported: these lived here before 
     resolve_decay_start,
 )
 
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CHUNK_BATCHES",
+    "CHUNK_MAX_BYTES",
+    "DATA_MEMORY_FRACTION",
+    "DECAY_LAST_20PCT",
+    "DEFAULT_AUX_ALPHA",
+    "DEFAULT_GROUP_FRACTIONS",
+    "SAE_LABELS",
+    "SAE_TYPES",
+    "TRAINER_VERSION",
+    "BaseSAE",
+    "MatryoshkaBatchTopKSAE",
+    "TrainConfig",
+    "batch_topk_indices",
+    "data_fingerprint",
+    "default_lr",
+    "estimate_input_scale",
+    "evaluate_sae",
+    "free_device_memory",
+    "geometric_median",
+    "grid_configs",
+    "group_sizes_from_fractions",
+    "lr_lambda",
+    "make_config",
+    "project_decoder_grad",
+    "resolve_decay_start",
+    "run_name",
+    "sae_class",
+    "sae_loss",
+    "train_grid",
+    "train_sae",
+    "training_batch_rows",
+]
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # ----- parameters (the settings themselves: vlmsae_utils.train_config.TrainConfig) ----------------
+
 
 def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None) -> float:
     """Learning-rate multiplier: linear warm-up from 0, then 1, then linear decay to 0 from ``decay_start``
@@ -80,11 +118,12 @@ def _first_bad_rows(x: torch.Tensor, offset: int = 0, n: int = 5) -> list[int]:
     return [int(i) + offset for i in bad]
 
 
-def _check_finite(x: torch.Tensor, what: str, offset: int = 0, rows: np.ndarray | None = None,
-                  piece: int = 65536) -> None:
+def _check_finite(
+    x: torch.Tensor, what: str, offset: int = 0, rows: np.ndarray | None = None, piece: int = 65536
+) -> None:
     """Raise with the first bad row indices (``rows[i]`` when given, else ``offset + i``); checks in pieces."""
     for start in range(0, x.shape[0], piece):
-        part = x[start:start + piece]
+        part = x[start : start + piece]
         if bool(torch.isfinite(part).all()):
             continue
         bad = _first_bad_rows(part, start)
@@ -195,7 +234,7 @@ class _RowSource:
                 continue
             local = rows[a:b] - self.offsets[s]
             if int(local[-1]) - int(local[0]) == b - a - 1:  # a contiguous range: plain slice
-                view[a:b] = array[int(local[0]):int(local[-1]) + 1]
+                view[a:b] = array[int(local[0]) : int(local[-1]) + 1]
             else:
                 np.take(array, local, axis=0, out=view[a:b], mode="clip")  # indices are valid; "clip" avoids a buffer
         return out
@@ -239,7 +278,7 @@ class _IndexStream:
             while p < stop:
                 epoch, off = divmod(p, self.n_rows)
                 take = min(stop - p, self.n_rows - off)
-                parts.append(self._perm(epoch)[off:off + take])
+                parts.append(self._perm(epoch)[off : off + take])
                 p += take
         return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
@@ -258,8 +297,9 @@ def _resolve_data_on_device(data_on_device, src: _RowSource, device: torch.devic
         raise ValueError(f"memory_fraction must be in (0, 1], got {fraction!r}")
     if data_on_device != "auto":
         return bool(data_on_device)
-    if src.tensor is not None and (src.tensor.device == device or
-                                   (device.type == "cpu" and src.tensor.device.type == "cpu")):
+    if src.tensor is not None and (
+        src.tensor.device == device or (device.type == "cpu" and src.tensor.device.type == "cpu")
+    ):
         return True  # already there: no copy
     return src.nbytes <= float(fraction) * free_device_memory(device)
 
@@ -273,8 +313,16 @@ class _TrainingStream:
     memory by a background thread while the previous chunk trains, copied with ``non_blocking``,
     and batches are drawn from the chunk on the device. Both give the same batches."""
 
-    def __init__(self, data, batch_size: int, seed: int, device: torch.device, data_on_device="auto",
-                 memory_fraction: float = DATA_MEMORY_FRACTION, what: str = "training data"):
+    def __init__(
+        self,
+        data,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        data_on_device="auto",
+        memory_fraction: float = DATA_MEMORY_FRACTION,
+        what: str = "training data",
+    ):
         self.src = data if isinstance(data, _RowSource) else _RowSource(data)
         self.batch_size, self.device, self.what = int(batch_size), device, what
         self.index = _IndexStream(self.src.n_rows, batch_size, seed)
@@ -313,7 +361,7 @@ class _TrainingStream:
                 n = min(C, end - c0)
                 rows = torch.from_numpy(self.index.rows(c0, n)).to(self.device)
                 for i in range(n):
-                    yield data.index_select(0, rows[i * B:(i + 1) * B]).float()
+                    yield data.index_select(0, rows[i * B : (i + 1) * B]).float()
             return
         if start >= end:
             return
@@ -329,7 +377,7 @@ class _TrainingStream:
                 inv = inv.to(self.device, non_blocking=True)
                 _check_finite(block, self.what, rows=uniq)
                 for i in range(n):
-                    yield block.index_select(0, inv[i * B:(i + 1) * B]).float()
+                    yield block.index_select(0, inv[i * B : (i + 1) * B]).float()
                 c0 += n
 
 
@@ -340,22 +388,23 @@ def _eval_batches(data, batch_size: int, device: torch.device, seed: int) -> Ite
     resident = src.tensor is not None and (src.tensor.device == device or src.tensor.device.type == "cpu")
     chunk = batch_size * max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_size * src.dim * src.itemsize)))
     for c0 in range(0, src.n_rows, chunk):
-        rows = order[c0:c0 + chunk]
+        rows = order[c0 : c0 + chunk]
         if resident:
             idx = torch.from_numpy(rows)
             for i in range(0, len(rows), batch_size):
-                sel = idx[i:i + batch_size].to(src.tensor.device)
+                sel = idx[i : i + batch_size].to(src.tensor.device)
                 yield src.tensor.index_select(0, sel).to(device, non_blocking=True).float()
             continue
         uniq, inv = np.unique(rows, return_inverse=True)
         block = src.gather(uniq, pin=device.type == "cuda").to(device, non_blocking=True)
         inv_t = torch.from_numpy(inv.astype(np.int64).reshape(-1)).to(device)
         for i in range(0, len(rows), batch_size):
-            yield block.index_select(0, inv_t[i:i + batch_size]).float()
+            yield block.index_select(0, inv_t[i : i + batch_size]).float()
 
 
-def estimate_input_scale(data, n_rows: int | None = None, batch_size: int = 4096, seed: int = 0,
-                         n_batches: int = 100) -> float:
+def estimate_input_scale(
+    data, n_rows: int | None = None, batch_size: int = 4096, seed: int = 0, n_batches: int = 100
+) -> float:
     """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, Pach et al. 2025): ``s = 1/√mean‖x‖²``.
 
     As the authors (dictionary_learning's ``--normalize_activations``), the mean is taken over
@@ -368,10 +417,12 @@ def estimate_input_scale(data, n_rows: int | None = None, batch_size: int = 4096
     n = min(N, int(n_rows) if n_rows is not None else int(n_batches) * int(batch_size))
     if n < 1:
         raise ValueError("cannot normalise inputs: data is empty")
-    rows = np.arange(N) if n >= N else np.sort(np.random.default_rng([int(seed) % 2**63, 1]).choice(N, n, replace=False))
+    rows = (
+        np.arange(N) if n >= N else np.sort(np.random.default_rng([int(seed) % 2**63, 1]).choice(N, n, replace=False))
+    )
     total = 0.0
     for start in range(0, n, 8192):
-        part = rows[start:start + 8192]
+        part = rows[start : start + 8192]
         b = src.gather(part)
         _check_finite(b, "data", rows=part)
         total += float(b.double().pow(2).sum())
@@ -394,6 +445,7 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 
 
 # ----- loss with sparse gradients -------------------------------------------------------------
+
 
 class _SparseEncoderGrad(torch.autograd.Function):
     """Identity on gathered post-ReLU encoder values whose backward only touches the gathered entries.
@@ -429,13 +481,26 @@ def _dense_loss(sae: BaseSAE, xs: torch.Tensor, l1_coeff: float) -> dict[str, An
     l2 = (xs - x_hat).pow(2).sum(-1).mean()
     l1 = sae.sparsity_penalty(f)
     fired = (f > 0).any(0)
-    return {"loss": l2 + l1_coeff * l1, "l2": l2.detach(), "aux": torch.zeros(()), "l1": l1.detach(),
-            "l0": float((f > 0).sum()) / xs.shape[0], "fired": fired, "min_kept": None}
+    return {
+        "loss": l2 + l1_coeff * l1,
+        "l2": l2.detach(),
+        "aux": torch.zeros(()),
+        "l1": l1.detach(),
+        "l0": float((f > 0).sum()) / xs.shape[0],
+        "fired": fired,
+        "min_kept": None,
+    }
 
 
-def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
-             aux_alpha: float = DEFAULT_AUX_ALPHA, k_aux: int | None = None, l1_coeff: float = TrainConfig.l1_coeff,
-             autocast: bool = False) -> dict[str, Any]:
+def sae_loss(
+    sae: BaseSAE,
+    x: torch.Tensor,
+    dead_mask: torch.Tensor | None = None,
+    aux_alpha: float = DEFAULT_AUX_ALPHA,
+    k_aux: int | None = None,
+    l1_coeff: float = TrainConfig.l1_coeff,
+    autocast: bool = False,
+) -> dict[str, Any]:
     """Training loss of the reference trainer on raw inputs ``x`` (scaled by ``sae.input_scale``).
 
     ``loss = l2 + aux_alpha · aux``. The SAE class decides the terms: which entries are kept
@@ -487,7 +552,9 @@ def sae_loss(sae: BaseSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = Non
     if aux_rows is not None:
         resid = (xs - x_hat).detach()
         ka = aux_cols.shape[0] // B
-        aux_rec = F.embedding_bag(aux_cols.view(B, ka), sae.W_dec, mode="sum", per_sample_weights=g_vals[n_kept:].view(B, ka))
+        aux_rec = F.embedding_bag(
+            aux_cols.view(B, ka), sae.W_dec, mode="sum", per_sample_weights=g_vals[n_kept:].view(B, ka)
+        )
         l2_aux = (resid - aux_rec).pow(2).sum(-1).mean()
         denom = (resid - resid.mean(0, keepdim=True)).pow(2).sum(-1).mean()
         aux = (l2_aux / denom).nan_to_num(0.0)
@@ -505,9 +572,11 @@ def project_decoder_grad(W_dec: torch.Tensor) -> None:
 
 # ----- evaluation ------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto",
-                 seed: int = 0) -> dict[str, float]:
+def evaluate_sae(
+    sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto", seed: int = 0
+) -> dict[str, float]:
     """Reconstruction quality and sparsity of ``sae`` on ``data`` (inference encoding).
 
     Returns ``fvu`` and ``r2 = 1 − FVU`` over the whole data (global: one residual sum of squares
@@ -560,9 +629,13 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
         tss = float(sq - sums.pow(2).sum() / n)
         fvu = sse / tss if tss > 0 else float("nan")
         per_batch = full_r2 or partial_r2
-        out = {"fvu": fvu, "r2": 1.0 - fvu,
-               "r2_batch_mean": float(np.mean(per_batch)) if per_batch else float("nan"),
-               "l0": l0 / n, "dead_frac_val": float((~fired).float().mean())}
+        out = {
+            "fvu": fvu,
+            "r2": 1.0 - fvu,
+            "r2_batch_mean": float(np.mean(per_batch)) if per_batch else float("nan"),
+            "l0": l0 / n,
+            "dead_frac_val": float((~fired).float().mean()),
+        }
         if prefix_sse is not None:
             for m, e in zip(sae.prefix_sizes, prefix_sse.tolist()):
                 out[f"r2_prefix_{m}"] = 1.0 - e / tss if tss > 0 else float("nan")
@@ -577,8 +650,10 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
 
 # ----- trainer ---------------------------------------------------------------------------------
 
-def make_config(config: TrainConfig | str | None = None, expansion: float | None = None,
-                **overrides: Any) -> TrainConfig:
+
+def make_config(
+    config: TrainConfig | str | None = None, expansion: float | None = None, **overrides: Any
+) -> TrainConfig:
     """The :class:`TrainConfig` of ``train_sae(data, config, expansion, **overrides)``: ``config`` (default
     ``TrainConfig()``) with ``overrides`` applied; a string ``config`` is the ``sae_type`` (short form)."""
     if isinstance(config, str):
@@ -594,10 +669,19 @@ def make_config(config: TrainConfig | str | None = None, expansion: float | None
     return (config or TrainConfig()).updated(**overrides)
 
 
-def train_sae(data, config: TrainConfig | str | None = None, expansion: float | None = None, *,
-              device: str | torch.device = "auto", val_data=None, checkpoint_dir: str | os.PathLike | None = None,
-              progress: bool = True, resume: bool = True, stop_after: int | None = None,
-              **overrides: Any) -> tuple[BaseSAE, pd.DataFrame]:
+def train_sae(
+    data,
+    config: TrainConfig | str | None = None,
+    expansion: float | None = None,
+    *,
+    device: str | torch.device = "auto",
+    val_data=None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    stop_after: int | None = None,
+    **overrides: Any,
+) -> tuple[BaseSAE, pd.DataFrame]:
     """Train an SAE on ``data`` (tensor [N, d] or ActivationStore); return (sae, history).
 
     Settings: ``config`` (a :class:`TrainConfig`; default ``TrainConfig()``) with ``overrides``
@@ -672,10 +756,22 @@ def train_sae(data, config: TrainConfig | str | None = None, expansion: float | 
     since_fired = torch.zeros(dict_size, dtype=torch.long, device=dev)
     history: list[dict] = []
     start = 0
-    run_cfg = {"sae_type": sae_type, "activation_dim": d, "dict_size": dict_size, "k": k, "group_sizes": group_sizes,
-               "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
-               "decay_start": decay_start, "aux_alpha": float(cfg.aux_alpha), "trainer_version": TRAINER_VERSION,
-               "data": data_fingerprint(data)}
+    run_cfg = {
+        "sae_type": sae_type,
+        "activation_dim": d,
+        "dict_size": dict_size,
+        "k": k,
+        "group_sizes": group_sizes,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "warmup_steps": warmup_steps,
+        "decay_start": decay_start,
+        "aux_alpha": float(cfg.aux_alpha),
+        "trainer_version": TRAINER_VERSION,
+        "data": data_fingerprint(data),
+    }
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
 
     if ckpt_path is not None and resume and ckpt_path.is_file():
@@ -700,9 +796,18 @@ def train_sae(data, config: TrainConfig | str | None = None, expansion: float | 
     def save_ckpt(step: int) -> None:
         if ckpt_path is None:
             return
-        atomic_torch_save({"config": run_cfg, "step": step, "model": sae.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "since_fired": since_fired.cpu(),
-                            "history": history}, ckpt_path)
+        atomic_torch_save(
+            {
+                "config": run_cfg,
+                "step": step,
+                "model": sae.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "since_fired": since_fired.cpu(),
+                "history": history,
+            },
+            ckpt_path,
+        )
 
     end = steps if stop_after is None else min(steps, int(stop_after))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{sae_type} ε={cfg.expansion}")
@@ -711,8 +816,15 @@ def train_sae(data, config: TrainConfig | str | None = None, expansion: float | 
     try:
         for step, x in zip(range(start, end), batches):
             dead = since_fired >= dead_tokens if sae.sparse_training and sae.uses_aux_loss else None
-            out = sae_loss(sae, x, dead_mask=dead, aux_alpha=cfg.aux_alpha, k_aux=cfg.k_aux, l1_coeff=cfg.l1_coeff,
-                           autocast=autocast)
+            out = sae_loss(
+                sae,
+                x,
+                dead_mask=dead,
+                aux_alpha=cfg.aux_alpha,
+                k_aux=cfg.k_aux,
+                l1_coeff=cfg.l1_coeff,
+                autocast=autocast,
+            )
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             project_decoder_grad(sae.W_dec)
@@ -728,8 +840,12 @@ def train_sae(data, config: TrainConfig | str | None = None, expansion: float | 
                     mk = out["min_kept"]
                     th = float(sae.threshold)
                     sae.threshold.fill_(mk if th < 0 else threshold_beta * th + (1 - threshold_beta) * mk)
-            last = {"loss": float(out["loss"].detach()), "l2": float(out["l2"]), "aux": float(out["aux"]),
-                    "l0": out["l0"]}
+            last = {
+                "loss": float(out["loss"].detach()),
+                "l2": float(out["l2"]),
+                "aux": float(out["aux"]),
+                "l0": out["l0"],
+            }
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"training diverged at step {step + 1}: loss={last['loss']}")
             done = step + 1
@@ -737,9 +853,13 @@ def train_sae(data, config: TrainConfig | str | None = None, expansion: float | 
                 bar.set_postfix(loss=f"{last['loss']:.4g}", L0=f"{last['l0']:.1f}", refresh=False)
             bar.update(1)
             if done % eval_every == 0 or done == steps:
-                row = {"step": done, "lr": opt.param_groups[0]["lr"], **last,
-                       "dead_frac": float((since_fired >= dead_tokens).float().mean()),
-                       "threshold": float(sae.threshold)}
+                row = {
+                    "step": done,
+                    "lr": opt.param_groups[0]["lr"],
+                    **last,
+                    "dead_frac": float((since_fired >= dead_tokens).float().mean()),
+                    "threshold": float(sae.threshold),
+                }
                 if val_data is not None:
                     row.update({f"val_{kk}": v for kk, v in evaluate_sae(sae, val_data, batch_size, dev).items()})
                 history.append(row)
@@ -763,10 +883,19 @@ def run_name(sae_type: str, expansion: float, k: int) -> str:
     return f"{sae_type}_x{expansion:g}_k{k}"
 
 
-def train_grid(train_data, val_data, sae_types: list[str], expansions: list[float], out_dir: str | os.PathLike,
-               device: str | torch.device = "auto", config: TrainConfig | None = None, progress: bool = True,
-               resume: bool = True, stop_after: int | None = None,
-               **overrides: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def train_grid(
+    train_data,
+    val_data,
+    sae_types: list[str],
+    expansions: list[float],
+    out_dir: str | os.PathLike,
+    device: str | torch.device = "auto",
+    config: TrainConfig | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    stop_after: int | None = None,
+    **overrides: Any,
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Train every (SAE type × expansion) on the same data, save each SAE and its history under
     ``out_dir/<run_name>/``, and return a results table (R², the authors' per-batch R², L0, dead %)
     and the histories. Settings: ``config`` (default ``TrainConfig()``) with ``overrides`` (TrainConfig
@@ -795,15 +924,33 @@ def train_grid(train_data, val_data, sae_types: list[str], expansions: list[floa
             cfg = configs[sae_type, expansion]
             k = cfg.k
             name = run_name(sae_type, expansion, k)
-            sae, history = train_sae(train_data, cfg, val_data=val_data, device=dev, progress=progress, resume=resume,
-                                     stop_after=stop_after, checkpoint_dir=out / name / "checkpoint")
+            sae, history = train_sae(
+                train_data,
+                cfg,
+                val_data=val_data,
+                device=dev,
+                progress=progress,
+                resume=resume,
+                stop_after=stop_after,
+                checkpoint_dir=out / name / "checkpoint",
+            )
             save_sae(sae, out / name)
             history.to_csv(out / name / "history.csv", index=False)
             final = evaluate_sae(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
-            rows.append({"SAE": SAE_LABELS[sae_type], "sae_type": sae_type, "expansion": expansion,
-                         "latents": sae.dict_size, "k": k, "R² %": 100 * final["r2"],
-                         "R² batch-mean %": 100 * final["r2_batch_mean"], "L0": final["l0"],
-                         "dead %": 100 * final.get("dead_frac_val", float("nan")), "path": str(out / name)})
+            rows.append(
+                {
+                    "SAE": SAE_LABELS[sae_type],
+                    "sae_type": sae_type,
+                    "expansion": expansion,
+                    "latents": sae.dict_size,
+                    "k": k,
+                    "R² %": 100 * final["r2"],
+                    "R² batch-mean %": 100 * final["r2_batch_mean"],
+                    "L0": final["l0"],
+                    "dead %": 100 * final.get("dead_frac_val", float("nan")),
+                    "path": str(out / name),
+                }
+            )
             histories[name] = history
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)

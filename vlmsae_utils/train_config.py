@@ -7,6 +7,7 @@ scripts; the paper text says 1/32), no learning-rate decay, Matryoshka groups of
 and 9/16 of the latents. Settings that depend on the data width (``k ≤ ω``, group sizes) are
 checked by :meth:`TrainConfig.sizes` once the width is known.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from .sae import SAE_TYPES, sae_class
+
+__all__ = [
+    "DATA_MEMORY_FRACTION",
+    "DECAY_LAST_20PCT",
+    "DEFAULT_AUX_ALPHA",
+    "DEFAULT_GROUP_FRACTIONS",
+    "TrainConfig",
+    "check_group_fractions",
+    "default_lr",
+    "grid_configs",
+    "group_sizes_from_fractions",
+    "resolve_decay_start",
+]
 
 #: Matryoshka group sizes as fractions of the dictionary (Pach et al. 2025).
 DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
@@ -71,8 +85,9 @@ def resolve_decay_start(decay_start: int | float | None, steps: int) -> int | No
     if decay_start is None:
         return None
     if isinstance(decay_start, bool) or not isinstance(decay_start, numbers.Real):
-        raise ValueError(f"decay_start must be None, a step (int) or a fraction of steps (float in [0, 1]), "
-                         f"got {decay_start!r}")
+        raise ValueError(
+            f"decay_start must be None, a step (int) or a fraction of steps (float in [0, 1]), got {decay_start!r}"
+        )
     if not isinstance(decay_start, numbers.Integral):
         decay_start = float(decay_start)
         if not 0.0 <= decay_start <= 1.0:
@@ -93,13 +108,19 @@ def _integer(name: str, value: Any, low: int | None, optional: bool = False) -> 
     return int(value)
 
 
-def _real(name: str, value: Any, low: float, high: float = math.inf, optional: bool = False,
-          open_low: bool = False) -> Any:
+def _real(
+    name: str, value: Any, low: float, high: float = math.inf, optional: bool = False, open_low: bool = False
+) -> Any:
     """Check that ``value`` is a number (not a bool) in the range, or ``None`` when ``optional``; return it."""
     if value is None and optional:
         return None
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value > low if open_low else value >= low) and value <= high)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+        and value <= high
+    )
     if not ok:
         if high < math.inf:
             where = f"in {'(' if open_low else '['}{low:g}, {high:g}]"
@@ -171,14 +192,20 @@ class TrainConfig:
         if self.group_fractions is not None:
             if not cls.uses_groups:
                 with_groups = [t for t in SAE_TYPES if sae_class(t).uses_groups]
-                raise ValueError(f"group_fractions only apply to {', '.join(map(repr, with_groups))}, "
-                                 f"not {self.sae_type!r}")
+                raise ValueError(
+                    f"group_fractions only apply to {', '.join(map(repr, with_groups))}, not {self.sae_type!r}"
+                )
             set_("group_fractions", check_group_fractions(self.group_fractions))
         for name in ("steps", "batch_size", "dead_tokens"):
             set_(name, _integer(name, getattr(self, name), 1))
         set_("seed", _integer("seed", self.seed, None))
-        for name, low in (("warmup_steps", 0), ("threshold_start_step", 0), ("k_aux", 1), ("eval_every", 1),
-                          ("checkpoint_every", 1)):
+        for name, low in (
+            ("warmup_steps", 0),
+            ("threshold_start_step", 0),
+            ("k_aux", 1),
+            ("eval_every", 1),
+            ("checkpoint_every", 1),
+        ):
             set_(name, _integer(name, getattr(self, name), low, optional=True))
         _real("lr", self.lr, 0.0, optional=True)
         resolve_decay_start(self.decay_start, self.steps)
@@ -225,8 +252,11 @@ class TrainConfig:
         if name not in hints:
             raise ValueError(f"unknown training setting {name!r}; TrainConfig fields: {', '.join(cls.field_names())}")
         hint = hints[name]
-        parts = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        parts = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
             else (hint,)
+        )
         out: list[type] = []
         for part in parts:
             origin = typing.get_origin(part) or part
@@ -236,8 +266,9 @@ class TrainConfig:
         return out[0] if len(out) == 1 else tuple(out)
 
 
-def grid_configs(sae_types: Iterable[str], expansions: Iterable[float], config: TrainConfig | None = None,
-                 **overrides: Any) -> dict[tuple[str, float], TrainConfig]:
+def grid_configs(
+    sae_types: Iterable[str], expansions: Iterable[float], config: TrainConfig | None = None, **overrides: Any
+) -> dict[tuple[str, float], TrainConfig]:
     """One validated :class:`TrainConfig` per (type, expansion) of a grid: ``config`` (default
     ``TrainConfig()``) with ``overrides`` applied; ``group_fractions`` only reach types with latent groups."""
     base = (config or TrainConfig()).updated(**{key: v for key, v in overrides.items() if key != "group_fractions"})
@@ -246,6 +277,7 @@ def grid_configs(sae_types: Iterable[str], expansions: Iterable[float], config: 
     for sae_type in sae_types:
         cls = sae_class(sae_type)
         for expansion in expansions:
-            out[sae_type, expansion] = base.updated(sae_type=sae_type, expansion=expansion,
-                                                    group_fractions=fractions if cls.uses_groups else None)
+            out[sae_type, expansion] = base.updated(
+                sae_type=sae_type, expansion=expansion, group_fractions=fractions if cls.uses_groups else None
+            )
     return out
