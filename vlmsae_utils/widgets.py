@@ -4,6 +4,7 @@
 activations, MS, and the neuron's activation histogram) — the book shows these; the
 interactive :func:`neuron_browser` wraps the same card in ipywidgets for JupyterLab.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -17,9 +18,20 @@ from PIL import Image
 
 from .scoring import NeuronReport, exemplar_images
 
+__all__ = [
+    "neuron_browser",
+    "neuron_card",
+    "rank_to_neuron",
+]
 
-def neuron_card(report: NeuronReport, neuron: int, load: Callable[[int], Image.Image],
-                labels: list[str] | None = None, ncols: int = 8) -> Figure:
+
+def neuron_card(
+    report: NeuronReport,
+    neuron: int,
+    load: Callable[[int], Image.Image],
+    labels: list[str] | None = None,
+    ncols: int = 8,
+) -> Figure:
     """Top images of one neuron (activation and class under each), its MS, and its activation histogram."""
     images, values = exemplar_images(report, neuron, load)
     nrows = -(-len(images) // ncols)
@@ -42,7 +54,9 @@ def neuron_card(report: NeuronReport, neuron: int, load: Callable[[int], Image.I
     sns.histplot(activations, bins=30, ax=hist)
     hist.set(yscale="log", xlabel="activation", ylabel="images", title="all images")
     ms = float(report.ms[neuron])
-    flag = f" · only {int(report.top.count_positive[neuron])} positive images" if bool(report.top.flagged[neuron]) else ""
+    flag = (
+        f" · only {int(report.top.count_positive[neuron])} positive images" if bool(report.top.flagged[neuron]) else ""
+    )
     fig.suptitle(f"{report.name} · neuron {neuron} · MS {ms:.3f}{flag}", fontsize=10)
     fig.tight_layout()
     return fig
@@ -57,8 +71,9 @@ def rank_to_neuron(report: NeuronReport, rank: int) -> int:
     return int(order[rank])
 
 
-def neuron_browser(reports: Mapping[str, NeuronReport], load: Callable[[int], Image.Image],
-                   labels: list[str] | None = None):
+def neuron_browser(
+    reports: Mapping[str, NeuronReport], load: Callable[[int], Image.Image], labels: list[str] | None = None
+):
     """An ipywidgets browser: model dropdown, MS-rank slider or neuron id → :func:`neuron_card`."""
     import ipywidgets as widgets
     from IPython.display import display
@@ -66,8 +81,9 @@ def neuron_browser(reports: Mapping[str, NeuronReport], load: Callable[[int], Im
     names = list(reports)
     model = widgets.Dropdown(options=names, description="neurons")
     by = widgets.ToggleButtons(options=["MS rank", "neuron id"], description="choose by")
-    index = widgets.IntSlider(min=0, max=reports[names[0]].num_neurons - 1, description="value",
-                              continuous_update=False)
+    index = widgets.IntSlider(
+        min=0, max=reports[names[0]].num_neurons - 1, description="value", continuous_update=False
+    )
     output = widgets.Output()
 
     def redraw(*_):
@@ -83,4 +99,6 @@ def neuron_browser(reports: Mapping[str, NeuronReport], load: Callable[[int], Im
     for control in (model, by, index):
         control.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([model, by, index]), output])
+    browser = widgets.VBox([widgets.HBox([model, by, index]), output])
+    browser.add_class("vlmsae-neuron-browser")  # a stable handle for tests/test_lab.py
+    return browser
