@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install jupyter-setup fixture sweep notebooks book demo lint format test test-gpu rehearsal lab clean
+.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format test test-gpu rehearsal lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
@@ -36,8 +36,14 @@ sweep: fixture
 notebooks: sweep
 	$(PY) -m vlmsae_utils.run --all --out $(CHAPTERS)
 
+# make book: the book of book/chapters; make book SWEEP=NAME: the book of a sweep's own runs
+# (results/NAME and its executed notebooks; nothing is re-executed). make publish [SWEEP=NAME]
+# also pushes the built site to the gh-pages branch (ghp-import).
 book: install
-	$(PY) -m vlmsae_utils.book
+	$(PY) -m vlmsae_utils.book $(if $(SWEEP),--from-sweep $(SWEEP))
+
+publish: install
+	$(PY) -m vlmsae_utils.book $(if $(SWEEP),--from-sweep $(SWEEP)) --publish
 
 demo: notebooks
 	$(PY) -m vlmsae_utils.book

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import nbformat
+import pandas as pd
 import pytest
 import yaml
 
@@ -38,3 +41,67 @@ def test_book_builds_from_every_executed_chapter(book_copy, executed_chapters, b
     assert "Data and models" in (html / "chapters" / "00_data_and_models.html").read_text()
     api = (html / "api.html").read_text()
     assert "monosemanticity_score" in api and "extract_activations" in api
+
+
+def test_scrub_replaces_every_machine_folder_and_leaves_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMSAE_OUTPUTS", str(tmp_path / "out"))
+    monkeypatch.setenv("VLMSAE_RESULTS", str(tmp_path / "out" / "res"))  # nested: its own name wins
+    text = f"store {tmp_path}/out/extract/a and table {tmp_path}/out/res/x.csv"
+    assert book.scrub_text(text) == "store <outputs>/extract/a and table <results>/x.csv"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f'path = "{tmp_path}/out/s"')])
+    notebook.cells[0].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text=f"wrote {tmp_path}/out/s\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": f"{tmp_path}/out", "image/png": "iVBORw0KGgo="}),
+    ]
+    nbformat.write(notebook, tmp_path / "n.ipynb")
+    cell = nbformat.read(book.scrub_notebook(tmp_path / "n.ipynb"), as_version=4).cells[0]
+    assert cell.source == 'path = "<outputs>/s"' and cell.outputs[0].text == "wrote <outputs>/s\n"
+    assert cell.outputs[1].data == {"text/plain": "<outputs>", "image/png": "iVBORw0KGgo="}
+
+
+def test_each_chapter_shows_the_first_run_of_its_notebook(tmp_path):
+    runs = [
+        book.ExecutedRun(n, r, tmp_path / f"{n}.ipynb")
+        for n, r in [
+            ("01", "embed/scorer/val"),  # a scorer's embeddings come first in a sweep
+            ("01", "extract/m/L2/train"),
+            ("01", "extract/m/L2/val"),
+            ("02", "train/a"),
+            ("02", "train/b"),
+            ("06", "results"),
+        ]
+    ]
+    assert [r.run_id for r in book.representatives(runs)] == ["extract/m/L2/train", "train/a", "results"]
+
+
+def test_a_book_of_nothing_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no sweep 'nope'.*run it first"):
+        book.sweep_runs("nope")
+    with pytest.raises(FileNotFoundError, match="holds no executed chapter"):
+        book.folder_runs(tmp_path)
+
+
+@pytest.mark.slow
+def test_book_of_the_fixture_sweep_travels(fixture_results, tmp_path):
+    from vlmsae_utils import sweep
+    from vlmsae_utils.paths import outputs_root, repo_root
+
+    sweep.execute_results_chapter("fixture")
+    html = book.build_from_sweep("fixture", tmp_path / "sweep-book")
+    chapters = sorted(p.stem for p in (html / "chapters").glob("*.html"))
+    assert chapters == ["01_extract", "02_train", "03_monosemanticity", "04_hierarchy", "05_steer", "06_results"]
+    results = (html / "chapters" / "06_results.html").read_text()
+    assert "sweep fixture: 8 SAE runs" in results  # its own results tables, not the demo's
+    status = pd.read_csv(sweep.sweep_dir("fixture") / sweep.RUNS_FILE)
+    runs_page = (html / "runs.html").read_text()
+    assert all(run in runs_page for run in status.run)
+    manifest = json.loads((sweep.sweep_dir("fixture") / status.run[1] / "activations" / "manifest.json").read_text())
+    assert manifest["content_hash"][:16] in (html / "intro.html").read_text()  # intro: what was run
+    machine = [str(outputs_root().parent), str(repo_root())]
+    for page in html.rglob("*.html"):
+        text = page.read_text()
+        assert not any(folder in text for folder in machine), page  # no machine path on any page
+    if book.find_chromium() is not None:
+        for page in [html / "intro.html", *sorted((html / "chapters").glob("*.html"))]:
+            report = book.browser_check(page)
+            assert report["broken"] == [] and report["errors"] == [] and report["raw_math"] == 0, report

@@ -195,5 +195,11 @@ def test_every_labelled_figure_is_cited_and_every_citation_has_a_figure(source):
     text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
     cited = set(re.findall(r"\{numref\}`(fig-[\w-]+)`", text))
     assert len(labels) == len(set(labels)), f"{source.name}: a figure label is used twice: {labels}"
+    for cell in notebook.cells:  # a label applies to every output of its cell: the figure must be the only one
+        if "figure" in cell.metadata.get("mystnb", {}):
+            lines = [line for line in cell.source.splitlines() if line.strip()]
+            assert lines[-1].startswith("fig = ") and "display(" not in cell.source and "print(" not in cell.source, (
+                f"{source.name}: a labelled figure cell must output only its figure:\n{cell.source}"
+            )
     assert set(labels) <= cited, f"{source.name}: figures never cited in the text: {set(labels) - cited}"
     assert cited <= set(labels), f"{source.name}: citations of figures that do not exist: {cited - set(labels)}"

@@ -2,28 +2,53 @@
 
 ``python -m vlmsae_utils.book`` checks that every chapter in ``book/_toc.yml`` exists as
 an executed notebook, then runs Jupyter Book 1 with warnings as errors, so a broken
-reference or a missing page fails the build.
+reference or a missing page fails the build. ``--from-sweep NAME`` builds a book of a sweep's
+own executed runs and results, ``--from-dir DIR`` one of notebooks executed by hand
+(``python -m vlmsae_utils.run ... --out DIR``); neither executes anything. Every page is scrubbed
+of machine paths (outputs, results, data home, checkout, home folder), so the site travels;
+``--publish`` pushes it to a ``gh-pages`` branch with ``ghp-import``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+import nbformat
+import pandas as pd
 import yaml
 
-from .paths import repo_root
+from .paths import data_home, outputs_root, repo_root, results_root
 
 __all__ = [
     "ERROR_MARKERS",
     "PROBE",
+    "ExecutedRun",
+    "assemble",
     "book_dir",
     "browser_check",
     "build",
+    "build_from_dir",
+    "build_from_sweep",
+    "build_parser",
     "find_chromium",
+    "folder_runs",
+    "machine_paths",
+    "main",
     "missing_pages",
+    "publish",
+    "representatives",
     "screenshot",
+    "scrub_notebook",
+    "scrub_text",
+    "sweep_runs",
     "toc_files",
 ]
 
@@ -59,6 +84,8 @@ def build(book: Path | None = None, *, builder: str = "html") -> Path:
             f"book pages missing: {missing}; run `python -m vlmsae_utils.run --all "
             f"--out {book / 'chapters'}` first (or `make notebooks`)"
         )
+    for chapter in sorted((book / "chapters").glob("*.ipynb")):
+        scrub_notebook(chapter)  # no machine path on any page
     command = [
         str(Path(sys.executable).with_name("jupyter-book")),
         "build",
@@ -156,11 +183,267 @@ def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str |
     return target
 
 
-def main() -> int:
+# ----------------------------------------------------------------------------- pages that travel
+
+
+def machine_paths() -> dict[str, str]:
+    """Absolute folders of this machine and the placeholder each becomes on a page (longest first,
+    so a folder inside another gets its own name)."""
+    named = {outputs_root(): "<outputs>", results_root(): "<results>", data_home(): "<data home>", Path.home(): "~"}
+    if repo_root() is not None:
+        named[repo_root()] = "<repo>"
+    pairs = {}
+    for folder, name in named.items():
+        for form in {str(folder), str(Path(folder).resolve())}:
+            if len(form) > 1:
+                pairs[form] = name
+    return dict(sorted(pairs.items(), key=lambda item: -len(item[0])))
+
+
+def scrub_text(text: str, paths: dict[str, str] | None = None) -> str:
+    """``text`` with every machine folder replaced by its placeholder."""
+    for folder, name in (paths or machine_paths()).items():
+        text = text.replace(folder, name)
+    return text
+
+
+def _scrub_value(value, paths: dict[str, str]):
+    """A notebook field (text, list of lines, or nested dict) with machine folders replaced."""
+    if isinstance(value, str):
+        return scrub_text(value, paths)
+    if isinstance(value, list):
+        return [_scrub_value(v, paths) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k.startswith("image/") else _scrub_value(v, paths)) for k, v in value.items()}
+    return value
+
+
+def scrub_notebook(path: Path) -> Path:
+    """Rewrite an executed notebook so no cell source or text output names a machine folder
+    (images untouched); returns the path."""
+    notebook = nbformat.read(path, as_version=4)
+    paths = machine_paths()
+    for cell in notebook.cells:
+        cell.source = scrub_text(cell.source, paths)
+        for output in cell.get("outputs", []):
+            for key in ("text", "data", "traceback", "evalue"):
+                if key in output:
+                    output[key] = _scrub_value(output[key], paths)
+    nbformat.write(notebook, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- a book of your own runs
+
+
+@dataclass
+class ExecutedRun:
+    """One executed notebook of a sweep or a folder: which chapter, where, with what."""
+
+    notebook: str  # "01" … "06"
+    run_id: str  # the run's folder under the sweep (or the file name for --from-dir)
+    executed: Path  # the executed .ipynb
+    state: str = ""  # the sweep's status of the run
+    parameters: dict | None = None
+
+
+def _executed_notebook(folder: Path, notebook: str) -> Path | None:
+    """The executed ``NN_*.ipynb`` of a run folder, if the run wrote one."""
+    return next(iter(sorted(folder.glob(f"{notebook}_*.ipynb"))), None)
+
+
+def sweep_runs(name: str) -> list[ExecutedRun]:
+    """Every run of sweep ``name`` in its order (``runs.csv`` of its last run), with its executed
+    notebook, then its results chapter; runs without an executed notebook are left out."""
+    from .sweep import DONE_FILE, RESULTS_NOTEBOOK, RUNS_FILE, sweep_dir
+
+    root = sweep_dir(name)
+    if not (root / RUNS_FILE).is_file():
+        raise FileNotFoundError(
+            f"no sweep {name!r} under {root.parent}: run it first "
+            f"(python -m vlmsae_utils.run --config configs/{name}.yaml)"
+        )
+    runs = []
+    for row in pd.read_csv(root / RUNS_FILE, dtype=str).fillna("").itertuples():
+        executed = _executed_notebook(root / row.run, row.notebook)
+        if executed is not None:
+            marker = root / row.run / DONE_FILE
+            parameters = json.loads(marker.read_text())["parameters"] if marker.is_file() else None
+            runs.append(ExecutedRun(row.notebook, row.run, executed, row.status, parameters))
+    results = _executed_notebook(root / "results", RESULTS_NOTEBOOK)
+    if results is None:
+        raise FileNotFoundError(
+            f"sweep {name!r} has no executed results chapter: rerun "
+            f"`python -m vlmsae_utils.run --config <its config>` (finished runs are skipped)"
+        )
+    return [*runs, ExecutedRun(RESULTS_NOTEBOOK, "results", results, "ran")]
+
+
+def folder_runs(folder: Path) -> list[ExecutedRun]:
+    """Notebooks executed by hand into ``folder`` (``NN_name.ipynb``), in chapter order."""
+    executed = sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
+    if not executed:
+        raise FileNotFoundError(
+            f"{folder} holds no executed chapter (NN_name.ipynb); write them with "
+            f"python -m vlmsae_utils.run NOTEBOOK --out {folder}"
+        )
+    return [ExecutedRun(p.name[:2], p.stem, p, "ran") for p in executed]
+
+
+def representatives(runs: list[ExecutedRun]) -> list[ExecutedRun]:
+    """One run per chapter: the first of its notebook in the sweep's order (the config's first
+    model, layer, SAE type and expansion), a model's extraction before a scorer's embeddings —
+    the rule a sweep book states on its front page."""
+    chosen: dict[str, ExecutedRun] = {}
+    for run in sorted(runs, key=lambda r: r.run_id.startswith("embed/")):  # stable: keeps the sweep's order
+        chosen.setdefault(run.notebook, run)
+    return [chosen[n] for n in sorted(chosen)]
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    """A pipe table of dicts with the same keys."""
+    if not rows:
+        return "(none)\n"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> list[dict]:
+    """Versions of the packages a reader needs to reproduce the pages."""
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for package in ("vlmsae-utils", "torch", "transformers", "open_clip_torch", "jupyter-book"):
+        try:
+            rows.append({"package": package, "version": metadata.version(package)})
+        except metadata.PackageNotFoundError:
+            rows.append({"package": package, "version": "not installed"})
+    return rows
+
+
+def _store_hashes(runs: list[ExecutedRun], root: Path) -> list[dict]:
+    """Content hashes of the activation stores the runs wrote (from their manifests)."""
+    rows = []
+    for run in runs:
+        manifest = root / run.run_id / "activations" / "manifest.json"
+        if manifest.is_file():
+            content = json.loads(manifest.read_text())
+            rows.append(
+                {
+                    "store": run.run_id,
+                    "rows": content.get("rows", ""),
+                    "dim": content.get("dim", ""),
+                    "content hash": str(content.get("content_hash", ""))[:16],
+                }
+            )
+    return rows
+
+
+def _front_page(title: str, runs: list[ExecutedRun], chosen: list[ExecutedRun], root: Path | None) -> str:
+    """The intro page of a book of one's own runs: what was run, the chapter rule, versions, hashes."""
+    chapters = [{"chapter": r.executed.stem, "run shown": r.run_id} for r in chosen]
+    models = sorted({str((r.parameters or {}).get("model", "")) for r in runs if r.notebook == "01"} - {""})
+    text = [
+        f"# {title}\n",
+        "This book shows executed notebooks of one set of runs; nothing was re-executed to "
+        "build it. Each chapter is the first run of its notebook in the sweep's order (its config's first "
+        "model, layer, SAE type and expansion; for chapter 1 a model's extraction rather than a scorer's "
+        "embeddings); [all runs](runs.md) lists the others.\n",
+        f"**Runs:** {len(runs)} executed notebooks.",
+        f"**Models and scorers:** {', '.join(models) or '—'}.\n",
+        "## Chapters\n",
+        _markdown_table(chapters),
+        "## Versions\n",
+        _markdown_table(_versions()),
+    ]
+    if root is not None:
+        text += ["## Activation stores\n", _markdown_table(_store_hashes(runs, root))]
+    text += ["```{tableofcontents}\n```\n"]
+    return scrub_text("\n".join(text))
+
+
+def _runs_page(runs: list[ExecutedRun]) -> str:
+    """Every run with its state and parameters (the index of runs not shown as chapters)."""
+    rows = [
+        {
+            "run": r.run_id,
+            "notebook": r.notebook,
+            "state": r.state,
+            "parameters": ", ".join(f"{k}={v}" for k, v in (r.parameters or {}).items()),
+        }
+        for r in runs
+    ]
+    return scrub_text("# All runs\n\n" + _markdown_table(rows))
+
+
+def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | None = None) -> Path:
+    """A book folder at ``target``: this book's configuration and API page, the chosen executed
+    notebooks as chapters (scrubbed), a front page and a runs page; returns ``target``."""
+    chosen = representatives(runs)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters", "intro.md", "_toc.yml"))
+    (target / "chapters").mkdir()
+    for run in chosen:
+        scrub_notebook(Path(shutil.copy2(run.executed, target / "chapters" / run.executed.name)))
+    (target / "intro.md").write_text(_front_page(title, runs, chosen, root))
+    (target / "runs.md").write_text(_runs_page(runs))
+    toc = {
+        "format": "jb-book",
+        "root": "intro",
+        "chapters": [{"file": f"chapters/{r.executed.stem}"} for r in chosen] + [{"file": "runs"}, {"file": "api"}],
+    }
+    (target / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    return target
+
+
+def build_from_sweep(name: str, target: Path | None = None) -> Path:
+    """Assemble and build the book of sweep ``name``; returns the HTML folder."""
+    from .sweep import sweep_dir
+
+    target = target or outputs_root() / "books" / name
+    return build(assemble(sweep_runs(name), target, f"Sweep {name}", sweep_dir(name)))
+
+
+def build_from_dir(folder: Path, target: Path | None = None) -> Path:
+    """Assemble and build the book of notebooks executed by hand into ``folder``; returns the HTML folder."""
+    folder = Path(folder)
+    target = target or outputs_root() / "books" / folder.name
+    return build(assemble(folder_runs(folder), target, f"Runs in {folder.name}"))
+
+
+def publish(html: Path) -> None:
+    """Push a built site to the ``gh-pages`` branch of the current repository (ghp-import)."""
+    ghp = shutil.which("ghp-import") or str(Path(sys.executable).with_name("ghp-import"))
+    if not Path(ghp).exists():
+        raise FileNotFoundError("ghp-import not found: pip install ghp-import (or the book extra)")
+    subprocess.run([ghp, "--no-jekyll", "--push", "--force", str(html)], check=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command line of ``python -m vlmsae_utils.book``."""
+    parser = argparse.ArgumentParser(prog="python -m vlmsae_utils.book", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--from-sweep", metavar="NAME", help="a book of the sweep's executed runs and results")
+    source.add_argument("--from-dir", metavar="DIR", type=Path, help="a book of notebooks executed by hand into DIR")
+    parser.add_argument("--out", type=Path, help="where the book folder goes (default <outputs>/books/<name>)")
+    parser.add_argument("--publish", action="store_true", help="push the built site to gh-pages with ghp-import")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     """Entry point; prints where the book is."""
+    args = build_parser().parse_args(argv)
     try:
-        out = build()
-    except (FileNotFoundError, RuntimeError) as err:
+        if args.from_sweep:
+            out = build_from_sweep(args.from_sweep, args.out)
+        elif args.from_dir:
+            out = build_from_dir(args.from_dir, args.out)
+        else:
+            out = build()
+        if args.publish:
+            publish(out)
+    except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"book: {out / 'index.html'}")

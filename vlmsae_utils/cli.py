@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep_main(args: argparse.Namespace) -> int:
     """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
-    from .sweep import ConfigError, run_sweep
+    from .sweep import ConfigError, execute_results_chapter, load_config, run_sweep
 
     if args.notebook or args.all or args.parameter:
         build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
@@ -91,7 +91,14 @@ def _sweep_main(args: argparse.Namespace) -> int:
     print(status.to_string(index=False))
     for name, table in results.items():
         print(f"results: {name}.csv ({len(table)} rows)")
-    return 1 if status.status.isin(["failed", "blocked"]).any() else 0
+    failed = status.status.isin(["failed", "blocked"]).any()
+    if "sae" in results:
+        try:
+            print(f"results chapter: {execute_results_chapter(load_config(args.config)['name'])}")
+        except NotebookError as err:
+            print(f"error: the results chapter failed: {err}", file=sys.stderr)
+            return 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ __all__ = [
     "EXPECTED_OUTPUTS",
     "HIERARCHY_KEYS",
     "REQUIRED",
+    "RESULTS_NOTEBOOK",
+    "RUNS_FILE",
     "SAE_KEYS",
     "SAE_SETTINGS",
     "SPLIT_KEYS",
@@ -45,6 +47,7 @@ __all__ = [
     "SweepResults",
     "ensure_fixture_results",
     "execute",
+    "execute_results_chapter",
     "expand",
     "gather",
     "is_complete",
@@ -81,6 +84,8 @@ REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
 SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "aux_alpha", "decay_start")
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
 SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
+RUNS_FILE = "runs.csv"  # in the sweep's folder: every run in order with its state (status table)
+RESULTS_NOTEBOOK = "06"  # the chapter that draws a sweep's results tables
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
 HIERARCHY_KEYS = {"layer": (int, str), "expansion": (int, float), "group_fractions": list, "top_k": int, "steps": int}
 STEERING_KEYS = {
@@ -664,8 +669,19 @@ def run_sweep(
     runs = expand(config)
     root = sweep_dir(config["name"])
     status = execute(runs, root, dry_run=dry_run, progress=progress, runner=runner)
-    results = {} if dry_run else gather(config, runs, root)
-    return status, results
+    if dry_run:
+        return status, {}
+    root.mkdir(parents=True, exist_ok=True)
+    status.to_csv(root / RUNS_FILE, index=False)  # the run order and states, for a book of this sweep
+    return status, gather(config, runs, root)
+
+
+def execute_results_chapter(name: str) -> Path:
+    """Chapter 6 executed on ``results/<name>/`` into the sweep's folder (``results/06_results.ipynb``),
+    so a book of the sweep shows its own tables without executing anything at build time."""
+    from .run import run_notebook
+
+    return run_notebook(RESULTS_NOTEBOOK, {"results_dir": str(results_root() / name)}, sweep_dir(name) / "results")
 
 
 @dataclass
