@@ -7,24 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import TensorStore
 
 from vlmsae_utils.exemplars import TopK, image_grid, top_k_images, uniqueness
 from vlmsae_utils.metrics import SparseCodes
-
-
-class FakeStore:
-    """Minimal ActivationStore stand-in: len(), .dim, iter_batches(batch_size, shuffle=False)."""
-
-    def __init__(self, data: torch.Tensor):
-        self.data = data
-        self.dim = data.shape[1]
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def iter_batches(self, batch_size, shuffle=False, seed=0):
-        for s in range(0, len(self), batch_size):
-            yield self.data[s : s + batch_size].clone()
 
 
 def _positive_data(n=400, k=30, seed=0) -> torch.Tensor:
@@ -35,7 +21,7 @@ def _positive_data(n=400, k=30, seed=0) -> torch.Tensor:
 def test_dense_matches_torch_topk():
     a = _positive_data()
     ref = torch.topk(a.T, 16, dim=1)
-    for src, bs in ((a, 37), (a.numpy(), 1000), (FakeStore(a), 64)):
+    for src, bs in ((a, 37), (a.numpy(), 1000), (TensorStore(a), 64)):
         out = top_k_images(src, k=16, batch_size=bs)
         assert isinstance(out, TopK)
         torch.testing.assert_close(out.values, ref.values)
@@ -84,7 +70,7 @@ def test_per_image_max_with_row_image_index():
     img = np.repeat(np.arange(n_img), rows_per)
     per_image = a.view(n_img, rows_per, 10).amax(1)  # brute force
     ref = torch.topk(per_image.T, 6, dim=1)
-    for src, bs in ((a, 7), (FakeStore(a), 5), (a, 1000)):  # batches split images
+    for src, bs in ((a, 7), (TensorStore(a), 5), (a, 1000)):  # batches split images
         out = top_k_images(src, k=6, row_image_index=img, batch_size=bs)
         ok = ref.values > 0
         assert torch.equal(out.indices[ok], ref.indices[ok])

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import TensorStore
 
 from vlmsae_utils.metrics import (
     SparseCodes,
@@ -17,24 +18,6 @@ from vlmsae_utils.metrics import (
     ms_user_agreement,
     summarize_ms,
 )
-
-
-class FakeStore:
-    """Minimal ActivationStore stand-in: len(), .dim, iter_batches(batch_size, shuffle=False)."""
-
-    def __init__(self, data: torch.Tensor):
-        self.data = data
-        self.dim = data.shape[1]
-        self.batches_served = 0
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def iter_batches(self, batch_size, shuffle=False, seed=0):
-        assert not shuffle
-        for s in range(0, len(self), batch_size):
-            self.batches_served += 1
-            yield self.data[s : s + batch_size].clone()
 
 
 def _tricky_activations(n: int = 80, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +141,7 @@ def test_large_n_matches_chunked_pairwise_brute_force():
 
 def test_streaming_store_equals_in_memory():
     a, e = _tricky_activations(n=203, seed=4)
-    store = FakeStore(a)
+    store = TensorStore(a, allow_shuffle=False)
     mem = monosemanticity_score(a, e, matmul_dtype=torch.float64)
     streamed = monosemanticity_score(store, e, chunk_size=17, matmul_dtype=torch.float64)
     assert store.batches_served == 2 * math.ceil(203 / 17)  # exactly two passes
@@ -166,7 +149,7 @@ def test_streaming_store_equals_in_memory():
     chunked = monosemanticity_score(a, e, neuron_chunk=4, chunk_size=50, matmul_dtype=torch.float64)
     torch.testing.assert_close(chunked, mem, atol=1e-12, rtol=0, equal_nan=True)
     # Default float32 batch products: same up to float32 rounding, whatever the batching.
-    fast = monosemanticity_score(FakeStore(a), e, chunk_size=17)
+    fast = monosemanticity_score(TensorStore(a, allow_shuffle=False), e, chunk_size=17)
     torch.testing.assert_close(fast, mem, atol=1e-6, rtol=0, equal_nan=True)
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TensorStore
 
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from vlmsae_utils.train import (
@@ -311,31 +312,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **kw)
 
 
-class _FakeStore:
-    """Duck-typed ActivationStore."""
-
-    def __init__(self, x):
-        self.x, self.dim = x, x.shape[1]
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def to_tensor(self, dtype=torch.float32):
-        return self.x.to(dtype)
-
-    def iter_batches(self, batch_size, shuffle=False, seed=0):
-        order = (
-            torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-            if shuffle
-            else torch.arange(len(self))
-        )
-        for i in range(0, len(self), batch_size):
-            yield self.x[order[i : i + batch_size]]
-
-
 def test_store_input_and_resume(tmp_path):
     x, _ = _planted(300, d=D, n_atoms=W)
-    store, val = _FakeStore(x), _FakeStore(x[:100])
+    store, val = TensorStore(x), TensorStore(x[:100])
     kw = dict(expansion=2, k=3, steps=12, batch_size=64, val_data=val, eval_every=4, progress=False)
     full, hf = train_sae(store, "top_k", **kw)
     train_sae(store, "top_k", checkpoint_dir=tmp_path, stop_after=7, **kw)

@@ -1,0 +1,31 @@
+"""Test doubles shared by several test modules (written once; import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TensorStore:
+    """An in-memory stand-in for :class:`vlmsae_utils.store.ActivationStore`: ``len``, ``dim``,
+    ``to_tensor`` and ``iter_batches`` (seeded shuffle), counting the batches it serves.
+
+    ``allow_shuffle=False`` makes a shuffled read an error, for code that must read in store order.
+    """
+
+    def __init__(self, data: torch.Tensor, *, allow_shuffle: bool = True):
+        self.data, self.dim, self.allow_shuffle = data, data.shape[1], allow_shuffle
+        self.batches_served = 0
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def to_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.data.to(dtype)
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0):
+        assert self.allow_shuffle or not shuffle, "this reader must not shuffle"
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            self.batches_served += 1
+            yield self.data[order[start : start + batch_size]].clone()
