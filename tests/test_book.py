@@ -61,7 +61,7 @@ def test_scrub_replaces_every_machine_folder_and_leaves_images(tmp_path, monkeyp
 
 def test_each_chapter_shows_the_first_run_of_its_notebook(tmp_path):
     runs = [
-        book.ExecutedRun(n, r, tmp_path / f"{n}.ipynb")
+        book.ExecutedRun(n, r, tmp_path / f"{n}.ipynb", "ran")
         for n, r in [
             ("01", "embed/scorer/val"),  # a scorer's embeddings come first in a sweep
             ("01", "extract/m/L2/train"),
@@ -105,3 +105,43 @@ def test_book_of_the_fixture_sweep_travels(fixture_results, tmp_path):
         for page in [html / "intro.html", *sorted((html / "chapters").glob("*.html"))]:
             report = book.browser_check(page)
             assert report["broken"] == [] and report["errors"] == [] and report["raw_math"] == 0, report
+
+
+def test_assemble_never_deletes_a_folder_it_did_not_make(tmp_path):
+    executed = tmp_path / "runs" / "01_extract.ipynb"
+    executed.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), executed)
+    runs = [book.ExecutedRun("01", "01_extract", executed, "ran")]
+    with pytest.raises(ValueError, match="holds the book's sources or an executed run"):
+        book.assemble(runs, tmp_path / "runs", "t")  # --out pointing at its own input
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="is not a book assembled here"):
+        book.assemble(runs, keep, "t")
+    assert (keep / "thesis.tex").is_file() and executed.is_file()
+    first = book.assemble(runs, tmp_path / "book", "t")
+    assert book.assemble(runs, first, "again") == first  # its own earlier book is replaced
+    assert "again" in (first / "intro.md").read_text()
+
+
+def test_scrub_reaches_papermill_metadata_and_pages_show_placeholders(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMSAE_OUTPUTS", str(tmp_path / "out"))
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["papermill"] = {
+        "parameters": {"out_dir": f"{tmp_path}/out/x"},
+        "output_path": f"{tmp_path}/out/n",
+    }
+    nbformat.write(notebook, tmp_path / "n.ipynb")
+    assert str(tmp_path) not in (book.scrub_notebook(tmp_path / "n.ipynb")).read_text()
+    run = book.ExecutedRun("01", "extract/a", tmp_path / "n.ipynb", "ran", {"out_dir": f"{tmp_path}/out/x"})
+    page = book._runs_page([run])
+    assert "`out_dir=<outputs>/x`" in page  # a code span: MyST would read a bare <outputs> as an HTML tag
+
+
+def test_a_failed_run_never_stands_for_a_chapter(tmp_path):
+    runs = [
+        book.ExecutedRun("02", "train/a", tmp_path / "a.ipynb", "failed"),
+        book.ExecutedRun("02", "train/b", tmp_path / "b.ipynb", "done earlier"),
+    ]
+    assert [r.run_id for r in book.representatives(runs)] == ["train/b"]

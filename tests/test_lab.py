@@ -96,7 +96,7 @@ def lab(tmp_path, chapter3_inputs):
     root.mkdir()
     for source in sorted((repo_root() / "notebooks").glob("*.md")):
         shutil.copy2(source, root / source.name)
-    shutil.copy2(repo_root() / "jupytext.toml", root / "jupytext.toml")  # pairing, as in the repository
+    shutil.copy2(repo_root() / "notebooks" / "jupytext.toml", root / "jupytext.toml")  # pairing, as in the repository
     token = secrets.token_hex(16)
     port = _free_port()
     state = tmp_path / "lab-state"  # a fresh workspace and user settings: nothing restored from earlier sessions

@@ -98,3 +98,10 @@ def test_papermill_parses_every_parameter_line(tmp_path):
         cell = next(c for c in nbformat.read(notebook, 4).cells if "parameters" in c.metadata.get("tags", []))
         names = [line.split("=")[0].strip() for line in cell.source.splitlines() if line and not line.startswith("#")]
         assert sorted(papermill.inspect_notebook(str(notebook))) == sorted(names), source.name
+
+
+def test_command_line_values_are_numbers_lists_or_text():
+    assert cli.parse_value("2e-4") == pytest.approx(2e-4)  # YAML 1.1 would keep this as text
+    assert cli.parse_value("") == "" and cli.parse_value("null") is None
+    with pytest.raises(ValueError, match="not valid YAML"):
+        cli.parse_value("[1, 2")

@@ -393,3 +393,12 @@ def test_steering_at_a_registered_hook_splices_that_module(llava, pixels):
         hooks.unregister_hook("mlp_output")
     torch.testing.assert_close(shifted, before + vector, atol=1e-5, rtol=1e-5)
     assert mean.shape == (32,) and not torch.allclose(mean, before.float().mean((0, 1)))
+
+
+def test_test_images_are_spread_evenly_and_never_repeated():
+    from vlmsae_utils.steering_study import evenly_spaced
+
+    assert evenly_spaced(10, 4) == [0, 3, 6, 9]
+    assert evenly_spaced(3, 5) == [0, 1, 2]  # fewer images than asked: each once
+    with pytest.raises(ValueError, match="at least one item"):
+        evenly_spaced(0, 4)

@@ -321,3 +321,29 @@ def test_another_hook_gets_its_own_folders_and_reaches_the_notebooks(tmp_path):
     steer_run = next(r for r in runs if r.kind == "steer")
     assert steer_run.id == "steer/fixture_mini_llava/L2_mlp_output" and steer_run.parameters["hook"] == "mlp_output"
     assert by_id["extract/fixture_mini_clip/L2_mlp_output_random_k16/train"].parameters["hook"] == "mlp_output"
+
+
+def test_broken_yaml_and_incomplete_sections_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [a\n")
+    with pytest.raises(sweep.ConfigError, match=r"bad\.yaml: not valid YAML"):
+        sweep.load_config(bad)
+    config = yaml.safe_load((repo_root() / "configs" / "fixture.yaml").read_text())
+    del config["steering"]["llava"]
+    path = tmp_path / "nollava.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(sweep.ConfigError, match=r"nollava.yaml.steering: missing key\(s\) \['llava'\]"):
+        sweep.load_config(path)
+
+
+def test_sections_without_steps_or_group_fractions_use_the_defaults(tmp_path):
+    from vlmsae_utils.hierarchy import PAPER_GROUP_FRACTIONS
+
+    config = yaml.safe_load((repo_root() / "configs" / "fixture.yaml").read_text())
+    del config["sae"]["steps"], config["hierarchy"]["group_fractions"]
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {r.id: r for r in sweep.expand(sweep.load_config(path))}
+    hierarchy_sae = runs["train/fixture_mini_clip/L2/hierarchy"].parameters
+    assert hierarchy_sae["group_fractions"] == list(PAPER_GROUP_FRACTIONS)
+    assert hierarchy_sae["steps"] == sweep.TRAIN_DEFAULTS.steps

@@ -186,6 +186,10 @@ def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str |
 # ----------------------------------------------------------------------------- pages that travel
 
 
+BOOK_MARKER = ".vlmsae-book"  # in every assembled book folder: only such a folder is replaced
+USABLE_STATES = ("ran", "done earlier")  # runs whose notebook may stand for a chapter
+
+
 def machine_paths() -> dict[str, str]:
     """Absolute folders of this machine and the placeholder each becomes on a page (longest first,
     so a folder inside another gets its own name)."""
@@ -219,12 +223,14 @@ def _scrub_value(value, paths: dict[str, str]):
 
 
 def scrub_notebook(path: Path) -> Path:
-    """Rewrite an executed notebook so no cell source or text output names a machine folder
-    (images untouched); returns the path."""
+    """Rewrite an executed notebook so no metadata, cell source or text output names a machine
+    folder (images untouched); returns the path."""
     notebook = nbformat.read(path, as_version=4)
     paths = machine_paths()
+    notebook.metadata = nbformat.from_dict(_scrub_value(dict(notebook.metadata), paths))  # papermill's paths
     for cell in notebook.cells:
         cell.source = scrub_text(cell.source, paths)
+        cell.metadata = nbformat.from_dict(_scrub_value(dict(cell.metadata), paths))
         for output in cell.get("outputs", []):
             for key in ("text", "data", "traceback", "evalue"):
                 if key in output:
@@ -271,6 +277,8 @@ def sweep_runs(name: str) -> list[ExecutedRun]:
             parameters = json.loads(marker.read_text())["parameters"] if marker.is_file() else None
             runs.append(ExecutedRun(row.notebook, row.run, executed, row.status, parameters))
     results = _executed_notebook(root / "results", RESULTS_NOTEBOOK)
+    if results is None and not (results_root() / name / "sae.csv").is_file():
+        return runs  # no SAE table (a steering-only sweep): no results chapter to show
     if results is None:
         raise FileNotFoundError(
             f"sweep {name!r} has no executed results chapter: rerun "
@@ -292,12 +300,20 @@ def folder_runs(folder: Path) -> list[ExecutedRun]:
 
 def representatives(runs: list[ExecutedRun]) -> list[ExecutedRun]:
     """One run per chapter: the first of its notebook in the sweep's order (the config's first
-    model, layer, SAE type and expansion), a model's extraction before a scorer's embeddings —
-    the rule a sweep book states on its front page."""
+    model, layer, SAE type and expansion), a model's extraction before a scorer's embeddings, among
+    the runs that finished — the rule a sweep book states on its front page."""
     chosen: dict[str, ExecutedRun] = {}
-    for run in sorted(runs, key=lambda r: r.run_id.startswith("embed/")):  # stable: keeps the sweep's order
+    usable = [r for r in runs if r.state in USABLE_STATES]  # never a failed run's page
+    for run in sorted(usable, key=lambda r: r.run_id.startswith("embed/")):  # stable: keeps the sweep's order
         chosen.setdefault(run.notebook, run)
     return [chosen[n] for n in sorted(chosen)]
+
+
+def _cell(value) -> str:
+    """A table cell: text as is, anything with a placeholder or markup characters as a code span
+    (``<outputs>`` would otherwise be read as an HTML tag and vanish)."""
+    text = str(value).replace("|", "\\|")
+    return f"`{text}`" if any(c in text for c in "<>*_[]`") and "`" not in text else text
 
 
 def _markdown_table(rows: list[dict]) -> str:
@@ -306,7 +322,7 @@ def _markdown_table(rows: list[dict]) -> str:
         return "(none)\n"
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -380,8 +396,7 @@ def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | Non
     """A book folder at ``target``: this book's configuration and API page, the chosen executed
     notebooks as chapters (scrubbed), a front page and a runs page; returns ``target``."""
     chosen = representatives(runs)
-    if target.exists():
-        shutil.rmtree(target)
+    _clear_book_folder(target, runs)
     shutil.copytree(book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters", "intro.md", "_toc.yml"))
     (target / "chapters").mkdir()
     for run in chosen:
@@ -394,7 +409,21 @@ def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | Non
         "chapters": [{"file": f"chapters/{r.executed.stem}"} for r in chosen] + [{"file": "runs"}, {"file": "api"}],
     }
     (target / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    (target / BOOK_MARKER).write_text("assembled by python -m vlmsae_utils.book; safe to delete\n")
     return target
+
+
+def _clear_book_folder(target: Path, runs: list[ExecutedRun]) -> None:
+    """Remove an earlier assembled book at ``target``; refuse any other existing folder, and any
+    target that holds this book's sources or an executed run (``--out`` must not eat its input)."""
+    target = Path(target).resolve()
+    protected = [book_dir().resolve(), *(r.executed.resolve().parent for r in runs)]
+    if any(p == target or target in p.parents for p in protected):
+        raise ValueError(f"--out {target} holds the book's sources or an executed run; choose an empty folder")
+    if target.exists():
+        if not (target / BOOK_MARKER).is_file() and any(target.iterdir()):
+            raise ValueError(f"--out {target} exists and is not a book assembled here; choose an empty folder")
+        shutil.rmtree(target)
 
 
 def build_from_sweep(name: str, target: Path | None = None) -> Path:

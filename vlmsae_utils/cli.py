@@ -12,6 +12,7 @@ and prints the cell and the error.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,18 @@ __all__ = [
 ]
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_value(text: str) -> Any:
     """A command-line parameter value: YAML scalars and lists (``3``, ``0.5``, ``[1, 2]``, ``true``)."""
-    value = yaml.safe_load(text)
-    return text if value is None and text.strip() not in ("null", "~", "") else value
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"parameter value {text!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 2e-4 as text; a learning rate means the number
+    return text if value is None and text.strip() not in ("null", "~") else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("give exactly one of NOTEBOOK or --all")
     if args.all and args.parameter:
         build_parser().error("--all runs notebooks on their defaults; -p needs a single NOTEBOOK")
-    parameters = {name: parse_value(value) for name, value in args.parameter}
     targets = all_notebooks() if args.all else [args.notebook]
     try:
+        parameters = {name: parse_value(value) for name, value in args.parameter}
         for target in targets:
             print(f"running {Path(target).stem} ...", flush=True)
             executed = run_notebook(target, parameters, args.out)
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep_main(args: argparse.Namespace) -> int:
     """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
-    from .sweep import ConfigError, execute_results_chapter, load_config, run_sweep
+    from .sweep import RESULTS_NOTEBOOK, ConfigError, execute_results_chapter, load_config, run_sweep, sweep_dir
 
     if args.notebook or args.all or args.parameter:
         build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
@@ -95,9 +104,13 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if "sae" in results:
         try:
             print(f"results chapter: {execute_results_chapter(load_config(args.config)['name'])}")
-        except NotebookError as err:
+        except (NotebookError, ValueError, FileNotFoundError) as err:
             print(f"error: the results chapter failed: {err}", file=sys.stderr)
             return 1
+    elif not args.dry_run:  # no SAE table: an older results chapter must not outlive its tables
+        (sweep_dir(load_config(args.config)["name"]) / "results" / f"{RESULTS_NOTEBOOK}_results.ipynb").unlink(
+            missing_ok=True
+        )
     return 1 if failed else 0
 
 

@@ -126,7 +126,10 @@ def saes_or_default(paths: list[str]) -> dict:
     """SAEs named by folder (keyed by folder name), or, when ``paths`` is empty, a BatchTopK and a
     Matryoshka SAE (ε = 4) trained on the fixture, as chapter 3 compares them."""
     if paths:
-        return {Path(p).name: open_sae(p) for p in paths}
+        names = [Path(p).name for p in paths]
+        if len(set(names)) < len(names):
+            raise ValueError(f"SAE folders must have distinct names (they label the tables), got {names}")
+        return {name: open_sae(p) for name, p in zip(names, paths)}
     return {"BatchTopK ×4": default_sae("batch_top_k"), "Matryoshka ×4": default_sae()}
 
 

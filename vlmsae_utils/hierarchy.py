@@ -395,7 +395,7 @@ def level_trends(table: pd.DataFrame) -> list[str]:
             f"LCA depth, coarsest → finest scored level: {first:.2f} → {last:.2f} "
             f"({'deeper' if last > first else 'not deeper'})"
         )
-    if "fires on %" in table:
+    if "fires on %" in table and len(table):
         first, last = table["fires on %"].iloc[0], table["fires on %"].iloc[-1]
         lines.append(
             f"fires on % of images, coarsest → finest level: {first:.1f} → {last:.1f} "

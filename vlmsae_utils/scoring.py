@@ -233,5 +233,6 @@ def uniqueness_table(
 def save_uniqueness(reports: Sequence[NeuronReport], out: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """`uniqueness_table` under the paper's protocol, written to `UNIQUENESS_FILE`."""
     table, overlaps = uniqueness_table(reports)
+    Path(out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(out) / UNIQUENESS_FILE)
     return table, overlaps

@@ -20,6 +20,7 @@ from PIL import Image
 from . import defaults, steering
 from .extract import open_dataset
 from .hooks import DEFAULT_HOOK, check_steerable
+from .labels import class_text
 from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava
 from .paths import resolve_out_dir
 from .scoring import sae_codes, store_image_loader
@@ -96,7 +97,8 @@ def evenly_spaced(n_items: int, count: int) -> list[int]:
     """``count`` indices spread evenly over ``range(n_items)``, first and last included."""
     if n_items < 1 or count < 1:
         raise ValueError(f"need at least one item and one pick, got {n_items} items and {count} picks")
-    return [round(i * (n_items - 1) / max(1, count - 1)) for i in range(min(count, n_items))]
+    count = min(count, n_items)  # never the same item twice
+    return [round(i * (n_items - 1) / max(1, count - 1)) for i in range(count)]
 
 
 def _steering_sae(sae_path: str, train: ActivationStore, layer: int) -> torch.nn.Module:
@@ -138,6 +140,12 @@ def prepare(
     train = defaults.store_or_default(
         train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS, layer=layer
     )
+    trained_at = train.params.get("hook", DEFAULT_HOOK)
+    if trained_at != hook:
+        raise ValueError(
+            f"the SAE's activations come from hook {trained_at!r} but steering clamps at {hook!r}: "
+            "give a train_store and SAE extracted at the hook you steer"
+        )
     sae = _steering_sae(sae_path, train, layer)
     codes = sae_codes(sae, train, device=device)
     top = steering.concept_top_images(codes, train.row_image_index(), CONCEPT_IMAGES, pool=concept_pool)
@@ -209,7 +217,7 @@ def alpha_sweep(
     )
     table = sweep.pivot(index="latent", columns="alpha", values="answer")
     top_classes = [steering.top_class(study.top.indices, names, j) for j in table.index]
-    table["top class"] = [steering.class_text(c) for c in top_classes]
+    table["top class"] = [class_text(c) for c in top_classes]
     table["names it at the largest α"] = [
         steering.names_class(table.loc[j, max(alphas)], c) for j, c in zip(table.index, top_classes)
     ]
@@ -284,7 +292,7 @@ def class_name_baselines(study: SteeringStudy) -> pd.DataFrame | None:
     classes = sorted(set(study.test_classes))
     if len(classes) < 2:
         return None
-    names = [steering.class_text(c) for c in classes]
+    names = [class_text(c) for c in classes]
     base = steering.class_name_baseline(
         study.clip.embed_images(study.test_images),
         study.clip.embed_text(names),

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .hierarchy import LEVELS_FILE
+from .hierarchy import LEVELS_FILE, PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
 from .io import atomic_write_json, read_json, sha256_json
 from .paths import outputs_root, results_root, safe_stem
@@ -40,6 +40,7 @@ __all__ = [
     "SAE_SETTINGS",
     "SPLIT_KEYS",
     "STEERING_KEYS",
+    "STEERING_REQUIRED",
     "TOP_KEYS",
     "TRAIN_DEFAULTS",
     "ConfigError",
@@ -84,6 +85,7 @@ REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
 SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "aux_alpha", "decay_start")
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
 SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
+STEERING_REQUIRED = ("llava", "encoder", "layer")  # a steering section names what it steers
 RUNS_FILE = "runs.csv"  # in the sweep's folder: every run in order with its state (status table)
 RESULTS_NOTEBOOK = "06"  # the chapter that draws a sweep's results tables
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
@@ -171,7 +173,10 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep config {path} not found")
-    config = yaml.safe_load(path.read_text())
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     where = path.name
@@ -186,6 +191,9 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     for section, keys in (("hierarchy", HIERARCHY_KEYS), ("steering", STEERING_KEYS)):
         if section in config:
             _check_keys(config[section], keys, f"{where}.{section}")
+    missing = [key for key in STEERING_REQUIRED if key not in config.get("steering", {key: None})]
+    if missing:
+        raise ConfigError(f"{where}.steering: missing key(s) {missing}")
     for split_name in ("train", "val"):
         if split_name not in config["data"]:
             raise ConfigError(f"{where}.data: needs 'train' and 'val' entries with data_dir and split")
@@ -407,8 +415,8 @@ def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
         val_store,
         "matryoshka_batch_top_k",
         h.get("expansion", 2),
-        h["group_fractions"],
-        h.get("steps", config["sae"]["steps"]),
+        h.get("group_fractions", list(PAPER_GROUP_FRACTIONS)),
+        h.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
         f"train/{slug(model)}/{folder}/hierarchy",
     )
     scorer = embed(config["scorers"][0], "train")
@@ -442,7 +450,7 @@ def _steering(config, runs, extract, train) -> None:
         "matryoshka_batch_top_k",
         s.get("expansion", 4),
         None,
-        s.get("steps", config["sae"]["steps"]),
+        s.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
         f"train/{slug(s['encoder'])}/{folder}/steering",
     )
     params = {

@@ -604,7 +604,7 @@ def evaluate_sae(
         full_r2, partial_r2 = [], []
         for x in _eval_batches(data, batch_size, dev, seed):
             f = sae.encode(x)
-            if isinstance(sae, MatryoshkaBatchTopKSAE):
+            if type(sae).uses_groups:  # per-prefix R² for every type with nested groups
                 recs = sae.decode_prefixes(f)
                 x_hat = recs[-1]
                 pe = torch.stack([(x - r).double().pow(2).sum() for r in recs])
