@@ -29,3 +29,28 @@ class TensorStore:
         for start in range(0, len(self), batch_size):
             self.batches_served += 1
             yield self.data[order[start : start + batch_size]].clone()
+
+
+def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
+    """A real :class:`~vlmsae_utils.store.ActivationStore` at ``path`` (one row per image, several
+    shards of ``shard_images``) holding the rows of ``x`` in ``dtype``."""
+    import numpy as np
+
+    from vlmsae_utils.store import StorePlan, StoreWriter
+
+    n = x.shape[0]
+    plan = StorePlan(
+        params={"test": str(path)},
+        image_ids=[f"img{i:05d}.png" for i in range(n)],
+        class_names=["c"] * n,
+        dim=x.shape[1],
+        dtype=dtype,
+        rows_per_image=1,
+        shard_images=shard_images,
+    )
+    writer = StoreWriter(path, plan)
+    writer.begin()
+    for shard in range(plan.num_shards):
+        rows = plan.shard_range(shard)
+        writer.write_shard(shard, x[rows.start : rows.stop].numpy().astype(np.dtype(dtype)), list(rows), [])
+    return writer.finalize()

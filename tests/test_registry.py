@@ -7,10 +7,10 @@ import dataclasses
 import inspect
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import write_store
 
 from vlmsae_utils import metrics, scoring, sweep
 from vlmsae_utils.sae import (
@@ -61,28 +61,6 @@ def _planted(n: int, seed: int = 0) -> torch.Tensor:
     return (coef[:, :, None] * atoms[idx]).sum(1) + 0.01 * torch.randn(n, D, generator=g)
 
 
-def _store(path, x: torch.Tensor):
-    """A real ActivationStore, one row per image, holding the rows of ``x``."""
-    from vlmsae_utils.store import StorePlan, StoreWriter
-
-    n = x.shape[0]
-    plan = StorePlan(
-        params={"test": str(path)},
-        image_ids=[f"img{i:05d}.png" for i in range(n)],
-        class_names=["c"] * n,
-        dim=x.shape[1],
-        dtype="float32",
-        rows_per_image=1,
-        shard_images=200,
-    )
-    writer = StoreWriter(path, plan)
-    writer.begin()
-    for s in range(plan.num_shards):
-        r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.float32), list(r), [])
-    return writer.finalize()
-
-
 def _toy_codes(sae: BaseSAE, x: torch.Tensor) -> torch.Tensor:
     """The toy rule by hand: ``z = ReLU((x·s − b_dec) W_enc + b_enc)``, kept where ``z > θ``."""
     with torch.no_grad():
@@ -101,7 +79,7 @@ def test_registered_type_is_known_everywhere(toy_type):
 
 def test_toy_type_trains_saves_loads_and_is_scored(tmp_path, toy_type):
     x = _planted(600)
-    store = _store(tmp_path / "store", x)
+    store = write_store(tmp_path / "store", x, shard_images=200)
     sae, hist = train_sae(
         store, "toy_threshold", 2, steps=80, batch_size=64, lr=3e-3, eval_every=10, progress=False, device="cpu"
     )

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TensorStore
+from helpers import TensorStore, write_store
 
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from vlmsae_utils.train import (
@@ -366,30 +366,6 @@ def test_fast_batch_topk_indices_exact():
 # ----- device, data paths, input scale, LR decay, authors' R² (issues 12 and 14) -----------------
 
 
-def _make_store(path, x, dtype="float32", shard_images=64):
-    """A real ActivationStore (one row per image, several shards) holding the rows of ``x``."""
-    import numpy as np
-
-    from vlmsae_utils.store import StorePlan, StoreWriter
-
-    n = x.shape[0]
-    plan = StorePlan(
-        params={"test": str(path)},
-        image_ids=[f"img{i:05d}.png" for i in range(n)],
-        class_names=["c"] * n,
-        dim=x.shape[1],
-        dtype=dtype,
-        rows_per_image=1,
-        shard_images=shard_images,
-    )
-    writer = StoreWriter(path, plan)
-    writer.begin()
-    for s in range(plan.num_shards):
-        r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.dtype(dtype)), list(r), [])
-    return writer.finalize()
-
-
 def test_training_batch_rows_are_epoch_permutations():
     n, bs = 50, 16
     rows = np.concatenate([training_batch_rows(n, bs, 3, s) for s in range(25)])  # 400 rows = 8 epochs
@@ -411,8 +387,8 @@ def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)  # several chunks, resume inside one
     x, _ = _planted(700, d=D, n_atoms=W)
     x16 = x.half().float()  # values a float16 store holds exactly
-    store16 = _make_store(tmp_path / "s16", x16, "float16", shard_images=128)
-    store32 = _make_store(tmp_path / "s32", x16, "float32", shard_images=200)
+    store16 = write_store(tmp_path / "s16", x16, "float16", shard_images=128)
+    store32 = write_store(tmp_path / "s32", x16, "float32", shard_images=200)
     gf = [0.25, 0.75] if kind == "matryoshka_batch_top_k" else None
     kw = dict(
         expansion=2,
@@ -455,7 +431,7 @@ def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monke
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 2)
     x = torch.randn(90, D).half().float()
-    store = _make_store(tmp_path / "s", x, "float16", shard_images=32)
+    store = write_store(tmp_path / "s", x, "float16", shard_images=32)
     for resident in (True, False):
         stream = train_mod._TrainingStream(store, 16, 1, torch.device("cpu"), data_on_device=resident)
         batches = list(stream.batches(0, 9))  # 144 rows: crosses an epoch
@@ -464,7 +440,7 @@ def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monke
             assert torch.equal(b, x[torch.from_numpy(training_batch_rows(90, 16, 1, s))])
     bad = x.clone()
     bad[37, 2] = float("nan")
-    bad_store = _make_store(tmp_path / "bad", bad, "float16", shard_images=32)
+    bad_store = write_store(tmp_path / "bad", bad, "float16", shard_images=32)
     kw = dict(expansion=2, k=3, steps=3, batch_size=90, progress=False, device="cpu")
     for resident in (True, False):
         with pytest.raises(ValueError, match=r"NaN/inf values; first bad rows: \[37\]"):
@@ -485,7 +461,7 @@ def test_input_scale_is_estimated_over_the_whole_class_sorted_store(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(20000, 4, generator=g), dim=1)
     x[10000:] *= 3.0
-    store = _make_store(tmp_path / "sorted", x, "float32", shard_images=2500)
+    store = write_store(tmp_path / "sorted", x, "float32", shard_images=2500)
     true_scale = 1.0 / math.sqrt(5.0)
     first_rows_scale = 1.0 / math.sqrt(float(x[: 100 * 50].pow(2).sum(1).mean()))  # the old, in-order estimate
     assert first_rows_scale == pytest.approx(1.0, rel=1e-5)
@@ -571,7 +547,7 @@ def test_train_grid_device_and_authors_r2_column(tmp_path):
     from vlmsae_utils.train import train_grid
 
     x, _ = _planted(400, d=D, n_atoms=W)
-    store = _make_store(tmp_path / "store", x, "float32", shard_images=150)
+    store = write_store(tmp_path / "store", x, "float32", shard_images=150)
     val = x[:96]
     kw = dict(k=3, steps=6, batch_size=64, progress=False, eval_every=3)
     results, histories = train_grid(
