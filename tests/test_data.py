@@ -124,3 +124,21 @@ def test_images_by_class_takes_the_first_good_images(fixture):
     assert len(samples) == 16 and all(len(v) == 3 for v in samples.values())
     with pytest.raises(ValueError):
         data.images_by_class(dataset, 0)
+
+
+def test_symlinked_class_folders_are_read_and_link_loops_walked_once(tmp_path, caplog):
+    from PIL import Image
+
+    from vlmsae_utils.data import ImageFolderDataset
+
+    elsewhere = tmp_path / "elsewhere" / "cats"
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(elsewhere / "a.png")
+    root = tmp_path / "data" / "train"
+    (root / "dogs").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(root / "dogs" / "b.png")
+    (root / "cats").symlink_to(elsewhere, target_is_directory=True)  # a class folder kept on another disk
+    (root / "dogs" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: must not recurse
+    dataset = ImageFolderDataset(tmp_path / "data", "train")
+    assert dataset.image_ids == ["train/cats/a.png", "train/dogs/b.png"]
+    assert "links back to" in caplog.text

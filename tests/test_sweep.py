@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -347,3 +348,32 @@ def test_sections_without_steps_or_group_fractions_use_the_defaults(tmp_path):
     hierarchy_sae = runs["train/fixture_mini_clip/L2/hierarchy"].parameters
     assert hierarchy_sae["group_fractions"] == list(PAPER_GROUP_FRACTIONS)
     assert hierarchy_sae["steps"] == sweep.TRAIN_DEFAULTS.steps
+
+
+def test_a_redone_training_run_makes_its_score_run_stale(tmp_path):
+    """Retraining with other settings used to leave the old MS beside the new R² (fingerprints
+    did not chain); now every run downstream of a changed run is redone, and a dry run says so."""
+    config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
+    root = tmp_path / "sweep"
+    sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
+    config["sae"]["steps"] = 400  # only the training runs' own parameters change
+    runs = sweep.expand(config)
+    dry = sweep.execute(runs, root, dry_run=True, progress=False).set_index("run")
+    assert dry.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "would run"
+    assert dry.loc["extract/fixture_mini_clip/L2/train", "status"] == "done earlier"
+    again = FakeRunner()
+    sweep.execute(runs, root, runner=again, progress=False)
+    redone = {Path(call).relative_to(root).as_posix() for call in again.calls}
+    assert redone == {r.id for r in runs if r.kind in ("train", "score")}
+
+
+def test_a_second_run_of_the_same_sweep_is_refused_while_the_first_holds_it(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    held_elsewhere = pytest.raises(
+        sweep.SweepLockedError, match=f"sweep folder sweep is being run by pid {os.getpid()}"
+    )
+    with sweep.sweep_lock(root), held_elsewhere, sweep.sweep_lock(root):
+        pass
+    with sweep.sweep_lock(root):  # released with its holder
+        pass

@@ -88,13 +88,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep_main(args: argparse.Namespace) -> int:
     """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
-    from .sweep import RESULTS_NOTEBOOK, ConfigError, execute_results_chapter, load_config, run_sweep, sweep_dir
+    from .sweep import (
+        RESULTS_NOTEBOOK,
+        ConfigError,
+        SweepLockedError,
+        execute_results_chapter,
+        load_config,
+        run_sweep,
+        sweep_dir,
+    )
 
     if args.notebook or args.all or args.parameter:
         build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
     try:
         status, results = run_sweep(args.config, dry_run=args.dry_run)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, SweepLockedError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(status.to_string(index=False))

@@ -188,7 +188,14 @@ class ImageFolderDataset:
 def _scan(base: Path, root: Path) -> list[ImageRecord]:
     """All candidate image files below ``base`` in sorted order, with their class folder."""
     records: list[ImageRecord] = []
-    for dirpath, dirnames, filenames in os.walk(base):
+    seen: set[Path] = set()  # real folders already walked: a link loop is walked once, never forever
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):  # symlinked class folders count
+        real = Path(dirpath).resolve()
+        if real in seen:
+            log.warning("skipping %s: it links back to %s, already read", dirpath, real)
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         relative_to_base = here.relative_to(base)

@@ -33,6 +33,7 @@ __all__ = [
     "EXECUTION_ONLY",
     "EXPECTED_OUTPUTS",
     "HIERARCHY_KEYS",
+    "LOCK_FILE",
     "REQUIRED",
     "RESULTS_NOTEBOOK",
     "RUNS_FILE",
@@ -45,6 +46,7 @@ __all__ = [
     "TRAIN_DEFAULTS",
     "ConfigError",
     "Run",
+    "SweepLockedError",
     "SweepResults",
     "ensure_fixture_results",
     "execute",
@@ -57,6 +59,7 @@ __all__ = [
     "run_sweep",
     "slug",
     "sweep_dir",
+    "sweep_lock",
 ]
 
 DONE_FILE = "_sweep_run.json"
@@ -86,6 +89,7 @@ SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "au
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
 SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
 STEERING_REQUIRED = ("llava", "encoder", "layer")  # a steering section names what it steers
+LOCK_FILE = ".lock"  # in a sweep folder: held by the process running the sweep
 RUNS_FILE = "runs.csv"  # in the sweep's folder: every run in order with its state (status table)
 RESULTS_NOTEBOOK = "06"  # the chapter that draws a sweep's results tables
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
@@ -112,6 +116,10 @@ SPLIT_KEYS = {"data_dir": str, "split": (str, type(None))}
 
 class ConfigError(ValueError):
     """A sweep file with unknown keys, wrong types or missing data."""
+
+
+class SweepLockedError(RuntimeError):
+    """Another process is running the same sweep."""
 
 
 @dataclass
@@ -529,9 +537,17 @@ def is_complete(run: Run, root: Path) -> bool:
 
 
 def _fingerprint(run: Run, root: Path) -> str:
-    """What determines a run's outputs: notebook and resolved parameters."""
+    """What determines a run's outputs: notebook, resolved parameters and the fingerprints its
+    inputs were made with (chained: a redone training run makes its score run stale)."""
     params = {k: v for k, v in _resolved(run, root).items() if k not in EXECUTION_ONLY}
-    return sha256_json({"notebook": run.notebook, "parameters": params})
+    inputs = {dep: _marker_fingerprint(root / dep) for dep in run.depends}
+    return sha256_json({"notebook": run.notebook, "parameters": params, "inputs": inputs})
+
+
+def _marker_fingerprint(folder: Path) -> str:
+    """The fingerprint a finished run recorded ("" for a run not finished)."""
+    marker = folder / DONE_FILE
+    return str(read_json(marker).get("fingerprint", "")) if marker.is_file() else ""
 
 
 def _resolved(run: Run, root: Path) -> dict[str, Any]:
@@ -567,6 +583,8 @@ def execute(
             blocked = [d for d in run.depends if status.get(d) in ("failed", "blocked")]
             if blocked:
                 state, message = "blocked", f"needs {blocked[0]}"
+            elif dry_run and any(status.get(d) == "would run" for d in run.depends):
+                state, message = "would run", "an input is redone"
             elif is_complete(run, root):
                 state, message = "done earlier", ""
             elif dry_run:
@@ -676,12 +694,38 @@ def run_sweep(
     config = load_config(config_path)
     runs = expand(config)
     root = sweep_dir(config["name"])
-    status = execute(runs, root, dry_run=dry_run, progress=progress, runner=runner)
     if dry_run:
-        return status, {}
+        return execute(runs, root, dry_run=True, progress=progress, runner=runner), {}
     root.mkdir(parents=True, exist_ok=True)
-    status.to_csv(root / RUNS_FILE, index=False)  # the run order and states, for a book of this sweep
-    return status, gather(config, runs, root)
+    with sweep_lock(root):
+        status = execute(runs, root, progress=progress, runner=runner)
+        status.to_csv(root / RUNS_FILE, index=False)  # the run order and states, for a book of this sweep
+        return status, gather(config, runs, root)
+
+
+@contextlib.contextmanager
+def sweep_lock(root: Path):
+    """Hold an advisory lock on a sweep folder for one process at a time (released when the
+    process dies); a second run of the same sweep gets an error naming the holder."""
+    import fcntl
+
+    handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SweepLockedError(
+                f"sweep folder {root.name} is being run by {holder}; wait for it to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def execute_results_chapter(name: str) -> Path:
