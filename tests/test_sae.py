@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -226,3 +227,39 @@ def test_bad_constructor_args():
     with pytest.raises(ValueError, match="activation_dim"):
         BatchTopKSAE(D, W, k=2).encode(torch.randn(2, D + 1))
     assert ReLUSAE(D, W).k is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dict_size": None}, "'dict_size' must be a positive integer, got None"),
+        ({"k": None}, "'k' must be a positive integer, got None"),
+        ({"k": True}, "'k' must be a positive integer, got True"),
+        ({"k": 99}, "'k' must be at most dict_size 16"),
+        ({"input_scale": 0}, "'input_scale' must be a positive finite number, got 0"),
+        ({"threshold": float("nan")}, "'threshold' must be a finite number"),
+    ],
+)
+def test_a_saved_config_is_checked_key_by_key_on_load(tmp_path, change, message):
+    import json
+
+    from vlmsae_utils.sae import BatchTopKSAE, load_sae, save_sae
+
+    folder = save_sae(BatchTopKSAE(4, 16, k=2), tmp_path / "sae")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_sae(folder)
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmsae_utils.sae import BatchTopKSAE, load_sae, save_sae
+
+    folder = save_sae(BatchTopKSAE(4, 16, k=2), tmp_path / "sae")
+    state = load_file(str(folder / "sae.safetensors"))
+    state["W_dec"][3, 1] = float("nan")
+    save_file(state, str(folder / "sae.safetensors"))
+    with pytest.raises(ValueError, match="tensor 'W_dec' holds NaN or infinite values"):
+        load_sae(folder)

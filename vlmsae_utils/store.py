@@ -35,6 +35,7 @@ __all__ = [
     "StorePlan",
     "StoreWriter",
     "check_dtype",
+    "load_shard",
     "shard_name",
 ]
 
@@ -158,12 +159,28 @@ class StoreWriter:
         """Every shard of the plan has been written (by any process)."""
         return all(self.shard_done(s) for s in range(self.plan.num_shards))
 
+    def _refuse_unreadable_shard(self, meta: dict[str, Any]) -> None:
+        """A shard whose rows do not load as written is forgotten (rerun to write it again) and refused."""
+        stem = self.path / SHARD_DIR / shard_name(meta["shard"])
+        try:
+            rows = load_shard(stem.with_suffix(".npy"))
+            if rows.shape != (meta["rows"], self.plan.dim):
+                raise StoreError(
+                    f"shard {stem.with_suffix('.npy')} has shape {rows.shape}, written as "
+                    f"({meta['rows']}, {self.plan.dim})"
+                )
+        except StoreError as err:
+            stem.with_suffix(".json").unlink(missing_ok=True)  # so a rerun extracts this shard again
+            raise StoreError(f"{err}; rerun the extraction with the same parameters to write it again") from None
+
     def finalize(self) -> ActivationStore:
         """Assemble ``manifest.json`` from the shard metadata, in dataset order, and open the store."""
         if not self.all_shards_done():
             missing = [s for s in range(self.plan.num_shards) if not self.shard_done(s)]
             raise StoreError(f"{self.path}: shards {missing[:5]} are not written yet")
         metas = [read_json(self.path / SHARD_DIR / f"{shard_name(s)}.json") for s in range(self.plan.num_shards)]
+        for meta in metas:
+            self._refuse_unreadable_shard(meta)
         kept = [i for meta in metas for i in meta["kept"]]
         if not kept:
             raise StoreError(f"{self.path}: no image could be used; skipped: {metas[0]['skipped'][:3]}")
@@ -184,6 +201,15 @@ class StoreWriter:
         }
         atomic_write_json(self.path / MANIFEST_FILE, manifest)
         return ActivationStore.open(self.path)
+
+
+def load_shard(file: Path) -> np.ndarray:
+    """A shard's rows, memory-mapped; a truncated or unreadable file is a `StoreError` naming it
+    (numpy's own message, "mmap length is greater than file size", names no file)."""
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise StoreError(f"shard {file} is truncated or unreadable ({err})") from None
 
 
 def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
@@ -238,7 +264,7 @@ class ActivationStore:
             file = self.path / shard["file"]
             if not file.is_file():
                 raise StoreError(f"{self.path}: shard {shard['file']} is missing")
-            array = np.load(file, mmap_mode="r")
+            array = load_shard(file)
             if array.shape != (shard["rows"], m["dim"]) or array.dtype != DTYPES[m["dtype"]]:
                 raise StoreError(
                     f"{self.path}: shard {shard['file']} has shape {array.shape} {array.dtype}, "
@@ -301,7 +327,7 @@ class ActivationStore:
     def arrays(self) -> list[np.ndarray]:
         """The shards as read-only memory maps."""
         if self._arrays is None:
-            self._arrays = [np.load(self.path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+            self._arrays = [load_shard(self.path / s["file"]) for s in self.manifest["shards"]]
         return self._arrays
 
     def to_numpy(self) -> np.ndarray:
