@@ -394,13 +394,13 @@ def _runs_page(runs: list[ExecutedRun]) -> str:
 
 def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | None = None) -> Path:
     """A book folder at ``target``: this book's configuration and API page, the chosen executed
-    notebooks as chapters (scrubbed), a front page and a runs page; returns ``target``."""
+    notebooks as chapters (`build` scrubs them), a front page and a runs page; returns ``target``."""
     chosen = representatives(runs)
     _clear_book_folder(target, runs)
     shutil.copytree(book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters", "intro.md", "_toc.yml"))
     (target / "chapters").mkdir()
     for run in chosen:
-        scrub_notebook(Path(shutil.copy2(run.executed, target / "chapters" / run.executed.name)))
+        shutil.copy2(run.executed, target / "chapters" / run.executed.name)
     (target / "intro.md").write_text(_front_page(title, runs, chosen, root))
     (target / "runs.md").write_text(_runs_page(runs))
     toc = {
