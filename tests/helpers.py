@@ -31,9 +31,9 @@ class TensorStore:
             yield self.data[order[start : start + batch_size]].clone()
 
 
-def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
-    """A real :class:`~vlmsae_utils.store.ActivationStore` at ``path`` (one row per image, several
-    shards of ``shard_images``) holding the rows of ``x`` in ``dtype``."""
+def write_shards(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
+    """A :class:`~vlmsae_utils.store.StoreWriter` at ``path`` with every shard of ``x`` written in
+    ``dtype`` (one row per image) but no manifest yet, as an extraction leaves it before finalizing."""
     import numpy as np
 
     from vlmsae_utils.store import StorePlan, StoreWriter
@@ -53,4 +53,10 @@ def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int
     for shard in range(plan.num_shards):
         rows = plan.shard_range(shard)
         writer.write_shard(shard, x[rows.start : rows.stop].numpy().astype(np.dtype(dtype)), list(rows), [])
-    return writer.finalize()
+    return writer
+
+
+def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
+    """A real :class:`~vlmsae_utils.store.ActivationStore` at ``path`` (one row per image, several
+    shards of ``shard_images``) holding the rows of ``x`` in ``dtype``."""
+    return write_shards(path, x, dtype, shard_images).finalize()

@@ -281,7 +281,7 @@ def _truncate(path) -> None:
 
 
 def test_a_truncated_shard_is_named_on_open_and_redone_before_finalize(tmp_path):
-    from helpers import write_store
+    from helpers import write_shards, write_store
 
     x = torch.randn(50, 4)
     finished = write_store(tmp_path / "done", x, shard_images=20)
@@ -289,24 +289,11 @@ def test_a_truncated_shard_is_named_on_open_and_redone_before_finalize(tmp_path)
     with pytest.raises(store.StoreError, match=r"shard .*shard-00001\.npy is truncated or unreadable"):
         store.ActivationStore.open(finished.path)
 
-    plan = store.StorePlan(
-        params={"t": 1},
-        image_ids=[f"i{k}" for k in range(50)],
-        class_names=["c"] * 50,
-        dim=4,
-        dtype="float32",
-        rows_per_image=1,
-        shard_images=20,
-    )
-    writer = store.StoreWriter(tmp_path / "resumed", plan)
-    writer.begin()
-    for shard in range(plan.num_shards):
-        rows = plan.shard_range(shard)
-        writer.write_shard(shard, x[rows.start : rows.stop].numpy(), list(rows), [])
+    writer = write_shards(tmp_path / "resumed", x, shard_images=20)
     _truncate(tmp_path / "resumed" / "shards" / "shard-00002.npy")  # damaged before the manifest is written
     with pytest.raises(store.StoreError, match=r"shard-00002\.npy .*rerun the extraction"):
         writer.finalize()
     assert not writer.shard_done(2) and writer.shard_done(1)  # only the damaged shard is redone
-    rows = plan.shard_range(2)
+    rows = writer.plan.shard_range(2)
     writer.write_shard(2, x[rows.start : rows.stop].numpy(), list(rows), [])
     assert torch.equal(writer.finalize().to_tensor(), x)

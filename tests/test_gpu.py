@@ -122,28 +122,13 @@ def test_train_short_run_cuda_bf16_close_to_cpu():
 def test_train_data_paths_on_cuda_give_the_cpu_batches(tmp_path, monkeypatch):
     """A float16 store, resident on the GPU or streamed through pinned chunks, yields float32 CUDA
     batches equal to the CPU's (the float16 → float32 conversion is exact)."""
-    import numpy as np
+    from helpers import write_store
 
     import vlmsae_utils.train as train_mod
-    from vlmsae_utils.store import StorePlan, StoreWriter
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)
     x = torch.randn(500, 32).half()
-    plan = StorePlan(
-        params={"gpu-test": 1},
-        image_ids=[f"i{i}" for i in range(500)],
-        class_names=["c"] * 500,
-        dim=32,
-        dtype="float16",
-        rows_per_image=1,
-        shard_images=128,
-    )
-    writer = StoreWriter(tmp_path / "store", plan)
-    writer.begin()
-    for s in range(plan.num_shards):
-        r = plan.shard_range(s)
-        writer.write_shard(s, x[r.start : r.stop].numpy().astype(np.float16), list(r), [])
-    store = writer.finalize()
+    store = write_store(tmp_path / "store", x, "float16", shard_images=128)
     cpu = list(train_mod._TrainingStream(store, 64, 2, torch.device("cpu"), data_on_device=True).batches(0, 10))
     for resident in (True, False):
         stream = train_mod._TrainingStream(store, 64, 2, torch.device("cuda"), data_on_device=resident)
