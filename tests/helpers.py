@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import torch
+
+from vlmsae_utils import run, sweep
+
+NOTEBOOK_KINDS = {"01": "extract", "02": "train", "03": "score", "04": "hierarchy", "05": "steer"}
 
 
 class TensorStore:
@@ -60,3 +68,27 @@ def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int
     """A real :class:`~vlmsae_utils.store.ActivationStore` at ``path`` (one row per image, several
     shards of ``shard_images``) holding the rows of ``x`` in ``dtype``."""
     return write_shards(path, x, dtype, shard_images).finalize()
+
+
+class FakeRunner:
+    """Stands in for a notebook run in sweep tests: writes the outputs a run of that kind is
+    expected to leave, and records the call (in ``calls``, and in ``log`` when given, so calls made in
+    subprocess jobs are seen too). A run whose folder ends with one of ``fail`` raises a
+    NotebookError; one ending with one of ``kill`` SIGKILLs its own process (a killed job)."""
+
+    def __init__(self, fail: set[str] = frozenset(), *, kill: set[str] = frozenset(), log: Path | None = None):
+        self.calls: list[str] = []
+        self.fail, self.kill, self.log = fail, kill, log
+
+    def __call__(self, notebook: str, params: dict, out: Path) -> None:
+        self.calls.append(str(out))
+        if self.log is not None:
+            with open(self.log, "a") as handle:
+                handle.write(f"{out}\n")
+        if any(str(out).endswith(f) for f in self.kill):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if any(str(out).endswith(f) for f in self.fail):
+            raise run.NotebookError("cell 3 failed with ValueError: injected")
+        for name in sweep.EXPECTED_OUTPUTS[NOTEBOOK_KINDS[notebook]]:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("x")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import FakeRunner
 
 from vlmsae_utils import hooks, run, sweep
 from vlmsae_utils.paths import repo_root, results_root
@@ -87,23 +88,6 @@ def test_config_errors_name_the_problem(tmp_path, changes, message):
 def test_missing_required_key(tmp_path):
     with pytest.raises(sweep.ConfigError, match="missing key"):
         sweep.load_config(_config(tmp_path, sae=None))
-
-
-class FakeRunner:
-    """Stands in for papermill: writes each kind's expected outputs; can fail chosen runs."""
-
-    def __init__(self, fail: set[str] = frozenset()):
-        self.calls: list[str] = []
-        self.fail = fail
-
-    def __call__(self, notebook: str, params: dict, out: Path) -> None:
-        self.calls.append(str(out))
-        if any(str(out).endswith(f) for f in self.fail):
-            raise run.NotebookError("cell 3 failed with ValueError: injected")
-        kind = {"01": "extract", "02": "train", "03": "score", "04": "hierarchy", "05": "steer"}[notebook]
-        for name in sweep.EXPECTED_OUTPUTS[kind]:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text("x")
 
 
 def test_resume_skips_finished_runs_and_redoes_removed_outputs(tmp_path):
@@ -371,9 +355,26 @@ def test_a_second_run_of_the_same_sweep_is_refused_while_the_first_holds_it(tmp_
     root = tmp_path / "sweep"
     root.mkdir()
     held_elsewhere = pytest.raises(
-        sweep.SweepLockedError, match=f"sweep folder sweep is being run by pid {os.getpid()}"
+        sweep.SweepLockedError, match=f"sweep folder sweep is being written by pid {os.getpid()} on "
     )
     with sweep.sweep_lock(root), held_elsewhere, sweep.sweep_lock(root):
         pass
     with sweep.sweep_lock(root):  # released with its holder
         pass
+
+
+def test_a_run_folder_held_by_another_writer_fails_that_run_naming_the_holder(tmp_path):
+    """Two processes on one cell (a job started twice, a notebook run by hand into a sweep's folder):
+    the second fails with the holder's pid instead of interleaving writes; its dependents are blocked."""
+    from vlmsae_utils.io import folder_lock
+
+    runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
+    root = tmp_path / "sweep"
+    held = "extract/fixture_mini_clip/L2/val"
+    runner = FakeRunner()
+    with folder_lock(root / held, "run folder"):
+        status = sweep.execute(runs, root, runner=runner, progress=False).set_index("run")
+    assert status.loc[held, "status"] == "failed"
+    assert f"run folder val is being written by pid {os.getpid()}" in status.loc[held, "message"]
+    assert str(root / held) not in runner.calls
+    assert status.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "blocked"

@@ -187,7 +187,7 @@ def screenshot(page: Path, target: Path, size: str = "1280,900", chromium: str |
 
 
 BOOK_MARKER = ".vlmsae-book"  # in every assembled book folder: only such a folder is replaced
-USABLE_STATES = ("ran", "done earlier")  # runs whose notebook may stand for a chapter
+USABLE_STATES = ("ran", "done earlier", "done")  # runs whose notebook may stand for a chapter
 
 
 def machine_paths() -> dict[str, str]:

@@ -4,7 +4,8 @@
 vlmsae_utils.cli``, the same) converts a jupytext MyST notebook to ``.ipynb``, checks the
 parameter names against the notebook's ``parameters`` cell, executes it and writes the executed
 notebook beside a run log. ``--all`` runs every notebook in order on its defaults;
-``--config FILE [--dry-run]`` runs a sweep file (:mod:`.sweep`). A failing cell exits non-zero
+``--config FILE [--executor inline|local|slurm] [--dry-run | --status] [--wait]`` runs a sweep file
+(:mod:`.sweep`, :mod:`.executor`). A failing cell exits non-zero
 and prints the cell and the error.
 """
 
@@ -60,7 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
     parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
     parser.add_argument("--config", help="run a sweep file (configs/*.yaml) instead of one notebook")
-    parser.add_argument("--dry-run", action="store_true", help="with --config: list what would run")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --config: list what would run (jobs, resources, dependencies)"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("inline", "local", "slurm"),
+        help="with --config: run cells in this process, as local subprocess jobs or as Slurm jobs "
+        "(default: the config's executor block, else inline)",
+    )
+    parser.add_argument("--status", action="store_true", help="with --config: each cell's state (markers and jobs)")
+    parser.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs, then gather")
     return parser
 
 
@@ -87,28 +98,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep_main(args: argparse.Namespace) -> int:
-    """``--config FILE [--dry-run]``: run a sweep, print its status and where the results went."""
-    from .sweep import (
-        RESULTS_NOTEBOOK,
-        ConfigError,
-        SweepLockedError,
-        execute_results_chapter,
-        load_config,
-        run_sweep,
-        sweep_dir,
-    )
+    """``--config FILE [--executor E] [--dry-run | --status] [--wait]``: run or inspect a sweep, print
+    its status and where the results went."""
+    from .executor import ExecutorError, cell_states, dispatch
+    from .sweep import ConfigError, SweepLockedError, expand, load_config, sweep_dir
 
     if args.notebook or args.all or args.parameter:
         build_parser().error("--config runs a sweep file; do not combine it with a notebook, --all or -p")
     try:
-        status, results = run_sweep(args.config, dry_run=args.dry_run)
-    except (ConfigError, SweepLockedError, FileNotFoundError) as err:
+        if args.status:
+            config = load_config(args.config, check_data=False)
+            print(cell_states(expand(config), sweep_dir(config["name"])).to_string(index=False))
+            return 0
+        status, results = dispatch(args.config, executor=args.executor, dry_run=args.dry_run, wait=args.wait)
+    except (ConfigError, ExecutorError, SweepLockedError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(status.to_string(index=False))
+    if "status" in status and status.status.isin(["submitted", "queued", "running"]).any():
+        print("jobs are queued: follow them with --status; rerun the same command once they end to gather results")
+        return 0
+    return _finish_sweep(args, status, results)
+
+
+def _finish_sweep(args: argparse.Namespace, status, results: dict) -> int:
+    """Report the gathered tables and execute the results chapter on them (chapter 6)."""
+    from .sweep import RESULTS_NOTEBOOK, execute_results_chapter, load_config, sweep_dir
+
     for name, table in results.items():
         print(f"results: {name}.csv ({len(table)} rows)")
-    failed = status.status.isin(["failed", "blocked"]).any()
+    failed = "status" in status and status.status.isin(["failed", "blocked"]).any()
     if "sae" in results:
         try:
             print(f"results chapter: {execute_results_chapter(load_config(args.config)['name'])}")

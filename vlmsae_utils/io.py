@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
+    "LOCK_FILE",
+    "FolderLockedError",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "check_writable",
+    "folder_lock",
     "library_versions",
     "read_json",
     "sha256_file",
@@ -122,3 +127,38 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+LOCK_FILE = ".lock"  # in a locked folder: names the process holding it
+
+
+class FolderLockedError(RuntimeError):
+    """Another process is writing the same folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: str | os.PathLike, what: str = "folder", error: type[FolderLockedError] = FolderLockedError
+) -> Iterator[None]:
+    """Hold an advisory lock on ``folder`` (created if needed) for one process at a time; the lock
+    dies with its process, so a killed run never leaves it behind. A second writer gets
+    ``error`` (a ``FolderLockedError``) naming the holder (host and pid), never a silent interleaving."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise error(f"{what} {folder.name} is being written by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

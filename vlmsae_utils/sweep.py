@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .executor_config import ExecutorConfig, parse_executor
 from .hierarchy import LEVELS_FILE, PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
-from .io import atomic_write_json, read_json, sha256_json
+from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
 from .paths import outputs_root, results_root, safe_stem
 from .scoring import MS_SUMMARY_FILE
 from .steering_study import STEERING_SCORES_FILE
@@ -51,11 +52,14 @@ __all__ = [
     "ensure_fixture_results",
     "execute",
     "execute_results_chapter",
+    "execute_run",
+    "executor_settings",
     "expand",
     "gather",
     "is_complete",
     "load_config",
     "load_results",
+    "notebook_runner",
     "run_sweep",
     "slug",
     "sweep_dir",
@@ -79,6 +83,7 @@ TOP_KEYS = {
     "model_dtype": str,
     "num_workers": int,
     "hook": str,
+    "executor": dict,
 }
 #: Parameters that say where a run executes, not what it computes: not part of a run's fingerprint,
 #: so a sweep finished on one GPU is not redone on another (results agree within the tested tolerances).
@@ -89,7 +94,6 @@ SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "au
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
 SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
 STEERING_REQUIRED = ("llava", "encoder", "layer")  # a steering section names what it steers
-LOCK_FILE = ".lock"  # in a sweep folder: held by the process running the sweep
 RUNS_FILE = "runs.csv"  # in the sweep's folder: every run in order with its state (status table)
 RESULTS_NOTEBOOK = "06"  # the chapter that draws a sweep's results tables
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
@@ -118,7 +122,7 @@ class ConfigError(ValueError):
     """A sweep file with unknown keys, wrong types or missing data."""
 
 
-class SweepLockedError(RuntimeError):
+class SweepLockedError(FolderLockedError):
     """Another process is running the same sweep."""
 
 
@@ -221,12 +225,21 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         if not config["sae"].get(key):
             raise ConfigError(f"{where}.sae.{key}: a non-empty list")
     _check_distinct_slugs(config, where)
+    executor_settings(config, where)
     if "hierarchy" in config and config["hierarchy"].get("layer", config["layers"][0]) not in config["layers"]:
         raise ConfigError(
             f"{where}.hierarchy.layer: {config['hierarchy']['layer']!r} is not one of layers "
             f"{config['layers']}; the hierarchy run uses that layer's extraction"
         )
     return config
+
+
+def executor_settings(config: dict[str, Any], where: str = "sweep") -> ExecutorConfig:
+    """The config's ``executor:`` block, validated (inline defaults when absent)."""
+    try:
+        return parse_executor(config.get("executor"), f"{where}.executor", device=config.get("device", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -562,6 +575,13 @@ def _resolved(run: Run, root: Path) -> dict[str, Any]:
     return params
 
 
+def notebook_runner(notebook: str, params: dict[str, Any], out: Path) -> Path:
+    """How a cell runs by default: its notebook through papermill, executed copy and log in ``out``."""
+    from .run import run_notebook
+
+    return run_notebook(notebook, params, out)
+
+
 def execute(
     runs: list[Run],
     root: Path,
@@ -573,9 +593,6 @@ def execute(
     """Run what is not complete, in order; a failure blocks only the runs that depend on it."""
     from tqdm.auto import tqdm
 
-    from .run import NotebookError, run_notebook
-
-    runner = runner or (lambda notebook, params, out: run_notebook(notebook, params, out))
     status: dict[str, str] = {}
     rows = []
     with tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress or dry_run) as bar:
@@ -590,7 +607,7 @@ def execute(
             elif dry_run:
                 state, message = "would run", ""
             else:
-                state, message = _execute_one(run, root, runner, NotebookError)
+                state, message = execute_run(run, root, runner)
             status[run.id] = state
             rows.append({"run": run.id, "notebook": run.notebook, "status": state, "message": message})
             bar.set_postfix_str(run.id[-40:])
@@ -598,16 +615,25 @@ def execute(
     return pd.DataFrame(rows)
 
 
-def _execute_one(run: Run, root: Path, runner, error_type) -> tuple[str, str]:
-    """One notebook run; marks it complete on success, reports the error otherwise."""
+def execute_run(run: Run, root: Path, runner: Callable[[str, dict, Path], Any] | None = None) -> tuple[str, str]:
+    """One cell, its folder locked: runs the notebook and marks it complete (``"ran"``), or returns
+    ``("failed", first line of the error)``. A second process on the same cell fails, naming the holder."""
+    from .run import NotebookError
+
     folder = root / run.out_dir
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        runner(run.notebook, _resolved(run, root), folder)
-    except (error_type, ValueError, FileNotFoundError) as err:
+        with folder_lock(folder, "run folder"):
+            (runner or notebook_runner)(run.notebook, _resolved(run, root), folder)
+            _mark_complete(run, root)
+    except (NotebookError, FolderLockedError, ValueError, FileNotFoundError) as err:
         return "failed", str(err).splitlines()[0]
+    return "ran", ""
+
+
+def _mark_complete(run: Run, root: Path) -> None:
+    """The marker that makes a run complete: its fingerprint (chained to its inputs'), parameters, labels."""
     atomic_write_json(
-        folder / DONE_FILE,
+        root / run.out_dir / DONE_FILE,
         {
             "fingerprint": _fingerprint(run, root),
             "notebook": run.notebook,
@@ -615,7 +641,6 @@ def _execute_one(run: Run, root: Path, runner, error_type) -> tuple[str, str]:
             "labels": run.labels,
         },
     )
-    return "ran", ""
 
 
 # ----------------------------------------------------------------------------- results
@@ -704,28 +729,11 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def sweep_lock(root: Path):
-    """Hold an advisory lock on a sweep folder for one process at a time (released when the
-    process dies); a second run of the same sweep gets an error naming the holder."""
-    import fcntl
-
-    handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise SweepLockedError(
-                f"sweep folder {root.name} is being run by {holder}; wait for it to finish"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+def sweep_lock(root: Path) -> Iterator[None]:
+    """Hold the sweep folder for one process at a time (released when the process dies); a second
+    run of the same sweep gets ``SweepLockedError`` naming the holder."""
+    with folder_lock(root, "sweep folder", SweepLockedError):
         yield
-    finally:
-        handle.close()
 
 
 def execute_results_chapter(name: str) -> Path:

@@ -1,0 +1,315 @@
+"""Sweeps as jobs (issue: cluster executor): the executor block, job grouping and dependencies, a
+fake Slurm on PATH that records every submission, and real subprocess jobs through submitit's
+local executor (killed, rerun, and the same results as the inline runner)."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import cloudpickle
+import helpers
+import pandas as pd
+import pytest
+import yaml
+from helpers import FakeRunner
+from submitit.core.utils import DelayedSubmission
+
+from vlmsae_utils import executor, sweep
+from vlmsae_utils.cli import main as cli_main
+from vlmsae_utils.executor_config import ExecutorConfig, parse_executor
+from vlmsae_utils.paths import results_root
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# FakeRunner travels to subprocess jobs by value (the tests folder is not importable there).
+cloudpickle.register_pickle_by_value(helpers)
+
+
+def _config(tmp_path: Path, name: str, **changes) -> Path:
+    """The fixture sweep under another name, with top-level keys replaced (None removes one)."""
+    config = yaml.safe_load((CONFIGS / "fixture.yaml").read_text()) | {"name": name}
+    for key, value in changes.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _small(tmp_path: Path, name: str, **changes) -> Path:
+    """One layer, one SAE: extract train/val, embed val, train, score (5 cells)."""
+    sae = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["sae"] | {"types": ["batch_top_k"], "expansions": [2]}
+    return _config(tmp_path, name, layers=[2], sae=sae, hierarchy=None, steering=None, **changes)
+
+
+# ----------------------------------------------------------------------------- the executor block
+
+
+@pytest.mark.parametrize(
+    ("block", "device", "message"),
+    [
+        ({"type": "pbs"}, "auto", r"executor\.type: 'pbs' is not one of inline, local, slurm"),
+        ({"partiton": "gpu"}, "auto", r"unknown key\(s\) \['partiton'\]"),
+        ({"timeout_min": 0}, "auto", r"executor\.timeout_min: expected an integer >= 1, got 0"),
+        ({"array_parallelism": True}, "auto", r"executor\.array_parallelism: expected an integer"),
+        ({"mem_gb": "lots"}, "auto", r"executor\.mem_gb: expected a number >= 1"),
+        ({"resources": {"training": {"gpus": 1}}}, "auto", r"unknown kind of cell 'training'"),
+        ({"resources": {"train": {"gpu": 1}}}, "auto", r"resources\.train: unknown key\(s\) \['gpu'\]"),
+        ({"resources": {"train": {"gpus": 0}}}, "cuda", r"resources\.train\.gpus: 0 GPUs for train cells"),
+        ({"gpus_per_node": 0}, "cuda:1", r"executor\.gpus_per_node: 0 GPUs for extract cells"),
+        ({"resources": {"score": {"gpus": 4}}}, "auto", r"resources\.score\.gpus: 4 GPUs, but a score cell"),
+        ({"sbatch": ["--qos=high"]}, "auto", r"executor\.sbatch: expected a mapping"),
+    ],
+)
+def test_bad_executor_blocks_name_the_key(tmp_path, block, device, message):
+    path = _config(tmp_path, "bad", executor=block, device=device)
+    with pytest.raises(sweep.ConfigError, match=message):
+        sweep.load_config(path)
+
+
+def test_resources_come_from_the_block_and_each_kinds_overrides():
+    config = parse_executor(
+        {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 32, "resources": {"train": {"timeout_min": 1440}}}
+    )
+    assert config.resources_for("extract") == executor.Resources(gpus=1, cpus=4, mem_gb=32.0, timeout_min=240)
+    assert config.resources_for("train") == executor.Resources(gpus=1, cpus=4, mem_gb=32.0, timeout_min=1440)
+    assert config.with_type("slurm").type == "slurm" and config.with_type(None) is config
+    assert parse_executor(None) == ExecutorConfig()  # no block: inline with defaults
+
+
+def test_the_executor_block_is_not_part_of_any_fingerprint(tmp_path):
+    plain = sweep.expand(sweep.load_config(_config(tmp_path, "a")))
+    block = {"type": "slurm", "partition": "gpu", "resources": {"train": {"timeout_min": 60}}}
+    with_block = sweep.expand(sweep.load_config(_config(tmp_path, "a", executor=block)))
+    root = tmp_path / "root"
+    assert [sweep._fingerprint(r, root) for r in plain] == [sweep._fingerprint(r, root) for r in with_block]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _cells(tmp_path, root: Path, **changes) -> tuple[list[sweep.Run], list[executor.Cell]]:
+    runs = sweep.expand(sweep.load_config(_config(tmp_path, "plan", **changes)))
+    return runs, executor.plan_cells(runs, root, ExecutorConfig())
+
+
+def test_groups_share_kind_and_inputs_and_come_after_their_inputs(tmp_path):
+    runs, cells = _cells(tmp_path, tmp_path / "root")
+    groups = executor.group_jobs(cells)
+    assert sum(len(g.cells) for g in groups) == len(runs) == len(cells)
+    seen: set[str] = set()
+    for group in groups:
+        assert {c.run.kind for c in group.cells} == {group.kind}
+        assert all(sorted(c.after) == group.after for c in group.cells)  # one array, one dependency list
+        assert set(group.after) <= seen  # every input was submitted before
+        seen |= {c.run.id for c in group.cells}
+    by_id = {c.run.id: c for c in cells}
+    for run in runs:  # every dependency of the grid becomes a job dependency
+        assert by_id[run.id].after == run.depends
+
+
+def test_only_unfinished_cells_and_their_dependents_are_planned(tmp_path):
+    root = tmp_path / "root"
+    runs, _ = _cells(tmp_path, root, hierarchy=None, steering=None)
+    sweep.execute(runs, root, runner=FakeRunner(), progress=False)
+    assert executor.plan_cells(runs, root, ExecutorConfig()) == []
+    (root / "extract/fixture_mini_clip/L2/val/activations/manifest.json").unlink()
+    planned = {c.run.id for c in executor.plan_cells(runs, root, ExecutorConfig())}
+    assert planned == {
+        "extract/fixture_mini_clip/L2/val",
+        *(r.id for r in runs if r.kind == "train" and r.labels["layer"] == 2),
+        "score/fixture_mini_clip/L2/fixture_scorer",
+    }
+
+
+def test_dry_run_lists_jobs_resources_and_dependencies(tmp_path, capsys):
+    block = {"partition": "gpu", "resources": {"train": {"timeout_min": 1440}}}
+    path = _small(tmp_path, "dry", executor=block)
+    assert cli_main(["--config", str(path), "--executor", "slurm", "--dry-run"]) == 0
+    table = capsys.readouterr().out
+    train = next(line for line in table.splitlines() if "train/fixture_mini_clip/L2/batch_top_k_x2" in line)
+    assert "1 GPU, 8 CPUs, 64 GB, 24:00 h" in train
+    assert re.search(r"extract-\d\[0\] extract-\d\[1\]", train)  # waits for both extractions (tasks)
+    assert not sweep.sweep_dir("dry").exists()  # a dry run writes nothing
+
+
+# ----------------------------------------------------------------------------- a fake Slurm
+
+FAKE_SBATCH = """#!/bin/bash
+# fake sbatch: keeps each submitted script and answers as Slurm does
+n=$(( $(cat "$FAKE_SLURM/counter" 2>/dev/null || echo 100) + 1 ))
+echo $n > "$FAKE_SLURM/counter"
+cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
+echo "Submitted batch job $n"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch, squeue, sacct and srun on PATH; squeue and sacct print what the test writes."""
+    state = tmp_path / "slurm"
+    bin_dir = state / "bin"
+    bin_dir.mkdir(parents=True)
+    scripts = {
+        "sbatch": FAKE_SBATCH,
+        "squeue": '#!/bin/bash\ncat "$FAKE_SLURM/squeue.txt" 2>/dev/null\nexit 0\n',
+        "sacct": '#!/bin/bash\ncat "$FAKE_SLURM/sacct.txt" 2>/dev/null\nexit 0\n',
+        "srun": "#!/bin/bash\nexit 0\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(state))
+    return state
+
+
+def _submissions(state: Path) -> dict[str, dict[str, str]]:
+    """Every sbatch script submitted so far, as {job id: {option: value}}."""
+    scripts = {}
+    for path in sorted(state.glob("sbatch_*.sh")):
+        options = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", path.read_text(), flags=re.M))
+        scripts[path.stem.removeprefix("sbatch_")] = options
+    return scripts
+
+
+def _records(runs: list[sweep.Run], root: Path) -> dict[str, str]:
+    return {r.id: executor._read_record(root / r.out_dir).get("job_id", "") for r in runs}
+
+
+SLURM_BLOCK = {
+    "partition": "gpu",
+    "account": "lab",
+    "cpus_per_task": 6,
+    "mem_gb": 48,
+    "array_parallelism": 2,
+    "sbatch": {"qos": "high"},
+    "resources": {"train": {"timeout_min": 1440}},
+}
+
+
+def test_slurm_submission_resources_dependencies_and_arrays(tmp_path, fake_slurm):
+    path = _config(tmp_path, "slurm-grid", executor=SLURM_BLOCK, hierarchy=None, steering=None)
+    status, results = executor.dispatch(path, executor="slurm", progress=False)
+    runs, root = sweep.expand(sweep.load_config(path)), sweep.sweep_dir("slurm-grid")
+    assert results == {} and set(status.status) == {"submitted"}
+    scripts, jobs = _submissions(fake_slurm), _records(runs, root)
+    groups = executor.group_jobs(executor.plan_cells(runs, tmp_path / "empty", ExecutorConfig()))
+    assert len(scripts) == len(groups)  # one sbatch per array: the grid in one submission
+    for run in runs:
+        options = scripts[jobs[run.id].split("_")[0]]
+        assert options["partition"] == "gpu" and options["account"] == "lab" and options["qos"] == "high"
+        assert options["cpus-per-task"] == "6" and options["mem"] == "49152MB" and options["gpus-per-node"] == "1"
+        assert options["time"] == ("1440" if run.kind == "train" else "240")
+        assert options["kill-on-invalid-dep"] == "yes"
+        expected_after = sorted(jobs[dep] for dep in run.depends)
+        assert sorted(options.get("dependency", "afterok:").removeprefix("afterok:").split(":")) == sorted(
+            expected_after or [""]
+        )
+    arrays = [o["array"] for o in scripts.values() if "array" in o]
+    assert "0-3%2" in arrays  # the 4 SAEs of a layer: one array, at most 2 tasks at once
+    assert all(int(a.split("%")[1]) <= 2 for a in arrays)
+    logs = root / "train/fixture_mini_clip/L2/batch_top_k_x2"
+    assert os.readlink(logs / "job.err").endswith(f"{jobs['train/fixture_mini_clip/L2/batch_top_k_x2']}_0_log.err")
+
+
+def test_slurm_rerun_keeps_queued_jobs_and_resubmits_only_unfinished_cells(tmp_path, fake_slurm):
+    path = _small(tmp_path, "slurm-rerun", executor=SLURM_BLOCK)
+    executor.dispatch(path, executor="slurm", progress=False)
+    runs, root = sweep.expand(sweep.load_config(path)), sweep.sweep_dir("slurm-rerun")
+    jobs = _records(runs, root)
+    (fake_slurm / "squeue.txt").write_text("".join(f"{j}|PENDING\n" for j in jobs.values()))
+    status, _ = executor.dispatch(path, executor="slurm", progress=False)
+    assert len(_submissions(fake_slurm)) == len(set(j.split("_")[0] for j in jobs.values()))  # nothing new
+    assert set(status.status) == {"queued"}
+
+    # The cluster runs the submitted pickles: every cell but the val extraction, which fails.
+    val = "extract/fixture_mini_clip/L2/val"
+    for run in runs:
+        job_id = jobs[run.id]
+        pickle = root / executor.JOBS_DIR / run.kind / job_id / f"{job_id}_submitted.pkl"
+        cell = DelayedSubmission.load(pickle)
+        assert isinstance(cell.function, executor.CellJob) and cell.function.run.id == run.id
+        cell.function.runner = FakeRunner(fail={val})
+        if run.id == val:
+            with pytest.raises(executor.CellFailed, match="injected"):
+                cell.result()
+        elif not set(run.depends) & {val, *[r.id for r in runs if val in r.depends]}:
+            assert cell.result() == run.id
+    (fake_slurm / "squeue.txt").write_text("")
+    (fake_slurm / "sacct.txt").write_text(f"{jobs[val]}|FAILED\n")
+    states = executor.cell_states(runs, root).set_index("run")
+    assert states.loc[val, "status"] == "failed" and "injected" in states.loc[val, "message"]
+    assert states.loc["train/fixture_mini_clip/L2/batch_top_k_x2", "status"] == "blocked"
+    assert states.loc["extract/fixture_mini_clip/L2/train", "status"] == "done"
+
+    before = set(_submissions(fake_slurm))
+    executor.dispatch(path, executor="slurm", progress=False)
+    new = {job: opts for job, opts in _submissions(fake_slurm).items() if job not in before}
+    resubmitted = {r.id for r in runs if _records(runs, root)[r.id].split("_")[0] in new}
+    assert resubmitted == {
+        val,
+        "train/fixture_mini_clip/L2/batch_top_k_x2",
+        "score/fixture_mini_clip/L2/fixture_scorer",
+    }
+
+
+def test_slurm_without_sbatch_is_an_error_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    with pytest.raises(executor.ExecutorError, match="sbatch is not on PATH"):
+        executor.dispatch(_small(tmp_path, "no-slurm"), executor="slurm", progress=False)
+    assert not sweep.sweep_dir("no-slurm").exists()
+
+
+def test_a_queued_job_for_other_parameters_is_refused(tmp_path, fake_slurm):
+    path = _small(tmp_path, "slurm-changed", executor=SLURM_BLOCK)
+    executor.dispatch(path, executor="slurm", progress=False)
+    runs, root = sweep.expand(sweep.load_config(path)), sweep.sweep_dir("slurm-changed")
+    (fake_slurm / "squeue.txt").write_text("".join(f"{j}|PENDING\n" for j in _records(runs, root).values()))
+    changed = yaml.safe_load(path.read_text())
+    changed["sae"]["steps"] = 400
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(executor.ExecutorError, match=r"still queued for other parameters; cancel it \(scancel"):
+        executor.dispatch(path, executor="slurm", progress=False)
+
+
+# ----------------------------------------------------------------------------- local subprocess jobs
+
+
+@pytest.mark.slow
+def test_local_jobs_a_killed_cell_is_resubmitted_and_finished_cells_are_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "gather", lambda *args: {})  # FakeRunner's outputs are not tables
+    path = _small(tmp_path, "local-kill")
+    runs, root = sweep.expand(sweep.load_config(path)), sweep.sweep_dir("local-kill")
+    log = tmp_path / "calls.txt"
+    killed = "train/fixture_mini_clip/L2/batch_top_k_x2"
+    status, _ = executor.dispatch(path, executor="local", progress=False, runner=FakeRunner(kill={killed}, log=log))
+    status = status.set_index("run")
+    assert status.loc[killed, "status"] == "failed" and "without finishing" in status.loc[killed, "message"]
+    assert status.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "blocked"
+    assert (status.status == "ran").sum() == len(runs) - 2
+    assert (root / killed / "job.err").exists()  # the log lies beside the cell's outputs
+
+    log.write_text("")
+    status, _ = executor.dispatch(path, executor="local", progress=False, runner=FakeRunner(log=log))
+    rerun = {Path(line).relative_to(root).as_posix() for line in log.read_text().split()}
+    assert rerun == {killed, "score/fixture_mini_clip/L2/fixture_scorer"}
+    assert set(status.set_index("run").drop(index=list(rerun)).status) == {"done earlier"}
+
+
+@pytest.mark.slow
+def test_local_jobs_give_the_inline_runners_results(tmp_path, fixture_results):
+    """Real notebooks in subprocess jobs: a slice of the fixture sweep (layer 2, BatchTopK ×2) gives
+    the rows the inline runner wrote for the same cells."""
+    path = _small(tmp_path, "local-notebooks")
+    status, results = executor.dispatch(path, executor="local", progress=False)
+    assert set(status.status) == {"ran"}, status.to_string()
+    read = lambda folder, name: pd.read_csv(folder / name, dtype={"layer": str})
+    inline = read(fixture_results, "sae.csv")
+    inline = inline[(inline.layer == "2") & (results["sae"].SAE[0] == inline.SAE) & (inline.expansion == 2)]
+    local = read(results_root() / "local-notebooks", "sae.csv")
+    pd.testing.assert_frame_equal(local, inline.reset_index(drop=True))
+    raw = read(fixture_results, "raw.csv")
+    raw = raw[raw.layer == "2"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(read(results_root() / "local-notebooks", "raw.csv"), raw)

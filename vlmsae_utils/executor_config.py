@@ -1,0 +1,164 @@
+"""Where a sweep's cells run: the ``executor:`` block of a sweep file, validated into one frozen object.
+
+A sweep file may carry, beside what it computes, how to dispatch it (:mod:`.executor`)::
+
+    executor:
+      type: slurm            # inline (one process), local (subprocess jobs) or slurm
+      partition: gpu
+      account: my-lab
+      gpus_per_node: 1       # GPUs of each job: a cell's notebook uses one device
+      cpus_per_task: 8       # also the image decoders of an extraction
+      mem_gb: 64
+      timeout_min: 240
+      array_parallelism: 32  # tasks of one job array running at once (local: jobs at once)
+      max_requeue: 3         # requeues after a timeout or a preemption
+      sbatch: {qos: normal}  # any other sbatch option, written as --qos=normal
+      resources:             # per kind of cell, overriding the values above
+        train: {timeout_min: 1440}
+
+None of it is part of a run's fingerprint: a sweep finished inline is not redone on Slurm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "CELL_KINDS",
+    "EXECUTORS",
+    "EXECUTOR_KEYS",
+    "RESOURCE_KEYS",
+    "ExecutorConfig",
+    "Resources",
+    "parse_executor",
+]
+
+EXECUTORS = ("inline", "local", "slurm")
+CELL_KINDS = ("extract", "embed", "train", "score", "hierarchy", "steer")
+RESOURCE_KEYS = ("gpus", "cpus", "mem_gb", "timeout_min")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks for."""
+
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: float = 64.0
+    timeout_min: int = 240
+
+    def describe(self) -> str:
+        """``1 GPU, 8 CPUs, 64 GB, 4:00 h``: one cell of a dry-run table."""
+        hours, minutes = divmod(self.timeout_min, 60)
+        return f"{self.gpus} GPU, {self.cpus} CPUs, {self.mem_gb:g} GB, {hours}:{minutes:02d} h"
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """The validated ``executor:`` block; ``resources_for(kind)`` gives a cell's job resources."""
+
+    type: str = "inline"
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: float = 64.0
+    timeout_min: int = 240
+    array_parallelism: int = 32
+    max_requeue: int = 3
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resources_for(self, kind: str) -> Resources:
+        """The block's defaults with the kind's own overrides applied."""
+        base = Resources(self.gpus_per_node, self.cpus_per_task, float(self.mem_gb), self.timeout_min)
+        return replace(base, **self.resources.get(kind, {}))
+
+    def with_type(self, executor: str | None) -> ExecutorConfig:
+        """The same block with another executor (the command line's ``--executor`` wins)."""
+        if executor is None:
+            return self
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+        return replace(self, type=executor)
+
+
+EXECUTOR_KEYS = {f.name: f for f in fields(ExecutorConfig)}
+
+
+def _check_number(value: Any, where: str, *, minimum: float, integer: bool) -> None:
+    """An int (or, where allowed, a float) no smaller than ``minimum``; booleans are not numbers."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{where}: expected {what} >= {minimum:g}, got {value!r}")
+
+
+def _check_resources(kind: str, overrides: Any, where: str) -> dict[str, Any]:
+    """One kind's overrides: known keys, sensible numbers."""
+    if kind not in CELL_KINDS:
+        raise ValueError(f"{where}: unknown kind of cell {kind!r}; valid: {', '.join(CELL_KINDS)}")
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}.{kind}: expected a mapping of {', '.join(RESOURCE_KEYS)}, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}.{kind}: unknown key(s) {unknown}; valid: {list(RESOURCE_KEYS)}")
+    for key, value in overrides.items():
+        minimum = 0 if key == "gpus" else 1
+        _check_number(value, f"{where}.{kind}.{key}", minimum=minimum, integer=key != "mem_gb")
+    return dict(overrides)
+
+
+def _check_usable(config: ExecutorConfig, device: str, where: str) -> None:
+    """Refuse resources a cell cannot use: a notebook runs on one device (more GPUs would sit idle),
+    and a sweep pinned to CUDA cannot run in a job without a GPU."""
+    for kind in CELL_KINDS:
+        gpus = config.resources_for(kind).gpus
+        key = f"{where}.resources.{kind}.gpus" if "gpus" in config.resources.get(kind, {}) else f"{where}.gpus_per_node"
+        if gpus > 1:
+            raise ValueError(
+                f"{key}: {gpus} GPUs, but a {kind} cell runs one notebook on one device; the grid's cells "
+                "run side by side instead (array_parallelism), so ask for 1"
+            )
+        if gpus == 0 and device.startswith("cuda"):
+            raise ValueError(f"{key}: 0 GPUs for {kind} cells, but the sweep's device is {device!r}")
+
+
+def parse_executor(section: Any, where: str = "executor", *, device: str = "auto") -> ExecutorConfig:
+    """Validate an ``executor:`` block (``None`` = inline defaults); errors name the key.
+
+    ``device`` is the sweep's device, to refuse jobs without a GPU for a sweep pinned to CUDA.
+    """
+    if section is None:
+        return ExecutorConfig()
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: expected a mapping, got {section!r}")
+    unknown = sorted(set(section) - set(EXECUTOR_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(EXECUTOR_KEYS)}")
+    values = dict(section)
+    if values.get("type", "inline") not in EXECUTORS:
+        raise ValueError(f"{where}.type: {values['type']!r} is not one of {', '.join(EXECUTORS)}")
+    for key in ("partition", "account"):
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise ValueError(f"{where}.{key}: expected text, got {values[key]!r}")
+    for key in ("gpus_per_node", "cpus_per_task", "timeout_min", "array_parallelism", "max_requeue"):
+        if key in values:
+            minimum = 0 if key in ("gpus_per_node", "max_requeue") else 1
+            _check_number(values[key], f"{where}.{key}", minimum=minimum, integer=True)
+    if "mem_gb" in values:
+        _check_number(values["mem_gb"], f"{where}.mem_gb", minimum=1, integer=False)
+    sbatch = values.get("sbatch") or {}
+    if not isinstance(sbatch, dict) or not all(isinstance(k, str) for k in sbatch):
+        raise ValueError(f"{where}.sbatch: expected a mapping of sbatch options, got {sbatch!r}")
+    values["sbatch"] = dict(sbatch)
+    resources = values.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ValueError(f"{where}.resources: expected a mapping of kinds, got {resources!r}")
+    values["resources"] = {
+        kind: _check_resources(kind, overrides, f"{where}.resources") for kind, overrides in resources.items()
+    }
+    config = ExecutorConfig(**values)
+    _check_usable(config, device, where)
+    return config
