@@ -313,3 +313,18 @@ def test_local_jobs_give_the_inline_runners_results(tmp_path, fixture_results):
     raw = read(fixture_results, "raw.csv")
     raw = raw[raw.layer == "2"].reset_index(drop=True)
     pd.testing.assert_frame_equal(read(results_root() / "local-notebooks", "raw.csv"), raw)
+
+
+def test_status_shows_queued_jobs_from_the_queue(tmp_path, fake_slurm, capsys):
+    path = _small(tmp_path, "slurm-status", executor=SLURM_BLOCK)
+    assert cli_main(["--config", str(path), "--executor", "slurm"]) == 0
+    assert "jobs are queued" in capsys.readouterr().out
+    runs, root = sweep.expand(sweep.load_config(path)), sweep.sweep_dir("slurm-status")
+    jobs = _records(runs, root)
+    extract = "extract/fixture_mini_clip/L2/train"
+    queue = [f"{job}|{'RUNNING' if run == extract else 'PENDING'}" for run, job in jobs.items()]
+    (fake_slurm / "squeue.txt").write_text("\n".join(queue) + "\n")
+    assert cli_main(["--config", str(path), "--status"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert " running " in lines[extract] and jobs[extract] in lines[extract]
+    assert " queued " in lines["score/fixture_mini_clip/L2/fixture_scorer"]

@@ -1,5 +1,7 @@
 """Real-scale estimates are products of shapes: check them by hand."""
 
+import pytest
+
 from vlmsae_utils import scale
 
 
@@ -16,3 +18,16 @@ def test_plan_counts_early_stopping_passes():
     plan = scale.paper_plan(sustained_tflops=1.0, blocks=(None,), expansions=(1,))
     seconds = scale.forward_flops(scale.CLIP_L_336, scale.IMAGENET_VAL) / 1e12
     assert plan.loc["1 · extract val (CLS, 1 layers, fp16)", "compute"] == scale.human(seconds)
+
+
+def test_cluster_plan_counts_the_grids_jobs_and_sums_their_flops():
+    plan = scale.cluster_plan("paper_clip_vitl14", sustained_tflops=100.0)
+    assert plan.jobs.to_dict() == {"embed": 2, "extract": 10, "train": 60, "score": 10}
+    assert plan.loc["train", "each job asks for"] == "1 GPU, 8 CPUs, 64 GB, 12:00 h"  # the config's executor block
+    widths = [1024] * 4 + [768]  # blocks 11, 17, 22, 23 of CLIP-L, then its 768-d projection
+    flops = sum(
+        2 * 100_000 * 6.0 * 4096 * (w * w * e + 20 * w) for w in widths for e in (1, 2, 4, 8, 16, 64)
+    )  # 2 SAE types; dense encoder and sparse decoder, forward and backward
+    assert float(plan.loc["train", "GPU-hours"]) == pytest.approx(flops / 100e12 / 3600, abs=0.05)
+    steering = scale.cluster_plan("paper_steering")
+    assert steering.loc["steer", "GPU-hours"] == "—"  # generation is not estimated

@@ -7,7 +7,9 @@ scale with the reader's hardware rather than being guessed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -16,7 +18,11 @@ __all__ = [
     "CLIP_B_32",
     "CLIP_L_336",
     "DINOV2_B",
+    "KNOWN_MODELS",
+    "PAPER_CONFIGS",
     "VisionModel",
+    "cell_seconds",
+    "cluster_plan",
     "forward_flops",
     "gib",
     "gpu_commands",
@@ -42,11 +48,19 @@ class VisionModel:
     width: int
     projection_dim: int
     tokens: int
+    blocks: int = 24
 
 
 CLIP_L_336 = VisionModel("CLIP ViT-L/14-336", 304e6, 1024, 768, 577)
-DINOV2_B = VisionModel("DINOv2 ViT-B/14", 86e6, 768, 768, 257)
-CLIP_B_32 = VisionModel("CLIP ViT-B/32", 88e6, 768, 512, 50)
+DINOV2_B = VisionModel("DINOv2 ViT-B/14", 86e6, 768, 768, 257, blocks=12)
+CLIP_B_32 = VisionModel("CLIP ViT-B/32", 88e6, 768, 512, 50, blocks=12)
+PAPER_CONFIGS = ("paper_clip_vitl14", "paper_hierarchy", "paper_steering")  # configs/NAME.yaml, in order
+#: The paper configs' encoders by hub id, for the cluster estimates.
+KNOWN_MODELS = {
+    "openai/clip-vit-large-patch14-336": CLIP_L_336,
+    "facebook/dinov2-base": DINOV2_B,
+    "openai/clip-vit-base-patch32": CLIP_B_32,
+}
 
 
 def store_bytes(images: int, dim: int, rows_per_image: int = 1, dtype: str = "float16") -> int:
@@ -161,6 +175,73 @@ def gpu_commands(device: str = "cuda") -> list[str]:
         f"{run} --config configs/{name}.yaml --dry-run   # list the runs"
         if i == 0
         else f"{run} --config configs/{name}.yaml"
-        for name in ("paper_clip_vitl14", "paper_hierarchy", "paper_steering")
+        for name in PAPER_CONFIGS
         for i in (0, 1)
     ] + [f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights"]
+
+
+def _split_images(config: dict, split: str) -> int:
+    """Images of a config's split: iNaturalist 2021 train where its folder says so, else ImageNet."""
+    if "inat" in str(config["data"][split]["data_dir"]).lower() and split == "train":
+        return INAT2021_TRAIN
+    return IMAGENET_TRAIN if split == "train" else IMAGENET_VAL
+
+
+def _model_width(model: str, layer: int | str) -> int | None:
+    known = KNOWN_MODELS.get(model)
+    return None if known is None else known.projection_dim if layer in ("last", -1) else known.width
+
+
+def cell_seconds(run, config: dict, sustained_tflops: float) -> float | None:
+    """Compute time of one sweep cell from its FLOPs at ``sustained_tflops`` (``None`` where the shapes
+    are unknown, e.g. another encoder, or LLaVA's generation in a steering cell)."""
+    rate, p, labels = sustained_tflops * 1e12, run.parameters, run.labels
+    if run.kind in ("extract", "embed"):
+        model = KNOWN_MODELS.get(p["model"])
+        if model is None:
+            return None
+        passes = 1.0 if p["hook"] == "post_projection" else (p["layer"] % model.blocks + 1) / model.blocks
+        return passes * forward_flops(model, _split_images(config, labels["split"])) / rate
+    if run.kind == "train":
+        width = _model_width(labels.get("model", ""), labels.get("layer"))
+        if width is None:
+            return None
+        return training_flops(width, labels["expansion"], p["steps"], p["batch_size"], p["k"]) / rate
+    if run.kind in ("score", "hierarchy"):
+        width = _model_width(labels["model"], labels["layer"])
+        if width is None:
+            return None
+        expansions = [config["sae"]["expansions"]] if run.kind == "score" else [[config["hierarchy"]["expansion"]]]
+        images = IMAGENET_VAL if run.kind == "score" else _split_images(config, "train")
+        return ms_flops(images, width * sum(expansions[0]) * len(config["sae"]["types"]), 768) / rate
+    return None
+
+
+def cluster_plan(config: str | os.PathLike = "paper_clip_vitl14", sustained_tflops: float = 100.0) -> pd.DataFrame:
+    """The jobs a sweep file (a path, or the name of one in ``configs/``) sends to a cluster, by kind
+    of cell: how many, what each asks for (its ``executor:`` block), the longest one and the
+    GPU-hours, from FLOPs at ``sustained_tflops``."""
+    from .paths import repo_root
+    from .sweep import executor_settings, expand, load_config
+
+    path = Path(config)
+    if not path.is_file() and repo_root() is not None:
+        path = repo_root() / "configs" / f"{config}.yaml"
+    config = load_config(path, check_data=False)
+    settings = executor_settings(config)
+    rows = []
+    for kind in dict.fromkeys(run.kind for run in expand(config)):
+        cells = [run for run in expand(config) if run.kind == kind]
+        seconds = [cell_seconds(run, config, sustained_tflops) for run in cells]
+        resources = settings.resources_for(kind)
+        known = None not in seconds
+        rows.append(
+            {
+                "kind": kind,
+                "jobs": len(cells),
+                "each job asks for": resources.describe(),
+                "longest job": human(max(seconds)) if known else "—",
+                "GPU-hours": f"{sum(seconds) * resources.gpus / 3600:.1f}" if known else "—",
+            }
+        )
+    return pd.DataFrame(rows).set_index("kind")
