@@ -297,3 +297,32 @@ def test_a_truncated_shard_is_named_on_open_and_redone_before_finalize(tmp_path)
     rows = writer.plan.shard_range(2)
     writer.write_shard(2, x[rows.start : rows.stop].numpy(), list(rows), [])
     assert torch.equal(writer.finalize().to_tensor(), x)
+
+
+def test_images_fixed_after_an_extraction_are_read_again(clip, fixture, tmp_path, caplog):
+    """Shards and skip verdicts used to be keyed by path only: replacing a broken file with a good
+    one still gave the old verdict. Now each shard records its files' size and mtime, and a rerun
+    extracts the shards whose files changed — the result equals a fresh extraction."""
+    root = tmp_path / "imgs"
+    good = sorted(sorted((fixture.images / "train").iterdir())[0].glob("*.png"))[:6]
+    target = root / "train" / "a"
+    target.mkdir(parents=True)
+    for path in good[:5]:
+        shutil.copy(path, target / path.name)
+    broken = target / "zz_broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    first = _extract(clip, data.ImageFolderDataset(root, "train"), tmp_path / "s", batch_size=2, shard_images=2)
+    assert [p for p, _ in first.skipped] == ["train/a/zz_broken.png"] and len(first) == 5
+
+    shutil.copy(good[5], broken)  # the user fixes the file under the same name
+    with caplog.at_level("WARNING"):
+        again = _extract(clip, data.ImageFolderDataset(root, "train"), tmp_path / "s", batch_size=2, shard_images=2)
+    assert "changed since shard(s) [2]" in caplog.text  # only the shard holding that file
+    assert again.skipped == [] and len(again) == 6
+    fresh = _extract(clip, data.ImageFolderDataset(root, "train"), tmp_path / "fresh", batch_size=2, shard_images=2)
+    assert again.manifest["content_hash"] == fresh.manifest["content_hash"]
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _extract(clip, data.ImageFolderDataset(root, "train"), tmp_path / "s", batch_size=2, shard_images=2)
+    assert "changed" not in caplog.text  # unchanged files: the finished store is reused as is

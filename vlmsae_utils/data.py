@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ __all__ = [
     "ImageLoadError",
     "ImageRecord",
     "class_counts",
+    "file_stamp",
     "images_by_class",
     "is_image_file",
     "load_batch",
@@ -53,6 +54,15 @@ class ImageRecord:
     path: Path
     image_id: str
     class_name: str
+
+
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """``[size, mtime_ns]`` of a file, ``[-1, -1]`` when it cannot be read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [info.st_size, info.st_mtime_ns]
 
 
 def is_image_file(path: Path) -> bool:
@@ -170,6 +180,11 @@ class ImageFolderDataset:
     def classes(self) -> list[str]:
         """Distinct class names, sorted."""
         return sorted(set(self.class_names))
+
+    def stamps(self, indices: Iterable[int]) -> list[list[int]]:
+        """``[size, mtime_ns]`` of each image file (``[-1, -1]`` when it is gone): what identifies a file's
+        content for the store, so an image replaced under the same name is read again."""
+        return [file_stamp(self.records[i].path) for i in indices]
 
     def load(self, index: int) -> Image.Image:
         """The RGB image at ``index`` (raises :class:`ImageLoadError` for a bad file)."""

@@ -177,6 +177,7 @@ def extract_activations(
         _plan(encoder, dataset, hook, layer, tokens, random_k, dtype, batch_size, shard_images, seed),
     )
     writer.begin()
+    _forget_changed_images(writer, dataset, rank, world_size)
     if writer.is_complete():
         return ActivationStore.open(out_dir)
     _write_my_shards(writer, encoder, dataset, rank, world_size, progress, num_workers)
@@ -283,6 +284,7 @@ def _write_my_shards(
     loader = decoded_batches(
         dataset, encoder.processor, work, min(num_workers, len(work)), pin_memory=encoder.device.type == "cuda"
     )
+    stamps = {s: dataset.stamps(plan.shard_range(s)) for s in todo}  # before reading: a later change is seen
     total = sum(len(plan.shard_range(s)) for s in todo)
     with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
         for shard, pixels, good, bad in loader:
@@ -305,8 +307,17 @@ def _write_my_shards(
             remaining[shard] -= 1
             if remaining[shard] == 0:
                 array = np.concatenate(rows) if rows else np.zeros((0, plan.dim), np.float32)
-                writer.write_shard(shard, array, kept, skipped)
+                writer.write_shard(shard, array, kept, skipped, stamps[shard])
                 del pending[shard]
+
+
+def _forget_changed_images(writer: StoreWriter, dataset: ImageFolderDataset, rank: int, world_size: int) -> None:
+    """Shards of this rank whose image files were replaced, fixed or removed since they were read
+    (size or modification time differ) are extracted again, not reused with their old rows or verdicts."""
+    changed = writer.changed_shards(range(rank, writer.plan.num_shards, world_size), dataset.stamps)
+    if changed:
+        log.warning("image files changed since shard(s) %s were written: extracting them again", changed[:10])
+        writer.forget_shards(changed)
 
 
 def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore | None:

@@ -17,7 +17,7 @@ makes it bit-identical.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +137,15 @@ class StoreWriter:
         return (self.path / SHARD_DIR / f"{shard_name(shard)}.json").is_file()
 
     def write_shard(
-        self, shard: int, rows: np.ndarray, kept: Sequence[int], skipped: Sequence[tuple[str, str]]
+        self,
+        shard: int,
+        rows: np.ndarray,
+        kept: Sequence[int],
+        skipped: Sequence[tuple[str, str]],
+        stamps: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        """Write one shard's rows, then its metadata (both atomically)."""
+        """Write one shard's rows, then its metadata (both atomically); ``stamps`` (size and mtime of
+        each of the shard's image files as read) let a rerun see files replaced since."""
         expected = len(kept) * self.plan.rows_per_image
         if rows.shape != (expected, self.plan.dim):
             raise ValueError(f"shard {shard}: rows have shape {rows.shape}, expected ({expected}, {self.plan.dim})")
@@ -153,7 +159,28 @@ class StoreWriter:
             "rows": int(rows.shape[0]),
             "sha256": sha256_file(array_path),
         }
+        if stamps is not None:
+            meta["stamps"] = [list(stamp) for stamp in stamps]
         atomic_write_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json", meta)
+
+    def changed_shards(self, shards: Iterable[int], stamps: Callable[[range], list[list[int]]]) -> list[int]:
+        """Written shards whose image files changed since they were read (``stamps(range)`` gives the
+        current ones); shards written before stamps were recorded are trusted."""
+        changed = []
+        for shard in shards:
+            if self.shard_done(shard):
+                recorded = read_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json").get("stamps")
+                if recorded is not None and recorded != stamps(self.plan.shard_range(shard)):
+                    changed.append(shard)
+        return changed
+
+    def forget_shards(self, shards: Iterable[int]) -> None:
+        """Drop shards (and the manifest built on them) so that they are extracted again."""
+        shards = list(shards)
+        if shards:
+            (self.path / MANIFEST_FILE).unlink(missing_ok=True)
+        for shard in shards:
+            (self.path / SHARD_DIR / f"{shard_name(shard)}.json").unlink(missing_ok=True)
 
     def all_shards_done(self) -> bool:
         """Every shard of the plan has been written (by any process)."""
