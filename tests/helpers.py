@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -92,3 +96,20 @@ class FakeRunner:
         for name in sweep.EXPECTED_OUTPUTS[NOTEBOOK_KINDS[notebook]]:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text("x")
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[int]:
+    """Another process holding ``folder``'s lock (as a second sweep or notebook would); yields its pid."""
+    code = (
+        "import sys; from vlmsae_utils.io import folder_lock\n"
+        f"with folder_lock({str(folder)!r}):\n"
+        "    print('held', flush=True); sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

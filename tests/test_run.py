@@ -105,3 +105,16 @@ def test_command_line_values_are_numbers_lists_or_text():
     assert cli.parse_value("") == "" and cli.parse_value("null") is None
     with pytest.raises(ValueError, match="not valid YAML"):
         cli.parse_value("[1, 2")
+
+
+def test_a_notebook_whose_out_dir_is_being_written_elsewhere_fails_before_running(tmp_path):
+    """Two runs of notebook 02 into one folder (two terminals, a hand run beside a sweep cell) used to
+    interleave their files; the second now fails at once, naming the first."""
+    from helpers import lock_held_elsewhere
+
+    from vlmsae_utils.io import FolderLockedError
+
+    folder = tmp_path / "train_run"
+    with lock_held_elsewhere(folder) as pid, pytest.raises(FolderLockedError, match=f"written by pid {pid}"):
+        run.run_notebook("02", {"out_dir": str(folder)}, tmp_path / "executed")
+    assert not (tmp_path / "executed" / "02_train.ipynb").exists()

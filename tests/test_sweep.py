@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from helpers import FakeRunner
+from helpers import FakeRunner, lock_held_elsewhere
 
 from vlmsae_utils import hooks, run, sweep
 from vlmsae_utils.paths import repo_root, results_root
@@ -354,27 +353,26 @@ def test_a_redone_training_run_makes_its_score_run_stale(tmp_path):
 def test_a_second_run_of_the_same_sweep_is_refused_while_the_first_holds_it(tmp_path):
     root = tmp_path / "sweep"
     root.mkdir()
-    held_elsewhere = pytest.raises(
-        sweep.SweepLockedError, match=f"sweep folder sweep is being written by pid {os.getpid()} on "
-    )
-    with sweep.sweep_lock(root), held_elsewhere, sweep.sweep_lock(root):
+    with (
+        lock_held_elsewhere(root) as pid,
+        pytest.raises(sweep.SweepLockedError, match=f"being written by pid {pid} on "),
+        sweep.sweep_lock(root),
+    ):
         pass
-    with sweep.sweep_lock(root):  # released with its holder
+    with sweep.sweep_lock(root), sweep.sweep_lock(root):  # released with its holder; nested holds in one process
         pass
 
 
 def test_a_run_folder_held_by_another_writer_fails_that_run_naming_the_holder(tmp_path):
     """Two processes on one cell (a job started twice, a notebook run by hand into a sweep's folder):
     the second fails with the holder's pid instead of interleaving writes; its dependents are blocked."""
-    from vlmsae_utils.io import folder_lock
-
     runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
     root = tmp_path / "sweep"
     held = "extract/fixture_mini_clip/L2/val"
     runner = FakeRunner()
-    with folder_lock(root / held, "run folder"):
+    with lock_held_elsewhere(root / held) as pid:
         status = sweep.execute(runs, root, runner=runner, progress=False).set_index("run")
     assert status.loc[held, "status"] == "failed"
-    assert f"run folder val is being written by pid {os.getpid()}" in status.loc[held, "message"]
+    assert f"run folder val is being written by pid {pid}" in status.loc[held, "message"]
     assert str(root / held) not in runner.calls
     assert status.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "blocked"

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .io import FolderLockedError
 from .run import NotebookError, all_notebooks, run_notebook
 
 __all__ = [
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {Path(target).stem} ...", flush=True)
             executed = run_notebook(target, parameters, args.out)
             print(f"  wrote {executed}", flush=True)
-    except (NotebookError, ValueError, FileNotFoundError) as err:
+    except (NotebookError, FolderLockedError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -136,16 +136,27 @@ class FolderLockedError(RuntimeError):
     """Another process is writing the same folder."""
 
 
+_HELD: dict[Path, int] = {}  # folders this process holds, with how many nested holders
+
+
 @contextlib.contextmanager
 def folder_lock(
     folder: str | os.PathLike, what: str = "folder", error: type[FolderLockedError] = FolderLockedError
 ) -> Iterator[None]:
     """Hold an advisory lock on ``folder`` (created if needed) for one process at a time; the lock
     dies with its process, so a killed run never leaves it behind. A second writer gets
-    ``error`` (a ``FolderLockedError``) naming the holder (host and pid), never a silent interleaving."""
+    ``error`` (a ``FolderLockedError``) naming the holder (host and pid), never a silent
+    interleaving. Nested holds in the same process (a sweep cell running its notebook) are allowed."""
     import fcntl
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        _HELD[folder] += 1
+        try:
+            yield
+        finally:
+            _HELD[folder] -= 1
+        return
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
     try:
@@ -159,6 +170,10 @@ def folder_lock(
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        yield
+        _HELD[folder] = 1
+        try:
+            yield
+        finally:
+            del _HELD[folder]
     finally:
         handle.close()

@@ -9,6 +9,7 @@ line (``python -m vlmsae_utils.run NOTEBOOK [-p NAME VALUE]... [--out DIR]``, ``
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .paths import outputs_root, repo_root
+from .io import folder_lock
+from .paths import outputs_root, repo_root, resolve_out_dir
 
 __all__ = [
     "INLINE_BACKEND",
@@ -114,7 +116,7 @@ def run_notebook(
     with tempfile.TemporaryDirectory() as tmp:
         unexecuted = to_ipynb(source, Path(tmp) / f"{source.stem}.ipynb")
         check_parameters(unexecuted, parameters)
-        with _log_to(log_path), _inline_figures():
+        with _log_to(log_path), _inline_figures(), _run_folder_lock(unexecuted, parameters):
             try:
                 papermill.execute_notebook(
                     str(unexecuted),
@@ -128,6 +130,24 @@ def run_notebook(
             except PapermillExecutionError as err:
                 raise NotebookError(_describe_failure(executed, err)) from None
     return executed
+
+
+def _run_folder_lock(ipynb: Path, parameters: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The notebook's ``out_dir`` locked while it runs: a second run writing the same folder (two
+    terminals, a sweep cell and a hand run) fails naming the first, instead of mixing their files."""
+    default = notebook_parameters(ipynb).get("out_dir")
+    out_dir = parameters["out_dir"] if "out_dir" in parameters else _literal(default)
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        return contextlib.nullcontext()
+    return folder_lock(resolve_out_dir(out_dir), "run folder")
+
+
+def _literal(source: str | None) -> Any:
+    """A parameter's default as written in the notebook (papermill reports source text), or None."""
+    try:
+        return ast.literal_eval(source) if source else None
+    except (ValueError, SyntaxError):
+        return None
 
 
 @contextlib.contextmanager
