@@ -376,3 +376,19 @@ def test_a_run_folder_held_by_another_writer_fails_that_run_naming_the_holder(tm
     assert f"run folder val is being written by pid {pid}" in status.loc[held, "message"]
     assert str(root / held) not in runner.calls
     assert status.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "blocked"
+
+
+def test_a_run_whose_input_is_being_redone_is_not_gathered(tmp_path):
+    """A retraining killed after its notebook wrote new files but before its marker: the score run's
+    marker still matches the old training's marker, so on its own it looked complete and gather put
+    the old MS beside the new results.csv. Runs count as complete only with complete inputs."""
+    config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
+    root = tmp_path / "sweep"
+    sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
+    config["sae"]["steps"] = 400
+    runs = sweep.expand(config)
+    score = next(r for r in runs if r.kind == "score")
+    assert sweep.is_complete(score, root)  # the hole: its own fingerprint still matches
+    complete = sweep.complete_runs(runs, root)
+    assert {r.id for r in runs if r.kind in ("train", "score")} & complete == set()
+    assert {r.id for r in runs if r.kind in ("extract", "embed")} <= complete

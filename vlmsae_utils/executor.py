@@ -382,13 +382,14 @@ def cell_states(runs: list[sweep.Run], root: Path) -> pd.DataFrame:
     ``not submitted``; with the job id and the log of the job that ran it."""
     records = {run.id: _read_record(root / run.out_dir) for run in runs}
     slurm = slurm_states([r["job_id"] for r in records.values() if r.get("executor") == "slurm"])
+    complete = sweep.complete_runs(runs, root)
     states: dict[str, str] = {}
     rows = []
     for run in runs:
         record = records[run.id]
         failed_inputs = [dep for dep in run.depends if states.get(dep) in ("failed", "blocked")]
         job_state = slurm.get(record.get("job_id", ""), "") if record.get("executor") == "slurm" else ""
-        if sweep.is_complete(run, root):
+        if run.id in complete:
             state, message = "done", ""
         elif failed_inputs:
             state, message = "blocked", f"needs {failed_inputs[0]}"

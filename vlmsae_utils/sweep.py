@@ -49,6 +49,7 @@ __all__ = [
     "Run",
     "SweepLockedError",
     "SweepResults",
+    "complete_runs",
     "ensure_fixture_results",
     "execute",
     "execute_results_chapter",
@@ -549,6 +550,17 @@ def is_complete(run: Run, root: Path) -> bool:
     return all((folder / name).exists() for name in EXPECTED_OUTPUTS[run.kind])
 
 
+def complete_runs(runs: list[Run], root: Path) -> set[str]:
+    """Runs complete *with complete inputs* (``runs`` in dependency order). A run whose input was
+    re-run with new parameters but not finished (killed, failed) still matches the old input's
+    marker; it must not be gathered beside the half-redone input's new files."""
+    done: set[str] = set()
+    for run in runs:
+        if all(dep in done for dep in run.depends) and is_complete(run, root):
+            done.add(run.id)
+    return done
+
+
 def _fingerprint(run: Run, root: Path) -> str:
     """What determines a run's outputs: notebook, resolved parameters and the fingerprints its
     inputs were made with (chained: a redone training run makes its score run stale)."""
@@ -650,9 +662,10 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
     """Collect the finished runs' tables into ``results/<name>/{sae,raw,hierarchy,steering}.csv``."""
     tables: dict[str, list[pd.DataFrame]] = {"sae": [], "raw": [], "hierarchy": [], "steering": []}
     by_sae_dir = {r.labels["sae_dir"]: r for r in runs if r.kind == "train"}
+    complete = complete_runs(runs, root)
     for run in runs:
         folder = root / run.out_dir
-        if not is_complete(run, root):
+        if run.id not in complete:
             continue
         if run.kind == "score":
             tables["sae"].append(_score_rows(run, folder, by_sae_dir, root))
