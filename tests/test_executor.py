@@ -14,7 +14,7 @@ import helpers
 import pandas as pd
 import pytest
 import yaml
-from helpers import FakeRunner
+from helpers import FakeRunner, KillAfterNotebook, lock_held_elsewhere
 from submitit.core.utils import DelayedSubmission
 
 from vlmsae_utils import executor, sweep
@@ -298,21 +298,61 @@ def test_local_jobs_a_killed_cell_is_resubmitted_and_finished_cells_are_not(tmp_
     assert set(status.set_index("run").drop(index=list(rerun)).status) == {"done earlier"}
 
 
+def _tables() -> dict[str, pd.DataFrame]:
+    folder = results_root() / "fixture"
+    return {p.name: pd.read_csv(p, dtype={"layer": str}) for p in sorted(folder.glob("*.csv"))}
+
+
+def _assert_same_tables(tables: dict[str, pd.DataFrame], expected: dict[str, pd.DataFrame]) -> None:
+    assert tables.keys() == expected.keys()
+    for name, table in tables.items():
+        pd.testing.assert_frame_equal(table, expected[name], obj=name)
+
+
 @pytest.mark.slow
-def test_local_jobs_give_the_inline_runners_results(tmp_path, fixture_results):
-    """Real notebooks in subprocess jobs: a slice of the fixture sweep (layer 2, BatchTopK ×2) gives
-    the rows the inline runner wrote for the same cells."""
-    path = _small(tmp_path, "local-notebooks")
-    status, results = executor.dispatch(path, executor="local", progress=False)
-    assert set(status.status) == {"ran"}, status.to_string()
-    read = lambda folder, name: pd.read_csv(folder / name, dtype={"layer": str})
-    inline = read(fixture_results, "sae.csv")
-    inline = inline[(inline.layer == "2") & (results["sae"].SAE[0] == inline.SAE) & (inline.expansion == 2)]
-    local = read(results_root() / "local-notebooks", "sae.csv")
-    pd.testing.assert_frame_equal(local, inline.reset_index(drop=True))
-    raw = read(fixture_results, "raw.csv")
-    raw = raw[raw.layer == "2"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(read(results_root() / "local-notebooks", "raw.csv"), raw)
+def test_kill_rerun_concurrent_and_changed_input_on_the_fixture_sweep(tmp_path, fixture_results):
+    """The provenance matrix over notebooks 01-04 on the fixture sweep, cells run as local subprocess
+    jobs: a rerun does nothing; a second sweep is refused; a cell held by another writer fails and
+    is redone later; a retraining killed after writing its files is never gathered beside the old
+    numbers; and the jobs give back exactly the inline runner's tables (01 embed, 02 train, 03 score,
+    04 hierarchy redone here). Ends with the fixture sweep as it found it."""
+    path, root = CONFIGS / "fixture.yaml", sweep.sweep_dir("fixture")
+    inline = _tables()
+    status, _ = executor.dispatch(path, executor="local", progress=False)
+    assert set(status.status) == {"done earlier"}  # rerun: nothing runs
+
+    with lock_held_elsewhere(root) as pid, pytest.raises(sweep.SweepLockedError, match=f"pid {pid}"):
+        executor.dispatch(path, executor="local", progress=False)
+
+    score_l2 = "score/fixture_mini_clip/L2/fixture_scorer"
+    for run in ("embed/fixture_scorer/val", score_l2):  # 01 and both 03 runs are redone
+        (root / run / sweep.DONE_FILE).unlink()
+    with lock_held_elsewhere(root / score_l2) as pid:
+        status = executor.dispatch(path, executor="local", progress=False)[0].set_index("run")
+    assert status.loc[score_l2, "status"] == "failed" and f"pid {pid}" in status.loc[score_l2, "message"]
+    assert status.loc["score/fixture_mini_clip/Llast/fixture_scorer", "status"] == "ran"
+    assert set(_tables()["sae.csv"].layer) == {"last"}  # layer 2's rows wait for its score run
+    status = executor.dispatch(path, executor="local", progress=False)[0].set_index("run")
+    assert status.loc[score_l2, "status"] == "ran"
+    _assert_same_tables(_tables(), inline)
+
+    changed = yaml.safe_load(path.read_text())
+    changed["hierarchy"]["steps"] = 200  # the hierarchy SAE is retrained (02), then 04 redone
+    changed_path = tmp_path / "fixture.yaml"
+    changed_path.write_text(yaml.safe_dump(changed))
+    hierarchy_sae, hierarchy_run = "train/fixture_mini_clip/L2/hierarchy", "hierarchy/fixture_mini_clip/L2"
+    killer = KillAfterNotebook({hierarchy_sae})
+    status = executor.dispatch(changed_path, executor="local", progress=False, runner=killer)[0].set_index("run")
+    assert status.loc[hierarchy_sae, "status"] == "failed" and status.loc[hierarchy_run, "status"] == "blocked"
+    assert "hierarchy.csv" not in _tables()  # never the old table beside the half-redone SAE
+    status = executor.dispatch(changed_path, executor="local", progress=False)[0]
+    assert set(status[status.status == "ran"].run) == {hierarchy_sae, hierarchy_run}
+    retrained = _tables()["hierarchy.csv"]
+    assert not retrained.equals(inline["hierarchy.csv"])
+
+    status = executor.dispatch(path, executor="local", progress=False)[0]  # back to the original config
+    assert set(status[status.status == "ran"].run) == {hierarchy_sae, hierarchy_run}
+    _assert_same_tables(_tables(), inline)
 
 
 def test_status_shows_queued_jobs_from_the_queue(tmp_path, fake_slurm, capsys):

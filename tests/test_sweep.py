@@ -392,3 +392,25 @@ def test_a_run_whose_input_is_being_redone_is_not_gathered(tmp_path):
     complete = sweep.complete_runs(runs, root)
     assert {r.id for r in runs if r.kind in ("train", "score")} & complete == set()
     assert {r.id for r in runs if r.kind in ("extract", "embed")} <= complete
+
+
+def test_a_run_redone_with_other_parameters_starts_from_a_clean_folder(tmp_path):
+    """Changing a finished sweep's training settings used to fail every training cell (the notebook
+    rightly refuses a checkpoint written with other settings); the sweep now clears a cell made with
+    other parameters or inputs before running it again, and keeps an interrupted one with the same."""
+    config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
+    root = tmp_path / "sweep"
+    runs = sweep.expand(config)
+    sweep.execute(runs, root, runner=FakeRunner(), progress=False)
+    train = next(r for r in runs if r.kind == "train")
+    (root / train.out_dir / "checkpoint.pt").write_text("written with steps 300")
+    (root / train.out_dir / sweep.JOB_FILE).write_text("{}")
+    config["sae"]["steps"] = 400
+    sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
+    assert not (root / train.out_dir / "checkpoint.pt").exists()  # cleared before the redo
+    assert (root / train.out_dir / sweep.JOB_FILE).exists()  # the job record stays
+
+    (root / train.out_dir / "checkpoint.pt").write_text("interrupted with steps 400")
+    (root / train.out_dir / sweep.DONE_FILE).unlink()  # killed before its marker, same parameters
+    sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
+    assert (root / train.out_dir / "checkpoint.pt").read_text() == "interrupted with steps 400"  # resumed from

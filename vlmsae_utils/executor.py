@@ -56,7 +56,7 @@ __all__ = [
     "submit_slurm",
 ]
 
-JOB_FILE = "_job.json"  # in a cell's folder: the job that runs or ran it
+JOB_FILE = sweep.JOB_FILE  # in a cell's folder: the job that runs or ran it
 JOBS_DIR = "_jobs"  # in the sweep folder: submitit's pickles and the jobs' logs
 ACTIVE_SLURM_STATES = {
     "PENDING",
@@ -366,11 +366,16 @@ def _submit_local(cell: Cell, root: Path, slot: tuple[int, ...], runner: Callabl
 
 
 def _local_outcome(cell: Cell, job: submitit.Job, root: Path) -> tuple[str, str]:
-    """``ran`` when the cell's marker is there; otherwise ``failed`` with the cell's error or how the job ended."""
-    if sweep.is_complete(cell.run, root):
-        return "ran", ""
+    """``ran`` when the job returned and the cell is complete; otherwise ``failed`` with the cell's
+    error, or how the job ended (killed, timed out) and where its log is."""
     error = _read_record(root / cell.run.out_dir).get("error")
-    return "failed", error or f"job {job.job_id} ended ({job.state}) without finishing; log: {job.paths.stderr}"
+    if error:
+        return "failed", error
+    try:
+        job.result()
+    except Exception:  # a killed job has no result: report how it ended
+        return "failed", f"job {job.job_id} ended ({job.state}) without finishing; log: {job.paths.stderr}"
+    return ("ran", "") if sweep.is_complete(cell.run, root) else ("failed", f"job {job.job_id} left no marker")
 
 
 # ----------------------------------------------------------------------------- status

@@ -9,8 +9,10 @@ executed notebook and log beside its outputs, and writes ``results/<name>/*.csv`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ __all__ = [
     "EXECUTION_ONLY",
     "EXPECTED_OUTPUTS",
     "HIERARCHY_KEYS",
+    "JOB_FILE",
+    "KEPT_ON_REDO",
     "LOCK_FILE",
     "REQUIRED",
     "RESULTS_NOTEBOOK",
@@ -41,6 +45,7 @@ __all__ = [
     "SAE_KEYS",
     "SAE_SETTINGS",
     "SPLIT_KEYS",
+    "STARTED_FILE",
     "STEERING_KEYS",
     "STEERING_REQUIRED",
     "TOP_KEYS",
@@ -68,6 +73,11 @@ __all__ = [
 ]
 
 DONE_FILE = "_sweep_run.json"
+STARTED_FILE = "_sweep_started.json"  # written when a run starts: which parameters and inputs it is making
+JOB_FILE = "_job.json"  # written by the executor: the job that runs the cell
+#: What a run folder keeps when its outputs are cleared for a redo: the lock, the job record and its logs.
+KEPT_ON_REDO = (LOCK_FILE, JOB_FILE, "job.out", "job.err")
+log = logging.getLogger(__name__)
 TOP_KEYS = {
     "name": str,
     "data": dict,
@@ -635,11 +645,31 @@ def execute_run(run: Run, root: Path, runner: Callable[[str, dict, Path], Any] |
     folder = root / run.out_dir
     try:
         with folder_lock(folder, "run folder"):
+            _start(run, root)
             (runner or notebook_runner)(run.notebook, _resolved(run, root), folder)
             _mark_complete(run, root)
     except (NotebookError, FolderLockedError, ValueError, FileNotFoundError) as err:
         return "failed", str(err).splitlines()[0]
     return "ran", ""
+
+
+def _start(run: Run, root: Path) -> None:
+    """Before a run: outputs left by a run with other parameters or inputs (finished, or killed
+    half-way) are cleared, so the notebook starts afresh instead of refusing (or resuming) them;
+    outputs of an interrupted run with the same ones are kept, so it resumes."""
+    folder, fingerprint = root / run.out_dir, _fingerprint(run, root)
+    markers = [folder / name for name in (DONE_FILE, STARTED_FILE)]
+    recorded = [read_json(marker).get("fingerprint") for marker in markers if marker.is_file()]
+    if any(value != fingerprint for value in recorded):
+        log.warning("%s was made with other parameters or inputs: clearing it to run again", run.id)
+        for child in folder.iterdir():
+            if child.name in KEPT_ON_REDO:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    atomic_write_json(folder / STARTED_FILE, {"fingerprint": fingerprint})
 
 
 def _mark_complete(run: Run, root: Path) -> None:
