@@ -17,7 +17,7 @@ import yaml
 from helpers import FakeRunner, KillAfterNotebook, lock_held_elsewhere
 from submitit.core.utils import DelayedSubmission
 
-from vlmsae_utils import executor, sweep
+from vlmsae_utils import executor, extract, store, sweep
 from vlmsae_utils.cli import main as cli_main
 from vlmsae_utils.executor_config import ExecutorConfig, parse_executor
 from vlmsae_utils.paths import results_root
@@ -58,7 +58,10 @@ def _small(tmp_path: Path, name: str, **changes) -> Path:
         ({"resources": {"train": {"gpu": 1}}}, "auto", r"resources\.train: unknown key\(s\) \['gpu'\]"),
         ({"resources": {"train": {"gpus": 0}}}, "cuda", r"resources\.train\.gpus: 0 GPUs for train cells"),
         ({"gpus_per_node": 0}, "cuda:1", r"executor\.gpus_per_node: 0 GPUs for extract cells"),
-        ({"resources": {"score": {"gpus": 4}}}, "auto", r"resources\.score\.gpus: 4 GPUs, but a score cell"),
+        ({"resources": {"score": {"gpus": 4}}}, "auto", r"resources\.score\.gpus: 4 GPUs, but score cells run one process per GPU.*ask for 1"),
+        ({"resources": {"extract": {"gpus": 4}}}, "auto", r"executor\.resources\.extract\.gpus: 4 GPUs.*set resources\.extract\.tasks: 4"),
+        ({"resources": {"train": {"tasks": 2}}}, "auto", r"only extraction cells split over tasks"),
+        ({"resources": {"embed": {"tasks": 2}}}, "auto", r"2 tasks need 2 GPUs \(one each\) or 0"),
         ({"sbatch": ["--qos=high"]}, "auto", r"executor\.sbatch: expected a mapping"),
     ],
 )
@@ -185,7 +188,7 @@ SLURM_BLOCK = {
     "mem_gb": 48,
     "array_parallelism": 2,
     "sbatch": {"qos": "high"},
-    "resources": {"train": {"timeout_min": 1440}},
+    "resources": {"train": {"timeout_min": 1440}, "extract": {"tasks": 2, "gpus": 2}},
 }
 
 
@@ -200,7 +203,13 @@ def test_slurm_submission_resources_dependencies_and_arrays(tmp_path, fake_slurm
     for run in runs:
         options = scripts[jobs[run.id].split("_")[0]]
         assert options["partition"] == "gpu" and options["account"] == "lab" and options["qos"] == "high"
-        assert options["cpus-per-task"] == "6" and options["mem"] == "49152MB" and options["gpus-per-node"] == "1"
+        assert options["cpus-per-task"] == "6" and options["mem"] == "49152MB"
+        if run.kind == "extract":  # split over 2 tasks, one GPU each
+            assert (
+                options["ntasks-per-node"] == "2" and options["gpus-per-task"] == "1" and "gpus-per-node" not in options
+            )
+        else:
+            assert options["gpus-per-node"] == "1" and "ntasks-per-node" not in options
         assert options["time"] == ("1440" if run.kind == "train" else "240")
         assert options["kill-on-invalid-dep"] == "yes"
         expected_after = sorted(jobs[dep] for dep in run.depends)
@@ -366,3 +375,24 @@ def test_status_shows_queued_jobs_from_the_queue(tmp_path, fake_slurm, capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert " running " in lines[extract] and jobs[extract] in lines[extract]
     assert " queued " in lines["score/fixture_mini_clip/L2/fixture_scorer"]
+
+
+@pytest.mark.slow
+def test_an_extraction_split_over_two_tasks_writes_the_single_process_store(tmp_path):
+    """``resources: {extract: {tasks: N}}``: the N processes of one job write alternate shards, the
+    one that writes the last runs notebook 01 on the finished store; the store is bit for bit the
+    one a single process writes."""
+    block = {"gpus_per_node": 0, "resources": {"extract": {"tasks": 2}}}
+    config = sweep.load_config(_small(tmp_path, "split-extract", executor=block, batch_size=4))
+    settings, root = sweep.executor_settings(config), sweep.sweep_dir("split-extract")
+    val = next(r for r in sweep.expand(config) if r.id == "extract/fixture_mini_clip/L2/val")
+    assert settings.resources_for("extract").describe().startswith("2 tasks: 0 GPU")
+    status = executor.run_local([executor.Cell(val, settings.resources_for("extract"))], root, settings, progress=False)
+    assert status.status.tolist() == ["ran"], status.message.tolist()
+    split = store.ActivationStore.open(root / val.out_dir / "activations", verify=True)
+    assert len(split.manifest["shards"]) == 2  # 128 images in shards of 16 batches of 4: one per task
+    single = sweep.resolved_parameters(val, root) | {"out_dir": str(tmp_path / "single")}
+    assert extract.extract_share(single, rank=0, world_size=1)
+    one_process = store.ActivationStore.open(tmp_path / "single" / "activations")
+    assert split.manifest["content_hash"] == one_process.manifest["content_hash"]
+    assert (root / val.out_dir / "01_extract.ipynb").is_file() and sweep.is_complete(val, root)

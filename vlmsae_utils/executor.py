@@ -33,12 +33,13 @@ from typing import Any
 import pandas as pd
 import submitit
 
-from . import sweep
+from . import extract, sweep
 from .executor_config import ExecutorConfig, Resources
-from .io import atomic_write_json, read_json, sha256_json
+from .io import FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
 
 __all__ = [
     "ACTIVE_SLURM_STATES",
+    "ASSEMBLY_DIR",
     "JOBS_DIR",
     "JOB_FILE",
     "Cell",
@@ -71,6 +72,7 @@ ACTIVE_SLURM_STATES = {
     "STAGE_OUT",
 }
 POLL_SECONDS = 0.5
+ASSEMBLY_DIR = "_assembly"  # in a split extraction's folder: locked by the task that runs notebook 01
 
 
 class ExecutorError(RuntimeError):
@@ -83,7 +85,8 @@ class CellFailed(RuntimeError):
 
 class CellJob(submitit.helpers.Checkpointable):
     """One sweep cell as a submitit job. On a timeout or preemption submitit calls ``checkpoint``
-    (inherited) and requeues the same cell: the notebook then resumes from what it wrote."""
+    (inherited) and requeues the same cell: the notebook then resumes from what it wrote. An
+    extraction job with several tasks shares the shards out (one GPU each) before notebook 01."""
 
     def __init__(self, run: sweep.Run, root: str, runner: Callable[[str, dict, Path], Any] | None = None) -> None:
         self.run = run
@@ -95,11 +98,32 @@ class CellJob(submitit.helpers.Checkpointable):
         unfinished = [dep for dep in self.run.depends if not (root / dep / sweep.DONE_FILE).is_file()]
         if unfinished:
             raise CellFailed(f"{self.run.id}: its input {unfinished[0]} is not finished")
+        env = submitit.JobEnvironment() if "SUBMITIT_EXECUTOR" in os.environ else None
+        if env is not None and env.num_tasks > 1:
+            return self._shared_extraction(env, root)
+        return self._run_notebook(root)
+
+    def _run_notebook(self, root: Path) -> str:
         state, message = sweep.execute_run(self.run, root, self.runner)
         if state != "ran":
             _update_record(root / self.run.out_dir, error=message)
             raise CellFailed(f"{self.run.id}: {message}")
         return self.run.id
+
+    def _shared_extraction(self, env: submitit.JobEnvironment, root: Path) -> str:
+        """This task writes its shards of the cell's store; the task that writes the last one runs
+        notebook 01, which finds the store complete and only opens and summarises it."""
+        folder = root / self.run.out_dir
+        with folder_lock(folder, "run folder", blocking=True):
+            sweep.start_run(self.run, root)  # a stale folder is cleared once, before any task writes
+        params = sweep.resolved_parameters(self.run, root)
+        if not extract.extract_share(params, env.global_rank, env.num_tasks, env.local_rank):
+            return self.run.id  # other tasks still write theirs
+        try:
+            with folder_lock(folder / ASSEMBLY_DIR, "store assembly"):
+                return self.run.id if sweep.is_complete(self.run, root) else self._run_notebook(root)
+        except FolderLockedError:
+            return self.run.id  # another task saw the last shard at the same moment and runs it
 
 
 # ----------------------------------------------------------------------------- planning
@@ -273,8 +297,12 @@ def _slurm_executor(root: Path, config: ExecutorConfig, group: JobGroup, after: 
         "array_parallelism": config.array_parallelism,
         "additional_parameters": {"kill-on-invalid-dep": "yes", **config.sbatch},
     }
+    if resources.tasks > 1:  # a split extraction: one process per task, one GPU each
+        parameters["ntasks_per_node"] = resources.tasks
     if resources.gpus:
-        parameters["gpus_per_node"] = resources.gpus
+        parameters["gpus_per_task" if resources.tasks > 1 else "gpus_per_node"] = (
+            1 if resources.tasks > 1 else resources.gpus
+        )
     if config.partition:
         parameters["partition"] = config.partition
     if config.account:
@@ -307,14 +335,36 @@ def submit_slurm(
 # ----------------------------------------------------------------------------- local processes
 
 
-def _local_slots(config: ExecutorConfig) -> list[tuple[int, ...]]:
-    """GPUs a local job may see: one GPU per job, as many jobs as GPUs; one job at a time on a CPU
-    (two PyTorch jobs on the same cores only slow each other down)."""
-    import torch
+@dataclass
+class _LocalPool:
+    """What local jobs may use at once: one job per GPU (an extraction split over N tasks takes N
+    GPUs), at most ``array_parallelism`` jobs; one job at a time on a CPU (two PyTorch jobs on the
+    same cores only slow each other down)."""
 
-    gpus = torch.cuda.device_count()
-    slots = [(index,) for index in range(gpus)] or [()]
-    return slots[: config.array_parallelism]
+    free_gpus: list[int]
+    capacity: int
+    has_gpus: bool
+    running: int = 0
+
+    @classmethod
+    def of_this_machine(cls, config: ExecutorConfig) -> _LocalPool:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        return cls(list(range(gpus)), min(config.array_parallelism, gpus or 1), gpus > 0)
+
+    def take(self, cell: Cell) -> tuple[int, ...] | None:
+        """GPUs for the cell's job (``()`` on a CPU), or None while it does not fit."""
+        want = cell.resources.tasks if self.has_gpus and cell.resources.gpus else 0
+        if self.running >= self.capacity or len(self.free_gpus) < want:
+            return None
+        self.running += 1
+        taken, self.free_gpus = tuple(self.free_gpus[:want]), self.free_gpus[want:]
+        return taken
+
+    def give_back(self, gpus: tuple[int, ...]) -> None:
+        self.running -= 1
+        self.free_gpus = sorted([*self.free_gpus, *gpus])
 
 
 def run_local(
@@ -324,7 +374,7 @@ def run_local(
     only its dependents. Returns the inline runner's status table (ran, failed, blocked)."""
     from tqdm.auto import tqdm
 
-    free = _local_slots(config)
+    pool = _LocalPool.of_this_machine(config)
     state: dict[str, str] = {}
     message: dict[str, str] = {}
     running: dict[str, tuple[submitit.Job, tuple[int, ...]]] = {}
@@ -337,15 +387,14 @@ def run_local(
                     state[cell.run.id], message[cell.run.id] = "blocked", f"needs {failed_inputs[0]}"
                     pending.remove(cell)
                     bar.update()
-                elif free and all(state.get(dep) == "ran" for dep in cell.after):
-                    slot = free.pop(0)
-                    running[cell.run.id] = (_submit_local(cell, root, slot, runner), slot)
+                elif all(state.get(dep) == "ran" for dep in cell.after) and (gpus := pool.take(cell)) is not None:
+                    running[cell.run.id] = (_submit_local(cell, root, gpus, runner), gpus)
                     pending.remove(cell)
-            for run_id, (job, slot) in list(running.items()):
+            for run_id, (job, gpus) in list(running.items()):
                 if job.done():
                     cell = next(c for c in cells if c.run.id == run_id)
                     state[run_id], message[run_id] = _local_outcome(cell, job, root)
-                    free.append(slot)
+                    pool.give_back(gpus)
                     del running[run_id]
                     bar.update()
             if running:
@@ -357,9 +406,14 @@ def run_local(
     return pd.DataFrame(rows, columns=["run", "notebook", "status", "message"])
 
 
-def _submit_local(cell: Cell, root: Path, slot: tuple[int, ...], runner: Callable | None) -> submitit.Job:
+def _submit_local(cell: Cell, root: Path, gpus: tuple[int, ...], runner: Callable | None) -> submitit.Job:
     executor = submitit.LocalExecutor(folder=root / JOBS_DIR / "local" / "%j")
-    executor.update_parameters(timeout_min=cell.resources.timeout_min, gpus_per_node=len(slot), visible_gpus=slot)
+    executor.update_parameters(
+        timeout_min=cell.resources.timeout_min,
+        tasks_per_node=cell.resources.tasks,
+        gpus_per_node=len(gpus),
+        visible_gpus=gpus,
+    )
     job = executor.submit(CellJob(cell.run, str(root), runner))
     _write_record(root / cell.run.out_dir, "local", job, cell.run)
     return job
@@ -372,7 +426,7 @@ def _local_outcome(cell: Cell, job: submitit.Job, root: Path) -> tuple[str, str]
     if error:
         return "failed", error
     try:
-        job.result()
+        job.results()  # one per task (an extraction may be split over several)
     except Exception:  # a killed job has no result: report how it ended
         return "failed", f"job {job.job_id} ended ({job.state}) without finishing; log: {job.paths.stderr}"
     return ("ran", "") if sweep.is_complete(cell.run, root) else ("failed", f"job {job.job_id} left no marker")

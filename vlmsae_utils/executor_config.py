@@ -6,7 +6,7 @@ A sweep file may carry, beside what it computes, how to dispatch it (:mod:`.exec
       type: slurm            # inline (one process), local (subprocess jobs) or slurm
       partition: gpu
       account: my-lab
-      gpus_per_node: 1       # GPUs of each job: a cell's notebook uses one device
+      gpus_per_node: 1       # GPUs of each job: a cell's notebook uses one device (extraction: see tasks)
       cpus_per_task: 8       # also the image decoders of an extraction
       mem_gb: 64
       timeout_min: 240
@@ -15,6 +15,7 @@ A sweep file may carry, beside what it computes, how to dispatch it (:mod:`.exec
       sbatch: {qos: normal}  # any other sbatch option, written as --qos=normal
       resources:             # per kind of cell, overriding the values above
         train: {timeout_min: 1440}
+        extract: {tasks: 4, gpus: 4}   # one extraction shared by 4 processes, one GPU each
 
 None of it is part of a run's fingerprint: a sweep finished inline is not redone on Slurm.
 """
@@ -29,6 +30,7 @@ __all__ = [
     "EXECUTORS",
     "EXECUTOR_KEYS",
     "RESOURCE_KEYS",
+    "SPLIT_KINDS",
     "ExecutorConfig",
     "Resources",
     "parse_executor",
@@ -36,7 +38,8 @@ __all__ = [
 
 EXECUTORS = ("inline", "local", "slurm")
 CELL_KINDS = ("extract", "embed", "train", "score", "hierarchy", "steer")
-RESOURCE_KEYS = ("gpus", "cpus", "mem_gb", "timeout_min")
+RESOURCE_KEYS = ("gpus", "cpus", "mem_gb", "timeout_min", "tasks")
+SPLIT_KINDS = ("extract", "embed")  # cells whose work several processes of one job can share
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,13 @@ class Resources:
     cpus: int = 8
     mem_gb: float = 64.0
     timeout_min: int = 240
+    tasks: int = 1  # processes sharing one extraction (one GPU each when gpus > 0)
 
     def describe(self) -> str:
-        """``1 GPU, 8 CPUs, 64 GB, 4:00 h``: one cell of a dry-run table."""
+        """``1 GPU, 8 CPUs, 64 GB, 4:00 h``: one cell of a dry-run table (``2 × …`` for two tasks)."""
         hours, minutes = divmod(self.timeout_min, 60)
-        return f"{self.gpus} GPU, {self.cpus} CPUs, {self.mem_gb:g} GB, {hours}:{minutes:02d} h"
+        each = f"{self.gpus} GPU, {self.cpus} CPUs, {self.mem_gb:g} GB, {hours}:{minutes:02d} h"
+        return each if self.tasks == 1 else f"{self.tasks} tasks: {each}"
 
 
 @dataclass(frozen=True)
@@ -111,18 +116,23 @@ def _check_resources(kind: str, overrides: Any, where: str) -> dict[str, Any]:
 
 
 def _check_usable(config: ExecutorConfig, device: str, where: str) -> None:
-    """Refuse resources a cell cannot use: a notebook runs on one device (more GPUs would sit idle),
-    and a sweep pinned to CUDA cannot run in a job without a GPU."""
+    """Refuse resources a cell cannot use: a notebook runs on one device, so only an extraction may
+    use several GPUs (as that many tasks, one GPU each); a sweep pinned to CUDA needs a GPU per task."""
     for kind in CELL_KINDS:
-        gpus = config.resources_for(kind).gpus
-        key = f"{where}.resources.{kind}.gpus" if "gpus" in config.resources.get(kind, {}) else f"{where}.gpus_per_node"
-        if gpus > 1:
+        res, own = config.resources_for(kind), config.resources.get(kind, {})
+        gpus_key = f"{where}.resources.{kind}.gpus" if "gpus" in own else f"{where}.gpus_per_node"
+        if res.tasks > 1 and kind not in SPLIT_KINDS:
+            raise ValueError(f"{where}.resources.{kind}.tasks: only extraction cells split over tasks, got {res.tasks}")
+        if res.gpus > 1 and res.gpus != res.tasks:
+            hint = f"set resources.{kind}.tasks: {res.gpus}" if kind in SPLIT_KINDS else "ask for 1"
             raise ValueError(
-                f"{key}: {gpus} GPUs, but a {kind} cell runs one notebook on one device; the grid's cells "
-                "run side by side instead (array_parallelism), so ask for 1"
+                f"{gpus_key}: {res.gpus} GPUs, but {kind} cells run one process per GPU, here {res.tasks} "
+                f"task(s); {hint} (the grid's cells also run side by side: array_parallelism)"
             )
-        if gpus == 0 and device.startswith("cuda"):
-            raise ValueError(f"{key}: 0 GPUs for {kind} cells, but the sweep's device is {device!r}")
+        if res.gpus == 1 and res.tasks > 1:
+            raise ValueError(f"{gpus_key}: {res.tasks} tasks need {res.tasks} GPUs (one each) or 0 (CPU)")
+        if res.gpus == 0 and device.startswith("cuda"):
+            raise ValueError(f"{gpus_key}: 0 GPUs for {kind} cells, but the sweep's device is {device!r}")
 
 
 def parse_executor(section: Any, where: str = "executor", *, device: str = "auto") -> ExecutorConfig:

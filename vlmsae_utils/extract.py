@@ -35,6 +35,7 @@ __all__ = [
     "default_num_workers",
     "extract_activations",
     "extract_embeddings",
+    "extract_share",
     "image_seed",
     "open_dataset",
     "random_token_rows",
@@ -333,6 +334,37 @@ def _finish(writer: StoreWriter, rank: int, world_size: int) -> ActivationStore 
         return writer.finalize()
     log.info("rank %d done; waiting for other ranks to write their shards", rank)
     return None
+
+
+def extract_share(params: dict, rank: int, world_size: int, local_rank: int = 0) -> bool:
+    """One process's shards of a sweep cell's extraction (notebook 01's parameters), for a job whose
+    tasks share the work: task ``rank`` writes shards ``rank, rank + world_size, …`` of the store
+    notebook 01 writes (the same plan, so the notebook then only opens it). True when every shard is
+    written, i.e. this task finished last and assembled the store."""
+    from .paths import resolve_out_dir
+
+    device = params.get("device", "auto")
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        device = f"cuda:{local_rank}"  # the job's GPUs are all visible: one per task
+    dataset = open_dataset(params["data_dir"], params.get("split"))
+    dev = resolve_device(device)
+    encoder = enc.load_encoder(params["model"], dev, resolve_model_dtype(params.get("model_dtype", "auto"), dev))
+    store = extract_activations(
+        encoder,
+        dataset,
+        resolve_out_dir(params["out_dir"]) / "activations",
+        hook=params["hook"],
+        layer=params["layer"],
+        tokens=params["tokens"],
+        random_k=params.get("random_k", 2),
+        dtype=params["dtype"],
+        batch_size=params["batch_size"],
+        num_workers=params.get("num_workers"),
+        rank=rank,
+        world_size=world_size,
+        progress=False,
+    )
+    return store is not None
 
 
 def extract_embeddings(

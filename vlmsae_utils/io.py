@@ -141,12 +141,17 @@ _HELD: dict[Path, int] = {}  # folders this process holds, with how many nested 
 
 @contextlib.contextmanager
 def folder_lock(
-    folder: str | os.PathLike, what: str = "folder", error: type[FolderLockedError] = FolderLockedError
+    folder: str | os.PathLike,
+    what: str = "folder",
+    error: type[FolderLockedError] = FolderLockedError,
+    *,
+    blocking: bool = False,
 ) -> Iterator[None]:
     """Hold an advisory lock on ``folder`` (created if needed) for one process at a time; the lock
     dies with its process, so a killed run never leaves it behind. A second writer gets
     ``error`` (a ``FolderLockedError``) naming the holder (host and pid), never a silent
-    interleaving. Nested holds in the same process (a sweep cell running its notebook) are allowed."""
+    interleaving; ``blocking=True`` waits for it instead (tasks of one job taking turns). Nested
+    holds in the same process (a sweep cell running its notebook) are allowed."""
     import fcntl
 
     folder = Path(folder).resolve()
@@ -161,7 +166,7 @@ def folder_lock(
     handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"

@@ -66,8 +66,10 @@ __all__ = [
     "load_config",
     "load_results",
     "notebook_runner",
+    "resolved_parameters",
     "run_sweep",
     "slug",
+    "start_run",
     "sweep_dir",
     "sweep_lock",
 ]
@@ -574,7 +576,7 @@ def complete_runs(runs: list[Run], root: Path) -> set[str]:
 def _fingerprint(run: Run, root: Path) -> str:
     """What determines a run's outputs: notebook, resolved parameters and the fingerprints its
     inputs were made with (chained: a redone training run makes its score run stale)."""
-    params = {k: v for k, v in _resolved(run, root).items() if k not in EXECUTION_ONLY}
+    params = {k: v for k, v in resolved_parameters(run, root).items() if k not in EXECUTION_ONLY}
     inputs = {dep: _marker_fingerprint(root / dep) for dep in run.depends}
     return sha256_json({"notebook": run.notebook, "parameters": params, "inputs": inputs})
 
@@ -585,7 +587,7 @@ def _marker_fingerprint(folder: Path) -> str:
     return str(read_json(marker).get("fingerprint", "")) if marker.is_file() else ""
 
 
-def _resolved(run: Run, root: Path) -> dict[str, Any]:
+def resolved_parameters(run: Run, root: Path) -> dict[str, Any]:
     """Parameters with sweep-relative store and SAE paths made absolute, and the run's own out_dir."""
     params = dict(run.parameters)
     for key in ("train_store", "val_store", "activations_store", "scorer_store", "sae_path"):
@@ -645,15 +647,15 @@ def execute_run(run: Run, root: Path, runner: Callable[[str, dict, Path], Any] |
     folder = root / run.out_dir
     try:
         with folder_lock(folder, "run folder"):
-            _start(run, root)
-            (runner or notebook_runner)(run.notebook, _resolved(run, root), folder)
+            start_run(run, root)
+            (runner or notebook_runner)(run.notebook, resolved_parameters(run, root), folder)
             _mark_complete(run, root)
     except (NotebookError, FolderLockedError, ValueError, FileNotFoundError) as err:
         return "failed", str(err).splitlines()[0]
     return "ran", ""
 
 
-def _start(run: Run, root: Path) -> None:
+def start_run(run: Run, root: Path) -> None:
     """Before a run: outputs left by a run with other parameters or inputs (finished, or killed
     half-way) are cleared, so the notebook starts afresh instead of refusing (or resuming) them;
     outputs of an interrupted run with the same ones are kept, so it resumes."""
@@ -679,7 +681,7 @@ def _mark_complete(run: Run, root: Path) -> None:
         {
             "fingerprint": _fingerprint(run, root),
             "notebook": run.notebook,
-            "parameters": _resolved(run, root),
+            "parameters": resolved_parameters(run, root),
             "labels": run.labels,
         },
     )
