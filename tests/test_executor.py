@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import cloudpickle
@@ -58,8 +60,16 @@ def _small(tmp_path: Path, name: str, **changes) -> Path:
         ({"resources": {"train": {"gpu": 1}}}, "auto", r"resources\.train: unknown key\(s\) \['gpu'\]"),
         ({"resources": {"train": {"gpus": 0}}}, "cuda", r"resources\.train\.gpus: 0 GPUs for train cells"),
         ({"gpus_per_node": 0}, "cuda:1", r"executor\.gpus_per_node: 0 GPUs for extract cells"),
-        ({"resources": {"score": {"gpus": 4}}}, "auto", r"resources\.score\.gpus: 4 GPUs, but score cells run one process per GPU.*ask for 1"),
-        ({"resources": {"extract": {"gpus": 4}}}, "auto", r"executor\.resources\.extract\.gpus: 4 GPUs.*set resources\.extract\.tasks: 4"),
+        (
+            {"resources": {"score": {"gpus": 4}}},
+            "auto",
+            r"resources\.score\.gpus: 4 GPUs, but score cells run one process per GPU.*ask for 1",
+        ),
+        (
+            {"resources": {"extract": {"gpus": 4}}},
+            "auto",
+            r"executor\.resources\.extract\.gpus: 4 GPUs.*set resources\.extract\.tasks: 4",
+        ),
         ({"resources": {"train": {"tasks": 2}}}, "auto", r"only extraction cells split over tasks"),
         ({"resources": {"embed": {"tasks": 2}}}, "auto", r"2 tasks need 2 GPUs \(one each\) or 0"),
         ({"sbatch": ["--qos=high"]}, "auto", r"executor\.sbatch: expected a mapping"),
@@ -396,3 +406,17 @@ def test_an_extraction_split_over_two_tasks_writes_the_single_process_store(tmp_
     one_process = store.ActivationStore.open(tmp_path / "single" / "activations")
     assert split.manifest["content_hash"] == one_process.manifest["content_hash"]
     assert (root / val.out_dir / "01_extract.ipynb").is_file() and sweep.is_complete(val, root)
+
+
+def test_status_of_local_jobs_running_and_dead(tmp_path):
+    runs = sweep.expand(sweep.load_config(_small(tmp_path, "local-status")))
+    root = tmp_path / "root"
+    alive, dead = runs[0], runs[1]
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for run, pid in ((alive, os.getpid()), (dead, int(finished.stdout))):
+        (root / run.out_dir).mkdir(parents=True)
+        (root / run.out_dir / sweep.JOB_FILE).write_text(f'{{"executor": "local", "job_id": "{pid}"}}')
+    states = executor.cell_states(runs, root).set_index("run").status
+    assert states[alive.id] == "running" and states[dead.id] == "failed"
+    for run in runs[2:]:  # a failed input blocks its dependents; the rest never ran
+        assert states[run.id] == ("blocked" if dead.id in run.depends else "not submitted"), run.id

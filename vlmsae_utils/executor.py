@@ -435,6 +435,19 @@ def _local_outcome(cell: Cell, job: submitit.Job, root: Path) -> tuple[str, str]
 # ----------------------------------------------------------------------------- status
 
 
+def _job_state(record: dict[str, Any], slurm: dict[str, str]) -> str:
+    """A recorded job's state: Slurm's, or ``RUNNING`` for a local job whose process is alive."""
+    if record.get("executor") == "slurm":
+        return slurm.get(record.get("job_id", ""), "")
+    if record.get("executor") == "local" and str(record.get("job_id", "")).isdigit():
+        try:
+            os.kill(int(record["job_id"]), 0)
+        except OSError:
+            return ""
+        return "RUNNING"
+    return ""
+
+
 def cell_states(runs: list[sweep.Run], root: Path) -> pd.DataFrame:
     """Each cell's status from its marker, its job and its inputs: ``done``, ``queued``/``running``
     (Slurm), ``failed`` (with the error or the job's final state), ``blocked`` (an input failed) or
@@ -447,7 +460,7 @@ def cell_states(runs: list[sweep.Run], root: Path) -> pd.DataFrame:
     for run in runs:
         record = records[run.id]
         failed_inputs = [dep for dep in run.depends if states.get(dep) in ("failed", "blocked")]
-        job_state = slurm.get(record.get("job_id", ""), "") if record.get("executor") == "slurm" else ""
+        job_state = _job_state(record, slurm)
         if run.id in complete:
             state, message = "done", ""
         elif failed_inputs:
