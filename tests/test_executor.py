@@ -418,5 +418,8 @@ def test_status_of_local_jobs_running_and_dead(tmp_path):
         (root / run.out_dir / sweep.JOB_FILE).write_text(f'{{"executor": "local", "job_id": "{pid}"}}')
     states = executor.cell_states(runs, root).set_index("run").status
     assert states[alive.id] == "running" and states[dead.id] == "failed"
-    for run in runs[2:]:  # a failed input blocks its dependents; the rest never ran
-        assert states[run.id] == ("blocked" if dead.id in run.depends else "not submitted"), run.id
+    stopped = {dead.id}  # a failed input blocks its dependents, theirs in turn; the rest never ran
+    for run in runs[2:]:
+        blocked = bool(stopped & set(run.depends))
+        stopped |= {run.id} if blocked else set()
+        assert states[run.id] == ("blocked" if blocked else "not submitted"), run.id
