@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -30,7 +31,10 @@ cloudpickle.register_pickle_by_value(helpers)
 
 
 def _config(tmp_path: Path, name: str, **changes) -> Path:
-    """The fixture sweep under another name, with top-level keys replaced (None removes one)."""
+    """The fixture sweep under another name, with top-level keys replaced (None removes one); its
+    folders start empty (an outputs root set by the user outlives the test session)."""
+    shutil.rmtree(sweep.sweep_dir(name), ignore_errors=True)
+    shutil.rmtree(results_root() / name, ignore_errors=True)
     config = yaml.safe_load((CONFIGS / "fixture.yaml").read_text()) | {"name": name}
     for key, value in changes.items():
         config.pop(key) if value is None else config.__setitem__(key, value)
