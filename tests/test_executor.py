@@ -427,3 +427,22 @@ def test_status_of_local_jobs_running_and_dead(tmp_path):
         blocked = bool(stopped & set(run.depends))
         stopped |= {run.id} if blocked else set()
         assert states[run.id] == ("blocked" if blocked else "not submitted"), run.id
+
+
+def test_wait_returns_the_final_states_once_nothing_is_queued(tmp_path, fake_slurm, monkeypatch):
+    path = _small(tmp_path, "slurm-wait", executor=SLURM_BLOCK)
+    runs = sweep.expand(sweep.load_config(path))
+    polls = []
+    monkeypatch.setattr(executor.time, "sleep", lambda seconds: polls.append(seconds))
+
+    def queue_empties(command):  # pending at the first look, then gone and failed in the accounting
+        if command[0] == "squeue" and not polls:
+            return [f"{job}|PENDING" for job in _records(runs, sweep.sweep_dir("slurm-wait")).values()]
+        return [f"{job}|FAILED" for job in _records(runs, sweep.sweep_dir("slurm-wait")).values()] * (
+            command[0] == "sacct"
+        )
+
+    monkeypatch.setattr(executor, "_query", queue_empties)
+    status, results = executor.dispatch(path, executor="slurm", wait=True, progress=False)
+    assert len(polls) == 1 and results == {}
+    assert set(status.status) == {"failed", "blocked"}  # final states, not "submitted"

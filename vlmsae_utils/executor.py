@@ -516,9 +516,7 @@ def dispatch(
             status = _with_finished(runs, run_local(cells, root, settings, runner, progress))
         else:
             submitted = submit_slurm(cells, root, settings, config["name"], runner)
-            status = _wait_for_slurm(runs, root) if wait else cell_states(runs, root)
-            now = status.run.isin(submitted.run[submitted.status == "submitted"]) & ~status.status.eq("done")
-            status.loc[now, "status"] = "submitted"
+            status = _wait_for_slurm(runs, root) if wait else _submitted_states(runs, root, submitted)
         status.to_csv(root / sweep.RUNS_FILE, index=False)
         unfinished = status.status.isin(["submitted", "queued", "running"]).any()
         return status, ({} if unfinished else sweep.gather(config, runs, root))
@@ -536,10 +534,18 @@ def _with_finished(runs: list[sweep.Run], ran: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "notebook", "status", "message"])
 
 
+def _submitted_states(runs: list[sweep.Run], root: Path, submitted: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's state right after a submission: ``submitted`` for the cells sent now."""
+    status = cell_states(runs, root)
+    now = status.run.isin(submitted.run[submitted.status == "submitted"]) & ~status.status.eq("done")
+    status.loc[now, "status"] = "submitted"
+    return status
+
+
 def _wait_for_slurm(runs: list[sweep.Run], root: Path, every_s: float = 60.0) -> pd.DataFrame:
     """Poll the queue until no cell is queued or running; the final states."""
     while True:
         states = cell_states(runs, root)
-        if not states.state.isin(["queued", "running"]).any():
+        if not states.status.isin(["queued", "running"]).any():
             return states
         time.sleep(every_s)
