@@ -151,12 +151,12 @@ class JobGroup:
 def plan_cells(runs: list[sweep.Run], root: Path, config: ExecutorConfig) -> list[Cell]:
     """The runs to (re)do, in dependency order: unfinished ones and every run downstream of them
     (a redone input makes its dependents stale, as in the inline runner)."""
-    cells: dict[str, Cell] = {}
-    for run in runs:
-        redone_inputs = [dep for dep in run.depends if dep in cells]
-        if redone_inputs or not sweep.is_complete(run, root):
-            cells[run.id] = Cell(run, config.resources_for(run.kind), redone_inputs)
-    return list(cells.values())
+    complete = sweep.complete_runs(runs, root)
+    return [
+        Cell(run, config.resources_for(run.kind), [dep for dep in run.depends if dep not in complete])
+        for run in runs
+        if run.id not in complete
+    ]
 
 
 def group_jobs(cells: list[Cell]) -> list[JobGroup]:
@@ -299,10 +299,10 @@ def _slurm_executor(root: Path, config: ExecutorConfig, group: JobGroup, after: 
     }
     if resources.tasks > 1:  # a split extraction: one process per task, one GPU each
         parameters["ntasks_per_node"] = resources.tasks
-    if resources.gpus:
-        parameters["gpus_per_task" if resources.tasks > 1 else "gpus_per_node"] = (
-            1 if resources.tasks > 1 else resources.gpus
-        )
+        if resources.gpus:
+            parameters["gpus_per_task"] = 1
+    elif resources.gpus:
+        parameters["gpus_per_node"] = resources.gpus
     if config.partition:
         parameters["partition"] = config.partition
     if config.account:

@@ -86,9 +86,10 @@ def notebook_parameters(ipynb: Path) -> dict[str, Any]:
     return {name: info.get("default") for name, info in declared.items()}
 
 
-def check_parameters(ipynb: Path, parameters: dict[str, Any]) -> None:
-    """Refuse names the notebook does not declare (papermill would inject them silently)."""
-    declared = notebook_parameters(ipynb)
+def check_parameters(ipynb: Path, parameters: dict[str, Any], declared: dict[str, Any] | None = None) -> None:
+    """Refuse names the notebook does not declare (papermill would inject them silently);
+    ``declared`` is :func:`notebook_parameters` when the caller has it already."""
+    declared = notebook_parameters(ipynb) if declared is None else declared
     if not declared and parameters:
         raise ValueError(f"{ipynb.stem} has no cell tagged 'parameters'; cannot set {sorted(parameters)}")
     unknown = sorted(set(parameters) - set(declared))
@@ -115,8 +116,9 @@ def run_notebook(
     log_path = out / f"{source.stem}.log"
     with tempfile.TemporaryDirectory() as tmp:
         unexecuted = to_ipynb(source, Path(tmp) / f"{source.stem}.ipynb")
-        check_parameters(unexecuted, parameters)
-        with _log_to(log_path), _inline_figures(), _run_folder_lock(unexecuted, parameters):
+        declared = notebook_parameters(unexecuted)
+        check_parameters(unexecuted, parameters, declared)
+        with _log_to(log_path), _inline_figures(), _run_folder_lock(declared, parameters):
             try:
                 papermill.execute_notebook(
                     str(unexecuted),
@@ -132,11 +134,10 @@ def run_notebook(
     return executed
 
 
-def _run_folder_lock(ipynb: Path, parameters: dict[str, Any]) -> contextlib.AbstractContextManager:
+def _run_folder_lock(declared: dict[str, Any], parameters: dict[str, Any]) -> contextlib.AbstractContextManager:
     """The notebook's ``out_dir`` locked while it runs: a second run writing the same folder (two
     terminals, a sweep cell and a hand run) fails naming the first, instead of mixing their files."""
-    default = notebook_parameters(ipynb).get("out_dir")
-    out_dir = parameters["out_dir"] if "out_dir" in parameters else _literal(default)
+    out_dir = parameters["out_dir"] if "out_dir" in parameters else _literal(declared.get("out_dir"))
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         return contextlib.nullcontext()
     return folder_lock(resolve_out_dir(out_dir), "run folder")

@@ -128,13 +128,17 @@ class StoreWriter:
         if not (self.path / PLAN_FILE).is_file():
             atomic_write_json(self.path / PLAN_FILE, self.plan.to_json())
 
+    def _meta_path(self, shard: int) -> Path:
+        """A shard's metadata file, written after its rows: its presence marks the shard done."""
+        return self.path / SHARD_DIR / f"{shard_name(shard)}.json"
+
     def is_complete(self) -> bool:
         """Whether ``manifest.json`` exists (the store is finished)."""
         return (self.path / MANIFEST_FILE).is_file()
 
     def shard_done(self, shard: int) -> bool:
         """A shard is done when its metadata (written after its rows) exists."""
-        return (self.path / SHARD_DIR / f"{shard_name(shard)}.json").is_file()
+        return self._meta_path(shard).is_file()
 
     def write_shard(
         self,
@@ -161,7 +165,7 @@ class StoreWriter:
         }
         if stamps is not None:
             meta["stamps"] = [list(stamp) for stamp in stamps]
-        atomic_write_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json", meta)
+        atomic_write_json(self._meta_path(shard), meta)
 
     def changed_shards(self, shards: Iterable[int], stamps: Callable[[range], list[list[int]]]) -> list[int]:
         """Written shards whose image files changed since they were read (``stamps(range)`` gives the
@@ -169,7 +173,7 @@ class StoreWriter:
         changed = []
         for shard in shards:
             if self.shard_done(shard):
-                recorded = read_json(self.path / SHARD_DIR / f"{shard_name(shard)}.json").get("stamps")
+                recorded = read_json(self._meta_path(shard)).get("stamps")
                 if recorded is not None and recorded != stamps(self.plan.shard_range(shard)):
                     changed.append(shard)
         return changed
@@ -180,7 +184,7 @@ class StoreWriter:
         if shards:
             (self.path / MANIFEST_FILE).unlink(missing_ok=True)
         for shard in shards:
-            (self.path / SHARD_DIR / f"{shard_name(shard)}.json").unlink(missing_ok=True)
+            self._meta_path(shard).unlink(missing_ok=True)
 
     def all_shards_done(self) -> bool:
         """Every shard of the plan has been written (by any process)."""
@@ -205,7 +209,7 @@ class StoreWriter:
         if not self.all_shards_done():
             missing = [s for s in range(self.plan.num_shards) if not self.shard_done(s)]
             raise StoreError(f"{self.path}: shards {missing[:5]} are not written yet")
-        metas = [read_json(self.path / SHARD_DIR / f"{shard_name(s)}.json") for s in range(self.plan.num_shards)]
+        metas = [read_json(self._meta_path(s)) for s in range(self.plan.num_shards)]
         for meta in metas:
             self._refuse_unreadable_shard(meta)
         kept = [i for meta in metas for i in meta["kept"]]
