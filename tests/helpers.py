@@ -46,26 +46,10 @@ class TensorStore:
 def write_shards(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
     """A :class:`~vlmsae_utils.store.StoreWriter` at ``path`` with every shard of ``x`` written in
     ``dtype`` (one row per image) but no manifest yet, as an extraction leaves it before finalizing."""
-    import numpy as np
+    from vlmsae_utils.store import rows_writer
 
-    from vlmsae_utils.store import StorePlan, StoreWriter
-
-    n = x.shape[0]
-    plan = StorePlan(
-        params={"test": str(path)},
-        image_ids=[f"img{i:05d}.png" for i in range(n)],
-        class_names=["c"] * n,
-        dim=x.shape[1],
-        dtype=dtype,
-        rows_per_image=1,
-        shard_images=shard_images,
-    )
-    writer = StoreWriter(path, plan)
-    writer.begin()
-    for shard in range(plan.num_shards):
-        rows = plan.shard_range(shard)
-        writer.write_shard(shard, x[rows.start : rows.stop].numpy().astype(np.dtype(dtype)), list(rows), [])
-    return writer
+    classes = ["c"] * x.shape[0]
+    return rows_writer(path, x.numpy(), classes, params={"test": str(path)}, dtype=dtype, shard_images=shard_images)
 
 
 def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):

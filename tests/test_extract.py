@@ -326,3 +326,16 @@ def test_images_fixed_after_an_extraction_are_read_again(clip, fixture, tmp_path
     with caplog.at_level("WARNING"):
         _extract(clip, data.ImageFolderDataset(root, "train"), tmp_path / "s", batch_size=2, shard_images=2)
     assert "changed" not in caplog.text  # unchanged files: the finished store is reused as is
+
+
+def test_rows_computed_elsewhere_become_a_store(tmp_path):
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    classes = ["a", "a", "b", "b", "c", "c"]
+    written = store.write_rows(tmp_path / "rows", rows, classes, params={"made": "by hand"}, shard_images=4)
+    again = store.ActivationStore.open(tmp_path / "rows", verify=True)
+    assert np.array_equal(again.to_numpy(), rows) and again.class_names == classes
+    assert len(again.manifest["shards"]) == 2 and again.manifest["content_hash"] == written.manifest["content_hash"]
+    with pytest.raises(ValueError, match=r"one class per row, got \(6, 4\) and 5"):
+        store.write_rows(tmp_path / "bad", rows, classes[:5], params={})
+    with pytest.raises(store.StoreError, match="different parameters"):
+        store.write_rows(tmp_path / "rows", rows, classes, params={"made": "otherwise"})

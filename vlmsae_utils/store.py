@@ -36,7 +36,9 @@ __all__ = [
     "StoreWriter",
     "check_dtype",
     "load_shard",
+    "rows_writer",
     "shard_name",
+    "write_rows",
 ]
 
 STORE_FORMAT = 1
@@ -232,6 +234,45 @@ class StoreWriter:
         }
         atomic_write_json(self.path / MANIFEST_FILE, manifest)
         return ActivationStore.open(self.path)
+
+
+def rows_writer(
+    path: str | os.PathLike,
+    rows: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    params: dict[str, Any],
+    dtype: str = "float32",
+    shard_images: int = 4096,
+) -> StoreWriter:
+    """A writer at ``path`` with every shard of ``rows`` (one row per image, computed elsewhere) written
+    but the manifest not yet: `write_rows` finishes it. ``params`` say what the rows are (fingerprint)."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or len(class_names) != len(rows):
+        raise ValueError(f"need a [images, dim] array and one class per row, got {rows.shape} and {len(class_names)}")
+    plan = StorePlan(
+        params=dict(params),
+        image_ids=[f"row{i:07d}" for i in range(len(rows))],
+        class_names=list(class_names),
+        dim=int(rows.shape[1]),
+        dtype=check_dtype(dtype),
+        rows_per_image=1,
+        shard_images=shard_images,
+    )
+    writer = StoreWriter(path, plan)
+    writer.begin()
+    for shard in range(plan.num_shards):
+        span = plan.shard_range(shard)
+        writer.write_shard(shard, rows[span.start : span.stop], list(span), [])
+    return writer
+
+
+def write_rows(
+    path: str | os.PathLike, rows: np.ndarray, class_names: Sequence[str], **options: Any
+) -> ActivationStore:
+    """A finished store of rows computed elsewhere (e.g. `hierarchy.nested_activations`), one per
+    image, so every function that reads extracted activations reads them too (options: `rows_writer`)."""
+    return rows_writer(path, rows, class_names, **options).finalize()
 
 
 def load_shard(file: Path) -> np.ndarray:
