@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from itertools import combinations
+from itertools import combinations, pairwise
 
 import numpy as np
 import pandas as pd
@@ -136,3 +136,45 @@ def test_a_sae_without_levels_is_refused_by_name():
         h.matryoshka_group_sizes(plain, "my/sae")
     plain.group_sizes = [2, 6]
     assert h.matryoshka_group_sizes(plain) == [2, 6]
+
+
+def test_nested_activations_follow_their_taxonomy():
+    rows, folders = h.nested_activations((2, 1, 2, 1), per_leaf=3, dim=8, noise=0.0, seed=4)
+    paths = h.image_paths_of(folders)
+    assert rows.shape == (12, 8) and len(set(folders)) == 4 and all(len(p) == 7 for p in paths)
+    assert {p[1] for p in paths} == {"P0", "P1"} and paths[0][:4] == ("Nestia", "P0", "C00", "O000")
+    # without noise, two rows of one leaf differ only in the strengths of the same four directions
+    same_leaf = torch.linalg.matrix_rank(torch.stack([rows[0], rows[1], rows[2]]) - rows[0])
+    assert int(same_leaf) <= 4 and not torch.equal(rows[0], rows[1])
+    again, _ = h.nested_activations((2, 1, 2, 1), per_leaf=3, dim=8, noise=0.0, seed=4)
+    assert torch.equal(rows, again)
+    with pytest.raises(ValueError, match="4 positive branching factors"):
+        h.nested_activations((2, 3, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lca_depth_grows_with_the_level_when_concepts_nest_by_construction(tmp_path, seed):
+    """Known answer for the whole pipeline (Matryoshka training, top-16 images, LCA depth per level),
+    through the public API: on rows whose concepts nest along the taxonomy the first level holds
+    phyla (top images from many leaves) and the last the leaves, the trend of the paper's Table A8."""
+    from vlmsae_utils.store import write_rows
+    from vlmsae_utils.train import TrainConfig, train_sae
+
+    rows, folders = h.nested_activations(seed=seed)
+    store = write_rows(tmp_path / "store", rows, folders, params={"nested": seed})
+    groups = [2, 4, 10, 28, 84]
+    config = TrainConfig(
+        sae_type="matryoshka_batch_top_k",
+        expansion=2,
+        k=8,
+        group_fractions=[g / 128 for g in groups],
+        steps=600,
+        batch_size=256,
+    )
+    sae, _ = train_sae(store, config, progress=False, device="cpu")
+    analysis = h.analyse_levels(sae, store, None, h.image_paths_of(store.class_names), device="cpu")
+    depth = analysis.table["LCA depth (mean)"]
+    assert "MS avg" not in analysis.table
+    assert depth.iloc[-1] > depth.iloc[0] + 1.5, depth.tolist()
+    assert all(b > a - 0.1 for a, b in pairwise(depth.tolist())), depth.tolist()  # level by level

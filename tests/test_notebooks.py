@@ -73,6 +73,9 @@ def test_04_hierarchy_on_defaults(executed_chapters):
     levels = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip" / "levels.csv", index_col=0)
     assert levels.latents.tolist() == [2, 4, 10, 28, 84]
     assert levels["LCA depth (mean)"].dropna().between(0, 7).all()
+    control = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip" / "nested_control_levels.csv", index_col=0)
+    depth = control["LCA depth (mean)"]  # concepts that nest by construction: Table A8's trend
+    assert "MS avg" not in control and depth.iloc[-1] > depth.iloc[0] + 1.5, depth.tolist()
 
 
 @pytest.mark.slow

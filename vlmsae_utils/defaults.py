@@ -133,16 +133,21 @@ def saes_or_default(paths: list[str]) -> dict:
     return {"BatchTopK ×4": default_sae("batch_top_k"), "Matryoshka ×4": default_sae()}
 
 
-def matryoshka_or_default(path: str | os.PathLike, group_fractions: list[float] | None = None):
-    """The Matryoshka SAE a notebook parameter names, or, when it is empty, one trained on the fixture
-    with ε = 2 as in the paper's hierarchy run and five levels (``group_fractions``, default
-    `hierarchy.FIXTURE_GROUP_FRACTIONS`)."""
+def matryoshka_or_default(
+    path: str | os.PathLike,
+    group_fractions: list[float] | None = None,
+    *,
+    store: ActivationStore | None = None,
+    name: str = "cls",
+):
+    """The Matryoshka SAE a notebook parameter names, or, when it is empty, one trained with ε = 2 as
+    in the paper's hierarchy run and five levels (``group_fractions``, default
+    `hierarchy.FIXTURE_GROUP_FRACTIONS`) on ``store`` (default: the fixture's; ``name`` keys the cache)."""
     from .hierarchy import FIXTURE_GROUP_FRACTIONS, matryoshka_group_sizes
 
     if path:
         sae = open_sae(path)
         matryoshka_group_sizes(sae, str(path))  # refuse a non-Matryoshka SAE here, with its path
         return sae
-    return default_sae(
-        "matryoshka_batch_top_k", expansion=2, group_fractions=list(group_fractions or FIXTURE_GROUP_FRACTIONS)
-    )
+    fractions = list(group_fractions or FIXTURE_GROUP_FRACTIONS)
+    return default_sae("matryoshka_batch_top_k", expansion=2, group_fractions=fractions, store=store, name=name)

@@ -42,6 +42,7 @@ __all__ = [
     "level_trends",
     "load_taxonomy_map",
     "matryoshka_group_sizes",
+    "nested_activations",
     "pair_depths",
     "parent_links",
     "parse_taxonomy",
@@ -56,6 +57,8 @@ LEVELS_FILE = "levels.csv"  # one row per Matryoshka level (read by sweep.gather
 LINKS_FILE = "links.csv"  # each latent's closest latent one level up
 DENSE_LINK_LIMIT = 50_000_000  # co-activation needs dense codes: computed up to this many entries
 INATURALIST_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+#: Length of each rank's direction in `nested_activations`, phylum to family: coarser concepts weigh more.
+NESTED_NORMS = (4.0, 2.5, 1.6, 1.0)
 
 
 def parse_taxonomy(
@@ -309,6 +312,45 @@ FIXTURE_GROUP_FRACTIONS = (2 / 128, 4 / 128, 10 / 128, 28 / 128, 84 / 128)
 PAPER_GROUP_FRACTIONS = (0.002, 0.009, 0.035, 0.189, 0.765)
 
 
+def nested_activations(
+    branching: Sequence[int] = (2, 3, 3, 3),
+    per_leaf: int = 20,
+    dim: int = 64,
+    *,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[str]]:
+    """Activation rows whose concepts nest along a taxonomy by construction: a control for Table A8.
+
+    Every phylum, class, order and family (``branching`` children per node, four ranks) gets a random
+    direction of length `NESTED_NORMS` (coarse ranks longer); a row is the sum of its leaf's four
+    directions, each at its own random strength in [0.5, 1.5], plus Gaussian ``noise``. Returns the
+    rows and their iNaturalist-style class folders (kingdom ``Nestia``, genus = leaf).
+    """
+    import itertools
+
+    if len(branching) != len(NESTED_NORMS) or min(branching) < 1 or per_leaf < 1 or dim < 1 or noise < 0:
+        raise ValueError(
+            f"need {len(NESTED_NORMS)} positive branching factors, per_leaf ≥ 1, dim ≥ 1 and noise ≥ 0; "
+            f"got {tuple(branching)}, {per_leaf}, {dim}, {noise}"
+        )
+    rng = np.random.default_rng(seed)
+    directions: dict[tuple[int, ...], np.ndarray] = {}
+    rows, folders = [], []
+    for index, leaf in enumerate(itertools.product(*(range(b) for b in branching))):
+        path = ["".join(map(str, leaf[: r + 1])) for r in range(len(leaf))]
+        ranks = [f"{letter}{code}" for letter, code in zip("PCOF", path)]
+        folder = "_".join([f"{index:05d}", "Nestia", *ranks, f"G{path[-1]}", "sp"])
+        for _ in range(per_leaf):
+            row = rng.normal(scale=noise, size=dim)
+            for rank, norm in enumerate(NESTED_NORMS):
+                direction = directions.setdefault(leaf[: rank + 1], rng.normal(size=dim))
+                row += rng.uniform(0.5, 1.5) * norm * direction / np.linalg.norm(direction)
+            rows.append(row)
+            folders.append(folder)
+    return torch.tensor(np.array(rows), dtype=torch.float32), folders
+
+
 def image_paths_of(
     class_names: Sequence[str], mapping: Mapping[str, Sequence[str]] | None = None
 ) -> list[tuple[str, ...]]:
@@ -368,14 +410,16 @@ def analyse_levels(
     out: str | os.PathLike | None = None,
 ) -> LevelAnalysis:
     """LCA depth of each latent's top images and MS per Matryoshka level (Pach et al. 2025, Table A8);
-    the table is written to ``out/LEVELS_FILE`` when ``out`` is given."""
+    the table is written to ``out/LEVELS_FILE`` when ``out`` is given. ``embeddings=None`` (rows
+    without images, e.g. `nested_activations`) leaves the MS columns out."""
     group_sizes = matryoshka_group_sizes(sae)
-    check_aligned(store, embeddings)
+    if embeddings is not None:
+        check_aligned(store, embeddings)
     dev = resolve_device(device)
     codes = sae_codes(sae, store, device=dev)
     top = top_k_images(codes, top_k, device=dev)
     depths = latent_depths(top.indices, paths)
-    ms = monosemanticity_score(codes, embeddings.to_tensor(), device=dev)
+    ms = None if embeddings is None else monosemanticity_score(codes, embeddings.to_tensor(), device=dev)
     breadth = top.count_positive.numpy() / len(store.image_ids)  # fraction of images each latent fires on
     table = level_summary(depths, ms, group_sizes, breadth)
     if out is not None:
