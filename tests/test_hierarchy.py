@@ -159,21 +159,12 @@ def test_lca_depth_grows_with_the_level_when_concepts_nest_by_construction(tmp_p
     """Known answer for the whole pipeline (Matryoshka training, top-16 images, LCA depth per level),
     through the public API: on rows whose concepts nest along the taxonomy the first level holds
     phyla (top images from many leaves) and the last the leaves, the trend of the paper's Table A8."""
+    from vlmsae_utils.defaults import matryoshka_or_default
     from vlmsae_utils.store import write_rows
-    from vlmsae_utils.train import TrainConfig, train_sae
 
     rows, folders = h.nested_activations(seed=seed)
     store = write_rows(tmp_path / "store", rows, folders, params={"nested": seed})
-    groups = [2, 4, 10, 28, 84]
-    config = TrainConfig(
-        sae_type="matryoshka_batch_top_k",
-        expansion=2,
-        k=8,
-        group_fractions=[g / 128 for g in groups],
-        steps=600,
-        batch_size=256,
-    )
-    sae, _ = train_sae(store, config, progress=False, device="cpu")
+    sae = matryoshka_or_default("", store=store, name=f"nested{seed}")  # chapter 4's settings: ×2, K = 8, 5 levels
     analysis = h.analyse_levels(sae, store, None, h.image_paths_of(store.class_names), device="cpu")
     depth = analysis.table["LCA depth (mean)"]
     assert "MS avg" not in analysis.table
