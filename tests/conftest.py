@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from phases import phase, record_report, summary_lines
 
 # Isolate from the user's cache before any project module reads the environment.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="vlmsae-test-home-"))
@@ -18,12 +19,32 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_runtest_logreport(report):
+    record_report(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.section("time of the shared set-up, phase by phase")
+    for line in summary_lines():
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def fixture():
     """The embedded fixture (built once per test session)."""
     from vlmsae_utils.fixtures import ensure_fixture
 
-    return ensure_fixture()
+    with phase("fixture: images and tiny models"):
+        return ensure_fixture()
+
+
+@pytest.fixture(scope="session")
+def trained_models(fixture):
+    """The three trained fixture models (mini_clip, scorer, mini_llava), trained once per session."""
+    from vlmsae_utils.fixtures import training
+
+    with phase("fixture: train mini_clip, scorer, mini_llava"):
+        return training.ensure_all(fixture)
 
 
 @pytest.fixture(scope="session")
@@ -41,17 +62,19 @@ def executed_00(tmp_path_factory, fixture):
     from vlmsae_utils import run
 
     out = tmp_path_factory.mktemp("run00")
-    return run.run_notebook("00", {"images_per_class": 2, "random_k": 3}, out)
+    with phase("notebook 00 with overrides"):
+        return run.run_notebook("00", {"images_per_class": 2, "random_k": 3}, out)
 
 
 @pytest.fixture(scope="session")
-def executed_chapters(tmp_path_factory, fixture):
+def executed_chapters(tmp_path_factory, trained_models, fixture_results):
     """Every notebook executed on its defaults, in order, as `make demo` does (chapter and book tests)."""
     from vlmsae_utils import run
 
     out = tmp_path_factory.mktemp("chapters")
     for source in run.all_notebooks():
-        run.run_notebook(source, {}, out)
+        with phase(f"chapter {Path(source).stem} on its defaults"):
+            run.run_notebook(source, {}, out)
     return out
 
 
@@ -65,12 +88,14 @@ def built_book(tmp_path_factory, executed_chapters):
     target = tmp_path_factory.mktemp("built") / "book"
     shutil.copytree(book.book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters"))
     shutil.copytree(executed_chapters, target / "chapters", ignore=shutil.ignore_patterns("*.log"))
-    return book.build(target)
+    with phase("book of the chapters"):
+        return book.build(target)
 
 
 @pytest.fixture(scope="session")
-def fixture_results(fixture):
+def fixture_results(trained_models):
     """Results tables of the fixture sweep (configs/fixture.yaml), run once per session."""
     from vlmsae_utils.sweep import ensure_fixture_results
 
-    return ensure_fixture_results()
+    with phase("fixture sweep (configs/fixture.yaml)"):
+        return ensure_fixture_results()

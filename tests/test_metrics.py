@@ -126,15 +126,13 @@ def test_large_n_matches_chunked_pairwise_brute_force():
     t = ((a - a.min(0).values) / (a.max(0).values - a.min(0).values)).double()
     num = torch.zeros(2, dtype=torch.float64)
     den = torch.zeros(2, dtype=torch.float64)
-    blk = 1000
+    blk = 250
     for s in range(0, n, blk):
-        sim = e[s : s + blk] @ e[s:].T  # rows n in block, columns m >= s
-        mask = torch.ones_like(sim, dtype=torch.bool).triu(1)  # m > n
-        for k in range(2):
-            w = t[s : s + blk, k, None] * t[None, s:, k]
-            w = w * mask
-            num[k] += (w * sim).sum()
-            den[k] += w.sum()
+        pairs = torch.ones(min(blk, n - s), n - s, dtype=torch.float64).triu_(1)  # (n, m): n in block, m > n
+        sim = (e[s : s + blk] @ e[s:].T) * pairs
+        rows, cols = t[s : s + blk].T, t[s:].T  # [2, block], [2, n - s]
+        num += ((rows @ sim) * cols).sum(1)  # per neuron: sum over pairs of t_n t_m s_nm
+        den += ((rows @ pairs) * cols).sum(1)  # and of t_n t_m
     ours = monosemanticity_score(a, e.float())
     assert (ours - num / den).abs().max().item() < 1e-5
 

@@ -16,6 +16,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from . import plots
 from .scoring import NeuronReport, exemplar_images
 
 __all__ = [
@@ -32,24 +33,27 @@ def neuron_card(
     labels: list[str] | None = None,
     ncols: int = 8,
 ) -> Figure:
-    """Top images of one neuron (activation and class under each), its MS, and its activation histogram."""
+    """Top images of one neuron (activation and class above each), its MS, and its activation histogram.
+
+    The images are one mosaic (:func:`~vlmsae_utils.plots.tile_images`) with the captions as text,
+    so a chapter drawing a dozen cards spends its time on the neurons, not on laying out axes."""
     images, values = exemplar_images(report, neuron, load)
     nrows = -(-len(images) // ncols)
-    fig = plt.figure(figsize=(1.25 * ncols + 2.6, 1.35 * nrows + 0.5))
-    grid = fig.add_gridspec(nrows, ncols + 2, width_ratios=[1] * ncols + [0.25, 2.2])
+    thumb, header = 96, 40
+    mosaic = plots.tile_images(images, ncols, thumb=thumb, header=header)
+    tiles_width = 1.35 * nrows * mosaic.shape[1] / mosaic.shape[0]  # inches, so the mosaic fills its axes
+    fig, (tiles, hist) = plt.subplots(
+        1, 2, figsize=(tiles_width + 3.2, 1.35 * nrows + 0.9), width_ratios=[tiles_width, 2.2]
+    )
+    tiles.imshow(mosaic)
+    tiles.set_axis_off()
     top = report.top.indices[neuron].tolist()
     for slot, (image, value) in enumerate(zip(images, values)):
-        ax = fig.add_subplot(grid[slot // ncols, slot % ncols])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if image is None:
-            ax.set_facecolor("#eeeeee")
-            ax.set_title("absent", fontsize=7, color="#888888")
-            continue
-        ax.imshow(np.asarray(image))
-        caption = f"{value:.2f}" + (f"\n{labels[top[slot]]}" if labels else "")
-        ax.set_title(caption, fontsize=6)
-    hist = fig.add_subplot(grid[:, ncols + 1])
+        x = (slot % ncols) * (thumb + 4) + thumb / 2
+        y = (slot // ncols) * (header + thumb + 4) + header - 3
+        absent = image is None
+        caption = "absent" if absent else f"{value:.2f}" + (f"\n{labels[top[slot]]}" if labels else "")
+        tiles.text(x, y, caption, ha="center", va="bottom", fontsize=6, color="#888888" if absent else "black")
     activations = report.values(neuron)
     sns.histplot(activations, bins=30, ax=hist)
     hist.set(yscale="log", xlabel="activation", ylabel="images", title="all images")
@@ -58,7 +62,7 @@ def neuron_card(
         f" · only {int(report.top.count_positive[neuron])} positive images" if bool(report.top.flagged[neuron]) else ""
     )
     fig.suptitle(f"{report.name} · neuron {neuron} · MS {ms:.3f}{flag}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.98, bottom=0.2, top=0.86, wspace=0.15)  # fixed: no layout search
     return fig
 
 
