@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format test test-gpu rehearsal lab clean
+.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format test test-fast test-gpu rehearsal lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
@@ -60,6 +60,11 @@ format: install
 
 test: lint
 	$(PY) -m pytest
+
+# The inner loop (about a minute): every test not marked slow, so no trained fixture model and no
+# notebook run. `make test` stays the full suite (the one .ci/run calls).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # CUDA against CPU (extraction, training step, bf16 autocast, MS, top-k, steering); skipped without CUDA.
 test-gpu: install

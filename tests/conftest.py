@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,42 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+#: Session fixtures by the stage of the shared set-up they need: tests run cheapest stage first,
+#: so the quick tests run while the fixture models train in the background (`pytest_collection_finish`).
+STAGES = {"trained_models": 1, "fixture_results": 2, "executed_chapters": 3, "built_book": 3}
+_background: dict[str, subprocess.Popen] = {}
+
+
+def _stage(item) -> int:
+    """0: needs no trained model; 1: slow (trained models); 2: the fixture sweep; 3: the chapters."""
+    needed = [STAGES.get(name, 0) for name in item.fixturenames]
+    return max([*needed, 1 if item.get_closest_marker("slow") else 0])
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=_stage)  # stable: the file order holds within a stage
+
+
+def pytest_collection_finish(session):
+    """When slow tests are selected, train the fixture models in a background process (one torch
+    thread) while the quick tests run; `trained_models` waits for it."""
+    if session.config.option.collectonly or not any(_stage(item) for item in session.items):
+        return
+    from vlmsae_utils.fixtures import ensure_fixture
+
+    ensure_fixture()  # built here first, so the two processes never build it side by side
+    log = open(_SESSION_HOME / "train-fixture-models.log", "w")  # noqa: SIM115 - closed by the child's exit
+    env = dict(os.environ, VLMSAE_TRAIN_THREADS="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "vlmsae_utils.fixtures", "--trained"]
+    _background["training"] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def pytest_sessionfinish():
+    for process in _background.values():
+        if process.poll() is None:
+            process.terminate()
+
+
 def pytest_runtest_logreport(report):
     record_report(report)
 
@@ -27,6 +65,15 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("time of the shared set-up, phase by phase")
     for line in summary_lines():
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_kernels():
+    """Every notebook of the session takes a kernel started (and warmed up) during the one before."""
+    from vlmsae_utils import kernels
+
+    with kernels.warm_kernels():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +90,11 @@ def trained_models(fixture):
     """The three trained fixture models (mini_clip, scorer, mini_llava), trained once per session."""
     from vlmsae_utils.fixtures import training
 
-    with phase("fixture: train mini_clip, scorer, mini_llava"):
+    with phase("fixture: train mini_clip, scorer, mini_llava (rest of the background training)"):
+        process = _background.pop("training", None)
+        if process is not None and process.wait() != 0:
+            log = (_SESSION_HOME / "train-fixture-models.log").read_text()
+            pytest.fail(f"training the fixture models failed:\n{log[-3000:]}")
         return training.ensure_all(fixture)
 
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from vlmsae_utils.fixtures import fixture_classes
+from vlmsae_utils.io import LOCK_FILE
 from vlmsae_utils.fixtures import training as ft
 
 
 @pytest.fixture(scope="session")
-def trained(fixture):
-    """All trained fixture models, trained once per test session (about 5 minutes on 2 cores)."""
-    return ft.ensure_all(fixture)
+def trained(trained_models):
+    """All trained fixture models, trained once per test session (conftest's `trained_models`)."""
+    return trained_models
 
 
 @pytest.fixture(scope="session")
@@ -168,5 +169,5 @@ def test_trained_models_are_cached(fixture, trained):
     assert time.perf_counter() - start < 3
     assert again == trained
     assert {name: (path / ft.METRICS_FILE).stat().st_mtime_ns for name, path in again.items()} == stamps
-    leftovers = [p.name for p in (fixture.root / "trained").iterdir() if p.name.startswith(".")]
-    assert not leftovers  # staging folders are renamed or removed
+    leftovers = [p.name for p in (fixture.root / "trained").iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    assert not leftovers  # staging folders are renamed or removed (the lock that serialises trainings stays)

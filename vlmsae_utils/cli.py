@@ -13,6 +13,7 @@ and prints the cell and the error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from . import kernels
 from .io import FolderLockedError
 from .run import NotebookError, all_notebooks, run_notebook
 
@@ -88,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = all_notebooks() if args.all else [args.notebook]
     try:
         parameters = {name: parse_value(value) for name, value in args.parameter}
-        for target in targets:
-            print(f"running {Path(target).stem} ...", flush=True)
-            executed = run_notebook(target, parameters, args.out)
-            print(f"  wrote {executed}", flush=True)
+        with kernels.warm_kernels() if len(targets) > 1 else contextlib.nullcontext():
+            for target in targets:
+                print(f"running {Path(target).stem} ...", flush=True)
+                executed = run_notebook(target, parameters, args.out)
+                print(f"  wrote {executed}", flush=True)
     except (NotebookError, FolderLockedError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import kernels
 from .io import folder_lock
 from .paths import outputs_root, repo_root, resolve_out_dir
 
@@ -118,7 +119,8 @@ def run_notebook(
         unexecuted = to_ipynb(source, Path(tmp) / f"{source.stem}.ipynb")
         declared = notebook_parameters(unexecuted)
         check_parameters(unexecuted, parameters, declared)
-        with _log_to(log_path), _inline_figures(), _run_folder_lock(declared, parameters):
+        with _run_folder_lock(declared, parameters), _log_to(log_path), _inline_figures():
+            warm = kernels.take_kernel(KERNEL_NAME, source.parent)  # None outside kernels.warm_kernels()
             try:
                 papermill.execute_notebook(
                     str(unexecuted),
@@ -128,6 +130,7 @@ def run_notebook(
                     cwd=str(source.parent),
                     log_output=True,
                     progress_bar=progress,
+                    **({"engine_name": kernels.register_engine(), "km": warm} if warm is not None else {}),
                 )
             except PapermillExecutionError as err:
                 raise NotebookError(_describe_failure(executed, err)) from None

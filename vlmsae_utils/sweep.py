@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from . import kernels
 from .executor_config import ExecutorConfig, parse_executor
 from .hierarchy import LEVELS_FILE, PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
@@ -619,7 +620,8 @@ def execute(
 
     status: dict[str, str] = {}
     rows = []
-    with tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress or dry_run) as bar:
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress or dry_run)
+    with bar, kernels.warm_kernels():  # each cell's kernel starts while the previous cell runs
         for run in runs:
             blocked = [d for d in run.depends if status.get(d) in ("failed", "blocked")]
             if blocked:
