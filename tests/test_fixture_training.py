@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vlmsae_utils.fixtures import fixture_classes
-from vlmsae_utils.io import LOCK_FILE
 from vlmsae_utils.fixtures import training as ft
+from vlmsae_utils.io import LOCK_FILE
 
 
 @pytest.fixture(scope="session")
