@@ -77,6 +77,12 @@ def _small(tmp_path: Path, name: str, **changes) -> Path:
         ({"resources": {"train": {"tasks": 2}}}, "auto", r"only extraction cells split over tasks"),
         ({"resources": {"embed": {"tasks": 2}}}, "auto", r"2 tasks need 2 GPUs \(one each\) or 0"),
         ({"sbatch": ["--qos=high"]}, "auto", r"executor\.sbatch: expected a mapping"),
+        # a shared sweep file must not end the #SBATCH lines or add a shell command to the job script
+        ({"sbatch": {"qos": "normal\nrm -rf ~"}}, "auto", r"executor\.sbatch\.qos: 'normal\\nrm -rf ~' is not allowed"),
+        ({"sbatch": {"qos\necho hi": "x"}}, "auto", r"executor\.sbatch: 'qos\\necho hi' is not an sbatch option"),
+        ({"partition": "gpu\n#SBATCH --time=9"}, "auto", r"executor\.partition: .* is not allowed in a job script"),
+        ({"account": "lab; curl x"}, "auto", r"executor\.account: .* is not allowed"),
+        ({"sbatch": {"comment": ["a"]}}, "auto", r"executor\.sbatch\.comment: expected text or a number"),
     ],
 )
 def test_bad_executor_blocks_name_the_key(tmp_path, block, device, message):

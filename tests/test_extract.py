@@ -157,6 +157,32 @@ def test_verify_detects_corrupted_bytes(clip, small_set, tmp_path):
         store.ActivationStore.open(path, verify=True)
 
 
+def _edit_manifest(path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_names_only_files_of_its_own_store(clip, small_set, tmp_path):
+    path = tmp_path / "s"
+    st = _extract(clip, small_set, path)
+    outside = tmp_path / "outside.npy"
+    outside.write_bytes((path / st.manifest["shards"][0]["file"]).read_bytes())  # a valid shard, elsewhere
+    for name in ("../outside.npy", str(outside), "shards/../../outside.npy"):
+        _edit_manifest(path, lambda m, name=name: m["shards"][0].update(file=name))
+        with pytest.raises(store.StoreError, match="lies outside the store's shards/ folder"):
+            store.ActivationStore.open(path)
+
+
+def test_verify_detects_a_hand_edited_manifest(clip, small_set, tmp_path):
+    path = tmp_path / "s"
+    _extract(clip, small_set, path)
+    _edit_manifest(path, lambda m: m["image_ids"].reverse())  # same rows, other images: labels shift
+    store.ActivationStore.open(path)  # counts and shapes still agree
+    with pytest.raises(store.StoreError, match="content_hash disagrees"):
+        store.ActivationStore.open(path, verify=True)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

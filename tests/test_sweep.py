@@ -10,6 +10,7 @@ import yaml
 from helpers import FakeRunner, lock_held_elsewhere
 
 from vlmsae_utils import hooks, run, sweep
+from vlmsae_utils.cli import parse_value
 from vlmsae_utils.paths import repo_root, results_root
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -318,6 +319,21 @@ def test_broken_yaml_and_incomplete_sections_are_config_errors(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(sweep.ConfigError, match=r"nollava.yaml.steering: missing key\(s\) \['llava'\]"):
         sweep.load_config(path)
+
+
+def test_a_yaml_bomb_is_refused_before_anything_expands_it(tmp_path):
+    """Nine levels of aliases, each nine times the last: 387 M list items once expanded."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = (repo_root() / "configs" / "fixture.yaml").read_text()
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(text.replace("steering:\n", "\n".join(levels) + "\nsteering:\n  alphas: *a8\n", 1))
+    with pytest.raises(
+        sweep.ConfigError, match=r"bomb\.yaml: not valid YAML \(aliases \(\*name\) are not allowed, line"
+    ):
+        sweep.load_config(bomb)
+    with pytest.raises(ValueError, match="aliases"):
+        parse_value("[&a [1, 2], *a]")  # command-line values are read by the same loader
 
 
 def test_sections_without_steps_or_group_fractions_use_the_defaults(tmp_path):

@@ -303,6 +303,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert hf.equals(hr)
     with pytest.raises(ValueError, match="different settings"):
         train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **{**kw, "k": 4})
+    for setting, other in {"threshold_beta": 0.9, "grad_clip": None, "k_aux": 5, "l1_coeff": 0.5}.items():
+        with pytest.raises(ValueError, match=f"different settings.*'{setting}'"):  # not the old SAE returned
+            train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **{**kw, setting: other})
+    train_sae(x, "batch_top_k", checkpoint_dir=tmp_path, **{**kw, "checkpoint_every": 7})  # how, not what
     with pytest.raises(ValueError, match="different settings"):
         train_sae(x[:, :-1], "batch_top_k", checkpoint_dir=tmp_path, **{**kw, "val_data": val[:, :-1]})
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # a checkpoint of the former trainer

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import kernels
-from .io import FolderLockedError
+from .io import FolderLockedError, read_yaml
 from .run import NotebookError, all_notebooks, run_notebook
 
 __all__ = [
@@ -38,7 +38,7 @@ NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def parse_value(text: str) -> Any:
     """A command-line parameter value: YAML scalars and lists (``3``, ``0.5``, ``[1, 2]``, ``true``)."""
     try:
-        value = yaml.safe_load(text)
+        value = read_yaml(text)
     except yaml.YAMLError as err:
         raise ValueError(f"parameter value {text!r} is not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(value, str) and NUMBER.fullmatch(value.strip()):

@@ -22,6 +22,7 @@ None of it is part of a run's fingerprint: a sweep finished inline is not redone
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 EXECUTORS = ("inline", "local", "slurm")
+#: An ``sbatch:`` option name (``qos``, ``mail-type``, ``gres``) and a value written into a job script.
+SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+SCRIPT_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/|&!*()\[\]-]+")  # constraints use | & ! * ( ) [ ]
 CELL_KINDS = ("extract", "embed", "train", "score", "hierarchy", "steer")
 RESOURCE_KEYS = ("gpus", "cpus", "mem_gb", "timeout_min", "tasks")
 SPLIT_KINDS = ("extract", "embed")  # cells whose work several processes of one job can share
@@ -135,6 +139,18 @@ def _check_usable(config: ExecutorConfig, device: str, where: str) -> None:
             raise ValueError(f"{gpus_key}: 0 GPUs for {kind} cells, but the sweep's device is {device!r}")
 
 
+def _check_script_value(value: Any, where: str) -> None:
+    """A value written into the generated job script: one plain token (text or a number), so a
+    shared sweep file cannot end the ``#SBATCH`` lines or add a shell command with a newline."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: expected text or a number, got {value!r}")
+    if not SCRIPT_VALUE.fullmatch(str(value)):
+        raise ValueError(
+            f"{where}: {value!r} is not allowed in a job script (one token: no spaces, newlines or other "
+            "control characters, quotes, '#', ';', '$' or '`')"
+        )
+
+
 def parse_executor(section: Any, where: str = "executor", *, device: str = "auto") -> ExecutorConfig:
     """Validate an ``executor:`` block (``None`` = inline defaults); errors name the key.
 
@@ -151,8 +167,8 @@ def parse_executor(section: Any, where: str = "executor", *, device: str = "auto
     if values.get("type", "inline") not in EXECUTORS:
         raise ValueError(f"{where}.type: {values['type']!r} is not one of {', '.join(EXECUTORS)}")
     for key in ("partition", "account"):
-        if values.get(key) is not None and not isinstance(values[key], str):
-            raise ValueError(f"{where}.{key}: expected text, got {values[key]!r}")
+        if values.get(key) is not None:
+            _check_script_value(values[key], f"{where}.{key}")
     for key in ("gpus_per_node", "cpus_per_task", "timeout_min", "array_parallelism", "max_requeue"):
         if key in values:
             minimum = 0 if key in ("gpus_per_node", "max_requeue") else 1
@@ -160,8 +176,12 @@ def parse_executor(section: Any, where: str = "executor", *, device: str = "auto
     if "mem_gb" in values:
         _check_number(values["mem_gb"], f"{where}.mem_gb", minimum=1, integer=False)
     sbatch = values.get("sbatch") or {}
-    if not isinstance(sbatch, dict) or not all(isinstance(k, str) for k in sbatch):
+    if not isinstance(sbatch, dict):
         raise ValueError(f"{where}.sbatch: expected a mapping of sbatch options, got {sbatch!r}")
+    for key, value in sbatch.items():
+        if not isinstance(key, str) or not SBATCH_OPTION.fullmatch(key):
+            raise ValueError(f"{where}.sbatch: {key!r} is not an sbatch option name (letters, digits, '-', '_')")
+        _check_script_value(value, f"{where}.sbatch.{key}")
     values["sbatch"] = dict(sbatch)
     resources = values.get("resources") or {}
     if not isinstance(resources, dict):

@@ -23,6 +23,7 @@ __all__ = [
     "folder_lock",
     "library_versions",
     "read_json",
+    "read_yaml",
     "sha256_file",
     "sha256_json",
 ]
@@ -80,6 +81,25 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_yaml(text: str) -> Any:
+    """YAML without anchors and aliases (``&a`` / ``*a``): safe types only, and no "billion laughs"
+    document that is a few lines on disk and gigabytes once its aliases are expanded.
+
+    Raises ``yaml.YAMLError`` (an alias names its line) like any other malformed document."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases (*name) are not allowed, line {mark.line + 1}", mark
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: safe types only
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -230,7 +230,7 @@ class StoreWriter:
             "shards": shards,
             "rows": sum(s["rows"] for s in shards),
             "versions": library_versions(),
-            "content_hash": sha256_json({"shards": [s["sha256"] for s in shards], "image_ids": image_ids}),
+            "content_hash": _content_hash(shards, image_ids),
         }
         atomic_write_json(self.path / MANIFEST_FILE, manifest)
         return ActivationStore.open(self.path)
@@ -273,6 +273,11 @@ def write_rows(
     """A finished store of rows computed elsewhere (e.g. `hierarchy.nested_activations`), one per
     image, so every function that reads extracted activations reads them too (options: `rows_writer`)."""
     return rows_writer(path, rows, class_names, **options).finalize()
+
+
+def _content_hash(shards: list[dict[str, Any]], image_ids: list[str]) -> str:
+    """The store's identity: its shards' SHA-256 in order and its image ids in order."""
+    return sha256_json({"shards": [s["sha256"] for s in shards], "image_ids": image_ids})
 
 
 def load_shard(file: Path) -> np.ndarray:
@@ -332,8 +337,10 @@ class ActivationStore:
                 raise StoreError(f"{self.path}/manifest.json lacks {key!r}")
         if m["rows"] != len(m["image_ids"]) * m["rows_per_image"] or m["rows"] != sum(s["rows"] for s in m["shards"]):
             raise StoreError(f"{self.path}: manifest row count {m['rows']} disagrees with its images and shards")
+        if verify and m.get("content_hash") != _content_hash(m["shards"], m["image_ids"]):
+            raise StoreError(f"{self.path}: manifest content_hash disagrees with its shards and image ids (edited?)")
         for shard in m["shards"]:
-            file = self.path / shard["file"]
+            file = self._shard_file(shard["file"])
             if not file.is_file():
                 raise StoreError(f"{self.path}: shard {shard['file']} is missing")
             array = load_shard(file)
@@ -344,6 +351,14 @@ class ActivationStore:
                 )
             if verify and sha256_file(file) != shard["sha256"]:
                 raise StoreError(f"{self.path}: shard {shard['file']} does not match its SHA-256 (corrupted)")
+
+    def _shard_file(self, name: str) -> Path:
+        """A manifest's shard file, which must lie in the store's ``shards/`` folder (never ``../x``
+        or an absolute path: a manifest names files of its own store only)."""
+        file = (self.path / str(name)).resolve()
+        if Path(str(name)).is_absolute() or file.parent != (self.path / SHARD_DIR).resolve():
+            raise StoreError(f"{self.path}: shard file {name!r} lies outside the store's {SHARD_DIR}/ folder")
+        return file
 
     # --- the contract of CONTRIBUTING.md
     def __len__(self) -> int:
@@ -399,7 +414,7 @@ class ActivationStore:
     def arrays(self) -> list[np.ndarray]:
         """The shards as read-only memory maps."""
         if self._arrays is None:
-            self._arrays = [load_shard(self.path / s["file"]) for s in self.manifest["shards"]]
+            self._arrays = [load_shard(self._shard_file(s["file"])) for s in self.manifest["shards"]]
         return self._arrays
 
     def to_numpy(self) -> np.ndarray:
@@ -413,7 +428,7 @@ class ActivationStore:
         start = 0
         for shard in self.manifest["shards"]:
             stop = start + shard["rows"]
-            _read_npy_into(self.path / shard["file"], out[start:stop].numpy())
+            _read_npy_into(self._shard_file(shard["file"]), out[start:stop].numpy())
             start = stop
         return out if dtype == storage else out.to(dtype)
 

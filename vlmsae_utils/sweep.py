@@ -25,7 +25,7 @@ from . import kernels
 from .executor_config import ExecutorConfig, parse_executor
 from .hierarchy import LEVELS_FILE, PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
-from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
+from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, read_yaml, sha256_json
 from .paths import outputs_root, results_root, safe_stem
 from .scoring import MS_SUMMARY_FILE
 from .steering_study import STEERING_SCORES_FILE
@@ -200,7 +200,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"sweep config {path} not found")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(config, dict):

@@ -17,6 +17,7 @@ loss terms) is decided by the SAE class (:mod:`vlmsae_utils.sae`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -53,6 +54,7 @@ __all__ = [
     "DECAY_LAST_20PCT",
     "DEFAULT_AUX_ALPHA",
     "DEFAULT_GROUP_FRACTIONS",
+    "RUN_ONLY_SETTINGS",
     "SAE_LABELS",
     "SAE_TYPES",
     "TRAINER_VERSION",
@@ -60,6 +62,7 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "TrainConfig",
     "batch_topk_indices",
+    "checkpoint_settings",
     "data_fingerprint",
     "default_lr",
     "estimate_input_scale",
@@ -669,6 +672,21 @@ def make_config(
     return (config or TrainConfig()).updated(**overrides)
 
 
+#: TrainConfig fields that say how a training executes, not what it computes (every choice trains
+#: bit-identically), so they stay out of a checkpoint's fingerprint; every other field is in it.
+RUN_ONLY_SETTINGS = ("checkpoint_every", "data_on_device", "memory_fraction")
+
+
+def checkpoint_settings(cfg: TrainConfig, **resolved: Any) -> dict[str, Any]:
+    """Every setting of ``cfg`` that shapes the trained SAE, with the defaults ``train_sae`` resolved
+    (``lr``, ``warmup_steps``, …) in ``resolved``: a checkpoint is resumed or reused only for the
+    same training, however many settings TrainConfig grows."""
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RUN_ONLY_SETTINGS}
+    if settings["group_fractions"] is not None:
+        settings["group_fractions"] = [float(f) for f in settings["group_fractions"]]
+    return {**settings, "aux_alpha": float(cfg.aux_alpha), **resolved}
+
+
 def train_sae(
     data,
     config: TrainConfig | str | None = None,
@@ -757,18 +775,18 @@ def train_sae(
     history: list[dict] = []
     start = 0
     run_cfg = {
-        "sae_type": sae_type,
+        **checkpoint_settings(
+            cfg,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            decay_start=decay_start,
+            threshold_start_step=threshold_start_step,
+            eval_every=eval_every,
+            autocast=bool(autocast),
+        ),
         "activation_dim": d,
         "dict_size": dict_size,
-        "k": k,
         "group_sizes": group_sizes,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "warmup_steps": warmup_steps,
-        "decay_start": decay_start,
-        "aux_alpha": float(cfg.aux_alpha),
         "trainer_version": TRAINER_VERSION,
         "data": data_fingerprint(data),
     }
