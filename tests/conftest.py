@@ -18,12 +18,23 @@ os.environ.setdefault("VLMSAE_HOME", str(_SESSION_HOME / "home"))
 os.environ.setdefault("VLMSAE_OUTPUTS", str(_SESSION_HOME / "outputs"))
 os.environ.setdefault("VLMSAE_RESULTS", str(_SESSION_HOME / "results"))
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One torch thread in this process and in every process it starts (kernels, jobs, the background
+# set-up): two of them share the 2 cores without oversubscribing, and all compute alike.
+os.environ.update(OMP_NUM_THREADS="1", VLMSAE_TRAIN_THREADS="1")
+torch.set_num_threads(1)
 
 
-#: Session fixtures by the stage of the shared set-up they need: tests run cheapest stage first,
-#: so the quick tests run while the fixture models train in the background (`pytest_collection_finish`).
+#: Session fixtures by the stage of the shared set-up they need. Tests run cheapest stage first, so
+#: the quick tests run while a background process trains the fixture models, and the tests of the
+#: trained models run while it runs the fixture sweep (`pytest_collection_finish`).
 STAGES = {"trained_models": 1, "fixture_results": 2, "executed_chapters": 3, "built_book": 3}
+#: What the background process builds, in order: the three trained models, then the fixture sweep.
+BACKGROUND_SETUP = (
+    "from vlmsae_utils.fixtures import ensure_fixture, training; "
+    "from vlmsae_utils.sweep import ensure_fixture_results; "
+    "training.ensure_all(ensure_fixture()); ensure_fixture_results()"
+)
+BACKGROUND_LOG = _SESSION_HOME / "background-setup.log"
 _background: dict[str, subprocess.Popen] = {}
 
 
@@ -38,17 +49,25 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """When slow tests are selected, train the fixture models in a background process (one torch
-    thread) while the quick tests run; `trained_models` waits for it."""
+    """When slow tests are selected, start the background set-up (one torch thread, as everything
+    in this session); `trained_models` and `fixture_results` wait for their part of it."""
     if session.config.option.collectonly or not any(_stage(item) for item in session.items):
         return
     from vlmsae_utils.fixtures import ensure_fixture
 
     ensure_fixture()  # built here first, so the two processes never build it side by side
-    log = open(_SESSION_HOME / "train-fixture-models.log", "w")  # noqa: SIM115 - closed by the child's exit
-    env = dict(os.environ, VLMSAE_TRAIN_THREADS="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "vlmsae_utils.fixtures", "--trained"]
-    _background["training"] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = open(BACKGROUND_LOG, "w")  # noqa: SIM115 - closed by the child's exit
+    command = [sys.executable, "-c", BACKGROUND_SETUP]
+    _background["setup"] = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1]
+    )
+
+
+def _background_finished() -> None:
+    """Wait for the background set-up; fail (with its log) if it failed."""
+    process = _background.pop("setup", None)
+    if process is not None and process.wait() != 0:
+        pytest.fail(f"the background set-up failed:\n{BACKGROUND_LOG.read_text()[-3000:]}")
 
 
 def pytest_sessionfinish():
@@ -90,12 +109,8 @@ def trained_models(fixture):
     """The three trained fixture models (mini_clip, scorer, mini_llava), trained once per session."""
     from vlmsae_utils.fixtures import training
 
-    with phase("fixture: train mini_clip, scorer, mini_llava (rest of the background training)"):
-        process = _background.pop("training", None)
-        if process is not None and process.wait() != 0:
-            log = (_SESSION_HOME / "train-fixture-models.log").read_text()
-            pytest.fail(f"training the fixture models failed:\n{log[-3000:]}")
-        return training.ensure_all(fixture)
+    with phase("fixture models: wait for the background training"):
+        return training.ensure_all(fixture)  # waits on the lock the background training holds
 
 
 @pytest.fixture(scope="session")
@@ -148,5 +163,6 @@ def fixture_results(trained_models):
     """Results tables of the fixture sweep (configs/fixture.yaml), run once per session."""
     from vlmsae_utils.sweep import ensure_fixture_results
 
-    with phase("fixture sweep (configs/fixture.yaml)"):
-        return ensure_fixture_results()
+    with phase("fixture sweep (configs/fixture.yaml): wait for the background run"):
+        _background_finished()
+        return ensure_fixture_results()  # complete by now: seconds

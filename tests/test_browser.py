@@ -17,13 +17,13 @@ def test_every_page_renders_in_chromium(built_book):
         log.warning("chromium not installed (apt-get install chromium): browser check skipped")
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
     pages = [built_book / "intro.html", built_book / "api.html", *sorted((built_book / "chapters").glob("*.html"))]
-    for page in pages:
-        report = book.browser_check(page)
+    reports = {page: book.browser_check(page) for page in pages}  # one chromium run per page
+    for report in reports.values():
         assert report["broken"] == [] and report["errors"] == [], report
         assert report["raw_math"] == 0, report  # every equation typeset by the bundled MathJax, offline
-    figures = {p.name: book.browser_check(p)["images"] for p in pages if p.parent.name == "chapters"}
+    figures = {p.name: report["images"] for p, report in reports.items() if p.parent.name == "chapters"}
     assert all(count >= 1 for name, count in figures.items() if not name.startswith("07")), figures
-    assert book.browser_check(built_book / "chapters" / "03_monosemanticity.html")["math"] >= 2  # the MS equations
+    assert reports[built_book / "chapters" / "03_monosemanticity.html"]["math"] >= 2  # the MS equations
 
 
 def test_probe_detects_a_broken_image_and_a_traceback(tmp_path):
