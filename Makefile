@@ -9,12 +9,10 @@ CHAPTERS := book/chapters
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
-# --no-compile: Python compiles a module when it is first imported, instead of pip compiling all
-# 16,000 files of the environment up front (about a minute of the install).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip -c constraints.txt
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt --build-constraint constraints.txt -e '.[test,book]'
+	$(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e '.[test,book]'
 	$(MAKE) --no-print-directory jupyter-setup
 	touch $(STAMP)
 
