@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip -c constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e '.[test,book]'
 	$(MAKE) --no-print-directory jupyter-setup
+	$(PY) -m compileall -q vlmsae_utils  # byte-code of the editable package, read by every process and kernel
 	touch $(STAMP)
 
 # JupyterLab in this environment opens notebooks/*.md as notebooks on a double-click (Jupytext
