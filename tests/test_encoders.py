@@ -140,11 +140,27 @@ def test_device_and_model_dtype_are_resolved_at_load(fixture):
     enc = load_encoder("fixture:clip", device="auto", model_dtype="auto")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert enc.device.type == expected
-    assert enc.dtype == (torch.float16 if expected == "cuda" else torch.float32)
+    assert enc.dtype == torch.float32  # the authors run the encoders in float32, on CUDA too
     bf16 = load_encoder("fixture:clip", device="cpu", model_dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
     pixels = torch.rand(1, 3, 32, 32)  # float32 pixels are cast to the model's precision
     assert bf16.capture(pixels, "post_mlp_residual", 0).dtype == torch.bfloat16
+
+
+def test_auto_precision_per_role_is_the_authors():
+    """fp32 for encoders, scorer and judge everywhere; fp16 only for LLaVA, and only on CUDA."""
+    from vlmsae_utils.device import resolve_model_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [resolve_model_dtype("auto", cuda, r) for r in ("encoder", "judge", "llava")] == [
+        torch.float32,
+        torch.float32,
+        torch.float16,
+    ]
+    assert {resolve_model_dtype("auto", cpu, r) for r in ("encoder", "judge", "llava")} == {torch.float32}
+    assert resolve_model_dtype("float16", cuda, "encoder") == torch.float16  # half precision on request
+    with pytest.raises(ValueError, match="unknown model role 'vae'"):
+        resolve_model_dtype("auto", cpu, "vae")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")

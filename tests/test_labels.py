@@ -76,3 +76,28 @@ def test_class_text_uses_fixture_captions_and_readable_labels_otherwise():
     assert class_text(first.folder) == first.caption == "a red plain triangle"
     assert class_label(first.folder) == "TriangleRedPlain vulgaris"  # the iNaturalist rule, without captions
     assert class_text("007_red_fox") == class_label("007_red_fox") == "red fox"
+
+
+def test_baseline_names_are_the_authors_keras_names():
+    """The names the authors' similarity_baseline.py embeds, verbatim, for 10 wnids (non-obvious
+    ones included: two 'crane' and two 'maillot' classes, case and apostrophes kept)."""
+    from vlmsae_utils.labels import baseline_text, imagenet_authors_names
+
+    expected = {
+        "n01484850": "great_white_shark",
+        "n01514668": "cock",
+        "n01601694": "water_ouzel",
+        "n02012849": "crane",
+        "n03126707": "crane",
+        "n03710637": "maillot",
+        "n03710721": "maillot",
+        "n02086240": "Shih-Tzu",
+        "n03992509": "potter's_wheel",
+        "n15075141": "toilet_tissue",
+    }
+    assert {wnid: baseline_text(wnid) for wnid in expected} == expected
+    assert tuple(imagenet_authors_names()) == imagenet_wnids()  # the same 1000 classes, same order
+    assert baseline_text("n15075141", "clip") == "toilet paper"  # the curated name, as an option
+    assert baseline_text("007_red_fox") == "red fox"  # not ImageNet: the readable label
+    with pytest.raises(ValueError, match="names must be one of authors, clip"):
+        baseline_text("n01440764", "keras")

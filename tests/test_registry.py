@@ -277,14 +277,15 @@ def test_every_default_lives_in_train_config_once():
 
 
 def test_sweep_sae_section_is_typed_and_checked_by_train_config(tmp_path):
-    assert sweep.SAE_KEYS["k"] is int and sweep.SAE_KEYS["group_fractions"] == (list, type(None))
+    # k: TrainConfig's int, or a list of them (a K sweep of the grid)
+    assert sweep.SAE_KEYS["k"] == (int, list) and sweep.SAE_KEYS["group_fractions"] == (list, type(None))
     assert set(sweep.SAE_KEYS) - {"types", "expansions"} <= set(TrainConfig.field_names())
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "fixture.yaml").read_text())
     for changes, message in (
         ({"k": 0}, r"bad.yaml.sae: k must be an integer >= 1, got 0"),
         ({"types": ["gated"]}, r"bad.yaml.sae.types: unknown SAE type\(s\) \['gated'\]"),
         ({"group_fractions": [0.5, 0.4]}, r"bad.yaml.sae: group_fractions must sum to 1"),
-        ({"k": "eight"}, r"bad.yaml.sae.k: expected int, got 'eight'"),
+        ({"k": "eight"}, r"bad.yaml.sae.k: expected int or list, got 'eight'"),
     ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**config, "sae": {**config["sae"], **changes}}))

@@ -74,3 +74,21 @@ def test_ms_tables_of_models_named_by_hub_id_or_path_stay_in_the_folder(tmp_path
     on_disk = pd.read_csv(out / scoring.MS_SUMMARY_FILE, index_col=0)
     assert on_disk.index.tolist() == [name] and on_disk["K"].tolist() == [4]
     assert on_disk["best MS"].iloc[0] == pytest.approx(summary["best MS"].iloc[0])
+
+
+def test_uniqueness_counts_overlaps_of_the_top_images_of_the_given_store(tmp_path):
+    """Top-2 images per neuron on a hand-made 'train' store: neurons 0 and 1 share image 1
+    (J = 1/3), neuron 2 has the same top set as neuron 0 (J = 1), neuron 3 fires on one image only
+    (dropped, as the authors drop neurons with fewer than k positive images)."""
+    from vlmsae_utils.store import write_rows
+
+    rows = np.array(
+        [[5.0, 0.0, 4.0, 0.0], [4.0, 3.0, 5.0, 0.0], [0.0, 4.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]], dtype=np.float32
+    )
+    train = write_rows(tmp_path / "train", rows, ["a", "a", "b", "b"], params={"encoder": "hand"})
+    tops = scoring.top_images_of(train, {}, top_k=2, device="cpu")
+    assert list(tops) == ["raw hand"]
+    assert [sorted(t.tolist()) for t in tops["raw hand"][:3]] == [[0, 1], [1, 2], [0, 1]]
+    table, _ = scoring.uniqueness_table(tops)
+    row = table.loc["raw hand"]
+    assert (row["kept"], row["pairs"], row["J > 0"], row["J > 0.5"], row["J > 0.8"]) == (3, 3, 3, 1, 1)

@@ -127,15 +127,22 @@ def test_diffmean_vector_is_the_difference_of_block_means(llava, pixels):
 def test_steering_score_by_hand():
     images = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     top = torch.tensor([[0, 1], [2, -1]])
-    concepts = steering.concept_embeddings(images, top)
-    torch.testing.assert_close(concepts, torch.tensor([[0.5, 0.5], [2**-0.5, 2**-0.5]]))
+    concepts = steering.concept_embeddings(images, top)  # raw embeddings averaged, as the authors
+    torch.testing.assert_close(concepts, torch.tensor([[0.5, 1.0], [3.0, 3.0]]))
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     scores = steering.steering_scores(texts, concepts)
-    torch.testing.assert_close(scores, torch.tensor([2**-0.5, 2**-0.5]))
+    torch.testing.assert_close(scores, torch.tensor([0.5 / 1.25**0.5, 2**-0.5]))
     base = steering.class_name_baseline(images, torch.eye(2), labels=[0, 1, 1], seed=0)
     torch.testing.assert_close(base["true class"], torch.tensor([1.0, 1.0, 2**-0.5]))
     torch.testing.assert_close(base["shuffled class"], torch.tensor([0.0, 0.0, 2**-0.5]))
     assert steering.first_word("  Triangle, red.") == "triangle" and steering.first_word("...") == ""
+    # the score embeds the authors' split(" ")[0], verbatim
+    assert [steering.verbatim_first_word(a) for a in ("Triangle, red.", "Dog.", "", "a\nb c")] == [
+        "Triangle,",
+        "Dog.",
+        "",
+        "a\nb",
+    ]
 
 
 def test_bad_latent_width_mode_and_block(llava, sae):
@@ -402,3 +409,61 @@ def test_test_images_are_spread_evenly_and_never_repeated():
     assert evenly_spaced(3, 5) == [0, 1, 2]  # fewer images than asked: each once
     with pytest.raises(ValueError, match="at least one item"):
         evenly_spaced(0, 4)
+
+
+def test_test_images_are_the_first_train_image_of_each_class(tmp_path):
+    """The authors' imagenet_subset.py: sorted class folders, the first sorted file of each."""
+    from PIL import Image
+
+    from vlmsae_utils.data import ImageFolderDataset
+    from vlmsae_utils.steering_study import pick_test_images
+
+    names = {"n02": ["b.png", "a.png"], "n01": ["z.png", "c.png", "d.png"], "n03": ["x.png"]}
+    for folder, files in names.items():
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        for file in files:
+            Image.new("RGB", (4, 4)).save(tmp_path / "train" / folder / file)
+    dataset = ImageFolderDataset(tmp_path, "train")
+    ids = [dataset.records[i].image_id for i in pick_test_images(dataset, 1000)]
+    assert ids == ["train/n01/c.png", "train/n02/a.png", "train/n03/x.png"]
+    assert [dataset.records[i].image_id for i in pick_test_images(dataset, 2)] == ids[::2]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for file in ("q.png", "p.png", "r.png"):
+        Image.new("RGB", (4, 4)).save(flat / file)
+    assert pick_test_images(ImageFolderDataset(flat, None), 2) == [0, 2]  # no classes: spread over all
+
+
+def test_all_token_concept_images_are_the_full_pass_ranking(llava, sae, val_images):
+    """The authors rank a latent's concept images by its code averaged over all tokens of an image.
+    With every image shortlisted, the re-ranking equals that brute force over the tower's block
+    output; a shortlist of two images ranks only those two."""
+    from vlmsae_utils.exemplars import TopK
+    from vlmsae_utils.hooks import DEFAULT_HOOK
+    from vlmsae_utils.steering_study import all_token_top_images
+
+    model, processor = llava
+    pixels = processor.image_processor(images=val_images, return_tensors="pt")["pixel_values"]
+    hidden = _hidden_states(model, pixels)[LAYER + 1]  # block LAYER's output, every token
+    with torch.inference_mode():
+        means = sae.encode(hidden.reshape(-1, 32)).view(len(val_images), hidden.shape[1], -1).mean(1)
+    latents = [j for j in range(64) if int((means[:, j] > 0).sum()) >= 2][:5]
+    assert len(latents) >= 3
+    n = len(val_images)
+    top = all_token_top_images(
+        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, k=3, batch_size=2
+    )
+    for row, j in enumerate(latents):
+        order = torch.argsort(means[:, j], descending=True, stable=True).tolist()
+        expected = [i for i in order if means[i, j] > 0][:3]
+        assert top.indices[row, : len(expected)].tolist() == expected
+        torch.testing.assert_close(top.values[row, : len(expected)], means[expected, j], atol=1e-5, rtol=1e-5)
+        assert int(top.count_positive[row]) == int((means[:, j] > 0).sum())
+    pair = TopK(torch.zeros(64, 2), torch.tensor([[3, 1]]).repeat(64, 1), torch.full((64,), 2))
+    short = all_token_top_images(
+        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, pair, k=3
+    )
+    assert set(short.indices[short.indices >= 0].tolist()) <= {1, 3}
+    for row, j in enumerate(latents):  # the shortlisted images keep their full-pass order
+        expected = [i for i in torch.argsort(means[[1, 3], j], descending=True).tolist() if means[[1, 3][i], j] > 0]
+        assert short.indices[row, : len(expected)].tolist() == [[1, 3][i] for i in expected]

@@ -48,6 +48,36 @@ def test_paper_grid_has_the_papers_cells():
     assert len([r for r in runs if r.kind == "score"]) == 5 * 2  # two scorers
 
 
+def test_k_sweep_trains_each_k_in_its_own_folder(tmp_path):
+    """configs/paper_k_sweep.yaml: K = 1, 10, 20, 50 at ε = 16, one Matryoshka SAE each, all scored."""
+    runs = sweep.expand(sweep.load_config(CONFIGS / "paper_k_sweep.yaml", check_data=False))
+    trained = [r for r in runs if r.kind == "train"]
+    assert sorted(r.parameters["k"] for r in trained) == [1, 10, 20, 50]
+    assert {r.parameters["expansions"][0] for r in trained} == {16}
+    assert len({r.out_dir for r in trained}) == 4 and all(r.out_dir.endswith(f"_k{r.parameters['k']}") for r in trained)
+    (score,) = [r for r in runs if r.kind == "score"]
+    assert sorted(score.parameters["sae_paths"]) == sorted(r.labels["sae_dir"] for r in trained)
+    sae = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["sae"]
+    for bad, message in (([0, 8], "k must be"), ([], "non-empty list"), (["8"], "list of integers")):
+        with pytest.raises(sweep.ConfigError, match=message):
+            sweep.load_config(_config(tmp_path, sae=sae | {"k": bad}, hierarchy=None, steering=None))
+    with pytest.raises(sweep.ConfigError, match="a list of K values sweeps the grid"):
+        sweep.load_config(_config(tmp_path, sae=sae | {"k": [4, 8]}))  # the fixture sweep has steering
+
+
+def test_sparsity_plot_draws_r2_and_ms_against_k():
+    from vlmsae_utils import plots
+
+    frame = pd.DataFrame(
+        {"SAE": "Matryoshka", "expansion": 16, "layer": "last", "scorer": "dino", "K": [1, 10, 20, 50]}
+        | {"R² %": [31.3, 60.6, 66.8, 74.9], "MS mean": [0.37, 0.19, 0.16, 0.07]}
+    )
+    fig = plots.sparsity_by_k(frame)
+    r2, ms = fig.axes
+    assert list(r2.lines[0].get_ydata()) == [31.3, 60.6, 66.8, 74.9]
+    assert list(ms.lines[0].get_ydata()) == [0.37, 0.19, 0.16, 0.07]
+
+
 def test_grid_expansion_counts_and_dependencies(tmp_path):
     runs = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
     kinds = pd.Series([r.kind for r in runs]).value_counts().to_dict()

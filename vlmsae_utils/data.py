@@ -25,6 +25,7 @@ __all__ = [
     "ImageRecord",
     "class_counts",
     "file_stamp",
+    "first_image_of_each_class",
     "images_by_class",
     "is_image_file",
     "load_batch",
@@ -235,6 +236,15 @@ def images_by_class(dataset: ImageFolderDataset, per_class: int) -> dict[str, li
             if not isinstance(image, str):
                 bucket.append(image)
     return {name: images for name, images in sorted(samples.items()) if images}
+
+
+def first_image_of_each_class(dataset: ImageFolderDataset) -> list[int]:
+    """Index of the first image (sorted by file name) of each class, in class order: the authors'
+    steering test images are the first ImageNet train image of every class (Pach et al., §4.3)."""
+    firsts: dict[str, int] = {}
+    for index, record in enumerate(dataset.records):
+        firsts.setdefault(record.class_name, index)
+    return [firsts[name] for name in sorted(firsts)]
 
 
 def class_counts(dataset: ImageFolderDataset) -> dict[str, int]:

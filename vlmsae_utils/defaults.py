@@ -6,6 +6,7 @@ below are computed once from the fixture and cached under the data home.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from .extract import extract_activations, extract_embeddings, open_dataset
 from .paths import data_home, resolve_out_dir, safe_stem
 from .store import ActivationStore
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LAYER",
@@ -28,6 +31,7 @@ __all__ = [
     "open_store",
     "saes_or_default",
     "store_or_default",
+    "uniqueness_store_or_default",
 ]
 
 DEFAULT_MODEL = "fixture:mini_clip"
@@ -76,6 +80,18 @@ def store_or_default(path: str | os.PathLike, split: str = "train", **default: A
     """The store a notebook parameter names, or, when the parameter is empty, the fixture default
     (``default`` holds `default_store`'s keywords: model, layer, tokens, random_k)."""
     return open_store(path) if path else default_store(split, **default)
+
+
+def uniqueness_store_or_default(path: str | os.PathLike, scored: str | os.PathLike) -> ActivationStore:
+    """The store whose top images chapter 3's uniqueness counts: ``path``; when it is empty, the
+    fixture's train split if the chapter scores the fixture (``scored`` empty), else the scored store
+    itself, with a warning (the authors count it on the train split; a fixture store would not match)."""
+    if path:
+        return open_store(path)
+    if not scored:
+        return default_store("train")
+    log.warning("uniqueness_store is empty: counting overlaps on the scored images %s (the authors: train)", scored)
+    return open_store(scored)
 
 
 def embeddings_or_default(path: str | os.PathLike, split: str = "train") -> ActivationStore:

@@ -5,9 +5,12 @@
 (notebooks, sweeps, the public stage functions) resolve the device once with
 :func:`resolve_device` and pass a :class:`torch.device` down; nothing below picks one itself.
 
-``model_dtype="auto"`` is the precision the authors run the frozen models in: float16 on
-CUDA (encoders and LLaVA), float32 on the CPU. It is separate from the store's dtype (how
-activations are written to disk) and from the SAE's training precision.
+``model_dtype="auto"`` is the precision the authors run each frozen model in (:data:`AUTO_CUDA_DTYPES`):
+float32 for the vision encoders, the DINOv2 scorer and the CLIP judge of steering, float16 for
+LLaVA on CUDA; float32 for everything on the CPU. ``"float16"``/``"bfloat16"`` ask for half
+precision explicitly (about twice as fast on a GPU; the stored activations then carry its
+rounding). It is separate from the store's dtype (how activations are written to disk) and from
+the SAE's training precision.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ from __future__ import annotations
 import torch
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+#: ``model_dtype="auto"`` on CUDA per model role, as the authors' code runs them: encoders and
+#: DINOv2 in float32 (``models/clip.py``, ``models/dino.py``), the CLIP judge in float32
+#: (``utils.get_text_model``), LLaVA-1.5 in float16 (``models/llava.py``).
+AUTO_CUDA_DTYPES = {"encoder": torch.float32, "judge": torch.float32, "llava": torch.float16}
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = [
+    "AUTO_CUDA_DTYPES",
     "DEVICE_NAMES",
     "MODEL_DTYPES",
     "available_devices",
@@ -69,8 +77,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise ValueError(f"device {device!r} is not available; available: {', '.join(available_devices())}")
 
 
-def resolve_model_dtype(model_dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``"auto"`` → float16 on CUDA (as the authors run CLIP and LLaVA), float32 elsewhere.
+def resolve_model_dtype(
+    model_dtype: str | torch.dtype | None, device: torch.device, role: str = "encoder"
+) -> torch.dtype:
+    """``"auto"`` → the authors' precision for ``role`` on CUDA (:data:`AUTO_CUDA_DTYPES`: float16 for
+    ``"llava"`` only), float32 elsewhere.
 
     Half precision on the CPU is refused: many CPU kernels lack float16 and the rest are slow.
     """
@@ -78,8 +89,10 @@ def resolve_model_dtype(model_dtype: str | torch.dtype | None, device: torch.dev
         name = str(model_dtype).removeprefix("torch.")
     else:
         name = "auto" if model_dtype in (None, "auto") else model_dtype
+    if role not in AUTO_CUDA_DTYPES:
+        raise ValueError(f"unknown model role {role!r}; valid: {', '.join(AUTO_CUDA_DTYPES)}")
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return AUTO_CUDA_DTYPES[role] if device.type == "cuda" else torch.float32
     if name not in MODEL_DTYPES:
         raise ValueError(f"unknown model_dtype {model_dtype!r}; valid: auto, {', '.join(MODEL_DTYPES)}")
     if device.type == "cpu" and name == "float16":

@@ -328,8 +328,8 @@ def load_encoder(
     """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder,
     ``fixture:NAME`` (a tiny model of the embedded fixture) or ``rehearsal:HUB_ID``.
 
-    ``device="auto"`` is CUDA when available, else the CPU; ``model_dtype="auto"`` is float16
-    on CUDA (as the authors run the encoders), float32 on the CPU (:mod:`.device`).
+    ``device="auto"`` is CUDA when available, else the CPU; ``model_dtype="auto"`` is float32, as
+    the authors run the encoders and DINOv2 (:mod:`.device`); half precision on request.
     """
     dev = resolve_device(device)
     dtype = resolve_model_dtype(model_dtype, dev)

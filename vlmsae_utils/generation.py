@@ -19,6 +19,7 @@ __all__ = [
     "generate",
     "pixel_values",
     "prepare_inputs",
+    "verbatim_first_word",
 ]
 
 DEFAULT_PROMPT = "What is shown in this image? Use exactly one word!"
@@ -65,8 +66,15 @@ def generate(
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def verbatim_first_word(answer: str) -> str:
+    """The answer up to its first space, punctuation and case kept: what the authors embed for the
+    steering score (``answer.split(" ")[0]``)."""
+    return answer.split(" ")[0]
+
+
 def first_word(answer: str) -> str:
-    """First word of an answer, without punctuation (the paper keeps only it)."""
+    """First word of an answer, lower-case, without punctuation: for matching an answer to a class
+    name (the steering score embeds :func:`verbatim_first_word` instead, as the authors)."""
     for token in answer.replace("\n", " ").split():
         word = token.strip(".,;:!?\"'()[]").lower()
         if word:

@@ -8,6 +8,10 @@
   ``Genus species``.
 - Any other name: a leading numeric id dropped and underscores turned into spaces.
 
+The class-name baseline of steering embeds the authors' names instead (:func:`baseline_text`):
+Keras' ImageNet class index as their ``similarity_baseline.py`` embeds it, underscores kept
+(``great_white_shark``), shipped with this package as ``imagenet_keras_names.json``.
+
 The tables are loaded on the first wnid seen, so other names never import open_clip or timm.
 :func:`class_label` does not know the fixture's captions; :func:`class_text` (the words an answer
 is matched against) uses them for the fixture's class folders.
@@ -15,10 +19,24 @@ is matched against) uses them for the fixture's class folders.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
+from pathlib import Path
 
-__all__ = ["class_label", "class_text", "imagenet_classnames", "imagenet_wnids"]
+__all__ = [
+    "BASELINE_NAMES",
+    "baseline_text",
+    "class_label",
+    "class_text",
+    "imagenet_authors_names",
+    "imagenet_classnames",
+    "imagenet_wnids",
+]
+
+#: Names a class-name baseline can embed for ImageNet classes: the authors' (Keras) or the CLIP-curated ones.
+BASELINE_NAMES = ("authors", "clip")
+AUTHORS_NAMES_FILE = Path(__file__).with_name("imagenet_keras_names.json")
 
 _WNID = re.compile(r"n\d{8}")
 _INAT_RANKS = 7  # kingdom … species after the numeric id
@@ -44,6 +62,27 @@ def imagenet_classnames() -> dict[str, str]:
     if len(IMAGENET_CLASSNAMES) != len(wnids):
         raise RuntimeError(f"open_clip lists {len(IMAGENET_CLASSNAMES)} ImageNet class names, expected {len(wnids)}")
     return dict(zip(wnids, IMAGENET_CLASSNAMES))
+
+
+@lru_cache(maxsize=1)
+def imagenet_authors_names() -> dict[str, str]:
+    """wnid → the name the authors' class-name baseline embeds (``great_white_shark``, ``cock``,
+    ``water_ouzel``; two classes are called ``crane`` and two ``maillot``), from the shipped file."""
+    names = json.loads(AUTHORS_NAMES_FILE.read_text())["names"]
+    if len(names) != 1000 or list(names) != sorted(names):
+        raise RuntimeError(f"{AUTHORS_NAMES_FILE.name} does not hold 1000 sorted wnids ({len(names)} entries)")
+    return names
+
+
+def baseline_text(folder: str, names: str = "authors") -> str:
+    """The text the class-name baseline embeds for a class folder: for an ImageNet-1k wnid the
+    authors' name verbatim (``names="authors"``) or the CLIP-curated one (``"clip"``); any other
+    folder its :func:`class_text`."""
+    if names not in BASELINE_NAMES:
+        raise ValueError(f"names must be one of {', '.join(BASELINE_NAMES)}, got {names!r}")
+    if names == "authors" and _WNID.fullmatch(str(folder)) and folder in imagenet_authors_names():
+        return imagenet_authors_names()[folder]
+    return class_text(folder)
 
 
 def class_label(folder: str) -> str:

@@ -47,7 +47,7 @@ def load_llava(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     dev = resolve_device(device)
-    dtype = resolve_model_dtype(model_dtype, dev)
+    dtype = resolve_model_dtype(model_dtype, dev, "llava")
     source = model_source(name_or_path)
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(dev).eval()
@@ -73,21 +73,23 @@ def _no_preprocess(images):
 
 @dataclass
 class ClipTextImage:
-    """A CLIP model's text and image towers, returning unit-norm embeddings."""
+    """A CLIP model's text and image towers: unit-norm embeddings (``embed_images(images, unit=False)``:
+    the raw ``image_embeds``, which the authors average into a concept)."""
 
     embed_text: Callable[[list[str]], torch.Tensor]
-    embed_images: Callable[[Sequence], torch.Tensor]
+    embed_images: Callable[..., torch.Tensor]
 
 
 def load_clip_text_image(
     name_or_path: str, device: str | torch.device | None = "auto", model_dtype: str | torch.dtype | None = "auto"
 ) -> ClipTextImage:
     """CLIP text + image embedders from a transformers ``CLIPModel`` (hub id, folder, ``fixture:NAME``
-    or ``rehearsal:openai/clip-vit-base-patch32``); embeddings come back as float32 on the CPU."""
+    or ``rehearsal:openai/clip-vit-base-patch32``); embeddings come back as float32 on the CPU.
+    ``model_dtype="auto"`` is float32, as the authors run this judge."""
     from transformers import CLIPModel, CLIPProcessor
 
     dev = resolve_device(device)
-    dtype = resolve_model_dtype(model_dtype, dev)
+    dtype = resolve_model_dtype(model_dtype, dev, "judge")
     source = model_source(name_or_path)
     with quiet_transformers():
         model = CLIPModel.from_pretrained(source, dtype=dtype).to(dev).eval()
@@ -98,15 +100,20 @@ def load_clip_text_image(
         with torch.inference_mode():
             return _unit(model.get_text_features(**tokens)).cpu()
 
-    def pictures(images: Sequence) -> torch.Tensor:
+    def pictures(images: Sequence, unit: bool = True) -> torch.Tensor:
         pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(dev, dtype)
         with torch.inference_mode():
-            return _unit(model.get_image_features(pixel_values=pixels)).cpu()
+            features = _features(model.get_image_features(pixel_values=pixels))
+            return (_unit(features) if unit else features.float()).cpu()
 
     return ClipTextImage(texts, pictures)
 
 
+def _features(x) -> torch.Tensor:
+    """The projected embeddings of a ``get_*_features`` call (a tensor, or a ModelOutput's ``pooler_output``)."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+
 def _unit(x) -> torch.Tensor:
     """Rows scaled to unit norm (accepts ModelOutput-style returns)."""
-    tensor = x if isinstance(x, torch.Tensor) else x.pooler_output
-    return torch.nn.functional.normalize(tensor.float(), dim=-1)
+    return torch.nn.functional.normalize(_features(x).float(), dim=-1)

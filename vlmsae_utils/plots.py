@@ -322,6 +322,22 @@ def quality_by_expansion(sae: pd.DataFrame) -> Figure:
     return fig
 
 
+def sparsity_by_k(sae: pd.DataFrame) -> Figure:
+    """R² and mean MS against K, per SAE type, scorer, layer and expansion (the paper's K sweep: as K
+    grows, R² rises and mean MS falls)."""
+    frame = sae.assign(
+        run=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format) + " · layer " + sae["layer"].astype(str)
+    )
+    fig, (r2, ms) = plt.subplots(1, 2, figsize=(9, 3.2))
+    sns.lineplot(data=frame, x="K", y="R² %", hue="run", marker="o", ax=r2)
+    sns.lineplot(data=frame, x="K", y="MS mean", hue="run", style="scorer", marker="o", ax=ms, legend=False)
+    r2.set(xscale="log", title="reconstruction")
+    ms.set(xscale="log", title="mean MS of the latents")
+    sns.move_legend(r2, "lower right", fontsize=7, title=None)
+    fig.tight_layout()
+    return fig
+
+
 def raw_vs_sae(sae: pd.DataFrame, raw: pd.DataFrame) -> Figure:
     """Mean MS of raw neurons next to the SAEs' latents, per layer."""
     import pandas as pd

@@ -424,6 +424,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
             {
                 "activations_store": f"{cls_val['out_dir']}/activations",
                 "scorer_store": f"{cls_val['out_dir']}/embeddings",
+                "uniqueness_store": f"{cls_val['out_dir']}/activations",  # timing only: no CLS train store here
                 "sae_paths": [x64],
                 "device": device,
                 "out_dir": "rehearsal/ms",
@@ -448,7 +449,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
                 "layer": 22,
                 "sae_path": x64,
                 "train_store": f"{tokens_all['out_dir']}/activations",
-                "images_dir": str(images / "val"),
+                "images_dir": str(images / "train"),  # the first train image of each class, as the authors
                 "num_images": 1,
                 "alphas": [0, 100],
                 "alpha_scale": "absolute",

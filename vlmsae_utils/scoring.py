@@ -40,6 +40,7 @@ __all__ = [
     "score_all",
     "score_neurons",
     "store_image_loader",
+    "top_images_of",
     "uniqueness_table",
 ]
 
@@ -199,10 +200,27 @@ def score_all(
     return reports
 
 
+def top_images_of(
+    activations: ActivationStore,
+    saes: dict[str, torch.nn.Module],
+    top_k: int = 16,
+    device: str | torch.device | None = "auto",
+) -> dict[str, torch.Tensor]:
+    """Top-``top_k`` image indices ``[K, k]`` of the raw neurons and of each SAE's latents on
+    ``activations`` (per image), named as :func:`score_all` names them: the authors count the
+    uniqueness of top images on the train split, not on the images MS is scored on."""
+    dev = resolve_device(device)
+    tops = {f"raw {activations.params['encoder']}": top_k_images(activations.to_tensor(), top_k, device=dev).indices}
+    for name, sae in saes.items():
+        tops[name] = top_k_images(sae_codes(sae, activations, device=dev), top_k, device=dev).indices
+    return tops
+
+
 def uniqueness_table(
-    reports: Sequence[NeuronReport], thresholds: Sequence[float] | None = None, *, paper_protocol: bool = True
+    tops: dict[str, torch.Tensor], thresholds: Sequence[float] | None = None, *, paper_protocol: bool = True
 ) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Jaccard overlap of top-k image sets per report, as a table and the raw results.
+    """Jaccard overlap of top-k image sets (``tops``: name → top image indices ``[K, k]``, −1 absent,
+    e.g. :func:`top_images_of`), as a table and the raw results.
 
     ``paper_protocol`` follows the authors: neurons with fewer than k positive images are dropped
     and pairs are counted with J > t (t = 0.5, 0.8); otherwise every neuron is kept and J ≥ t is
@@ -214,8 +232,8 @@ def uniqueness_table(
 
     sign = ">" if paper_protocol else "≥"
     overlaps = {
-        r.name: uniqueness(r.top.indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
-        for r in reports
+        name: uniqueness(indices, thresholds, drop_partial=paper_protocol, strict=paper_protocol)
+        for name, indices in tops.items()
     }
     rows = [
         {
@@ -230,9 +248,9 @@ def uniqueness_table(
     return pd.DataFrame(rows).set_index("neurons"), overlaps
 
 
-def save_uniqueness(reports: Sequence[NeuronReport], out: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+def save_uniqueness(tops: dict[str, torch.Tensor], out: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """`uniqueness_table` under the paper's protocol, written to `UNIQUENESS_FILE`."""
-    table, overlaps = uniqueness_table(reports)
+    table, overlaps = uniqueness_table(tops)
     Path(out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(out) / UNIQUENESS_FILE)
     return table, overlaps

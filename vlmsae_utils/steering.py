@@ -31,7 +31,7 @@ from torch import nn
 # Loading (.llava) and prompting (.generation) live in their own modules; their names stay importable from here.
 from . import generation
 from .exemplars import TopK, top_k_images
-from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, prepare_inputs
+from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, prepare_inputs, verbatim_first_word
 from .hooks import DEFAULT_HOOK, check_steerable
 from .labels import class_text
 from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
@@ -74,6 +74,7 @@ __all__ = [
     "steering_scores",
     "sweep_rows",
     "top_class",
+    "verbatim_first_word",
     "vision_tower",
 ]
 
@@ -397,12 +398,13 @@ def alpha_units(
 
 
 def concept_embeddings(image_embeddings: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
-    """Mean unit image embedding of each latent's top images ``[L, k]`` (−1 = absent) → ``[L, E]``."""
-    unit = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    """Mean image embedding of each latent's top images ``[L, k]`` (−1 = absent) → ``[L, E]``: the raw
+    (not unit-normalised) CLIP ``image_embeds`` averaged, as the authors; the score's cosine normalises."""
+    embeddings = image_embeddings.float()
     present = top_indices >= 0
     if not present.any(dim=1).all():
         raise ValueError("a latent has no top images; it cannot be scored")
-    gathered = unit[top_indices.clamp(min=0)] * present[..., None]
+    gathered = embeddings[top_indices.clamp(min=0)] * present[..., None]
     return gathered.sum(dim=1) / present.sum(dim=1, keepdim=True)
 
 
@@ -459,8 +461,9 @@ def class_pure_latents(top_indices: torch.Tensor, class_names: Sequence[str], n:
 
 
 def score_answers(clip: ClipTextImage, answers: Sequence[str], concepts: torch.Tensor) -> torch.Tensor:
-    """Steering score of each answer: cosine of its first word's CLIP text embedding with its concept."""
-    words = [first_word(a) or "nothing" for a in answers]
+    """Steering score of each answer: cosine of its first word's CLIP text embedding with its concept
+    (the word verbatim, as the authors; an empty answer embeds the empty text)."""
+    words = [verbatim_first_word(a) for a in answers]
     return steering_scores(clip.embed_text(words), concepts)
 
 
@@ -483,7 +486,7 @@ def latent_concepts(
     needed = sorted({int(i) for i in chosen.flatten().tolist() if i >= 0})
     if not needed:
         raise ValueError("the chosen latents have no top images")
-    embedded = clip.embed_images([load(i) for i in needed])
+    embedded = clip.embed_images([load(i) for i in needed], unit=False)
     table = torch.zeros(max(needed) + 1, embedded.shape[1])
     table[needed] = embedded
     return concept_embeddings(table, chosen)

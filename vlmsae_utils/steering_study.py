@@ -18,10 +18,12 @@ import torch
 from PIL import Image
 
 from . import defaults, steering
+from .data import FLAT_CLASS, ImageFolderDataset, first_image_of_each_class
+from .exemplars import TopK
 from .extract import open_dataset
 from .hooks import DEFAULT_HOOK, check_steerable
-from .labels import class_text
-from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava
+from .labels import baseline_text, class_text
+from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
 from .paths import resolve_out_dir
 from .scoring import sae_codes, store_image_loader
 from .store import ActivationStore
@@ -29,16 +31,19 @@ from .store import ActivationStore
 __all__ = [
     "ALPHA_SWEEP_FILE",
     "CONCEPT_IMAGES",
+    "CONCEPT_TOKENS",
     "FIXTURE_STEERING_TOKENS",
     "LATENT_CONCEPTS_FILE",
     "PLAIN_ANSWER_FILE",
     "STEERING_SCORES_FILE",
     "WHITE_IMAGE_SIZE",
     "SteeringStudy",
+    "all_token_top_images",
     "alpha_sweep",
     "class_name_baselines",
     "diffmean_comparison",
     "evenly_spaced",
+    "pick_test_images",
     "prepare",
     "score_setting",
     "score_settings",
@@ -49,6 +54,9 @@ ALPHA_SWEEP_FILE = "alpha_sweep.csv"  # one answer per (image, latent, α)
 LATENT_CONCEPTS_FILE = "latent_concepts.csv"  # the classes of each shown latent's top images
 PLAIN_ANSWER_FILE = "plain_answer.txt"  # the unsteered answer on the white image
 CONCEPT_IMAGES = 16  # top training images that define a latent's concept (the paper's 16)
+#: Which token rows rank a latent's concept images: "all" tokens of each image, CLS included (the
+#: authors' mean-pooled pass), or only the rows of the train store ("stored", e.g. 2 random tokens).
+CONCEPT_TOKENS = ("all", "stored")
 WHITE_IMAGE_SIZE = 336  # LLaVA-1.5's input size: the white image is not resized
 FIXTURE_STEERING_TOKENS = 16  # token rows per image of the fixture steering SAE (320 images only)
 
@@ -101,11 +109,85 @@ def evenly_spaced(n_items: int, count: int) -> list[int]:
     return [round(i * (n_items - 1) / max(1, count - 1)) for i in range(count)]
 
 
+def pick_test_images(dataset: ImageFolderDataset, count: int) -> list[int]:
+    """The steering test images, as the authors pick them: the first image of each class, ``count`` of
+    them spread evenly over the classes (all when ``count`` ≥ the classes: the paper's 1000). A flat
+    folder (no class folders) gives ``count`` images spread evenly over it."""
+    firsts = first_image_of_each_class(dataset)
+    if dataset.classes == [FLAT_CLASS]:
+        return evenly_spaced(len(dataset), count)
+    return [firsts[i] for i in evenly_spaced(len(firsts), count)]
+
+
 def _steering_sae(sae_path: str, train: ActivationStore, layer: int) -> torch.nn.Module:
     """The SAE a parameter names, or a Matryoshka SAE trained on the fixture's token rows of ``layer``."""
     if sae_path:
         return defaults.open_sae(sae_path)
     return defaults.default_sae("matryoshka_batch_top_k", store=train, name=f"tokens{FIXTURE_STEERING_TOKENS}_L{layer}")
+
+
+def _all_token_means(tower, processor, sae, layer: int, hook: str, images: list, latents: torch.Tensor) -> torch.Tensor:
+    """``[len(latents), len(images)]``: each latent's SAE code averaged over every token of each image."""
+    hidden = tower.capture(steering.pixel_values(processor, images), hook, layer)  # [B, T, D]
+    with torch.inference_mode():
+        codes = sae.encode(hidden.reshape(-1, hidden.shape[-1]).to(sae.W_enc.device, torch.float32))
+    return codes.view(len(images), hidden.shape[1], -1)[:, :, latents].mean(1).T.float().cpu()
+
+
+def all_token_top_images(
+    model: torch.nn.Module,
+    processor,
+    sae: torch.nn.Module,
+    layer: int,
+    hook: str,
+    latents: Sequence[int],
+    load: Callable[[int], Image.Image],
+    num_images: int,
+    shortlist: TopK | None = None,
+    k: int = CONCEPT_IMAGES,
+    batch_size: int = 8,
+) -> TopK:
+    """Top-``k`` images of each of ``latents`` by its SAE code averaged over *all* tokens of an image
+    (CLS included), as the authors rank concept images: one streaming pass of LLaVA's tower over
+    the ``num_images`` training images (``O(len(latents)·k)`` state). With a ``shortlist`` (e.g. each
+    latent's top images by the stored rows) only those images pass through the tower and each latent
+    ranks only its own. Rows follow ``latents``; ``count_positive`` counts the images ranked > 0."""
+    chosen = torch.as_tensor(list(latents), dtype=torch.int64)
+    allowed = None if shortlist is None else shortlist.indices[chosen]  # [L, S], −1 = absent
+    images = range(num_images) if allowed is None else sorted({int(i) for i in allowed.flatten().tolist() if i >= 0})
+    images = list(images)
+    values = torch.full((len(chosen), k), float("-inf"))
+    indices = torch.full((len(chosen), k), -1, dtype=torch.int64)
+    count = torch.zeros(len(chosen), dtype=torch.int64)
+    tower = vision_tower(model)
+    for start in range(0, len(images), batch_size):
+        batch = torch.as_tensor(images[start : start + batch_size], dtype=torch.int64)
+        means = _all_token_means(tower, processor, sae, layer, hook, [load(int(i)) for i in batch], chosen)
+        if allowed is not None:  # each latent ranks only its own shortlisted images
+            means = means.masked_fill(~(allowed[:, :, None] == batch[None, None, :]).any(1), 0.0)
+        count += (means > 0).sum(1)
+        values, pick = torch.cat([values, means], 1).topk(k, dim=1)
+        indices = torch.cat([indices, batch.expand(len(chosen), -1)], 1).gather(1, pick)
+    absent = ~(values > 0)
+    return TopK(values.masked_fill(absent, float("nan")), indices.masked_fill(absent, -1), count)
+
+
+def _all_token_concepts(model, processor, sae, layer, hook, train, codes, latents, pool: str, shortlist: int) -> TopK:
+    """:func:`all_token_top_images` over every training image (``shortlist`` 0, the authors'), or
+    over each latent's ``shortlist`` best images by the stored rows."""
+    short = None
+    if shortlist:
+        short = steering.concept_top_images(codes, train.row_image_index(), max(shortlist, CONCEPT_IMAGES), pool=pool)
+    load = store_image_loader(train)
+    return all_token_top_images(model, processor, sae, layer, hook, latents, load, len(train.image_ids), short)
+
+
+def _with_rows(top: TopK, latents: Sequence[int], rows: TopK) -> TopK:
+    """``top`` with the rows of ``latents`` replaced by ``rows`` (in the order of ``latents``)."""
+    chosen = torch.as_tensor(list(latents), dtype=torch.int64)
+    values, indices, count = top.values.clone(), top.indices.clone(), top.count_positive.clone()
+    values[chosen], indices[chosen], count[chosen] = rows.values, rows.indices, rows.count_positive
+    return TopK(values, indices, count)
 
 
 def _split_silent(latents: Sequence[int], top) -> tuple[list[int], list[int]]:
@@ -124,6 +206,8 @@ def prepare(
     image_latents: int = 10,
     alpha_scale: str = "max",
     concept_pool: str = "mean",
+    concept_tokens: str = "all",
+    concept_shortlist: int = 0,
     clip_text_model: str = "fixture:mini_clip",
     images_dir: str = "",
     num_images: int = 4,
@@ -132,8 +216,17 @@ def prepare(
     out_dir: str | os.PathLike = "steer",
 ) -> SteeringStudy:
     """Load everything chapter 5 needs; empty ``sae_path`` / ``train_store`` / ``images_dir`` / ``latents``
-    mean the fixture defaults (an SAE on 16 random tokens per image, its 6 most class-pure latents)."""
+    mean the fixture defaults (an SAE on 16 random tokens per image, its 6 most class-pure latents,
+    the fixture's train images). The test images are :func:`pick_test_images` of ``images_dir``.
+    ``concept_tokens="all"`` ranks concept images over every token (:func:`all_token_top_images`;
+    ``concept_shortlist`` > 0 re-ranks only each latent's best images by the stored rows)."""
     check_steerable(hook)
+    if concept_tokens not in CONCEPT_TOKENS:
+        raise ValueError(f"concept_tokens must be one of {', '.join(CONCEPT_TOKENS)}, got {concept_tokens!r}")
+    if not isinstance(concept_shortlist, int) or concept_shortlist < 0:
+        raise ValueError(
+            f"concept_shortlist must be 0 (every training image) or a positive count, got {concept_shortlist!r}"
+        )
     model, processor = load_llava(llava, device=device, model_dtype=model_dtype)
     if layer > feature_block(model):
         raise ValueError(f"layer {layer} is after LLaVA's feature block {feature_block(model)}")
@@ -154,9 +247,17 @@ def prepare(
     if not chosen:
         raise ValueError(f"none of the latents {list(latents)} fires on the training images: nothing to steer")
     load_train = store_image_loader(train)
+    if concept_tokens == "all":  # the authors rank concept images over every token of each image
+        top = _with_rows(
+            top,
+            chosen,
+            _all_token_concepts(
+                model, processor, sae, layer, hook, train, codes, chosen, concept_pool, concept_shortlist
+            ),
+        )
     clip = load_clip_text_image(clip_text_model, device=device, model_dtype=model_dtype)
-    test_set = open_dataset(images_dir or "fixture", None if images_dir else "val")
-    picks = evenly_spaced(len(test_set), num_images)
+    test_set = open_dataset(images_dir or "fixture", None if images_dir else "train")
+    picks = pick_test_images(test_set, num_images)
     out = resolve_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return SteeringStudy(
@@ -286,13 +387,14 @@ def score_settings(
     return scores, image_scores
 
 
-def class_name_baselines(study: SteeringStudy) -> pd.DataFrame | None:
+def class_name_baselines(study: SteeringStudy, names: str = "authors") -> pd.DataFrame | None:
     """CLIP similarity of each test image with its true class name and a shuffled one (the range a
-    steering score is read against); None when the test images have fewer than two classes."""
+    steering score is read against); None when the test images have fewer than two classes.
+    ``names``: the ImageNet names embedded (:func:`~vlmsae_utils.labels.baseline_text`; the authors')."""
     classes = sorted(set(study.test_classes))
     if len(classes) < 2:
         return None
-    names = [class_text(c) for c in classes]
+    names = [baseline_text(c, names) for c in classes]
     base = steering.class_name_baseline(
         study.clip.embed_images(study.test_images),
         study.clip.embed_text(names),

@@ -106,8 +106,16 @@ REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
 #: TrainConfig fields a sweep's ``sae`` section may set (notebook 02's parameters besides the grid).
 SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "aux_alpha", "decay_start")
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
-SAE_KEYS = {"types": list, "expansions": list, **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS}}
+#: ``k`` may also be a list: a sparsity sweep, every (type, expansion) trained at each K (Table 1).
+SAE_KEYS = {
+    "types": list,
+    "expansions": list,
+    **{key: TrainConfig.value_types(key) for key in SAE_SETTINGS},
+    "k": (int, list),
+}
 STEERING_REQUIRED = ("llava", "encoder", "layer")  # a steering section names what it steers
+#: Notebook parameters that name a store or SAE folder of the sweep (written relative to its folder).
+SWEEP_RELATIVE_PATHS = ("train_store", "val_store", "activations_store", "scorer_store", "uniqueness_store", "sae_path")
 RUNS_FILE = "runs.csv"  # in the sweep's folder: every run in order with its state (status table)
 RESULTS_NOTEBOOK = "06"  # the chapter that draws a sweep's results tables
 TRAIN_DEFAULTS = TrainConfig()  # what an unset key of the sae section means
@@ -126,6 +134,8 @@ STEERING_KEYS = {
     "score_alpha": (int, float),
     "random_k": int,
     "concept_pool": str,
+    "concept_tokens": str,
+    "concept_shortlist": int,
     "image_latents": int,
     "hook": str,
 }
@@ -185,12 +195,30 @@ def _check_sae_settings(sae: dict, where: str) -> None:
     unknown = [t for t in sae.get("types") or [] if t not in SAE_TYPES]
     if unknown:
         raise ConfigError(f"{where}.types: unknown SAE type(s) {unknown}; valid: {', '.join(SAE_TYPES)}")
+    ks = grid_ks(sae)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ConfigError(f"{where}.k: an integer or a non-empty list of integers, got {sae.get('k')!r}")
+    settings = {key: sae[key] for key in SAE_SETTINGS if key in sae and key != "k"}
     try:
-        grid_configs(
-            sae.get("types") or [], sae.get("expansions") or [], **{key: sae[key] for key in SAE_SETTINGS if key in sae}
-        )
+        for k in ks:
+            grid_configs(sae.get("types") or [], sae.get("expansions") or [], k=k, **settings)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def grid_ks(sae: dict) -> list:
+    """The K values of the grid: ``sae.k`` as a list (one value when it is a number; unset: TrainConfig's)."""
+    k = sae.get("k", TRAIN_DEFAULTS.k)
+    return list(k) if isinstance(k, list) else [k]
+
+
+def _check_single_k(config: dict[str, Any], where: str) -> None:
+    """A list of K is a sweep of the grid only: the hierarchy and steering SAEs take one K."""
+    if isinstance(config["sae"].get("k"), list) and ({"hierarchy", "steering"} & set(config)):
+        raise ConfigError(
+            f"{where}.sae.k: a list of K values sweeps the grid (Table 1); a config with hierarchy or "
+            "steering trains one SAE for them: give one k, or put the K sweep in a config of its own"
+        )
 
 
 def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str, Any]:
@@ -214,6 +242,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         raise ConfigError(f"{where}.name: use letters, digits, '_', '-' or '.', got {config['name']!r}")
     _check_keys(config["sae"], SAE_KEYS, f"{where}.sae")
     _check_sae_settings(config["sae"], f"{where}.sae")
+    _check_single_k(config, where)
     for section, keys in (("hierarchy", HIERARCHY_KEYS), ("steering", STEERING_KEYS)):
         if section in config:
             _check_keys(config[section], keys, f"{where}.{section}")
@@ -302,6 +331,7 @@ def expand(config: dict[str, Any]) -> list[Run]:
     """Every notebook run of a sweep, dependencies first."""
     runs: list[Run] = []
     sae = config["sae"]
+    k_sweep = isinstance(sae.get("k"), list)  # each K in its own folder (one K keeps today's folder names)
     common = {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
 
     hook = config.get("hook", DEFAULT_HOOK)
@@ -352,12 +382,20 @@ def expand(config: dict[str, Any]) -> list[Run]:
         )
 
     def train(
-        source: Run, validation: Run | None, sae_type: str, expansion, group_fractions, steps: int, folder: str
+        source: Run,
+        validation: Run | None,
+        sae_type: str,
+        expansion,
+        group_fractions,
+        steps: int,
+        folder: str,
+        k: int | None = None,
     ) -> Run:
         settings = {
             name: sae.get(name, getattr(TRAIN_DEFAULTS, name))  # unset keys: TrainConfig's defaults
             for name in ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")
         }
+        settings["k"] = settings["k"] if k is None else k
         params = {
             "train_store": f"{source.out_dir}/activations",
             "val_store": f"{(validation or source).out_dir}/activations",
@@ -400,10 +438,12 @@ def expand(config: dict[str, Any]) -> list[Run]:
                     e,
                     sae.get("group_fractions"),
                     sae.get("steps", TRAIN_DEFAULTS.steps),
-                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}",
+                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}" + (f"_k{k}" if k_sweep else ""),
+                    k,
                 )
                 for t in sae["types"]
                 for e in sae["expansions"]
+                for k in grid_ks(sae)
             ]
             for scorer, embedding in val_embeddings.items():
                 _add(
@@ -417,8 +457,9 @@ def expand(config: dict[str, Any]) -> list[Run]:
                             "scorer_store": f"{embedding.out_dir}/activations",
                             "sae_paths": [r.labels["sae_dir"] for r in trained],
                             "top_k": 16,
+                            "uniqueness_store": f"{train_store.out_dir}/activations",
                         },
-                        [val_store.id, embedding.id] + [r.id for r in trained],
+                        [val_store.id, embedding.id, train_store.id] + [r.id for r in trained],
                         labels={"model": model, "layer": layer, "scorer": scorer},
                     ),
                 )
@@ -505,13 +546,15 @@ def _steering(config, runs, extract, train) -> None:
             "alpha_scale",
             "score_alpha",
             "concept_pool",
+            "concept_tokens",
+            "concept_shortlist",
             "image_latents",
         )
         if key in s
     }
-    val = config["data"]["val"]
-    if val["data_dir"] != "fixture":  # test images: the validation split (class folders give the baseline)
-        params["images_dir"] = str(Path(val["data_dir"]) / (val.get("split") or ""))
+    train = config["data"]["train"]
+    if train["data_dir"] != "fixture":  # test images: the first train image of each class, as the authors
+        params["images_dir"] = str(Path(train["data_dir"]) / (train.get("split") or ""))
     _add(
         runs,
         Run(
@@ -591,7 +634,7 @@ def _marker_fingerprint(folder: Path) -> str:
 def resolved_parameters(run: Run, root: Path) -> dict[str, Any]:
     """Parameters with sweep-relative store and SAE paths made absolute, and the run's own out_dir."""
     params = dict(run.parameters)
-    for key in ("train_store", "val_store", "activations_store", "scorer_store", "sae_path"):
+    for key in SWEEP_RELATIVE_PATHS:
         if params.get(key):
             params[key] = str(root / params[key])
     if "sae_paths" in params:
@@ -726,6 +769,14 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
     return gathered
 
 
+def _r2_columns(trained: pd.Series) -> dict[str, float]:
+    """The paper's per-batch "R² %" and the "global R² %" of a training run's results row; a row
+    written before the two were separated (global "R² %", shuffled "R² batch-mean %") is relabelled."""
+    if "R² batch-mean %" in trained:
+        return {"R² %": trained["R² batch-mean %"], "global R² %": trained["R² %"]}
+    return {"R² %": trained["R² %"], "global R² %": trained["global R² %"]}
+
+
 def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) -> pd.DataFrame:
     """One row per SAE of a score run: its training metrics next to its MS."""
     summary = pd.read_csv(folder / MS_SUMMARY_FILE).set_index("neurons")
@@ -743,7 +794,7 @@ def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) 
                 "expansion": trained["expansion"],
                 "K": trained["k"],
                 "latents": trained["latents"],
-                "R² %": trained["R² %"],
+                **_r2_columns(trained),
                 "L0": trained["L0"],
                 "dead %": trained["dead %"],
                 "MS mean": ms["mean MS"],

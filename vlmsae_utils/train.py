@@ -10,7 +10,7 @@ Speed: for the top-k variants only the ``B·k`` kept (plus auxiliary) entries ca
 so encoder and decoder gradients are computed sparsely (sparse mm / ``embedding_bag``); the
 dense encoder forward is the only ``B·d·ω`` product per step. Training data sits on the device
 when it fits (``data_on_device``), else streams in large pinned chunks; bf16 autocast of the
-encoder forward is used on CUDA only. Every setting, with its default, is a field of
+encoder forward is an option on CUDA only (float32 by default, as the authors). Every setting, with its default, is a field of
 :class:`~vlmsae_utils.train_config.TrainConfig`; what differs between SAE types (selection rule,
 loss terms) is decided by the SAE class (:mod:`vlmsae_utils.sae`).
 """
@@ -384,25 +384,21 @@ class _TrainingStream:
                 c0 += n
 
 
-def _eval_batches(data, batch_size: int, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
-    """Every row once, in batches of a seeded random order (``default_rng([seed, 2])``), float32 on ``device``."""
+def _eval_batches(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Every row once, in store order (class-sorted for an extracted store, as the authors' unshuffled
+    validation loader reads it), in batches of ``batch_size`` (the last may be short), float32 on ``device``."""
     src = data if isinstance(data, _RowSource) else _RowSource(data)
-    order = np.random.default_rng([int(seed) % 2**63, 2]).permutation(src.n_rows)
     resident = src.tensor is not None and (src.tensor.device == device or src.tensor.device.type == "cpu")
     chunk = batch_size * max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_size * src.dim * src.itemsize)))
     for c0 in range(0, src.n_rows, chunk):
-        rows = order[c0 : c0 + chunk]
+        rows = np.arange(c0, min(c0 + chunk, src.n_rows))
         if resident:
-            idx = torch.from_numpy(rows)
-            for i in range(0, len(rows), batch_size):
-                sel = idx[i : i + batch_size].to(src.tensor.device)
-                yield src.tensor.index_select(0, sel).to(device, non_blocking=True).float()
-            continue
-        uniq, inv = np.unique(rows, return_inverse=True)
-        block = src.gather(uniq, pin=device.type == "cuda").to(device, non_blocking=True)
-        inv_t = torch.from_numpy(inv.astype(np.int64).reshape(-1)).to(device)
+            block = src.tensor[c0 : c0 + len(rows)]
+        else:
+            block = src.gather(rows, pin=device.type == "cuda")
+        block = block.to(device, non_blocking=True)
         for i in range(0, len(rows), batch_size):
-            yield block.index_select(0, inv_t[i : i + batch_size]).float()
+            yield block[i : i + batch_size].float()
 
 
 def estimate_input_scale(
@@ -577,22 +573,18 @@ def project_decoder_grad(W_dec: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate_sae(
-    sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto", seed: int = 0
-) -> dict[str, float]:
+def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto") -> dict[str, float]:
     """Reconstruction quality and sparsity of ``sae`` on ``data`` (inference encoding).
 
-    Returns ``fvu`` and ``r2 = 1 − FVU`` over the whole data (global: one residual sum of squares
-    over one total sum of squares around the data mean), ``r2_batch_mean`` — the authors' R²
-    (dictionary_learning's ``frac_variance_explained``): per batch
-    ``1 − Σ_j var_b(x − x̂)_j / Σ_j var_b(x)_j`` (variances over the batch, i.e. mean-centred per
-    batch, summed over features), averaged over the full batches (the last, partial batch only
-    counts when there is no full one) — ``l0``, ``dead_frac_val`` (latents never active) and,
-    for Matryoshka, ``r2_prefix_<m>`` per nested prefix (global).
-
-    Batches are drawn in a seeded random order (every row once), as the authors evaluate on
-    shuffled batches; the global metrics do not depend on the order. The SAE is moved to
-    ``device`` (``"auto"``: CUDA if available) for the evaluation and back afterwards.
+    Returns ``r2_batch_mean`` — the R² the paper reports, computed as the authors log it
+    (dictionary_learning's ``frac_variance_explained``): per batch of the validation data read in
+    store order (class-sorted, unshuffled; ``batch_size`` = the training batch size, the last batch
+    short), ``1 − Σ_j var_b(x − x̂)_j / Σ_j var_b(x)_j``, averaged over all batches, the short last
+    one included (a last batch of one row has no variance and is left out, where the authors' value
+    would be NaN). Also ``fvu`` and ``r2 = 1 − FVU`` over the whole data (global: one residual sum of
+    squares over one total sum of squares around the data mean; independent of batching), ``l0``,
+    ``dead_frac_val`` (latents never active) and, for Matryoshka, ``r2_prefix_<m>`` per nested
+    prefix (global). The SAE is moved to ``device`` (``"auto"``: CUDA if available) and back.
     """
     dev = resolve_device(device)
     was_training = sae.training
@@ -604,8 +596,8 @@ def evaluate_sae(
         sums, sq, n, sse, l0 = None, None, 0, 0.0, 0.0
         fired = torch.zeros(sae.dict_size, dtype=torch.bool, device=dev)
         prefix_sse = None
-        full_r2, partial_r2 = [], []
-        for x in _eval_batches(data, batch_size, dev, seed):
+        per_batch = []
+        for x in _eval_batches(data, batch_size, dev):
             f = sae.encode(x)
             if type(sae).uses_groups:  # per-prefix R² for every type with nested groups
                 recs = sae.decode_prefixes(f)
@@ -625,13 +617,11 @@ def evaluate_sae(
             if x.shape[0] >= 2:
                 var_x = float((xd - xd.mean(0)).pow(2).sum())
                 var_r = float((resid - resid.mean(0)).pow(2).sum())
-                r2b = 1.0 - var_r / var_x if var_x > 0 else float("nan")
-                (full_r2 if x.shape[0] == batch_size else partial_r2).append(r2b)
+                per_batch.append(1.0 - var_r / var_x if var_x > 0 else float("nan"))
         if n == 0:
             raise ValueError("validation data is empty")
         tss = float(sq - sums.pow(2).sum() / n)
         fvu = sse / tss if tss > 0 else float("nan")
-        per_batch = full_r2 or partial_r2
         out = {
             "fvu": fvu,
             "r2": 1.0 - fvu,
@@ -730,8 +720,8 @@ def train_sae(
     batches gathered by a background thread into pinned memory and copied asynchronously.
     ``True``/``False`` force either path. Batches are a function of ``(seed, step)`` only — every
     row once per epoch in a seeded random order (:func:`training_batch_rows`) — so both paths
-    train bit-identically. ``autocast=None`` runs the encoder forward in bf16 on CUDA when the GPU
-    supports it (``False``: float32 everywhere; never used on the CPU).
+    train bit-identically. ``autocast=False`` (default) computes in float32 as the authors do;
+    ``True`` runs the encoder forward in bf16 on CUDA, ``None`` when the GPU supports it (never on the CPU).
     """
     from tqdm.auto import tqdm
 
@@ -915,7 +905,7 @@ def train_grid(
     **overrides: Any,
 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Train every (SAE type × expansion) on the same data, save each SAE and its history under
-    ``out_dir/<run_name>/``, and return a results table (R², the authors' per-batch R², L0, dead %)
+    ``out_dir/<run_name>/``, and return a results table ("R² %": the paper's per-batch R² of :func:`evaluate_sae`, "global R² %": 1 − FVU, L0, dead %)
     and the histories. Settings: ``config`` (default ``TrainConfig()``) with ``overrides`` (TrainConfig
     fields) applied, and each type and expansion of the grid; ``group_fractions`` only reach the
     types with latent groups. ``device`` is resolved once (``"auto"``: CUDA if available); when the
@@ -962,8 +952,8 @@ def train_grid(
                     "expansion": expansion,
                     "latents": sae.dict_size,
                     "k": k,
-                    "R² %": 100 * final["r2"],
-                    "R² batch-mean %": 100 * final["r2_batch_mean"],
+                    "R² %": 100 * final["r2_batch_mean"],
+                    "global R² %": 100 * final["r2"],
                     "L0": final["l0"],
                     "dead %": 100 * final.get("dead_frac_val", float("nan")),
                     "path": str(out / name),

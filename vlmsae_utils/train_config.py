@@ -170,8 +170,9 @@ class TrainConfig:
     l1_coeff: float = 1e-1
     #: Gradient-norm clip (``None`` or 0: none).
     grad_clip: float | None = 1.0
-    #: bf16 encoder forward on CUDA (``None``: when the GPU supports it; never on the CPU).
-    autocast: bool | None = None
+    #: bf16 encoder forward on CUDA (``False``: float32, the authors' ``autocast_dtype``; ``None``: bf16
+    #: when the GPU supports it; never on the CPU). bf16 rounds the codes the top-k keeps.
+    autocast: bool | None = False
     #: Steps between history rows (``None``: ``max(1, steps // 20)``).
     eval_every: int | None = None
     #: Steps between checkpoints (``None``: ``eval_every``).
