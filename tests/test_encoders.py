@@ -267,3 +267,23 @@ def test_a_registered_hook_captures_its_module_in_the_token_layout(encoders, pix
     assert _hooks_left(enc) == 0
     with pytest.raises(ValueError, match=r"valid hooks: post_mlp_residual, post_projection$"):
         enc.capture(px, "mlp_output", 1)
+
+
+def test_image_processors_run_on_the_pil_backend_by_default(fixture, monkeypatch):
+    """The authors ran transformers' PIL image processors; transformers 5 defaults to torchvision.
+    The backend is one setting (VLMSAE_IMAGE_BACKEND) for encoders and LLaVA, recorded on the encoder."""
+    from vlmsae_utils import hf
+
+    assert hf.image_backend() == "pil"
+    enc = load_encoder("fixture:clip", device="cpu")
+    assert enc.preprocessing == "pil" and "Pil" in type(enc.processor.image_processor).__name__
+    from vlmsae_utils.llava import load_llava
+
+    _, processor = load_llava("fixture:llava", device="cpu")
+    assert "Pil" in type(processor.image_processor).__name__
+    monkeypatch.setenv(hf.IMAGE_BACKEND_ENV, "torchvision")
+    fast = load_encoder("fixture:clip", device="cpu")
+    assert fast.preprocessing == "torchvision" and "Pil" not in type(fast.processor.image_processor).__name__
+    monkeypatch.setenv(hf.IMAGE_BACKEND_ENV, "cv2")
+    with pytest.raises(ValueError, match="VLMSAE_IMAGE_BACKEND='cv2'; valid: pil, torchvision"):
+        load_encoder("fixture:clip", device="cpu")

@@ -185,7 +185,8 @@ def test_geometric_median_and_schedule():
     cost = (grid.view(-1, 1, 2) - pts).norm(dim=-1).sum(-1)
     best = grid.view(-1, 2)[cost.argmin()]
     assert float((gm - best).norm()) < 0.02
-    assert lr_lambda(0, 100, 10, 80) == pytest.approx(0.1)
+    assert lr_lambda(0, 100, 10, 80) == 0.0  # dictionary_learning's step / warmup_steps
+    assert lr_lambda(5, 100, 10, 80) == pytest.approx(0.5)
     assert lr_lambda(50, 100, 10, 80) == 1.0
     assert lr_lambda(90, 100, 10, 80) == pytest.approx(0.5)
     assert lr_lambda(99, 100, 10, None) == 1.0
@@ -211,7 +212,7 @@ def test_threshold_ema_follows_definition():
     theta = -1.0
     for step in range(steps):
         b = x[torch.from_numpy(training_batch_rows(x.shape[0], bs, 7, step))]
-        if step < 1:
+        if step <= 1:  # dictionary_learning: `if step > threshold_start_step`
             continue
         with torch.no_grad():
             f = sae.encode(b, use_threshold=False)

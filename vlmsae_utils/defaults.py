@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .extract import extract_activations, extract_embeddings, open_dataset
+from .hf import image_backend
 from .paths import data_home, resolve_out_dir, safe_stem
 from .store import ActivationStore
 
@@ -52,8 +53,10 @@ def default_store(
     tokens: str = "cls",
     random_k: int = 2,
 ) -> ActivationStore:
-    """Activations of a fixture model on a fixture split (built on first use)."""
-    name = safe_stem(f"{model}_L{layer}_{tokens}{random_k if tokens == 'random_k' else ''}_{split}")
+    """Activations of a fixture model on a fixture split (built on first use; one folder per image
+    backend, so switching ``VLMSAE_IMAGE_BACKEND`` never meets a store of the other)."""
+    rows = f"{tokens}{random_k if tokens == 'random_k' else ''}"
+    name = safe_stem(f"{model}_L{layer}_{rows}_{split}_{image_backend()}")
     return extract_activations(
         model,
         open_dataset("fixture", split),
@@ -67,7 +70,7 @@ def default_store(
 
 def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) -> ActivationStore:
     """Scoring embeddings of a fixture split (built on first use)."""
-    name = safe_stem(f"{scorer}_embeddings_{split}")
+    name = safe_stem(f"{scorer}_embeddings_{split}_{image_backend()}")
     return extract_embeddings(scorer, open_dataset("fixture", split), defaults_dir() / name, progress=False)
 
 

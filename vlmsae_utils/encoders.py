@@ -22,7 +22,7 @@ from torch import nn
 
 from . import hooks
 from .device import resolve_device, resolve_model_dtype
-from .hf import quiet_transformers
+from .hf import image_backend, image_processor, quiet_transformers
 from .hooks import TOKEN_MODES, HookSpec, check_hook, hook_spec
 
 __all__ = [
@@ -116,6 +116,7 @@ class VisionEncoder:
     projection_dim: int
     sequence_first: bool = False  # open_clip models built with batch_first=False
     take_first_token_of_projection: bool = False  # DINOv2, ViT: pooler = layernorm(seq)[:, 0]
+    preprocessing: str = ""  # transformers image-processor backend ("pil", "torchvision"); "" for open_clip
 
     @property
     def num_layers(self) -> int:
@@ -390,11 +391,12 @@ def _load_local(path: Path) -> VisionEncoder:
 
 
 def _load_transformers(source: str, family: str) -> VisionEncoder:
-    """transformers CLIP / SigLIP / DINOv2 from a hub id or folder."""
-    from transformers import AutoImageProcessor
-
+    """transformers CLIP / SigLIP / DINOv2 from a hub id or folder, with the image processor of
+    :func:`.hf.image_backend` (PIL by default, as the authors)."""
     with quiet_transformers():
-        return _build_transformers(source, family, AutoImageProcessor.from_pretrained(source))
+        encoder = _build_transformers(source, family, image_processor(source))
+    encoder.preprocessing = image_backend()
+    return encoder
 
 
 def _build_transformers(source: str, family: str, image_processor) -> VisionEncoder:

@@ -211,6 +211,8 @@ def _plan(
         "data_root": str(dataset.root.resolve()),
         "split": dataset.split,
     }
+    if encoder.preprocessing:  # the image-processor backend changes the pixels a transformers model sees
+        params["image_backend"] = encoder.preprocessing
     return StorePlan(
         params,
         dataset.image_ids,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .device import resolve_device, resolve_model_dtype
 from .encoders import VisionEncoder, model_source, wrap_clip_vision
-from .hf import quiet_transformers
+from .hf import image_processor, quiet_transformers
 
 __all__ = [
     "ClipTextImage",
@@ -52,6 +52,7 @@ def load_llava(
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(dev).eval()
         processor = AutoProcessor.from_pretrained(source)
+        processor.image_processor = image_processor(source)  # on the book's backend (PIL, as the authors)
     return model, processor
 
 
@@ -94,6 +95,7 @@ def load_clip_text_image(
     with quiet_transformers():
         model = CLIPModel.from_pretrained(source, dtype=dtype).to(dev).eval()
         processor = CLIPProcessor.from_pretrained(source)
+        processor.image_processor = image_processor(source)
 
     def texts(words: list[str]) -> torch.Tensor:
         tokens = processor(text=list(words), return_tensors="pt", padding=True).to(dev)

@@ -65,6 +65,12 @@ def _baseline_names() -> str:
     return _default_of(steering_study.class_name_baselines, "names")
 
 
+def _image_backend() -> str:
+    from .hf import image_backend
+
+    return image_backend()
+
+
 def _uniqueness_protocol() -> bool:
     from . import scoring
 
@@ -146,19 +152,36 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "—",
     ),
     Deviation(
-        "image preprocessing",
-        lambda: "torchvision image processors; EXIF orientation applied",
-        "PIL processors; no EXIF transpose",
+        "transformers image-processor backend (VLMSAE_IMAGE_BACKEND)",
+        _image_backend,
+        "pil",
+        "torchvision (transformers 5's default)",
+        "resizes tensors instead of PIL images: faster preprocessing",
+        "fixture (64 val images): pixels max abs diff 0.015, mean 1e-5; block −2 CLS relative diff ≤ 3e-4 "
+        "(the fixture images need little resizing; photos will differ more)",
+    ),
+    Deviation(
+        "EXIF orientation of photos (data.load_image)",
+        lambda: "applied",
+        "not applied",
         "—",
-        "faster decoding; photos taken on their side are shown upright",
+        "a photo stored on its side is read upright, as a viewer shows it",
+        "not measured (ImageNet has few such files)",
+    ),
+    Deviation(
+        "SAE initialisation",
+        lambda: "Gaussian rows, unit norm; encoder = decoderᵀ",
+        "kaiming-uniform rows, unit norm; encoder = decoderᵀ",
+        "—",
+        "both are random unit directions",
         "not measured",
     ),
     Deviation(
-        "small training details (init, batch order, warm-up, threshold EMA start, dead-latent mask)",
-        lambda: "this book's",
-        "dictionary_learning's",
+        "dead-latent mask of the auxiliary loss",
+        lambda: "counted before the batch",
+        "counted after the batch (its rows added, its firing latents revived)",
         "—",
-        "not yet compared line by line",
+        "the mask is needed before the batch's codes exist; off by one batch of B rows",
         "not measured",
     ),
 )

@@ -90,9 +90,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None) -> float:
-    """Learning-rate multiplier: linear warm-up from 0, then 1, then linear decay to 0 from ``decay_start``
-    (``None``: no decay)."""
-    m = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    """Learning-rate multiplier: linear warm-up ``step / warmup_steps`` (dictionary_learning's: the first
+    step at 0), then 1, then linear decay to 0 from ``decay_start`` (``None``: no decay)."""
+    m = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
     if decay_start is not None and step >= decay_start:
         m *= max(0.0, (steps - step) / max(1, steps - decay_start))
     return m
@@ -844,7 +844,8 @@ def train_sae(
             with torch.no_grad():
                 since_fired += x.shape[0]
                 since_fired[out["fired"]] = 0
-                if sae.uses_threshold and step >= threshold_start_step and out["min_kept"] is not None:
+                # the inference threshold's EMA starts after threshold_start_step (dictionary_learning's `>`)
+                if sae.uses_threshold and step > threshold_start_step and out["min_kept"] is not None:
                     mk = out["min_kept"]
                     th = float(sae.threshold)
                     sae.threshold.fill_(mk if th < 0 else threshold_beta * th + (1 - threshold_beta) * mk)

@@ -156,7 +156,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     #: Linear LR decay start (``None``: no decay; an int is a step, a float in [0, 1] a fraction of steps).
     decay_start: int | float | None = None
-    #: First step of the threshold EMA (``None``: ``min(1000, steps // 4)``).
+    #: The threshold EMA runs on steps after this one (``None``: ``min(1000, steps // 4)``; dictionary_learning: 1000).
     threshold_start_step: int | None = None
     #: EMA factor of the inference threshold θ.
     threshold_beta: float = 0.999
