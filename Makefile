@@ -34,8 +34,13 @@ fixture: install
 sweep: fixture
 	$(PY) -m vlmsae_utils.run --config configs/fixture.yaml
 
-notebooks: sweep
-	$(PY) -m vlmsae_utils.run --all --out $(CHAPTERS)
+# The fixture sweep and the chapters on their defaults run side by side, one torch thread each (the
+# 2 cores of a laptop; as the test session trains them); chapter 6 waits for the sweep's results.
+notebooks: fixture
+	@export OMP_NUM_THREADS=1 VLMSAE_TRAIN_THREADS=1; \
+	$(PY) -m vlmsae_utils.run --config configs/fixture.yaml & sweep=$$!; \
+	$(PY) -m vlmsae_utils.run --all --out $(CHAPTERS); chapters=$$?; \
+	wait $$sweep && exit $$chapters
 
 # make book: the book of book/chapters; make book SWEEP=NAME: the book of a sweep's own runs
 # (results/NAME and its executed notebooks; nothing is re-executed). make publish [SWEEP=NAME]

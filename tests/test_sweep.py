@@ -460,3 +460,19 @@ def test_a_run_redone_with_other_parameters_starts_from_a_clean_folder(tmp_path)
     (root / train.out_dir / sweep.DONE_FILE).unlink()  # killed before its marker, same parameters
     sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
     assert (root / train.out_dir / "checkpoint.pt").read_text() == "interrupted with steps 400"  # resumed from
+
+
+def test_fixture_results_wait_for_a_sweep_run_elsewhere(monkeypatch):
+    """make demo runs the fixture sweep beside the chapters: chapter 6's ensure_fixture_results meets
+    the sweep's lock, waits for the folder, then brings the (now finished) sweep up to date."""
+    calls = []
+
+    def fake_run_sweep(path, progress=False):
+        calls.append(path)
+        if len(calls) == 1:
+            raise sweep.SweepLockedError("sweep folder is locked by pid 1")
+        return pd.DataFrame({"run": ["a"], "status": ["skipped"], "message": [""]}), {}
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    results = sweep.ensure_fixture_results(CONFIGS / "fixture.yaml")
+    assert len(calls) == 2 and results.name == "fixture"

@@ -880,11 +880,16 @@ def load_results(folder: str | os.PathLike, scorer: str = "") -> SweepResults:
 def ensure_fixture_results(config_path: str | os.PathLike | None = None) -> Path:
     """The fixture sweep's results folder, brought up to date first: finished runs with the same
     parameters are skipped, so this costs seconds once the sweep has run (and never shows tables
-    left over from an older config)."""
+    left over from an older config); while another process runs the sweep, this waits for it."""
     from .paths import repo_root
 
     path = Path(config_path) if config_path else (repo_root() or Path.cwd()) / "configs" / "fixture.yaml"
-    status, _ = run_sweep(path, progress=False)
+    try:
+        status, _ = run_sweep(path, progress=False)
+    except SweepLockedError:  # another process runs it (make demo runs it beside the chapters): wait for it
+        with folder_lock(sweep_dir(load_config(path)["name"]), "sweep folder", blocking=True):
+            pass
+        status, _ = run_sweep(path, progress=False)
     failed = status[status.status.isin(["failed", "blocked"])]
     if len(failed):
         raise RuntimeError(f"fixture sweep failed: {failed.iloc[0].run}: {failed.iloc[0].message}")
