@@ -393,9 +393,10 @@ def _load_local(path: Path) -> VisionEncoder:
 def _load_transformers(source: str, family: str) -> VisionEncoder:
     """transformers CLIP / SigLIP / DINOv2 from a hub id or folder, with the image processor of
     :func:`.hf.image_backend` (PIL by default, as the authors)."""
+    backend = image_backend()
     with quiet_transformers():
-        encoder = _build_transformers(source, family, image_processor(source))
-    encoder.preprocessing = image_backend()
+        encoder = _build_transformers(source, family, image_processor(source, backend))
+    encoder.preprocessing = backend  # the backend the processor was built on, recorded in store parameters
     return encoder
 
 

@@ -30,13 +30,13 @@ def image_backend() -> str:
     return backend
 
 
-def image_processor(source: str) -> Any:
-    """The image processor of a transformers model folder or hub id, on :func:`image_backend`
-    (``backend=`` from transformers 5, ``use_fast=`` before)."""
+def image_processor(source: str, backend: str | None = None) -> Any:
+    """The image processor of a transformers model folder or hub id, on ``backend`` (default
+    :func:`image_backend`; ``backend=`` from transformers 5, ``use_fast=`` before)."""
     import transformers
     from transformers import AutoImageProcessor
 
-    backend = image_backend()
+    backend = image_backend() if backend is None else backend
     major = int(transformers.__version__.split(".")[0])
     choice = {"backend": backend} if major >= 5 else {"use_fast": backend == "torchvision"}
     return AutoImageProcessor.from_pretrained(source, **choice)

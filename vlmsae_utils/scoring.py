@@ -34,6 +34,7 @@ __all__ = [
     "ms_table_file",
     "neurons_at_levels",
     "per_image",
+    "raw_name",
     "sae_codes",
     "save_ms_tables",
     "save_uniqueness",
@@ -182,6 +183,11 @@ def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> pd.DataFrame:
     return summary
 
 
+def raw_name(activations: ActivationStore) -> str:
+    """The name of a store's raw neurons in reports and tables (``raw <encoder>``)."""
+    return f"raw {activations.params['encoder']}"
+
+
 def score_all(
     activations: ActivationStore,
     embeddings: ActivationStore,
@@ -194,7 +200,7 @@ def score_all(
     check_aligned(activations, embeddings)
     dev = resolve_device(device)
     target = embeddings.to_tensor()
-    reports = [score_neurons(f"raw {activations.params['encoder']}", activations.to_tensor(), target, top_k, dev)]
+    reports = [score_neurons(raw_name(activations), activations.to_tensor(), target, top_k, dev)]
     for name, sae in saes.items():
         reports.append(score_neurons(name, sae_codes(sae, activations, device=dev), target, top_k, dev))
     return reports
@@ -210,7 +216,7 @@ def top_images_of(
     ``activations`` (per image), named as :func:`score_all` names them: the authors count the
     uniqueness of top images on the train split, not on the images MS is scored on."""
     dev = resolve_device(device)
-    tops = {f"raw {activations.params['encoder']}": top_k_images(activations.to_tensor(), top_k, device=dev).indices}
+    tops = {raw_name(activations): top_k_images(activations.to_tensor(), top_k, device=dev).indices}
     for name, sae in saes.items():
         tops[name] = top_k_images(sae_codes(sae, activations, device=dev), top_k, device=dev).indices
     return tops

@@ -154,8 +154,9 @@ def all_token_top_images(
     ranks only its own. Rows follow ``latents``; ``count_positive`` counts the images ranked > 0."""
     chosen = torch.as_tensor(list(latents), dtype=torch.int64)
     allowed = None if shortlist is None else shortlist.indices[chosen]  # [L, S], −1 = absent
-    images = range(num_images) if allowed is None else sorted({int(i) for i in allowed.flatten().tolist() if i >= 0})
-    images = list(images)
+    images = (
+        list(range(num_images)) if allowed is None else sorted({int(i) for i in allowed.flatten().tolist() if i >= 0})
+    )
     values = torch.full((len(chosen), k), float("-inf"))
     indices = torch.full((len(chosen), k), -1, dtype=torch.int64)
     count = torch.zeros(len(chosen), dtype=torch.int64)
@@ -394,10 +395,10 @@ def class_name_baselines(study: SteeringStudy, names: str = "authors") -> pd.Dat
     classes = sorted(set(study.test_classes))
     if len(classes) < 2:
         return None
-    names = [baseline_text(c, names) for c in classes]
+    texts = [baseline_text(c, names) for c in classes]
     base = steering.class_name_baseline(
         study.clip.embed_images(study.test_images),
-        study.clip.embed_text(names),
+        study.clip.embed_text(texts),
         [classes.index(c) for c in study.test_classes],
     )
     return pd.DataFrame({k: [steering.mean_std(v)] for k, v in base.items()}, index=["image vs class name"])
