@@ -467,3 +467,18 @@ def test_all_token_concept_images_are_the_full_pass_ranking(llava, sae, val_imag
     for row, j in enumerate(latents):  # the shortlisted images keep their full-pass order
         expected = [i for i in torch.argsort(means[[1, 3], j], descending=True).tolist() if means[[1, 3][i], j] > 0]
         assert short.indices[row, : len(expected)].tolist() == [[1, 3][i] for i in expected]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"concept_tokens": "some"}, "concept_tokens must be one of all, stored, got 'some'"),
+        ({"concept_shortlist": -1}, "concept_shortlist must be 0 .every training image. or a positive count"),
+        ({"concept_shortlist": 2.5}, "concept_shortlist must be 0"),
+    ],
+)
+def test_bad_concept_settings_fail_before_any_model_loads(bad, message):
+    from vlmsae_utils.steering_study import prepare
+
+    with pytest.raises(ValueError, match=message):
+        prepare("no-such-llava", **bad)  # refused before the (missing) model would be loaded
