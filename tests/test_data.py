@@ -88,13 +88,19 @@ def test_bad_files_are_reported_with_reasons(mixed_folder, caplog):
     assert "notes.txt" not in caplog.text and "hidden" not in caplog.text
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_only_on_request(tmp_path, monkeypatch):
     image = Image.new("RGB", (20, 10), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     path = _save(image, tmp_path / "rotated.jpg", exif=exif.tobytes())
-    assert Image.open(path).size == (20, 10)
+    monkeypatch.delenv(data.EXIF_TRANSPOSE_ENV, raising=False)
+    assert data.load_image(path).size == (20, 10)  # as stored, the authors' convert("RGB")
+    assert data.load_image(path, exif_transpose=True).size == (10, 20)
+    monkeypatch.setenv(data.EXIF_TRANSPOSE_ENV, "1")
     assert data.load_image(path).size == (10, 20)
+    monkeypatch.setenv(data.EXIF_TRANSPOSE_ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        data.load_image(path)
 
 
 def test_order_ids_and_flat_folders(tmp_path):

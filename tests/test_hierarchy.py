@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from itertools import combinations, pairwise
 
 import numpy as np
@@ -67,6 +68,19 @@ def test_mean_and_majority_depth_on_a_constructed_latent():
     assert table.depth_mean[0] == pytest.approx(11 / 3) and table.depth_rounded[0] == 4 and table.depth_majority[0] == 2
     assert table.depth_rounded[1] == 2 and table.depth_majority[1] == 0
     assert table.excluded.tolist() == [False, False, True] and np.isnan(table.depth_mean[2])
+
+
+def test_majority_ties_follow_counter_most_common():
+    """The authors take ``Counter(pair depths).most_common(1)``: a tie goes to the depth seen first."""
+    rng = np.random.default_rng(3)
+    paths = [tuple(rng.choice(["a", "b", "c"], size=4)) for _ in range(12)]
+    top = rng.integers(0, 12, size=(200, 4))  # 6 pairs per latent: ties are common
+    table = h.latent_depths(top, paths)
+    expected = [
+        Counter(h.lca_depth(paths[row[i]], paths[row[j]]) for i, j in combinations(range(4), 2)).most_common(1)[0][0]
+        for row in top
+    ]
+    assert table.depth_majority.astype(int).tolist() == expected
 
 
 def test_level_summary_equals_a_brute_force_groupby():

@@ -1,8 +1,9 @@
 """Image datasets over ImageFolder-style trees and flat folders, with safe image loading.
 
-Every image is loaded as RGB whatever its PIL mode, turned upright by its EXIF
-orientation, and a file that cannot be used (unreadable, truncated, empty, not an image)
-is reported with a reason instead of crashing a long extraction or silently vanishing.
+Every image is loaded as RGB whatever its PIL mode (as the authors' ``convert("RGB")``; turned
+upright by its EXIF orientation only on request, :func:`exif_transpose_enabled`), and a file that
+cannot be used (unreadable, truncated, empty, not an image) is reported with a reason instead of
+crashing a long extraction or silently vanishing.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "EXIF_TRANSPOSE_ENV",
     "FLAT_CLASS",
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "ImageLoadError",
     "ImageRecord",
     "class_counts",
+    "exif_transpose_enabled",
     "file_stamp",
     "first_image_of_each_class",
     "images_by_class",
@@ -37,6 +40,17 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 FLAT_CLASS = ""  # class name of images in a flat folder (no class sub-folders)
+#: ``VLMSAE_EXIF_TRANSPOSE=1`` turns photos upright by their EXIF orientation, as a viewer shows
+#: them; unset or ``0`` (default) reads the pixels as stored, as the authors' loader does.
+EXIF_TRANSPOSE_ENV = "VLMSAE_EXIF_TRANSPOSE"
+
+
+def exif_transpose_enabled() -> bool:
+    """Whether :func:`load_image` applies EXIF orientation (:data:`EXIF_TRANSPOSE_ENV`)."""
+    value = os.environ.get(EXIF_TRANSPOSE_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{EXIF_TRANSPOSE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 class ImageLoadError(Exception):
@@ -99,9 +113,12 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return grey.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode, orient (EXIF) and convert one image to RGB, or raise :class:`ImageLoadError`."""
+def load_image(path: str | os.PathLike, exif_transpose: bool | None = None) -> Image.Image:
+    """Open, fully decode and convert one image to RGB, or raise :class:`ImageLoadError`; EXIF
+    orientation is applied when ``exif_transpose`` (``None``: :func:`exif_transpose_enabled`)."""
     path = Path(path)
+    if exif_transpose is None:
+        exif_transpose = exif_transpose_enabled()
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -113,7 +130,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                if exif_transpose:
+                    image = ImageOps.exif_transpose(image)
                 if image.width == 0 or image.height == 0:
                     raise ImageLoadError(path, "zero-sized image")
                 return to_rgb(image)

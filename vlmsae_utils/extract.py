@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import encoders as enc
 from . import hooks
-from .data import ImageFolderDataset, load_batch
+from .data import ImageFolderDataset, exif_transpose_enabled, load_batch
 from .device import resolve_device, resolve_model_dtype
 from .io import check_writable
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
@@ -213,6 +213,8 @@ def _plan(
     }
     if encoder.preprocessing:  # the image-processor backend changes the pixels a transformers model sees
         params["image_backend"] = encoder.preprocessing
+    if exif_transpose_enabled():  # recorded only when on: stores read as stored keep their fingerprint
+        params["exif_transpose"] = True
     return StorePlan(
         params,
         dataset.image_ids,

@@ -175,6 +175,18 @@ def pair_depths(top_indices: torch.Tensor | np.ndarray, image_codes: np.ndarray)
     return depths
 
 
+def majority_depth(depths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Most common pair depth per latent; among tied depths the one whose first pair comes first
+    (pairs in ``itertools.combinations`` order), as the authors' ``Counter.most_common(1)``."""
+    num_pairs = depths.shape[1]
+    first = np.full(counts.shape, num_pairs, dtype=np.int64)
+    for depth in range(counts.shape[1]):
+        hit = depths == depth
+        first[:, depth] = np.where(hit.any(axis=1), hit.argmax(axis=1), num_pairs)
+    tied = counts == counts.max(axis=1, keepdims=True)
+    return np.where(tied, first, num_pairs + 1).argmin(axis=1)
+
+
 def latent_depths(top_indices: torch.Tensor | np.ndarray, image_paths: Sequence[Sequence[str]]) -> pd.DataFrame:
     """Per latent: mean pair depth, its rounding, the majority depth, and whether it is excluded.
 
@@ -188,7 +200,7 @@ def latent_depths(top_indices: torch.Tensor | np.ndarray, image_paths: Sequence[
     counts = np.stack([(depths == d).sum(axis=1) for d in range(num_ranks + 1)], axis=1)
     with np.errstate(invalid="ignore"):
         mean = np.where(excluded, np.nan, depths.clip(min=0).mean(axis=1))
-    majority = np.where(excluded, np.nan, counts.argmax(axis=1).astype(float))  # ties → shallower depth
+    majority = np.where(excluded, np.nan, majority_depth(depths, counts).astype(float))
     return pd.DataFrame(
         {
             "latent": np.arange(len(depths)),
