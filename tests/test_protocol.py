@@ -31,3 +31,14 @@ def test_a_changed_default_shows_up_in_the_table(monkeypatch):
 @pytest.mark.parametrize("deviation", protocol.DEVIATIONS, ids=lambda d: d.setting[:40])
 def test_each_row_is_complete(deviation):
     assert deviation.setting and deviation.why and deviation.effect and deviation.option
+
+
+def test_init_batch_order_and_exif_follow_the_authors_unless_asked(monkeypatch):
+    rows = {d.setting: d for d in protocol.DEVIATIONS}
+    exif = rows["EXIF orientation of photos (VLMSAE_EXIF_TRANSPOSE)"]
+    monkeypatch.delenv("VLMSAE_EXIF_TRANSPOSE", raising=False)
+    for setting in ("SAE initialisation (TrainConfig.init)", "order of the training batches (TrainConfig.batch_order)"):
+        assert rows[setting].follows_authors(), setting
+    assert exif.follows_authors()
+    monkeypatch.setenv("VLMSAE_EXIF_TRANSPOSE", "1")
+    assert exif.default() == "applied" and not exif.follows_authors()

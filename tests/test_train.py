@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import TensorStore, write_store
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from vlmsae_utils.train import (
     DECAY_LAST_20PCT,
+    dead_after_batch,
     evaluate_sae,
     geometric_median,
     group_sizes_from_fractions,
@@ -371,17 +373,59 @@ def test_fast_batch_topk_indices_exact():
 # ----- device, data paths, input scale, LR decay, authors' R² (issues 12 and 14) -----------------
 
 
-def test_training_batch_rows_are_epoch_permutations():
-    n, bs = 50, 16
-    rows = np.concatenate([training_batch_rows(n, bs, 3, s) for s in range(25)])  # 400 rows = 8 epochs
-    assert all(len(training_batch_rows(n, bs, 3, s)) == bs for s in range(25))
+def test_reshuffled_batch_rows_are_epoch_permutations():
+    n, bs, order = 50, 16, "reshuffled"
+    rows = np.concatenate([training_batch_rows(n, bs, 3, s, order) for s in range(25)])  # 400 rows = 8 epochs
+    assert all(len(training_batch_rows(n, bs, 3, s, order)) == bs for s in range(25))
     for e in range(8):
         assert sorted(rows[e * n : (e + 1) * n].tolist()) == list(range(n))
     assert not np.array_equal(rows[:n], rows[n : 2 * n])
-    assert np.array_equal(training_batch_rows(n, bs, 3, 7), rows[7 * bs : 8 * bs])  # a pure function of the step
-    assert not np.array_equal(training_batch_rows(n, bs, 4, 0), rows[:bs])
-    big = training_batch_rows(5, 12, 0, 0)  # batch larger than the data: spans epochs
+    assert np.array_equal(training_batch_rows(n, bs, 3, 7, order), rows[7 * bs : 8 * bs])  # a function of the step
+    assert not np.array_equal(training_batch_rows(n, bs, 4, 0, order), rows[:bs])
+    big = training_batch_rows(5, 12, 0, 0, order)  # batch larger than the data: spans epochs
     assert len(big) == 12 and sorted(big[:5].tolist()) == list(range(5))
+
+
+def test_cycled_batch_rows_replay_the_authors_loader():
+    """Transcription of ``itertools.cycle(DataLoader(shuffle=True))``: the first pass's batches (the
+    last one short) replayed in the same order."""
+    n, bs, seed = 50, 16, 3
+    perm = np.random.default_rng([seed, 0, 0]).permutation(n)
+    first_pass = [perm[i : i + bs] for i in range(0, n, bs)]  # 16, 16, 16, 2
+    expected = [batch for _ in range(3) for batch in first_pass]
+    got = [training_batch_rows(n, bs, seed, s) for s in range(len(expected))]
+    assert [len(b) for b in got[:4]] == [16, 16, 16, 2]
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert len(training_batch_rows(5, 12, 0, 1)) == 5  # a batch larger than the data is the whole data
+    with pytest.raises(ValueError, match="batch_order must be one of"):
+        training_batch_rows(n, bs, seed, 0, "sorted")
+
+
+def test_dead_latents_counted_after_the_batch():
+    """dictionary_learning's order: add the batch's tokens, reset the latents it fired, then
+    ``num_tokens_since_fired >= dead_feature_threshold``."""
+    since = torch.tensor([0, 5, 9, 9, 10, 3])
+    fired = torch.tensor([False, False, True, False, False, False])
+    expected = since + 2
+    expected[fired] = 0
+    mask = dead_after_batch(since, dead_tokens=10, n_rows=2)(fired)
+    assert mask.tolist() == (expected >= 10).tolist() == [False, False, False, True, True, False]
+
+
+def test_default_init_is_the_authors_kaiming_uniform():
+    """With ``lr=0`` the trained decoder is its initial one: kaiming-uniform ``[ω, d]`` rows made unit
+    norm (dictionary_learning's Matryoshka SAE), the encoder its transpose; ``init="gaussian"`` differs."""
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    sae, _ = train_sae(x, "batch_top_k", W / D, k=4, steps=2, batch_size=32, lr=0.0, seed=11, progress=False)
+    torch.manual_seed(11)
+    w = torch.nn.init.kaiming_uniform_(torch.empty(W, D))
+    w = w / w.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec.detach(), w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sae.W_enc.detach(), w.T)
+    gauss, _ = train_sae(
+        x, "batch_top_k", W / D, k=4, steps=2, batch_size=32, lr=0.0, seed=11, progress=False, init="gaussian"
+    )
+    assert torch.allclose(gauss.W_dec.norm(dim=1), torch.ones(W)) and not torch.allclose(gauss.W_dec, sae.W_dec)
 
 
 @pytest.mark.parametrize("kind", ["batch_top_k", "matryoshka_batch_top_k"])
@@ -439,8 +483,9 @@ def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monke
     store = write_store(tmp_path / "s", x, "float16", shard_images=32)
     for resident in (True, False):
         stream = train_mod._TrainingStream(store, 16, 1, torch.device("cpu"), data_on_device=resident)
-        batches = list(stream.batches(0, 9))  # 144 rows: crosses an epoch
-        assert all(b.dtype == torch.float32 and b.shape == (16, D) for b in batches)
+        batches = list(stream.batches(0, 9))  # 6 batches an epoch (the last of 10 rows): crosses an epoch
+        assert [b.shape[0] for b in batches] == [16] * 5 + [10] + [16] * 3
+        assert all(b.dtype == torch.float32 and b.shape[1] == D for b in batches)
         for s, b in enumerate(batches):
             assert torch.equal(b, x[torch.from_numpy(training_batch_rows(90, 16, 1, s))])
     bad = x.clone()
@@ -578,6 +623,9 @@ def test_train_grid_device_and_authors_r2_column(tmp_path):
     saved = load_sae(tmp_path / "grid" / "batch_top_k_x2_k3")
     torch.testing.assert_close(saved.W_dec, direct.W_dec, rtol=0, atol=0)
     assert "val_r2_batch_mean" in histories["batch_top_k_x2_k3"].columns
+    recorded = json.loads((tmp_path / "grid" / "matryoshka_batch_top_k_x2_k3" / "config.json").read_text())["training"]
+    assert recorded["expansion"] == 2 and recorded["k"] == 3 and recorded["group_fractions"] == [0.5, 0.5]
+    assert recorded["lr"] == pytest.approx(2e-4 / math.sqrt(2 * D / 2**14)) and recorded["init"] == "uniform"
 
 
 def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):

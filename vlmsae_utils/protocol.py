@@ -71,6 +71,12 @@ def _image_backend() -> str:
     return image_backend()
 
 
+def _exif_transpose() -> bool:
+    from .data import exif_transpose_enabled
+
+    return exif_transpose_enabled()
+
+
 def _uniqueness_protocol() -> bool:
     from . import scoring
 
@@ -161,28 +167,30 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "(the fixture images need little resizing; photos will differ more)",
     ),
     Deviation(
-        "EXIF orientation of photos (data.load_image)",
-        lambda: "applied",
+        "EXIF orientation of photos (VLMSAE_EXIF_TRANSPOSE)",
+        lambda: "applied" if _exif_transpose() else "not applied",
         "not applied",
-        "—",
-        "a photo stored on its side is read upright, as a viewer shows it",
-        "not measured (ImageNet has few such files)",
+        "1: photos turned upright by their EXIF orientation (recorded in the store's parameters)",
+        "a photo stored on its side is read as a viewer shows it",
+        "none on the fixture (no EXIF); on ImageNet only the few files with an orientation tag",
     ),
     Deviation(
-        "SAE initialisation",
-        lambda: "Gaussian rows, unit norm; encoder = decoderᵀ",
-        "kaiming-uniform rows, unit norm; encoder = decoderᵀ",
-        "—",
-        "both are random unit directions",
-        "not measured",
+        "SAE initialisation (TrainConfig.init)",
+        lambda: _train_default("init"),
+        "uniform",
+        "gaussian: Gaussian rows made unit norm",
+        "Gaussian rows give directions uniform on the sphere; cube-uniform rows favour its diagonals",
+        "fixture (block −2 CLS, ε = 4, K = 8, 600 steps of 256, mean of 3 seeds; seed spread ±0.4): R² % "
+        "BatchTopK 92.29 → 92.20, Matryoshka 94.28 → 94.30; L0 7.58 → 7.55, 8.76 → 8.81",
     ),
     Deviation(
-        "dead-latent mask of the auxiliary loss",
-        lambda: "counted before the batch",
-        "counted after the batch (its rows added, its firing latents revived)",
-        "—",
-        "the mask is needed before the batch's codes exist; off by one batch of B rows",
-        "not measured",
+        "order of the training batches (TrainConfig.batch_order)",
+        lambda: _train_default("batch_order"),
+        "cycled",
+        "reshuffled: a new permutation each epoch, every batch full",
+        "the authors' itertools.cycle replays one shuffled pass, its short last batch included",
+        "fixture (as above; 320 rows: batches of 256 and 64): R² % BatchTopK 92.29 → 92.57, "
+        "Matryoshka 94.28 → 94.46; L0 7.58 → 7.32, 8.76 → 8.42",
     ),
 )
 

@@ -33,6 +33,7 @@ from .io import atomic_write_bytes
 __all__ = [
     "CONFIG_FILE",
     "FORMAT_NAME",
+    "INITS",
     "SAE_CLASSES",
     "SAE_LABELS",
     "SAE_TYPES",
@@ -47,6 +48,7 @@ __all__ = [
     "batch_topk_mask",
     "load_sae",
     "make_sae",
+    "random_directions",
     "register_sae",
     "sae_class",
     "save_sae",
@@ -55,6 +57,20 @@ __all__ = [
 ]
 
 FORMAT_NAME = "vlmsae-sae"
+#: Initial decoder directions (TrainConfig ``init``): ``"uniform"`` rows drawn in a cube and
+#: normalised — dictionary_learning's ``kaiming_uniform_`` / ``nn.Linear`` init, the authors' — or
+#: ``"gaussian"`` rows, normalised: directions uniform on the sphere (isotropic).
+INITS = ("uniform", "gaussian")
+
+
+def random_directions(n: int, dim: int, init: str = "uniform") -> torch.Tensor:
+    """``n`` random unit rows of width ``dim`` from the global torch generator (see :data:`INITS`)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    w = torch.empty(n, dim).uniform_(-1.0, 1.0) if init == "uniform" else torch.randn(n, dim)
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -90,8 +106,7 @@ class BaseSAE(nn.Module):
         self.activation_dim = int(activation_dim)
         self.dict_size = int(dict_size)
         self.k = None if k is None else int(k)
-        w = torch.randn(self.dict_size, self.activation_dim)
-        w = w / w.norm(dim=1, keepdim=True)
+        w = random_directions(self.dict_size, self.activation_dim, "uniform")
         self.W_dec = nn.Parameter(w)
         self.W_enc = nn.Parameter(w.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.dict_size))
@@ -191,6 +206,14 @@ class BaseSAE(nn.Module):
             raise ValueError(f"group_sizes only apply to types with latent groups, not {cls.sae_type!r}")
         extra = {"group_sizes": group_sizes} if cls.uses_groups else {}
         return cls(activation_dim, dict_size, k, **extra) if cls.needs_k else cls(activation_dim, dict_size, **extra)
+
+    @torch.no_grad()
+    def init_directions(self, init: str) -> None:
+        """Redraw the decoder rows as unit ``init`` directions (:func:`random_directions`) and tie the
+        encoder to them (``W_enc = W_decᵀ``), as every dictionary_learning SAE starts."""
+        w = random_directions(self.dict_size, self.activation_dim, init)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
 
     # ----- bookkeeping ---------------------------------------------------------------------
     @torch.no_grad()
@@ -488,14 +511,17 @@ def make_sae(
 # ----- save / load -----------------------------------------------------------------------------
 
 
-def save_sae(sae: BaseSAE, path: str | os.PathLike) -> Path:
-    """Write ``path/sae.safetensors`` (W_enc, b_enc, W_dec, b_dec) and ``path/config.json``; return the folder."""
+def save_sae(sae: BaseSAE, path: str | os.PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write ``path/sae.safetensors`` (W_enc, b_enc, W_dec, b_dec) and ``path/config.json``; return the
+    folder. ``training`` (every resolved training setting, expansion and data fingerprint included)
+    is recorded under the config's ``"training"`` key; loading does not need it."""
     from safetensors.torch import save
 
     path = Path(path)
     tensors = {n: getattr(sae, n).detach().float().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT_NAME}))
-    atomic_write_bytes(path / CONFIG_FILE, json.dumps(sae.config(), indent=2).encode())
+    config = sae.config() | ({"training": dict(training)} if training is not None else {})
+    atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return path
 
 

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .device import resolve_device
 from .io import atomic_torch_save
 from .sae import SAE_LABELS, SAE_TYPES, BaseSAE, MatryoshkaBatchTopKSAE, batch_topk_indices, sae_class
 from .train_config import (
+    BATCH_ORDERS,
     DATA_MEMORY_FRACTION,
     DECAY_LAST_20PCT,
     DEFAULT_AUX_ALPHA,
@@ -64,6 +65,7 @@ __all__ = [
     "batch_topk_indices",
     "checkpoint_settings",
     "data_fingerprint",
+    "dead_after_batch",
     "default_lr",
     "estimate_input_scale",
     "evaluate_sae",
@@ -100,9 +102,8 @@ def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None)
 
 # ----- data ---------------------------------------------------------------------------------
 #
-# Which rows form training batch ``s`` is a pure function of ``(seed, s)``: the rows of an endless
-# concatenation of seeded per-epoch permutations (every row once per epoch, batches of exactly
-# ``batch_size`` rows, an epoch's tail continuing into the next one), cut into consecutive batches.
+# Which rows form training batch ``s`` is a pure function of ``(seed, s, batch_order)``: by default
+# the authors' one seeded permutation, cut into batches and replayed every epoch (see _IndexStream).
 # How the rows reach the device — a resident copy on the device, or chunks streamed from RAM / a
 # memory map — does not change them, so both paths train bit-identically and a resumed run only
 # needs the step count.
@@ -111,9 +112,10 @@ def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None)
 CHUNK_BATCHES = 64
 CHUNK_MAX_BYTES = 1 << 30
 #: Bumped whenever a change to the loss or to the batch sampling changes what a run trains
-#: (2: Matryoshka 1/G² weighting, epoch-permutation batches, sampled input scale). Written into
+#: (2: Matryoshka 1/G² weighting, epoch-permutation batches, sampled input scale; 3: the authors'
+#: uniform init, cycled batch order and dead-latent count after the batch). Written into
 #: checkpoints — one of another version is refused — and meant for keys of cached SAEs.
-TRAINER_VERSION = 2
+TRAINER_VERSION = 3
 
 
 def _first_bad_rows(x: torch.Tensor, offset: int = 0, n: int = 5) -> list[int]:
@@ -258,11 +260,20 @@ class _RowSource:
 
 
 class _IndexStream:
-    """Rows of training batches: batch ``s`` is ``positions [s·B, (s+1)·B)`` of the concatenated
-    per-epoch permutations; epoch ``e`` is ``numpy.random.default_rng([seed, 0, e]).permutation(N)``."""
+    """Rows of training batches, a function of ``(seed, step)`` only (see :data:`BATCH_ORDERS`).
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
+    ``"cycled"`` (the authors'): one permutation ``numpy.random.default_rng([seed, 0, 0]).permutation(N)``
+    cut into ``ceil(N / B)`` batches, the last one short, replayed every epoch (``itertools.cycle``
+    over a shuffled ``DataLoader`` replays its first pass). ``"reshuffled"``: batch ``s`` is positions
+    ``[s·B, (s+1)·B)`` of the concatenated per-epoch permutations ``default_rng([seed, 0, e])``, every
+    batch full."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, order: str = "cycled"):
+        if order not in BATCH_ORDERS:
+            raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {order!r}")
         self.n_rows, self.batch_size, self.seed = int(n_rows), int(batch_size), int(seed) % 2**63
+        self.order = order
+        self.batches_per_epoch = -(-self.n_rows // self.batch_size)
         self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -273,24 +284,36 @@ class _IndexStream:
             self._cache[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_rows)
         return self._cache[epoch]
 
+    def offsets(self, start_step: int, n_steps: int) -> np.ndarray:
+        """Where each batch of :meth:`rows` starts in their concatenation (``n_steps + 1`` offsets)."""
+        if self.order == "reshuffled":
+            return np.arange(n_steps + 1, dtype=np.int64) * self.batch_size
+        j = np.arange(start_step, start_step + n_steps) % self.batches_per_epoch
+        sizes = np.minimum(self.batch_size, self.n_rows - j * self.batch_size)
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
     def rows(self, start_step: int, n_steps: int) -> np.ndarray:
         """Row indices of batches ``start_step … start_step + n_steps − 1``, concatenated (int64)."""
-        p, stop = start_step * self.batch_size, (start_step + n_steps) * self.batch_size
-        parts = []
         with self._lock:
-            while p < stop:
-                epoch, off = divmod(p, self.n_rows)
-                take = min(stop - p, self.n_rows - off)
-                parts.append(self._perm(epoch)[off : off + take])
-                p += take
+            if self.order == "cycled":
+                perm, B = self._perm(0), self.batch_size
+                j = np.arange(start_step, start_step + n_steps) % self.batches_per_epoch
+                parts = [perm[i * B : (i + 1) * B] for i in j]
+            else:
+                p, stop = start_step * self.batch_size, (start_step + n_steps) * self.batch_size
+                parts = []
+                while p < stop:
+                    epoch, off = divmod(p, self.n_rows)
+                    take = min(stop - p, self.n_rows - off)
+                    parts.append(self._perm(epoch)[off : off + take])
+                    p += take
         return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
 
-def training_batch_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Row indices of training batch ``step`` (0-based) as :func:`train_sae` draws them, whatever
-    the data path: every row once per epoch in a seeded random order, batches of exactly
-    ``batch_size`` rows."""
-    return _IndexStream(n_rows, batch_size, seed).rows(step, 1)
+def training_batch_rows(n_rows: int, batch_size: int, seed: int, step: int, order: str = "cycled") -> np.ndarray:
+    """Row indices of training batch ``step`` (0-based) as :func:`train_sae` draws them in batch
+    order ``order`` (:data:`BATCH_ORDERS`), whatever the data path."""
+    return _IndexStream(n_rows, batch_size, seed, order).rows(step, 1)
 
 
 def _resolve_data_on_device(data_on_device, src: _RowSource, device: torch.device, fraction: float) -> bool:
@@ -325,10 +348,11 @@ class _TrainingStream:
         data_on_device="auto",
         memory_fraction: float = DATA_MEMORY_FRACTION,
         what: str = "training data",
+        order: str = "cycled",
     ):
         self.src = data if isinstance(data, _RowSource) else _RowSource(data)
         self.batch_size, self.device, self.what = int(batch_size), device, what
-        self.index = _IndexStream(self.src.n_rows, batch_size, seed)
+        self.index = _IndexStream(self.src.n_rows, batch_size, seed, order)
         self.resident = _resolve_data_on_device(data_on_device, self.src, device, memory_fraction)
         batch_bytes = self.batch_size * self.src.dim * self.src.itemsize
         self.chunk_batches = max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_bytes)))
@@ -357,14 +381,15 @@ class _TrainingStream:
         return block, (inv_t.pin_memory() if pin else inv_t), uniq
 
     def batches(self, start: int, end: int) -> Iterator[torch.Tensor]:
-        B, C = self.batch_size, self.chunk_batches
+        C = self.chunk_batches
         if self.resident:
             data = self._resident_data()
             for c0 in range(start, end, C):
                 n = min(C, end - c0)
                 rows = torch.from_numpy(self.index.rows(c0, n)).to(self.device)
+                at = self.index.offsets(c0, n)
                 for i in range(n):
-                    yield data.index_select(0, rows[i * B : (i + 1) * B]).float()
+                    yield data.index_select(0, rows[at[i] : at[i + 1]]).float()
             return
         if start >= end:
             return
@@ -379,8 +404,9 @@ class _TrainingStream:
                 block = block.to(self.device, non_blocking=True)
                 inv = inv.to(self.device, non_blocking=True)
                 _check_finite(block, self.what, rows=uniq)
+                at = self.index.offsets(c0, n)
                 for i in range(n):
-                    yield block.index_select(0, inv[i * B : (i + 1) * B]).float()
+                    yield block.index_select(0, inv[at[i] : at[i + 1]]).float()
                 c0 += n
 
 
@@ -494,7 +520,7 @@ def _dense_loss(sae: BaseSAE, xs: torch.Tensor, l1_coeff: float) -> dict[str, An
 def sae_loss(
     sae: BaseSAE,
     x: torch.Tensor,
-    dead_mask: torch.Tensor | None = None,
+    dead_mask: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
     aux_alpha: float = DEFAULT_AUX_ALPHA,
     k_aux: int | None = None,
     l1_coeff: float = TrainConfig.l1_coeff,
@@ -508,7 +534,9 @@ def sae_loss(
     with G groups, as dictionary_learning's ``MatryoshkaBatchTopKTrainer``: each prefix's error
     ``l2_m = mean_b ||x_b − x̂_{m,b}||²`` is weighted ``1/G`` and the weighted errors are averaged
     over the G prefixes, so ``l2 = Σ_m l2_m / G²``. Types with ``sparse_training = False`` (ReLU)
-    use the dense loss ``l2 + l1_coeff · L1``. ``autocast`` runs the dense encoder forward in bf16
+    use the dense loss ``l2 + l1_coeff · L1``. ``dead_mask`` (bool [ω]) names the latents the
+    auxiliary-K loss may revive; a callable gets the batch's ``fired`` mask and returns it
+    (:func:`dead_after_batch`, the trainer's rule). ``autocast`` runs the dense encoder forward in bf16
     and only applies on CUDA (ignored elsewhere).
 
     Returns a dict with ``loss`` (differentiable), ``l2`` (the reconstruction term of the loss),
@@ -530,6 +558,8 @@ def sae_loss(
         fired = torch.zeros(omega, dtype=torch.bool, device=xs.device)
         fired[cols[pos]] = True
         min_kept = float(vals[pos].min()) if bool(pos.any()) else 0.0
+        if callable(dead_mask):
+            dead_mask = dead_mask(fired)
         n_dead = int(dead_mask.sum()) if dead_mask is not None and sae.uses_aux_loss else 0
         aux_rows = aux_cols = None
         if n_dead > 0:
@@ -559,6 +589,14 @@ def sae_loss(
         aux = (l2_aux / denom).nan_to_num(0.0)
     out.update(loss=l2 + aux_alpha * aux, l2=l2.detach(), aux=aux.detach())
     return out
+
+
+def dead_after_batch(
+    since_fired: torch.Tensor, dead_tokens: int, n_rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The auxiliary loss's dead latents as dictionary_learning counts them: after this batch's
+    ``n_rows`` tokens are added and its firing latents reset, ``since_fired ≥ dead_tokens``."""
+    return lambda fired: (since_fired + n_rows >= dead_tokens) & ~fired
 
 
 def project_decoder_grad(W_dec: torch.Tensor) -> None:
@@ -718,9 +756,9 @@ def train_sae(
     on the CPU that means loaded into RAM, within that share of the available RAM; a tensor
     already on the device is always used in place. Otherwise it streams in chunks of up to 64
     batches gathered by a background thread into pinned memory and copied asynchronously.
-    ``True``/``False`` force either path. Batches are a function of ``(seed, step)`` only — every
-    row once per epoch in a seeded random order (:func:`training_batch_rows`) — so both paths
-    train bit-identically. ``autocast=False`` (default) computes in float32 as the authors do;
+    ``True``/``False`` force either path. Batches are a function of ``(seed, step, batch_order)`` only —
+    by default the authors' one seeded pass replayed every epoch (:func:`training_batch_rows`) — so
+    both paths train bit-identically. ``autocast=False`` (default) computes in float32 as the authors do;
     ``True`` runs the encoder forward in bf16 on CUDA, ``None`` when the GPU supports it (never on the CPU).
     """
     from tqdm.auto import tqdm
@@ -753,11 +791,15 @@ def train_sae(
     elif autocast and dev.type != "cuda":
         raise ValueError(f"autocast (bf16) is only used on CUDA; device is {dev}")
 
-    stream = _TrainingStream(data, batch_size, seed, dev, cfg.data_on_device, cfg.memory_fraction)
+    stream = _TrainingStream(
+        data, batch_size, seed, dev, cfg.data_on_device, cfg.memory_fraction, order=cfg.batch_order
+    )
     cls = sae_class(sae_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sae = cls.create(d, dict_size, k if cls.needs_k else None, group_sizes)
+        if cfg.init != "uniform":  # the constructor draws the authors' uniform directions
+            sae.init_directions(cfg.init)
     sae.to(dev).train()
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, steps, warmup_steps, decay_start))
@@ -823,7 +865,8 @@ def train_sae(
     batches = stream.batches(start, end)
     try:
         for step, x in zip(range(start, end), batches):
-            dead = since_fired >= dead_tokens if sae.sparse_training and sae.uses_aux_loss else None
+            uses_aux = sae.sparse_training and sae.uses_aux_loss
+            dead = dead_after_batch(since_fired, dead_tokens, x.shape[0]) if uses_aux else None
             out = sae_loss(
                 sae,
                 x,
@@ -879,6 +922,7 @@ def train_sae(
         bar.close()
     sae.eval()
     frame = pd.DataFrame(history)
+    frame.attrs["training"] = run_cfg  # every resolved setting, for the SAE's config.json (train_grid)
     frame.attrs.update(device=str(dev), data_on_device=stream.resident)
     return sae, frame
 
@@ -943,7 +987,7 @@ def train_grid(
                 stop_after=stop_after,
                 checkpoint_dir=out / name / "checkpoint",
             )
-            save_sae(sae, out / name)
+            save_sae(sae, out / name, training=history.attrs["training"])
             history.to_csv(out / name / "history.csv", index=False)
             final = evaluate_sae(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
             rows.append(
