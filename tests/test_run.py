@@ -118,3 +118,22 @@ def test_a_notebook_whose_out_dir_is_being_written_elsewhere_fails_before_runnin
     with lock_held_elsewhere(folder) as pid, pytest.raises(FolderLockedError, match=f"written by pid {pid}"):
         run.run_notebook("02", {"out_dir": str(folder)}, tmp_path / "executed")
     assert not (tmp_path / "executed" / "02_train.ipynb").exists()
+
+
+def test_training_notebook_parameters_are_the_training_settings(tmp_path):
+    """Notebook 02 declares every TrainConfig setting once, with the fixture preset's value: one
+    default per setting, each reachable from ``-p`` and from a sweep's ``sae`` section."""
+    import ast
+
+    from vlmsae_utils import sweep
+    from vlmsae_utils.train_config import TrainConfig
+
+    ipynb = run.to_ipynb(run.find_notebook("02"), tmp_path / "02.ipynb")
+    declared = {name: ast.literal_eval(value) for name, value in run.notebook_parameters(ipynb).items()}
+    preset = TrainConfig.fixture()
+    settings = {name: declared[name] for name in TrainConfig.setting_names() if name in declared}
+    assert settings == {name: getattr(preset, name) for name in TrainConfig.setting_names()}
+    assert preset.expansion in declared["expansions"] and preset.sae_type in declared["sae_types"]
+    assert set(sweep.SAE_SETTINGS) == set(TrainConfig.setting_names())
+    namespace = dict(declared, k=3, init="gaussian", unrelated=1)
+    assert TrainConfig.from_namespace(namespace) == preset.updated(k=3, init="gaussian")

@@ -160,6 +160,23 @@ def test_changed_parameters_rerun(tmp_path):
     assert again.calls == [str(root / runs[0].out_dir)]
 
 
+def test_every_training_setting_reaches_notebook_02_only_where_set(tmp_path):
+    """A sweep may set any TrainConfig setting; an unset one stays out of the run's parameters, so the
+    runs (and fingerprints) of a sweep that sets none are what they were."""
+    base = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())
+    plain = sweep.expand(sweep.load_config(_config(tmp_path, hierarchy=None, steering=None)))
+    sae = base["sae"] | {"l1_coeff": 0.5, "init": "gaussian", "k_aux": 16}
+    changed = sweep.expand(sweep.load_config(_config(tmp_path, sae=sae, hierarchy=None, steering=None)))
+    for before, after in zip(plain, changed):
+        if before.kind != "train":
+            assert after.parameters == before.parameters
+            continue
+        assert "init" not in before.parameters
+        assert after.parameters == before.parameters | {"l1_coeff": 0.5, "init": "gaussian", "k_aux": 16}
+    with pytest.raises(sweep.ConfigError, match="init must be one of"):
+        sweep.load_config(_config(tmp_path, sae=base["sae"] | {"init": "zeros"}, hierarchy=None, steering=None))
+
+
 @pytest.mark.slow
 def test_fixture_sweep_end_to_end(fixture_results):
     sae = pd.read_csv(fixture_results / "sae.csv")

@@ -13,6 +13,7 @@ from typing import Any
 
 from .extract import extract_activations, extract_embeddings, open_dataset
 from .hf import image_backend
+from .io import sha256_json
 from .paths import data_home, resolve_out_dir, safe_stem
 from .store import ActivationStore
 
@@ -105,28 +106,26 @@ def embeddings_or_default(path: str | os.PathLike, split: str = "train") -> Acti
 def default_sae(
     sae_type: str = "matryoshka_batch_top_k",
     *,
-    expansion: float = 4,
-    k: int = 8,
-    group_fractions: list[float] | None = None,
-    steps: int = 600,
     store: ActivationStore | None = None,
     name: str = "cls",
+    **settings: Any,
 ):
     """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE.
-    The settings are the fixture's scale (K = 8, 600 steps of 256 rows on its small activations; the
-    paper's defaults are :class:`~vlmsae_utils.train_config.TrainConfig`'s) and are checked before the cache."""
+    The settings are the fixture's scale (:meth:`~vlmsae_utils.train_config.TrainConfig.fixture`)
+    with ``settings`` (TrainConfig fields) applied, checked before the cache."""
     from .sae import load_sae, save_sae
     from .train import TRAINER_VERSION, TrainConfig, run_name, train_sae
 
-    config = TrainConfig(
-        sae_type=sae_type, expansion=expansion, k=k, group_fractions=group_fractions, steps=steps, batch_size=256
-    )
+    config = TrainConfig.fixture(sae_type=sae_type, **settings)
     data = store if store is not None else default_store("train")
-    fractions = "" if group_fractions is None else "_g" + "-".join(f"{f:g}" for f in group_fractions)
+    fractions = "" if config.group_fractions is None else "_g" + "-".join(f"{f:g}" for f in config.group_fractions)
     key = (
-        f"{name}_{run_name(sae_type, expansion, k)}{fractions}_s{steps}_t{TRAINER_VERSION}"
+        f"{name}_{run_name(sae_type, config.expansion, config.k)}{fractions}_s{config.steps}_t{TRAINER_VERSION}"
         f"_{data.manifest['content_hash'][:12]}"
     )
+    others = {n: v for n, v in settings.items() if n not in ("expansion", "k", "group_fractions", "steps")}
+    if others:  # any other setting keys the cache too
+        key += "_" + sha256_json(others)[:8]
     folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
         sae, _ = train_sae(data, config, progress=False, device="cpu")  # tiny: the same SAE on every machine

@@ -360,6 +360,8 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
     validation images, with DINOv2-B embeddings, are scored; the other encoders are extracted
     with the remaining token modes; LLaVA-1.5's tower is steered at block 22.
     """
+    from .train_config import TrainConfig
+
     clip_l, dino = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
     common = {"data_dir": str(images), "device": device, "batch_size": 8}
     tokens_all = {
@@ -403,7 +405,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
         "train_store": f"{tokens_all['out_dir']}/activations",
         "val_store": f"{cls_val['out_dir']}/activations",
         "sae_types": ["matryoshka_batch_top_k"],
-        "k": 20,
+        "k": TrainConfig().k,  # the paper's K (notebook 02's default is the fixture's)
         "steps": 10,
         "batch_size": 1024,
         "device": device,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .train_config import TrainConfig
+
 __all__ = [
     "BYTES",
     "CLIP_B_32",
@@ -110,7 +112,7 @@ def paper_plan(
     num_blocks: int = 24,
     steps: int = 100_000,
     batch: int = 4096,
-    k: int = 20,
+    k: int = TrainConfig.k,
 ) -> pd.DataFrame:
     """Disk and compute of each stage of the paper's MS grid on CLIP-L/14-336 (see configs/paper_clip_vitl14.yaml).
 

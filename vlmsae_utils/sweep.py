@@ -103,8 +103,11 @@ TOP_KEYS = {
 #: so a sweep finished on one GPU is not redone on another (results agree within the tested tolerances).
 EXECUTION_ONLY = ("device", "num_workers")
 REQUIRED = ("name", "data", "models", "layers", "scorers", "sae")
-#: TrainConfig fields a sweep's ``sae`` section may set (notebook 02's parameters besides the grid).
-SAE_SETTINGS = ("k", "steps", "batch_size", "lr", "seed", "group_fractions", "aux_alpha", "decay_start")
+#: TrainConfig fields a sweep's ``sae`` section may set: every setting besides the grid's, as notebook 02 takes them.
+SAE_SETTINGS = TrainConfig.setting_names()
+#: Settings every training run passes to notebook 02 (set or not: they are in today's run fingerprints);
+#: any other setting is passed only where the ``sae`` section sets it, so finished sweeps stay finished.
+TRAIN_RUN_SETTINGS = ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")
 #: The ``sae`` section: the grid's types and expansions, and settings typed as TrainConfig declares them.
 #: ``k`` may also be a list: a sparsity sweep, every (type, expansion) trained at each K (Table 1).
 SAE_KEYS = {
@@ -327,6 +330,16 @@ def _layer_dir(layer: int | str, hook: str = DEFAULT_HOOK) -> str:
     return f"L{layer}" if layer == "last" or hook == DEFAULT_HOOK else f"L{layer}_{hook}"
 
 
+def _train_settings(sae: dict[str, Any], k: int | None) -> dict[str, Any]:
+    """Notebook 02's settings of one training run: :data:`TRAIN_RUN_SETTINGS` (unset: TrainConfig's
+    defaults), ``k`` of the run, and every other setting the ``sae`` section sets (not ``steps`` and
+    ``group_fractions``, which a run's caller chooses)."""
+    settings = {name: sae.get(name, getattr(TRAIN_DEFAULTS, name)) for name in TRAIN_RUN_SETTINGS}
+    settings["k"] = settings["k"] if k is None else k
+    chosen = ("steps", "group_fractions", *TRAIN_RUN_SETTINGS)
+    return settings | {name: sae[name] for name in SAE_SETTINGS if name in sae and name not in chosen}
+
+
 def expand(config: dict[str, Any]) -> list[Run]:
     """Every notebook run of a sweep, dependencies first."""
     runs: list[Run] = []
@@ -391,24 +404,16 @@ def expand(config: dict[str, Any]) -> list[Run]:
         folder: str,
         k: int | None = None,
     ) -> Run:
-        settings = {
-            name: sae.get(name, getattr(TRAIN_DEFAULTS, name))  # unset keys: TrainConfig's defaults
-            for name in ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")
-        }
-        settings["k"] = settings["k"] if k is None else k
+        settings = _train_settings(sae, k)
         params = {
             "train_store": f"{source.out_dir}/activations",
             "val_store": f"{(validation or source).out_dir}/activations",
             "sae_types": [sae_type],
             "expansions": [expansion],
-            "k": settings["k"],
+            "k": settings.pop("k"),
             "group_fractions": group_fractions,
             "steps": steps,
-            "batch_size": settings["batch_size"],
-            "lr": settings["lr"],
-            "seed": settings["seed"],
-            "aux_alpha": settings["aux_alpha"],
-            "decay_start": settings["decay_start"],
+            **settings,
         }
         run = Run(
             "train",
@@ -420,8 +425,8 @@ def expand(config: dict[str, Any]) -> list[Run]:
                 source.labels,
                 sae_type=sae_type,
                 expansion=expansion,
-                k=settings["k"],
-                sae_dir=f"{folder}/{run_name(sae_type, expansion, settings['k'])}",
+                k=params["k"],
+                sae_dir=f"{folder}/{run_name(sae_type, expansion, params['k'])}",
             ),
         )
         return _add(runs, run)

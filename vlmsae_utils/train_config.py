@@ -15,17 +15,20 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .sae import SAE_TYPES, sae_class
+from .sae import INITS, SAE_TYPES, sae_class
 
 __all__ = [
+    "BATCH_ORDERS",
     "DATA_MEMORY_FRACTION",
     "DECAY_LAST_20PCT",
     "DEFAULT_AUX_ALPHA",
     "DEFAULT_GROUP_FRACTIONS",
+    "FIXTURE_SETTINGS",
+    "GRID_FIELDS",
     "TrainConfig",
     "check_group_fractions",
     "default_lr",
@@ -42,6 +45,16 @@ DEFAULT_AUX_ALPHA = 0.03
 #: ``decay_start`` of the schedule this package used before matching the authors: linear decay
 #: to 0 over the last 20 % of the steps (``decay_start=0.8``).
 DECAY_LAST_20PCT = 0.8
+#: Orders of the training batches (TrainConfig ``batch_order``): ``"cycled"``, the authors' — one
+#: seeded permutation cut into ``ceil(N / B)`` batches (the last one short) and replayed every
+#: epoch, as ``itertools.cycle`` over their shuffled ``DataLoader``; ``"reshuffled"`` — a new
+#: permutation each epoch and every batch ``B`` rows (batches may straddle two epochs).
+BATCH_ORDERS = ("cycled", "reshuffled")
+#: The embedded fixture's scale, the one place these small values live (:meth:`TrainConfig.fixture`):
+#: K = 8 and ε = 4 on its 320 narrow activations, 600 steps of 256 rows — minutes on a CPU.
+FIXTURE_SETTINGS = {"expansion": 4, "k": 8, "steps": 600, "batch_size": 256}
+#: Fields a grid sets per run (notebook 02 and sweeps take them as lists: ``sae_types``, ``expansions``).
+GRID_FIELDS = ("sae_type", "expansion")
 #: Share of the device's free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: available RAM) the
 #: training data may take for ``data_on_device="auto"`` to put it there whole.
 DATA_MEMORY_FRACTION = 0.5
@@ -152,6 +165,10 @@ class TrainConfig:
     lr: float | None = None
     #: Seed of the initialisation and of the batch order.
     seed: int = 0
+    #: Initial decoder directions (:data:`vlmsae_utils.sae.INITS`; ``"uniform"``: the authors').
+    init: str = "uniform"
+    #: Order of the training batches (:data:`BATCH_ORDERS`; ``"cycled"``: the authors').
+    batch_order: str = "cycled"
     #: Linear warm-up steps (``None``: ``min(1000, max(1, steps // 20))``).
     warmup_steps: int | None = None
     #: Linear LR decay start (``None``: no decay; an int is a step, a float in [0, 1] a fraction of steps).
@@ -200,6 +217,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "dead_tokens"):
             set_(name, _integer(name, getattr(self, name), 1))
         set_("seed", _integer("seed", self.seed, None))
+        for name, choices in (("init", INITS), ("batch_order", BATCH_ORDERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
         for name, low in (
             ("warmup_steps", 0),
             ("threshold_start_step", 0),
@@ -239,6 +259,24 @@ class TrainConfig:
         if not cls.uses_groups:
             return dict_size, None
         return dict_size, group_sizes_from_fractions(self.group_fractions or DEFAULT_GROUP_FRACTIONS, dict_size)
+
+    @classmethod
+    def fixture(cls, **overrides: Any) -> TrainConfig:
+        """The authors' defaults at the embedded fixture's scale (:data:`FIXTURE_SETTINGS`), with ``overrides``."""
+        return cls(**{**FIXTURE_SETTINGS, **overrides})
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (default :meth:`fixture`) with every setting ``namespace`` names (e.g. a notebook's
+        ``globals()`` after its parameter cell), so a parameter cell never lists the settings twice."""
+        base = cls.fixture() if base is None else base
+        names = [name for name in cls.setting_names() if name in namespace]
+        return base.updated(**{name: namespace[name] for name in names})
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """The settings besides the grid's (:data:`GRID_FIELDS`): notebook 02's and a sweep's ``sae`` keys."""
+        return tuple(name for name in cls.field_names() if name not in GRID_FIELDS)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
