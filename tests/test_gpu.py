@@ -124,7 +124,7 @@ def test_train_data_paths_on_cuda_give_the_cpu_batches(tmp_path, monkeypatch):
     batches equal to the CPU's (the float16 → float32 conversion is exact)."""
     from helpers import write_store
 
-    import vlmsae_utils.train as train_mod
+    import vlmsae_utils.train.batches as train_mod
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)
     x = torch.randn(500, 32).half()

@@ -13,6 +13,7 @@ from helpers import TensorStore, write_store
 from vlmsae_utils.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from vlmsae_utils.train import (
     DECAY_LAST_20PCT,
+    data_fingerprint,
     dead_after_batch,
     evaluate_sae,
     geometric_median,
@@ -431,7 +432,7 @@ def test_default_init_is_the_authors_kaiming_uniform():
 @pytest.mark.parametrize("kind", ["batch_top_k", "matryoshka_batch_top_k"])
 def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
     """Resident and streamed data (tensor, float16 and float32 stores) give the same SAE; resume across paths."""
-    import vlmsae_utils.train as train_mod
+    import vlmsae_utils.train.batches as train_mod
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 3)  # several chunks, resume inside one
     x, _ = _planted(700, d=D, n_atoms=W)
@@ -454,7 +455,8 @@ def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
         threshold_start_step=2,
     )
     ref, h_ref = train_sae(x16, kind, data_on_device=True, **kw)
-    assert h_ref.attrs == {"device": "cpu", "data_on_device": True}
+    assert (h_ref.attrs["device"], h_ref.attrs["data_on_device"]) == ("cpu", True)
+    assert h_ref.attrs["training"]["data"] == data_fingerprint(x16) and h_ref.attrs["training"]["steps"] == 11
     runs = {
         "tensor streamed": train_sae(x16, kind, data_on_device=False, **kw),
         "f16 store resident": train_sae(store16, kind, data_on_device=True, **kw),
@@ -476,7 +478,7 @@ def test_data_paths_train_bit_identically(tmp_path, monkeypatch, kind):
 
 
 def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monkeypatch):
-    import vlmsae_utils.train as train_mod
+    import vlmsae_utils.train.batches as train_mod
 
     monkeypatch.setattr(train_mod, "CHUNK_BATCHES", 2)
     x = torch.randn(90, D).half().float()

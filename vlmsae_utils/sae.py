@@ -207,6 +207,25 @@ class BaseSAE(nn.Module):
         extra = {"group_sizes": group_sizes} if cls.uses_groups else {}
         return cls(activation_dim, dict_size, k, **extra) if cls.needs_k else cls(activation_dim, dict_size, **extra)
 
+    @property
+    def revives_dead_latents(self) -> bool:
+        """Whether training adds the auxiliary-K loss over dead latents (sparse types that declare it)."""
+        return self.sparse_training and self.uses_aux_loss
+
+    @property
+    def prefix_sizes(self) -> list[int]:
+        """Sizes of the nested prefixes that each reconstruct the input (none: a flat dictionary)."""
+        return []
+
+    @torch.no_grad()
+    def update_threshold(self, min_kept: float | None, beta: float) -> None:
+        """One EMA step of the inference threshold θ towards a batch's smallest kept activation
+        (dictionary_learning's BatchTopK; the first step sets it); nothing for types without θ."""
+        if not self.uses_threshold or min_kept is None:
+            return
+        theta = float(self.threshold)
+        self.threshold.fill_(min_kept if theta < 0 else beta * theta + (1 - beta) * min_kept)
+
     @torch.no_grad()
     def init_directions(self, init: str) -> None:
         """Redraw the decoder rows as unit ``init`` directions (:func:`random_directions`) and tie the
