@@ -7,7 +7,7 @@ NaN) so they are never shown as exemplars.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -286,17 +286,8 @@ def uniqueness(
     (most similar first, ties by (i, j)), ``max_jaccard`` [K] float32 (per neuron vs any other
     kept neuron; 0 without overlap, NaN for a dropped neuron).
     """
-    ind = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-    if ind.ndim != 2:
-        raise ValueError(f"indices must be 2-D [K, k], got shape {tuple(ind.shape)}")
-    if (ind < -1).any():
-        raise ValueError("indices must be image ids >= 0 or -1 for absent")
+    ind = _check_uniqueness_input(indices, thresholds, chunk)
     ths = [float(t) for t in thresholds]
-    if any(not (0.0 <= t <= 1.0) for t in ths):
-        raise ValueError(f"thresholds must lie in [0, 1], got {ths}")
-    step = int(chunk)
-    if step < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
     kdim, k = ind.shape
     rows, imgs = _set_entries(ind)
     sizes = torch.bincount(rows, minlength=kdim)
@@ -305,13 +296,56 @@ def uniqueness(
         keep_entry = kept[rows]
         rows, imgs = rows[keep_entry], imgs[keep_entry]
     n_kept = int(kept.sum())
+    counts = {t: 0 for t in ths}
+    n_over = 0
+    max_j = torch.zeros(kdim, dtype=torch.float64)
+    cand: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for gi, gj, jac in _overlapping_pairs(rows, imgs, sizes, kdim, int(chunk)):
+        n_over += jac.numel()
+        for t in ths:
+            counts[t] += int((jac > t).sum()) if strict else int((jac >= t).sum())
+        max_j.scatter_reduce_(0, gi.long(), jac, reduce="amax")
+        max_j.scatter_reduce_(0, gj.long(), jac, reduce="amax")
+        if top > 0:
+            floor = torch.topk(jac, min(int(top), jac.numel())).values[-1]
+            near = torch.nonzero(jac >= floor).flatten()  # the block's best, with all ties
+            cand.append((jac[near], gi[near].long() * kdim + gj[near].long()))
+    return {
+        "num_neurons": kdim,
+        "num_dropped": kdim - n_kept,
+        "num_pairs": n_kept * (n_kept - 1) // 2,
+        "num_overlapping": n_over,
+        "counts": counts,
+        "top_pairs": _best_pairs(cand, int(top), kdim),
+        "max_jaccard": max_j.to(torch.float32).masked_fill(~kept, float("nan")),
+    }
 
+
+def _check_uniqueness_input(indices, thresholds: Sequence[float], chunk: int) -> torch.Tensor:
+    """The top-k ids as an int64 ``[K, k]`` tensor, after checking ids, thresholds and the block size."""
+    ind = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    if ind.ndim != 2:
+        raise ValueError(f"indices must be 2-D [K, k], got shape {tuple(ind.shape)}")
+    if (ind < -1).any():
+        raise ValueError("indices must be image ids >= 0 or -1 for absent")
+    ths = [float(t) for t in thresholds]
+    if any(not (0.0 <= t <= 1.0) for t in ths):
+        raise ValueError(f"thresholds must lie in [0, 1], got {ths}")
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return ind
+
+
+def _overlapping_pairs(
+    rows: torch.Tensor, imgs: torch.Tensor, sizes: torch.Tensor, kdim: int, step: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(i, j, J)`` of every neuron pair i < j whose sets share an image, one block of whole neurons
+    (about ``step`` candidate pairs) at a time, from the inverted index image → neurons."""
     # Inverted index: entries sorted by (image, neuron); row-major entry e sits at position pos[e].
     n_ent = rows.numel()
     by_img = torch.argsort(imgs * max(1, kdim) + rows) if n_ent else torch.zeros(0, dtype=torch.int64)
     rows_by_img = rows[by_img].to(torch.int32)
     _, group = torch.unique_consecutive(imgs[by_img], return_counts=True)
-    del imgs
     pos = torch.empty_like(by_img)
     pos[by_img] = torch.arange(n_ent)
     del by_img
@@ -320,11 +354,6 @@ def uniqueness(
     del group, group_end
     cum_load = torch.cumsum(torch.zeros(kdim, dtype=torch.int64).index_add_(0, rows, partners), 0)
     entry_end = torch.cumsum(torch.bincount(rows, minlength=kdim), 0)  # entries of neurons < i+1
-
-    counts = {t: 0 for t in ths}
-    n_over = 0
-    max_j = torch.zeros(kdim, dtype=torch.float64)
-    cand: list[tuple[torch.Tensor, torch.Tensor]] = []
     sizes_f = sizes.to(torch.float64)
     max_rows = max(1, (2**31 - 1) // max(1, kdim))  # block-local pair keys fit in int32
     r0 = 0
@@ -354,33 +383,16 @@ def uniqueness(
         del key
         inter_f = inter.to(torch.float64)
         del inter
-        jac = inter_f / (sizes_f[gi] + sizes_f[gj]).sub_(inter_f)
-        del inter_f
-        n_over += jac.numel()
-        for t in ths:
-            counts[t] += int((jac > t).sum()) if strict else int((jac >= t).sum())
-        max_j.scatter_reduce_(0, gi.long(), jac, reduce="amax")
-        max_j.scatter_reduce_(0, gj.long(), jac, reduce="amax")
-        if top > 0:
-            floor = torch.topk(jac, min(int(top), jac.numel())).values[-1]
-            near = torch.nonzero(jac >= floor).flatten()  # the block's best, with all ties
-            cand.append((jac[near], gi[near].long() * kdim + gj[near].long()))
-        del gi, gj, jac
-    top_pairs: list[tuple[int, int, float]] = []
-    if cand:
-        v = torch.cat([c[0] for c in cand])
-        key = torch.cat([c[1] for c in cand])
-        order = torch.argsort(key, stable=True)
-        v, key = v[order], key[order]
-        best = torch.argsort(v, descending=True, stable=True)[: int(top)]
-        top_pairs = [(int(key[b]) // kdim, int(key[b]) % kdim, float(v[b])) for b in best]
-    max_j = max_j.to(torch.float32).masked_fill(~kept, float("nan"))
-    return {
-        "num_neurons": kdim,
-        "num_dropped": kdim - n_kept,
-        "num_pairs": n_kept * (n_kept - 1) // 2,
-        "num_overlapping": n_over,
-        "counts": counts,
-        "top_pairs": top_pairs,
-        "max_jaccard": max_j,
-    }
+        yield gi, gj, inter_f / (sizes_f[gi] + sizes_f[gj]).sub_(inter_f)
+
+
+def _best_pairs(cand: list[tuple[torch.Tensor, torch.Tensor]], top: int, kdim: int) -> list[tuple[int, int, float]]:
+    """The ``top`` most similar pairs of the blocks' candidates, ties by (i, j)."""
+    if not cand:
+        return []
+    v = torch.cat([c[0] for c in cand])
+    key = torch.cat([c[1] for c in cand])
+    order = torch.argsort(key, stable=True)
+    v, key = v[order], key[order]
+    best = torch.argsort(v, descending=True, stable=True)[:top]
+    return [(int(key[b]) // kdim, int(key[b]) % kdim, float(v[b])) for b in best]

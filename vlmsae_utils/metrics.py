@@ -516,6 +516,31 @@ DEFAULT_GAP_BINS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _PAIR_COLUMNS = ("k_x", "k_y", "R_user", "MS_x_dino", "MS_y_dino", "MS_x_clip", "MS_y_clip")
 
 
+def _user_pairs(pairs: Any, scorer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(R_user, MS_x, MS_y)`` of a user-study pairs table (a DataFrame or a CSV path), checked."""
+    import pandas as pd
+
+    if isinstance(pairs, (str, os.PathLike)):
+        p = Path(pairs)
+        if not p.is_file():
+            raise FileNotFoundError(f"pairs table not found: {p}")
+        pairs = pd.read_csv(p)
+    if not isinstance(pairs, pd.DataFrame):
+        raise ValueError(f"pairs must be a pandas DataFrame or a CSV path, got {type(pairs).__name__}")
+    cx, cy = f"MS_x_{scorer}", f"MS_y_{scorer}"
+    missing = [c for c in ("R_user", cx, cy) if c not in pairs.columns]
+    if missing:
+        raise ValueError(f"pairs table lacks columns {missing}; expected {list(_PAIR_COLUMNS)} (scorer={scorer!r})")
+    r = pd.to_numeric(pairs["R_user"], errors="coerce").to_numpy(float)
+    mx = pd.to_numeric(pairs[cx], errors="coerce").to_numpy(float)
+    my = pd.to_numeric(pairs[cy], errors="coerce").to_numpy(float)
+    if np.isnan(r).any() or np.isnan(mx).any() or np.isnan(my).any():
+        raise ValueError("pairs table has missing/non-numeric R_user or MS values")
+    if (r < 0).any() or (r > 1).any():
+        raise ValueError("R_user must be the share of raters preferring x, in [0, 1]")
+    return r, mx, my
+
+
 def ms_user_agreement(
     pairs: Any,
     *,
@@ -531,27 +556,10 @@ def ms_user_agreement(
     """
     import pandas as pd
 
-    if isinstance(pairs, (str, os.PathLike)):
-        p = Path(pairs)
-        if not p.is_file():
-            raise FileNotFoundError(f"pairs table not found: {p}")
-        pairs = pd.read_csv(p)
-    if not isinstance(pairs, pd.DataFrame):
-        raise ValueError(f"pairs must be a pandas DataFrame or a CSV path, got {type(pairs).__name__}")
-    cx, cy = f"MS_x_{scorer}", f"MS_y_{scorer}"
-    missing = [c for c in ("R_user", cx, cy) if c not in pairs.columns]
-    if missing:
-        raise ValueError(f"pairs table lacks columns {missing}; expected {list(_PAIR_COLUMNS)} (scorer={scorer!r})")
+    r, mx, my = _user_pairs(pairs, scorer)
     edges = np.asarray(bins, dtype=float)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be increasing edges with at least 2 values, got {list(bins)}")
-    r = pd.to_numeric(pairs["R_user"], errors="coerce").to_numpy(float)
-    mx = pd.to_numeric(pairs[cx], errors="coerce").to_numpy(float)
-    my = pd.to_numeric(pairs[cy], errors="coerce").to_numpy(float)
-    if np.isnan(r).any() or np.isnan(mx).any() or np.isnan(my).any():
-        raise ValueError("pairs table has missing/non-numeric R_user or MS values")
-    if (r < 0).any() or (r > 1).any():
-        raise ValueError("R_user must be the share of raters preferring x, in [0, 1]")
     keep = (r != 0.5) & (mx != my)
     gap = np.abs(mx - my)[keep]
     agree = ((r[keep] > 0.5) == (mx[keep] > my[keep])).astype(float)

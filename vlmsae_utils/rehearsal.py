@@ -360,17 +360,26 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
     validation images, with DINOv2-B embeddings, are scored; the other encoders are extracted
     with the remaining token modes; LLaVA-1.5's tower is steered at block 22.
     """
-    from .train_config import TrainConfig
-
-    clip_l, dino = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
     common = {"data_dir": str(images), "device": device, "batch_size": 8}
+    stages = _extraction_stages(common) + _downstream_stages(images, device)
+    return [{"stage": name, "notebook": notebook, "parameters": params} for name, notebook, params in stages]
+
+
+_CLIP_L, _DINO = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
+#: The two CLIP-L stores the later stages read: every token of the train images, CLS of the val images.
+_ALL_TOKENS_TRAIN, _CLS_VAL = "rehearsal/extract/clip_l_all_train", "rehearsal/extract/clip_l_cls_val"
+
+
+def _extraction_stages(common: dict) -> list[tuple[str, str, dict]]:
+    """Chapter 1 at full width: CLIP-L every token and CLS + DINOv2-B, SigLIP, AIMv2 and Web-SSL."""
+    clip_l, dino = _CLIP_L, _DINO
     tokens_all = {
         "model": clip_l,
         "split": "train",
         "layer": 22,
         "tokens": "all",
         "scorer": "",
-        "out_dir": "rehearsal/extract/clip_l_all_train",
+        "out_dir": _ALL_TOKENS_TRAIN,
     }
     cls_val = {
         "model": clip_l,
@@ -378,7 +387,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
         "layer": 22,
         "tokens": "cls",
         "scorer": dino,
-        "out_dir": "rehearsal/extract/clip_l_cls_val",
+        "out_dir": _CLS_VAL,
     }
     others = [
         ("siglip_mean", "rehearsal:google/siglip-so400m-patch14-384", {"layer": 25, "tokens": "mean"}),
@@ -401,6 +410,14 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
         )
         for name, model, extra in others
     ]
+    return stages
+
+
+def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]:
+    """Chapters 2–5 at full width on the CLIP-L stores: ×64 and hierarchy SAEs, MS, the hierarchy, steering."""
+    from .train_config import TrainConfig
+
+    tokens_all, cls_val = {"out_dir": _ALL_TOKENS_TRAIN}, {"out_dir": _CLS_VAL}
     train = {
         "train_store": f"{tokens_all['out_dir']}/activations",
         "val_store": f"{cls_val['out_dir']}/activations",
@@ -410,7 +427,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
         "batch_size": 1024,
         "device": device,
     }
-    stages += [
+    stages = [
         ("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": "rehearsal/sae"}),
         (
             "train ×2 hierarchy",
@@ -464,7 +481,7 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
             },
         ),
     ]
-    return [{"stage": name, "notebook": notebook, "parameters": params} for name, notebook, params in stages]
+    return stages
 
 
 _MEASURE = """

@@ -196,6 +196,31 @@ def _split_silent(latents: Sequence[int], top) -> tuple[list[int], list[int]]:
     return [j for j in latents if int(top.indices[j, 0]) >= 0], [j for j in latents if int(top.indices[j, 0]) < 0]
 
 
+def _check_concept_settings(hook: str, concept_tokens: str, concept_shortlist: int) -> None:
+    """Refuse a hook that cannot be steered and bad concept-image settings before any model loads."""
+    check_steerable(hook)
+    if concept_tokens not in CONCEPT_TOKENS:
+        raise ValueError(f"concept_tokens must be one of {', '.join(CONCEPT_TOKENS)}, got {concept_tokens!r}")
+    if not isinstance(concept_shortlist, int) or concept_shortlist < 0:
+        raise ValueError(
+            f"concept_shortlist must be 0 (every training image) or a positive count, got {concept_shortlist!r}"
+        )
+
+
+def _steering_store(train_store: str, layer: int, hook: str):
+    """The SAE's training store (default: the fixture's random tokens at ``layer``), extracted at ``hook``."""
+    train = defaults.store_or_default(
+        train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS, layer=layer
+    )
+    trained_at = train.params.get("hook", DEFAULT_HOOK)
+    if trained_at != hook:
+        raise ValueError(
+            f"the SAE's activations come from hook {trained_at!r} but steering clamps at {hook!r}: "
+            "give a train_store and SAE extracted at the hook you steer"
+        )
+    return train
+
+
 def prepare(
     llava: str,
     *,
@@ -221,25 +246,11 @@ def prepare(
     the fixture's train images). The test images are :func:`pick_test_images` of ``images_dir``.
     ``concept_tokens="all"`` ranks concept images over every token (:func:`all_token_top_images`;
     ``concept_shortlist`` > 0 re-ranks only each latent's best images by the stored rows)."""
-    check_steerable(hook)
-    if concept_tokens not in CONCEPT_TOKENS:
-        raise ValueError(f"concept_tokens must be one of {', '.join(CONCEPT_TOKENS)}, got {concept_tokens!r}")
-    if not isinstance(concept_shortlist, int) or concept_shortlist < 0:
-        raise ValueError(
-            f"concept_shortlist must be 0 (every training image) or a positive count, got {concept_shortlist!r}"
-        )
+    _check_concept_settings(hook, concept_tokens, concept_shortlist)
     model, processor = load_llava(llava, device=device, model_dtype=model_dtype)
     if layer > feature_block(model):
         raise ValueError(f"layer {layer} is after LLaVA's feature block {feature_block(model)}")
-    train = defaults.store_or_default(
-        train_store, "train", tokens="random_k", random_k=FIXTURE_STEERING_TOKENS, layer=layer
-    )
-    trained_at = train.params.get("hook", DEFAULT_HOOK)
-    if trained_at != hook:
-        raise ValueError(
-            f"the SAE's activations come from hook {trained_at!r} but steering clamps at {hook!r}: "
-            "give a train_store and SAE extracted at the hook you steer"
-        )
+    train = _steering_store(train_store, layer, hook)
     sae = _steering_sae(sae_path, train, layer)
     codes = sae_codes(sae, train, device=device)
     top = steering.concept_top_images(codes, train.row_image_index(), CONCEPT_IMAGES, pool=concept_pool)

@@ -9,6 +9,7 @@ executed notebook and log beside its outputs, and writes ``results/<name>/*.csv`
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -345,92 +346,10 @@ def expand(config: dict[str, Any]) -> list[Run]:
     runs: list[Run] = []
     sae = config["sae"]
     k_sweep = isinstance(sae.get("k"), list)  # each K in its own folder (one K keeps today's folder names)
-    common = {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
-
     hook = config.get("hook", DEFAULT_HOOK)
-
-    def extract(
-        model: str, layer, split: str, tokens: str = config.get("tokens", "cls"), random_k: int = 2, hook: str = hook
-    ) -> Run:
-        data = config["data"][split]
-        suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
-        run = Run(
-            "extract",
-            "01",
-            f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
-            {
-                "model": model,
-                "data_dir": data["data_dir"],
-                "split": data.get("split"),
-                **_layer_params(layer, hook),
-                "tokens": tokens,
-                "random_k": random_k,
-                "scorer": "",
-                **common,
-            },
-            labels={"model": model, "layer": layer, "split": split},
-        )
-        return _add(runs, run)
-
-    def embed(scorer: str, split: str) -> Run:
-        data = config["data"][split]
-        return _add(
-            runs,
-            Run(
-                "embed",
-                "01",
-                f"embed/{slug(scorer)}/{split}",
-                {
-                    "model": scorer,
-                    "data_dir": data["data_dir"],
-                    "split": data.get("split"),
-                    "hook": EMBEDDING_HOOK,
-                    "layer": -1,
-                    "tokens": "cls",
-                    "scorer": "",
-                    **common,
-                },
-                labels={"scorer": scorer, "split": split},
-            ),
-        )
-
-    def train(
-        source: Run,
-        validation: Run | None,
-        sae_type: str,
-        expansion,
-        group_fractions,
-        steps: int,
-        folder: str,
-        k: int | None = None,
-    ) -> Run:
-        settings = _train_settings(sae, k)
-        params = {
-            "train_store": f"{source.out_dir}/activations",
-            "val_store": f"{(validation or source).out_dir}/activations",
-            "sae_types": [sae_type],
-            "expansions": [expansion],
-            "k": settings.pop("k"),
-            "group_fractions": group_fractions,
-            "steps": steps,
-            **settings,
-        }
-        run = Run(
-            "train",
-            "02",
-            folder,
-            params,
-            [source.id] + ([validation.id] if validation else []),
-            labels=dict(
-                source.labels,
-                sae_type=sae_type,
-                expansion=expansion,
-                k=params["k"],
-                sae_dir=f"{folder}/{run_name(sae_type, expansion, params['k'])}",
-            ),
-        )
-        return _add(runs, run)
-
+    extract = functools.partial(_extract_run, config, runs)
+    embed = functools.partial(_embed_run, config, runs)
+    train = functools.partial(_train_run, sae, runs)
     val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
     for model in config["models"]:
         for layer in config["layers"]:
@@ -451,23 +370,7 @@ def expand(config: dict[str, Any]) -> list[Run]:
                 for k in grid_ks(sae)
             ]
             for scorer, embedding in val_embeddings.items():
-                _add(
-                    runs,
-                    Run(
-                        "score",
-                        "03",
-                        f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
-                        {
-                            "activations_store": f"{val_store.out_dir}/activations",
-                            "scorer_store": f"{embedding.out_dir}/activations",
-                            "sae_paths": [r.labels["sae_dir"] for r in trained],
-                            "top_k": 16,
-                            "uniqueness_store": f"{train_store.out_dir}/activations",
-                        },
-                        [val_store.id, embedding.id, train_store.id] + [r.id for r in trained],
-                        labels={"model": model, "layer": layer, "scorer": scorer},
-                    ),
-                )
+                _add(runs, _score_run(model, layer, hook, scorer, embedding, train_store, val_store, trained))
             if "hierarchy" in config and layer == config["hierarchy"].get("layer", config["layers"][0]):
                 _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
     if "steering" in config:
@@ -475,6 +378,119 @@ def expand(config: dict[str, Any]) -> list[Run]:
     for run in runs:
         _add_execution_parameters(config, run)
     return runs
+
+
+def _store_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """What every extraction of a sweep shares: the storage dtype and the batch size."""
+    return {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
+
+
+def _extract_run(
+    config: dict[str, Any],
+    runs: list[Run],
+    model: str,
+    layer,
+    split: str,
+    tokens: str | None = None,
+    random_k: int = 2,
+    hook: str | None = None,
+) -> Run:
+    """Notebook 01 on one split: a model's activations at ``layer`` (the sweep's tokens and hook unless given)."""
+    tokens = config.get("tokens", "cls") if tokens is None else tokens
+    hook = config.get("hook", DEFAULT_HOOK) if hook is None else hook
+    data = config["data"][split]
+    suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
+    run = Run(
+        "extract",
+        "01",
+        f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
+        {
+            "model": model,
+            "data_dir": data["data_dir"],
+            "split": data.get("split"),
+            **_layer_params(layer, hook),
+            "tokens": tokens,
+            "random_k": random_k,
+            "scorer": "",
+            **_store_parameters(config),
+        },
+        labels={"model": model, "layer": layer, "split": split},
+    )
+    return _add(runs, run)
+
+
+def _embed_run(config: dict[str, Any], runs: list[Run], scorer: str, split: str) -> Run:
+    """Notebook 01 for a scorer: its image embeddings of one split."""
+    data = config["data"][split]
+    params = {
+        "model": scorer,
+        "data_dir": data["data_dir"],
+        "split": data.get("split"),
+        "hook": EMBEDDING_HOOK,
+        "layer": -1,
+        "tokens": "cls",
+        "scorer": "",
+        **_store_parameters(config),
+    }
+    return _add(
+        runs, Run("embed", "01", f"embed/{slug(scorer)}/{split}", params, labels={"scorer": scorer, "split": split})
+    )
+
+
+def _train_run(
+    sae: dict[str, Any],
+    runs: list[Run],
+    source: Run,
+    validation: Run | None,
+    sae_type: str,
+    expansion,
+    group_fractions,
+    steps: int,
+    folder: str,
+    k: int | None = None,
+) -> Run:
+    """Notebook 02 for one (type, expansion, K) on ``source``'s activations, validated on ``validation``'s."""
+    settings = _train_settings(sae, k)
+    params = {
+        "train_store": f"{source.out_dir}/activations",
+        "val_store": f"{(validation or source).out_dir}/activations",
+        "sae_types": [sae_type],
+        "expansions": [expansion],
+        "k": settings.pop("k"),
+        "group_fractions": group_fractions,
+        "steps": steps,
+        **settings,
+    }
+    labels = dict(
+        source.labels,
+        sae_type=sae_type,
+        expansion=expansion,
+        k=params["k"],
+        sae_dir=f"{folder}/{run_name(sae_type, expansion, params['k'])}",
+    )
+    return _add(
+        runs, Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []), labels=labels)
+    )
+
+
+def _score_run(
+    model: str, layer, hook: str, scorer: str, embedding: Run, train_store: Run, val_store: Run, trained: list[Run]
+) -> Run:
+    """Notebook 03: MS of every SAE of one (model, layer) with one scorer; uniqueness on the train store."""
+    return Run(
+        "score",
+        "03",
+        f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
+        {
+            "activations_store": f"{val_store.out_dir}/activations",
+            "scorer_store": f"{embedding.out_dir}/activations",
+            "sae_paths": [r.labels["sae_dir"] for r in trained],
+            "top_k": 16,
+            "uniqueness_store": f"{train_store.out_dir}/activations",
+        },
+        [val_store.id, embedding.id, train_store.id] + [r.id for r in trained],
+        labels={"model": model, "layer": layer, "scorer": scorer},
+    )
 
 
 def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
