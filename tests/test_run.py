@@ -125,7 +125,7 @@ def test_training_notebook_parameters_are_the_training_settings(tmp_path):
     default per setting, each reachable from ``-p`` and from a sweep's ``sae`` section."""
     import ast
 
-    from vlmsae_utils import sweep
+    from vlmsae_utils import sweep, train_config
     from vlmsae_utils.train_config import TrainConfig
 
     ipynb = run.to_ipynb(run.find_notebook("02"), tmp_path / "02.ipynb")
@@ -135,5 +135,13 @@ def test_training_notebook_parameters_are_the_training_settings(tmp_path):
     assert settings == {name: getattr(preset, name) for name in TrainConfig.setting_names()}
     assert preset.expansion in declared["expansions"] and preset.sae_type in declared["sae_types"]
     assert set(sweep.SAE_SETTINGS) == set(TrainConfig.setting_names())
-    namespace = dict(declared, k=3, init="gaussian", unrelated=1)
-    assert TrainConfig.from_namespace(namespace) == preset.updated(k=3, init="gaussian")
+    namespace = dict(declared, k=3, init="gaussian", group_fractions=[0.5, 0.5], unrelated=1)
+    settings = TrainConfig.settings_in(namespace)
+    assert settings == {name: getattr(preset, name) for name in TrainConfig.setting_names()} | {
+        "k": 3,
+        "init": "gaussian",
+        "group_fractions": [0.5, 0.5],
+    }
+    grid = train_config.grid_configs(["batch_top_k", "matryoshka_batch_top_k"], [2], **settings)
+    assert grid["matryoshka_batch_top_k", 2].group_fractions == (0.5, 0.5)  # only where the type has groups
+    assert grid["batch_top_k", 2].group_fractions is None and grid["batch_top_k", 2].k == 3

@@ -266,12 +266,10 @@ class TrainConfig:
         return cls(**{**FIXTURE_SETTINGS, **overrides})
 
     @classmethod
-    def from_namespace(cls, namespace: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-        """``base`` (default :meth:`fixture`) with every setting ``namespace`` names (e.g. a notebook's
-        ``globals()`` after its parameter cell), so a parameter cell never lists the settings twice."""
-        base = cls.fixture() if base is None else base
-        names = [name for name in cls.setting_names() if name in namespace]
-        return base.updated(**{name: namespace[name] for name in names})
+    def settings_in(cls, namespace: Mapping[str, Any]) -> dict[str, Any]:
+        """Every setting ``namespace`` names (e.g. a notebook's ``globals()`` after its parameter cell),
+        as overrides for :func:`~vlmsae_utils.train.train_grid`: a parameter cell never lists them twice."""
+        return {name: namespace[name] for name in cls.setting_names() if name in namespace}
 
     @classmethod
     def setting_names(cls) -> tuple[str, ...]:
