@@ -171,7 +171,9 @@ def test_register_sae_is_a_decorator_and_checks_the_class():
         label = "Same DL"
         dl_class = "BatchTopKSAE"
 
-    with pytest.raises(ValueError, match=r"'batch_top_k' is already registered by vlmsae_utils\.sae\.BatchTopKSAE"):
+    with pytest.raises(
+        ValueError, match=r"'batch_top_k' is already registered by vlmsae_utils\.sae\.registry\.BatchTopKSAE"
+    ):
         register_sae(Clash)
     with pytest.raises(ValueError, match="NoLabel must declare its own label"):
         register_sae(NoLabel)
@@ -192,7 +194,7 @@ def test_builtin_registry_entries():
         "top_k": "TopK",
         "relu": "ReLU",
     }
-    from vlmsae_utils.sae import _DL_DICT_CLASS_TO_TYPE
+    from vlmsae_utils.sae.registry import _DL_DICT_CLASS_TO_TYPE
 
     assert dict(_DL_DICT_CLASS_TO_TYPE) == {
         "BatchTopKSAE": "batch_top_k",

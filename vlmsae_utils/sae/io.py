@@ -1,0 +1,197 @@
+"""SAEs on disk: this book's ``sae.safetensors`` + ``config.json`` and dictionary_learning checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_write_bytes
+from .base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, BaseSAE
+from .registry import _DL_DICT_CLASS_TO_TYPE, SAE_TYPES, make_sae, sae_class
+
+__all__ = [
+    "load_sae",
+    "save_sae",
+]
+
+
+# ----- save / load -----------------------------------------------------------------------------
+
+
+def save_sae(sae: BaseSAE, path: str | os.PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write ``path/sae.safetensors`` (W_enc, b_enc, W_dec, b_dec) and ``path/config.json``; return the
+    folder. ``training`` (every resolved training setting, expansion and data fingerprint included)
+    is recorded under the config's ``"training"`` key; loading does not need it."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    tensors = {n: getattr(sae, n).detach().float().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT_NAME}))
+    config = sae.config() | ({"training": dict(training)} if training is not None else {})
+    atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    return path
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], src: Path) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{src}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _positive_int(cfg: dict, key: str, src: Path) -> int:
+    """``cfg[key]`` as a positive integer, or an error naming the file and key."""
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{src}: config key {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_config(cfg: dict, src: Path) -> tuple[int, int]:
+    """Activation width and dictionary size of a saved config, after checking every key a load
+    reads (k where the type needs it, a positive finite input scale, a finite threshold)."""
+    d, w = _positive_int(cfg, "activation_dim", src), _positive_int(cfg, "dict_size", src)
+    if sae_class(cfg["type"]).needs_k and not 1 <= _positive_int(cfg, "k", src) <= w:
+        raise ValueError(f"{src}: config key 'k' must be at most dict_size {w}, got {cfg['k']}")
+    scale = cfg.get("input_scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{src}: config key 'input_scale' must be a positive finite number, got {scale!r}")
+    threshold = cfg.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"{src}: config key 'threshold' must be a finite number, got {threshold!r}")
+    return d, w
+
+
+def _build(cfg: dict, W_enc, b_enc, W_dec, b_dec, src: Path) -> BaseSAE:
+    d, w = _check_config(cfg, src)
+    for name, t, shape in (
+        ("W_enc", W_enc, (d, w)),
+        ("b_enc", b_enc, (w,)),
+        ("W_dec", W_dec, (w, d)),
+        ("b_dec", b_dec, (d,)),
+    ):
+        _check_shape(name, t, shape, src)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{src}: tensor {name!r} holds NaN or infinite values")
+    sae = make_sae(cfg["type"], d, w, cfg.get("k"), cfg.get("group_sizes"))
+    with torch.no_grad():
+        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(t.float())
+        sae.threshold.fill_(float(cfg.get("threshold", -1.0) if cfg.get("threshold") is not None else -1.0))
+        sae.input_scale.fill_(float(cfg["input_scale"]) if cfg.get("input_scale") is not None else 1.0)
+    return sae.eval()
+
+
+def _load_ours(folder: Path) -> BaseSAE:
+    from safetensors.torch import load_file
+
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: missing {CONFIG_FILE} next to {WEIGHTS_FILE}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("type") not in SAE_TYPES:
+        raise ValueError(
+            f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
+            "(a type defined outside the package must be registered with register_sae before loading)"
+        )
+    state = load_file(str(folder / WEIGHTS_FILE))
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    if set(state) != expected:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}"
+        )
+    return _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
+
+
+def _load_dictionary_learning(pt: Path) -> BaseSAE:
+    """Read a dictionary_learning ``ae.pt`` (BatchTopK / TopK / Matryoshka / standard layouts)."""
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled objects, corrupt files
+        raise ValueError(f"{pt}: not a plain tensor state dict loadable with weights_only=True ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{pt}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+    dl_cfg = {}
+    cfg_path = pt.parent / CONFIG_FILE
+    if cfg_path.is_file():
+        try:
+            raw = json.loads(cfg_path.read_text())
+            dl_cfg = raw.get("trainer", raw) if isinstance(raw, dict) else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    keys = set(state)
+    linear = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec"}
+    matry = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    standard = {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}
+    buffers = {"k", "threshold", "group_sizes"}
+    if matry <= keys:
+        base, W_enc, b_enc, W_dec, b_dec = matry, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]
+        sae_type = "matryoshka_batch_top_k"
+    elif linear <= keys:
+        base = linear
+        W_enc, b_enc = state["encoder.weight"].T, state["encoder.bias"]
+        W_dec, b_dec = state["decoder.weight"].T, state["b_dec"]
+        sae_type = _DL_DICT_CLASS_TO_TYPE.get(dl_cfg.get("dict_class"), "batch_top_k")
+    elif standard <= keys:
+        base = standard
+        W_enc, b_enc = state["encoder.weight"].T, state["encoder.bias"]
+        W_dec, b_dec = state["decoder.weight"].T, state["bias"]
+        sae_type = "relu"
+    else:
+        raise ValueError(
+            f"{pt}: keys {sorted(keys)} match no known dictionary_learning layout "
+            f"(BatchTopK {sorted(linear)}, Matryoshka {sorted(matry)}, standard {sorted(standard)})"
+        )
+    unknown = keys - base - buffers - ({"decoder.bias"} if base is standard else set())
+    if unknown:
+        raise ValueError(f"{pt}: unknown keys {sorted(unknown)} for the {sae_type} layout")
+    if W_enc.dim() != 2:
+        raise ValueError(f"{pt}: encoder weight must be 2-D, got shape {tuple(W_enc.shape)}")
+    d, w = W_enc.shape
+    k = int(state["k"]) if "k" in state else dl_cfg.get("k")
+    cls = sae_class(sae_type)
+    if cls.needs_k and k is None:
+        raise ValueError(f"{pt}: no 'k' buffer and no k in {CONFIG_FILE}")
+    group_sizes = None
+    if cls.uses_groups:
+        if "group_sizes" in state:
+            group_sizes = [int(g) for g in state["group_sizes"].tolist()]
+        else:
+            group_sizes = [int(w)]
+    cfg = {
+        "type": sae_type,
+        "activation_dim": d,
+        "dict_size": w,
+        "k": k,
+        "group_sizes": group_sizes,
+        "threshold": float(state["threshold"]) if "threshold" in state else -1.0,
+        "input_scale": 1.0,
+    }
+    return _build(cfg, W_enc, b_enc, W_dec, b_dec, pt)
+
+
+def load_sae(path: str | os.PathLike) -> BaseSAE:
+    """Load an SAE from our folder format or a dictionary_learning ``ae.pt`` (file or its folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no SAE at {path}")
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return _load_ours(path)
+        pts = sorted(path.glob("*.pt"))
+        if (path / "ae.pt").is_file():
+            return _load_dictionary_learning(path / "ae.pt")
+        if len(pts) == 1:
+            return _load_dictionary_learning(pts[0])
+        raise FileNotFoundError(
+            f"{path}: contains neither {WEIGHTS_FILE} nor a single ae.pt (found .pt files: {[p.name for p in pts]})"
+        )
+    if path.name == WEIGHTS_FILE:
+        return _load_ours(path.parent)
+    if path.suffix in (".pt", ".pth"):
+        return _load_dictionary_learning(path)
+    raise ValueError(f"{path}: unrecognised SAE file; expected a folder, {WEIGHTS_FILE} or a .pt file")
