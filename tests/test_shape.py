@@ -13,7 +13,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmsae_utils"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 #: Modules over the limit today, each with its ceiling (issue: split them along their seams).
-OVERSIZED_MODULES: dict[str, int] = {}
+OVERSIZED_MODULES: dict[str, int] = {
+    "vlmsae_utils/encoders.py": 586,
+    "vlmsae_utils/executor.py": 551,
+    "vlmsae_utils/fixtures/build.py": 533,
+    "vlmsae_utils/fixtures/training.py": 784,
+    "vlmsae_utils/metrics.py": 607,
+    "vlmsae_utils/rehearsal.py": 592,
+    "vlmsae_utils/steering.py": 522,
+    "vlmsae_utils/store.py": 510,
+    "vlmsae_utils/sweep.py": 917,
+}
 
 
 def _modules() -> dict[str, Path]:
