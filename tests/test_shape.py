@@ -22,7 +22,6 @@ OVERSIZED_MODULES: dict[str, int] = {
     "vlmsae_utils/rehearsal.py": 592,
     "vlmsae_utils/steering.py": 522,
     "vlmsae_utils/store.py": 510,
-    "vlmsae_utils/sweep.py": 917,
 }
 
 

@@ -1,0 +1,315 @@
+"""A sweep as notebook runs: models × layers × SAE types × expansions × scorers, dependencies first."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .hierarchy import PAPER_GROUP_FRACTIONS
+from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK
+from .sweep_config import SAE_SETTINGS, TRAIN_DEFAULTS, TRAIN_RUN_SETTINGS, ConfigError, grid_ks, slug
+from .train import run_name
+
+__all__ = [
+    "Run",
+    "expand",
+]
+
+
+@dataclass
+class Run:
+    """One notebook execution of a sweep."""
+
+    kind: str
+    notebook: str
+    out_dir: str  # relative to the sweep folder
+    parameters: dict[str, Any]
+    depends: list[str] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)  # model, layer, … for the results tables
+
+    @property
+    def id(self) -> str:
+        """Unique name of the run (its output folder)."""
+        return self.out_dir
+
+
+def _layer_params(layer: int | str, hook: str = DEFAULT_HOOK) -> dict[str, Any]:
+    """Hook and layer parameters of notebook 01 for a config layer (``last`` = post_projection)."""
+    return {"hook": EMBEDDING_HOOK, "layer": -1} if layer == "last" else {"hook": hook, "layer": layer}
+
+
+def _layer_dir(layer: int | str, hook: str = DEFAULT_HOOK) -> str:
+    """Folder of a layer's runs: ``L<layer>``, with the hook appended when it is not the default
+    (so runs of the default hook keep their folders, parameters and fingerprints)."""
+    return f"L{layer}" if layer == "last" or hook == DEFAULT_HOOK else f"L{layer}_{hook}"
+
+
+def _train_settings(sae: dict[str, Any], k: int | None) -> dict[str, Any]:
+    """Notebook 02's settings of one training run: :data:`TRAIN_RUN_SETTINGS` (unset: TrainConfig's
+    defaults), ``k`` of the run, and every other setting the ``sae`` section sets (not ``steps`` and
+    ``group_fractions``, which a run's caller chooses)."""
+    settings = {name: sae.get(name, getattr(TRAIN_DEFAULTS, name)) for name in TRAIN_RUN_SETTINGS}
+    settings["k"] = settings["k"] if k is None else k
+    chosen = ("steps", "group_fractions", *TRAIN_RUN_SETTINGS)
+    return settings | {name: sae[name] for name in SAE_SETTINGS if name in sae and name not in chosen}
+
+
+def expand(config: dict[str, Any]) -> list[Run]:
+    """Every notebook run of a sweep, dependencies first."""
+    runs: list[Run] = []
+    sae = config["sae"]
+    k_sweep = isinstance(sae.get("k"), list)  # each K in its own folder (one K keeps today's folder names)
+    hook = config.get("hook", DEFAULT_HOOK)
+    extract = functools.partial(_extract_run, config, runs)
+    embed = functools.partial(_embed_run, config, runs)
+    train = functools.partial(_train_run, sae, runs)
+    val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
+    for model in config["models"]:
+        for layer in config["layers"]:
+            train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
+            trained = [
+                train(
+                    train_store,
+                    val_store,
+                    t,
+                    e,
+                    sae.get("group_fractions"),
+                    sae.get("steps", TRAIN_DEFAULTS.steps),
+                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}" + (f"_k{k}" if k_sweep else ""),
+                    k,
+                )
+                for t in sae["types"]
+                for e in sae["expansions"]
+                for k in grid_ks(sae)
+            ]
+            for scorer, embedding in val_embeddings.items():
+                _add(runs, _score_run(model, layer, hook, scorer, embedding, train_store, val_store, trained))
+            if "hierarchy" in config and layer == config["hierarchy"].get("layer", config["layers"][0]):
+                _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
+    if "steering" in config:
+        _steering(config, runs, extract, train)
+    for run in runs:
+        _add_execution_parameters(config, run)
+    return runs
+
+
+def _store_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """What every extraction of a sweep shares: the storage dtype and the batch size."""
+    return {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
+
+
+def _extract_run(
+    config: dict[str, Any],
+    runs: list[Run],
+    model: str,
+    layer,
+    split: str,
+    tokens: str | None = None,
+    random_k: int = 2,
+    hook: str | None = None,
+) -> Run:
+    """Notebook 01 on one split: a model's activations at ``layer`` (the sweep's tokens and hook unless given)."""
+    tokens = config.get("tokens", "cls") if tokens is None else tokens
+    hook = config.get("hook", DEFAULT_HOOK) if hook is None else hook
+    data = config["data"][split]
+    suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
+    run = Run(
+        "extract",
+        "01",
+        f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
+        {
+            "model": model,
+            "data_dir": data["data_dir"],
+            "split": data.get("split"),
+            **_layer_params(layer, hook),
+            "tokens": tokens,
+            "random_k": random_k,
+            "scorer": "",
+            **_store_parameters(config),
+        },
+        labels={"model": model, "layer": layer, "split": split},
+    )
+    return _add(runs, run)
+
+
+def _embed_run(config: dict[str, Any], runs: list[Run], scorer: str, split: str) -> Run:
+    """Notebook 01 for a scorer: its image embeddings of one split."""
+    data = config["data"][split]
+    params = {
+        "model": scorer,
+        "data_dir": data["data_dir"],
+        "split": data.get("split"),
+        "hook": EMBEDDING_HOOK,
+        "layer": -1,
+        "tokens": "cls",
+        "scorer": "",
+        **_store_parameters(config),
+    }
+    return _add(
+        runs, Run("embed", "01", f"embed/{slug(scorer)}/{split}", params, labels={"scorer": scorer, "split": split})
+    )
+
+
+def _train_run(
+    sae: dict[str, Any],
+    runs: list[Run],
+    source: Run,
+    validation: Run | None,
+    sae_type: str,
+    expansion,
+    group_fractions,
+    steps: int,
+    folder: str,
+    k: int | None = None,
+) -> Run:
+    """Notebook 02 for one (type, expansion, K) on ``source``'s activations, validated on ``validation``'s."""
+    settings = _train_settings(sae, k)
+    params = {
+        "train_store": f"{source.out_dir}/activations",
+        "val_store": f"{(validation or source).out_dir}/activations",
+        "sae_types": [sae_type],
+        "expansions": [expansion],
+        "k": settings.pop("k"),
+        "group_fractions": group_fractions,
+        "steps": steps,
+        **settings,
+    }
+    labels = dict(
+        source.labels,
+        sae_type=sae_type,
+        expansion=expansion,
+        k=params["k"],
+        sae_dir=f"{folder}/{run_name(sae_type, expansion, params['k'])}",
+    )
+    return _add(
+        runs, Run("train", "02", folder, params, [source.id] + ([validation.id] if validation else []), labels=labels)
+    )
+
+
+def _score_run(
+    model: str, layer, hook: str, scorer: str, embedding: Run, train_store: Run, val_store: Run, trained: list[Run]
+) -> Run:
+    """Notebook 03: MS of every SAE of one (model, layer) with one scorer; uniqueness on the train store."""
+    return Run(
+        "score",
+        "03",
+        f"score/{slug(model)}/{_layer_dir(layer, hook)}/{slug(scorer)}",
+        {
+            "activations_store": f"{val_store.out_dir}/activations",
+            "scorer_store": f"{embedding.out_dir}/activations",
+            "sae_paths": [r.labels["sae_dir"] for r in trained],
+            "top_k": 16,
+            "uniqueness_store": f"{train_store.out_dir}/activations",
+        },
+        [val_store.id, embedding.id, train_store.id] + [r.id for r in trained],
+        labels={"model": model, "layer": layer, "scorer": scorer},
+    )
+
+
+def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
+    """Every notebook gets the sweep's ``device``; extraction also its ``model_dtype`` and ``num_workers``."""
+    run.parameters.setdefault("device", config.get("device", "auto"))
+    if run.kind in ("extract", "embed"):
+        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
+        if "num_workers" in config:
+            run.parameters.setdefault("num_workers", config["num_workers"])
+    if run.kind == "steer":
+        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
+
+
+def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
+    """A Matryoshka SAE with the hierarchy's group split, then notebook 04 on the training images."""
+    h, folder = config["hierarchy"], _layer_dir(layer, config.get("hook", DEFAULT_HOOK))
+    matryoshka = train(
+        train_store,
+        val_store,
+        "matryoshka_batch_top_k",
+        h.get("expansion", 2),
+        h.get("group_fractions", list(PAPER_GROUP_FRACTIONS)),
+        h.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
+        f"train/{slug(model)}/{folder}/hierarchy",
+    )
+    scorer = embed(config["scorers"][0], "train")
+    _add(
+        runs,
+        Run(
+            "hierarchy",
+            "04",
+            f"hierarchy/{slug(model)}/{folder}",
+            {
+                "train_store": f"{train_store.out_dir}/activations",
+                "sae_path": matryoshka.labels["sae_dir"],
+                "top_k": h.get("top_k", 16),
+                "scorer_store": f"{scorer.out_dir}/activations",
+            },
+            [train_store.id, matryoshka.id, scorer.id],
+            labels={"model": model, "layer": layer},
+        ),
+    )
+
+
+def _steering(config, runs, extract, train) -> None:
+    """An SAE on 2 random tokens per image of the LLaVA vision block, then notebook 05."""
+    s = config["steering"]
+    hook = s.get("hook", DEFAULT_HOOK)  # SAE trained and clamped at the same hook point
+    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2), hook=hook)
+    folder = _layer_dir(s["layer"], hook)
+    sae = train(
+        tokens,
+        None,
+        "matryoshka_batch_top_k",
+        s.get("expansion", 4),
+        None,
+        s.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
+        f"train/{slug(s['encoder'])}/{folder}/steering",
+    )
+    params = {
+        "llava": s["llava"],
+        "sae_path": sae.labels["sae_dir"],
+        "train_store": f"{tokens.out_dir}/activations",
+        "layer": s["layer"],
+        "num_images": s.get("num_images", 4),
+    }
+    params |= {"hook": hook} if hook != DEFAULT_HOOK else {}  # today's steer runs keep their fingerprint
+    params |= {
+        key: s[key]
+        for key in (
+            "alphas",
+            "clip_text_model",
+            "latents",
+            "alpha_scale",
+            "score_alpha",
+            "concept_pool",
+            "concept_tokens",
+            "concept_shortlist",
+            "image_latents",
+        )
+        if key in s
+    }
+    train = config["data"]["train"]
+    if train["data_dir"] != "fixture":  # test images: the first train image of each class, as the authors
+        params["images_dir"] = str(Path(train["data_dir"]) / (train.get("split") or ""))
+    _add(
+        runs,
+        Run(
+            "steer",
+            "05",
+            f"steer/{slug(s['llava'])}/{folder}",
+            params,
+            [tokens.id, sae.id],
+            labels={"llava": s["llava"], "layer": s["layer"]},
+        ),
+    )
+
+
+def _add(runs: list[Run], run: Run) -> Run:
+    """Append a run unless an identical one is already planned (shared extractions)."""
+    for existing in runs:
+        if existing.id == run.id:
+            if existing.parameters != run.parameters:
+                raise ConfigError(f"two different runs would write {run.id}")
+            return existing
+    runs.append(run)
+    return run
