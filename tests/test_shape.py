@@ -17,7 +17,6 @@ OVERSIZED_MODULES: dict[str, int] = {
     "vlmsae_utils/encoders.py": 586,
     "vlmsae_utils/executor.py": 551,
     "vlmsae_utils/fixtures/build.py": 533,
-    "vlmsae_utils/fixtures/training.py": 784,
     "vlmsae_utils/metrics.py": 607,
     "vlmsae_utils/rehearsal.py": 592,
     "vlmsae_utils/steering.py": 522,
