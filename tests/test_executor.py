@@ -20,7 +20,8 @@ import yaml
 from helpers import FakeRunner, KillAfterNotebook, lock_held_elsewhere
 from submitit.core.utils import DelayedSubmission
 
-from vlmsae_utils import executor, extract, store, sweep
+from vlmsae_utils import executor, executor_jobs, executor_slurm, extract, store, sweep
+from vlmsae_utils.cli import build_parser as cli_build_parser
 from vlmsae_utils.cli import main as cli_main
 from vlmsae_utils.executor_config import ExecutorConfig, parse_executor
 from vlmsae_utils.paths import results_root
@@ -198,7 +199,7 @@ def _submissions(state: Path) -> dict[str, dict[str, str]]:
 
 
 def _records(runs: list[sweep.Run], root: Path) -> dict[str, str]:
-    return {r.id: executor._read_record(root / r.out_dir).get("job_id", "") for r in runs}
+    return {r.id: executor_jobs._read_record(root / r.out_dir).get("job_id", "") for r in runs}
 
 
 SLURM_BLOCK = {
@@ -439,7 +440,7 @@ def test_wait_returns_the_final_states_once_nothing_is_queued(tmp_path, fake_slu
     path = _small(tmp_path, "slurm-wait", executor=SLURM_BLOCK)
     runs = sweep.expand(sweep.load_config(path))
     polls = []
-    monkeypatch.setattr(executor.time, "sleep", lambda seconds: polls.append(seconds))
+    monkeypatch.setattr(executor_slurm.time, "sleep", lambda seconds: polls.append(seconds))
 
     def queue_empties(command):  # pending at the first look, then gone and failed in the accounting
         if command[0] == "squeue" and not polls:
@@ -448,7 +449,54 @@ def test_wait_returns_the_final_states_once_nothing_is_queued(tmp_path, fake_slu
             command[0] == "sacct"
         )
 
-    monkeypatch.setattr(executor, "_query", queue_empties)
+    monkeypatch.setattr(executor_slurm, "_query", queue_empties)
     status, results = executor.dispatch(path, executor="slurm", wait=True, progress=False)
     assert len(polls) == 1 and results == {}
     assert set(status.status) == {"failed", "blocked"}  # final states, not "submitted"
+
+
+# ----------------------------------------------------------------------------- a new executor
+
+
+class InOrderExecutor(executor.JobExecutor):
+    """A test's executor: the cells in order in this process through ``sweep.execute_run``, recording
+    what it ran (the recipe of CONTRIBUTING, "Recipe: add an executor")."""
+
+    name = "in_order"
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def run_cells(self, plan, options):
+        rows = []
+        for cell in plan.cells:
+            state, message = sweep.execute_run(cell.run, plan.root, options.runner)
+            self.ran.append(cell.run.id)
+            rows.append({"run": cell.run.id, "notebook": cell.run.notebook, "status": state, "message": message})
+        return executor_jobs.with_finished(
+            plan.runs, pd.DataFrame(rows, columns=["run", "notebook", "status", "message"])
+        )
+
+
+@pytest.fixture
+def in_order():
+    registered = executor.register_executor(InOrderExecutor())
+    yield registered
+    executor.unregister_executor("in_order")
+
+
+def test_an_executor_registered_from_a_test_module_runs_a_sweep(tmp_path, monkeypatch, in_order):
+    """No edit to the package: the sweep file's ``executor: type:`` and ``--executor`` accept it,
+    ``dispatch`` runs the cells through it, a rerun finds them done; once unregistered it is refused."""
+    monkeypatch.setattr(sweep, "gather", lambda *args: {})  # FakeRunner's outputs are not tables
+    path = _small(tmp_path, "in-order", executor={"type": "in_order"})
+    runs = sweep.expand(sweep.load_config(path))
+    status, _ = executor.dispatch(path, progress=False, runner=FakeRunner())
+    assert in_order.ran == [r.id for r in runs] and set(status.status) == {"ran"}
+    again, _ = executor.dispatch(path, executor="in_order", progress=False, runner=FakeRunner())
+    assert set(again.status) == {"done earlier"} and len(in_order.ran) == len(runs)
+    assert "in_order" in cli_build_parser()._option_string_actions["--executor"].choices
+    executor.unregister_executor("in_order")
+    with pytest.raises(sweep.ConfigError, match="'in_order' is not one of inline, local, slurm"):
+        sweep.load_config(path)
+    executor.register_executor(in_order)  # for the fixture's teardown

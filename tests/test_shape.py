@@ -15,7 +15,6 @@ MAX_FUNCTION_LINES = 80
 #: Modules over the limit today, each with its ceiling (issue: split them along their seams).
 OVERSIZED_MODULES: dict[str, int] = {
     "vlmsae_utils/encoders.py": 586,
-    "vlmsae_utils/executor.py": 551,
     "vlmsae_utils/fixtures/build.py": 533,
     "vlmsae_utils/metrics.py": 607,
     "vlmsae_utils/rehearsal.py": 592,

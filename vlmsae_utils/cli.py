@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from . import kernels
+from .executor_config import EXECUTORS
 from .io import FolderLockedError, read_yaml
 from .run import NotebookError, all_notebooks, run_notebook
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--executor",
-        choices=("inline", "local", "slurm"),
+        choices=EXECUTORS,  # live: an executor registered before the parser is built is a choice
         help="with --config: run cells in this process, as local subprocess jobs or as Slurm jobs "
         "(default: the config's executor block, else inline)",
     )

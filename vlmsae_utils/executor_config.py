@@ -34,10 +34,28 @@ __all__ = [
     "SPLIT_KINDS",
     "ExecutorConfig",
     "Resources",
+    "add_executor_name",
     "parse_executor",
+    "remove_executor_name",
 ]
 
-EXECUTORS = ("inline", "local", "slurm")
+#: The executors a sweep file or ``--executor`` may name (live: :func:`vlmsae_utils.executor.register_executor`
+#: adds one). The built-ins are listed here so a sweep file is checked without importing the job machinery.
+EXECUTORS: list[str] = ["inline", "local", "slurm"]
+
+
+def add_executor_name(name: str) -> None:
+    """Accept ``name`` as an executor (called by ``register_executor``)."""
+    if name not in EXECUTORS:
+        EXECUTORS.append(name)
+
+
+def remove_executor_name(name: str) -> None:
+    """Stop accepting ``name`` (called by ``unregister_executor``)."""
+    if name in EXECUTORS:
+        EXECUTORS.remove(name)
+
+
 #: An ``sbatch:`` option name (``qos``, ``mail-type``, ``gres``) and a value written into a job script.
 SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 SCRIPT_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/|&!*()\[\]-]+")  # constraints use | & ! * ( ) [ ]
