@@ -17,7 +17,6 @@ OVERSIZED_MODULES: dict[str, int] = {
     "vlmsae_utils/encoders.py": 586,
     "vlmsae_utils/fixtures/build.py": 533,
     "vlmsae_utils/steering.py": 522,
-    "vlmsae_utils/store.py": 510,
 }
 
 

@@ -1,0 +1,126 @@
+"""The activation store on disk: format version, dtypes, file names, the plan of one extraction and
+the checks a shard and a plan get before they are read or reused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import read_json, sha256_json
+
+__all__ = [
+    "DTYPES",
+    "MANIFEST_FILE",
+    "PLAN_FILE",
+    "SHARD_DIR",
+    "STORE_FORMAT",
+    "StoreError",
+    "StorePlan",
+    "check_dtype",
+    "load_shard",
+    "shard_name",
+]
+
+
+STORE_FORMAT = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+PLAN_FILE, MANIFEST_FILE, SHARD_DIR = "plan.json", "manifest.json", "shards"
+
+
+class StoreError(ValueError):
+    """A store folder that is incomplete, inconsistent, or was made with other parameters."""
+
+
+def check_dtype(dtype: str) -> str:
+    """Validate a storage dtype name."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return dtype
+
+
+def shard_name(index: int) -> str:
+    """File stem of shard ``index``."""
+    return f"shard-{index:05d}"
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """What one extraction writes: parameters (the fingerprint), the image list and the sharding."""
+
+    params: dict[str, Any]
+    image_ids: list[str]
+    class_names: list[str]
+    dim: int
+    dtype: str
+    rows_per_image: int
+    shard_images: int
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards the image list is cut into."""
+        return max(1, -(-len(self.image_ids) // self.shard_images))
+
+    def shard_range(self, shard: int) -> range:
+        """Dataset image indices of one shard."""
+        start = shard * self.shard_images
+        return range(start, min(start + self.shard_images, len(self.image_ids)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as written to ``plan.json``."""
+        return {
+            "format": STORE_FORMAT,
+            "params": self.params,
+            "image_ids": self.image_ids,
+            "class_names": self.class_names,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "rows_per_image": self.rows_per_image,
+            "shard_images": self.shard_images,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the store's content."""
+        return sha256_json(
+            {
+                "params": self.params,
+                "image_ids": self.image_ids,
+                "dim": self.dim,
+                "dtype": self.dtype,
+                "rows_per_image": self.rows_per_image,
+                "shard_images": self.shard_images,
+            }
+        )
+
+
+def _content_hash(shards: list[dict[str, Any]], image_ids: list[str]) -> str:
+    """The store's identity: its shards' SHA-256 in order and its image ids in order."""
+    return sha256_json({"shards": [s["sha256"] for s in shards], "image_ids": image_ids})
+
+
+def load_shard(file: Path) -> np.ndarray:
+    """A shard's rows, memory-mapped; a truncated or unreadable file is a `StoreError` naming it
+    (numpy's own message, "mmap length is greater than file size", names no file)."""
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise StoreError(f"shard {file} is truncated or unreadable ({err})") from None
+
+
+def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
+    """Refuse to write into a folder that holds a store made with other parameters."""
+    old = read_json(existing)
+    if old.get("fingerprint") == plan.fingerprint():
+        return
+    new = plan.to_json()
+    changed = sorted(
+        k for k in set(old.get("params", {})) | set(plan.params) if old.get("params", {}).get(k) != plan.params.get(k)
+    )
+    changed += [k for k in ("dim", "dtype", "rows_per_image", "shard_images", "image_ids") if old.get(k) != new[k]]
+    raise StoreError(
+        f"{existing.parent} already holds a store made with different parameters "
+        f"(differs in: {', '.join(changed) or 'format'}). Use another out_dir or delete that folder."
+    )
