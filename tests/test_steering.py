@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmsae_utils import hooks, steering
+from vlmsae_utils import hooks, labels, steering
 from vlmsae_utils.metrics import SparseCodes
 from vlmsae_utils.sae import BatchTopKSAE, load_sae, save_sae
 
@@ -326,14 +326,14 @@ def test_class_text_is_readable_on_real_folders(fixture):
     from vlmsae_utils.fixtures import fixture_classes
 
     first = fixture_classes()[0]
-    assert steering.class_text(first.folder) == first.caption
-    assert steering.class_text("n01440764") == "tench"
-    assert steering.class_text("n04326547") == "stone wall"
+    assert labels.class_text(first.folder) == first.caption
+    assert labels.class_text("n01440764") == "tench"
+    assert labels.class_text("n04326547") == "stone wall"
     assert (
-        steering.class_text("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus")
+        labels.class_text("00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus")
         == "Danaus plexippus"
     )
-    assert steering.class_text("007_red_fox") == "red fox"
+    assert labels.class_text("007_red_fox") == "red fox"
     assert steering.names_class("Tench.", "n01440764") and not steering.names_class("goldfish", "n01440764")
 
 
