@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from vlmsae_utils.fixtures import fixture_classes
+from vlmsae_utils.fixtures import fit, fixture_classes
 from vlmsae_utils.fixtures import training as ft
 from vlmsae_utils.io import LOCK_FILE
 
@@ -63,8 +63,8 @@ def test_augment_keeps_content_and_is_seeded():
 
 
 def test_batches_cover_every_image_each_epoch_and_repeat_for_a_seed():
-    first = list(ft._batches(10, 4, 5, torch.Generator().manual_seed(3)))
-    again = list(ft._batches(10, 4, 5, torch.Generator().manual_seed(3)))
+    first = list(fit._batches(10, 4, 5, torch.Generator().manual_seed(3)))
+    again = list(fit._batches(10, 4, 5, torch.Generator().manual_seed(3)))
     assert all(torch.equal(p, q) for p, q in zip(first, again))
     assert sorted(torch.cat(first)[:10].tolist()) == list(range(10))
 

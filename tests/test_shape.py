@@ -13,10 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmsae_utils"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 #: Modules over the limit today, each with its ceiling (issue: split them along their seams).
-OVERSIZED_MODULES: dict[str, int] = {
-    "vlmsae_utils/encoders.py": 586,
-    "vlmsae_utils/fixtures/build.py": 533,
-}
+OVERSIZED_MODULES: dict[str, int] = {}
 
 
 def _modules() -> dict[str, Path]:
