@@ -4,10 +4,10 @@ module imports on its own.
 Edges come from every ``import`` statement of a module, at top level or inside a function
 (``from .x import y``, ``from vlmsae_utils.x import y``, ``import vlmsae_utils.x``,
 ``importlib.import_module("vlmsae_utils.x")``), relative imports resolved against the module's
-package. Two kinds of block are left out because they never run when the module is imported
-under its own name: ``if TYPE_CHECKING:`` (type checkers only) and ``if __name__ == "__main__":``
-(runs only in the separate ``__main__`` module of ``python -m``, which nothing imports).
-A submodule's implicit import of its parent package is not an edge.
+package. Nothing is left out: imports under ``if TYPE_CHECKING:`` and ``if __name__ == "__main__":``
+are edges too (the command line's modules, ``run`` and ``__main__``, import :mod:`.cli`, which
+imports :mod:`.runner`, never them). A submodule's implicit import of its parent package is not
+an edge.
 """
 
 from __future__ import annotations
@@ -42,32 +42,9 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def _skipped(test: ast.expr) -> bool:
-    """``TYPE_CHECKING`` / ``typing.TYPE_CHECKING`` and ``__name__ == "__main__"`` conditions."""
-    if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
-        return True
-    if isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
-        return True
-    return (
-        isinstance(test, ast.Compare)
-        and isinstance(test.left, ast.Name)
-        and test.left.id == "__name__"
-        and len(test.comparators) == 1
-        and isinstance(test.comparators[0], ast.Constant)
-        and test.comparators[0].value == "__main__"
-    )
-
-
 def _nodes(tree: ast.AST):
-    """Every node of ``tree`` except the bodies of skipped ``if`` blocks (their ``else`` is kept)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        if isinstance(node, ast.If) and _skipped(node.test):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
+    """Every node of ``tree``."""
+    return ast.walk(tree)
 
 
 def _target(name: str, modules: dict[str, Path]) -> str | None:
@@ -176,7 +153,9 @@ def test_graph_builder_sees_function_level_and_relative_imports(tmp_path):
     finally:
         ROOT = saved
     assert graph[f"{PACKAGE}.a"] == {f"{PACKAGE}.b": 2}
-    assert graph[f"{PACKAGE}.b"] == {}
+    assert graph[f"{PACKAGE}.b"] == {f"{PACKAGE}.a": 3}  # the TYPE_CHECKING (line 3) and __main__ blocks count
+    assert find_cycle(graph) == [f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.a"]
+    del graph[f"{PACKAGE}.b"][f"{PACKAGE}.a"]
     assert graph[f"{PACKAGE}.sub"] == {f"{PACKAGE}.b": 1}
     assert set(graph[f"{PACKAGE}.sub.c"]) == {f"{PACKAGE}.sub.d", f"{PACKAGE}.sub.e", f"{PACKAGE}.a", f"{PACKAGE}.b"}
     assert find_cycle(graph) is None

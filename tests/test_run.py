@@ -69,9 +69,9 @@ def test_cli_parses_yaml_values_and_rejects_bad_combinations():
         cli.main(["00", "--all"])
 
 
-@pytest.mark.parametrize("module", ["vlmsae_utils.run", "vlmsae_utils.cli"])
+@pytest.mark.parametrize("module", ["vlmsae_utils", "vlmsae_utils.run", "vlmsae_utils.cli"])
 def test_command_line_entry_points(module):
-    """``python -m vlmsae_utils.run`` (the documented command) and ``-m vlmsae_utils.cli`` are the same CLI."""
+    """``python -m vlmsae_utils.run`` (the documented command), ``-m vlmsae_utils`` and ``-m vlmsae_utils.cli`` are one CLI."""
     result = subprocess.run([sys.executable, "-m", module, "00", "--all"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "give exactly one of NOTEBOOK or --all" in result.stderr
     assert "usage: python -m vlmsae_utils.run" in result.stderr

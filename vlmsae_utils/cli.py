@@ -24,7 +24,7 @@ import yaml
 from . import kernels
 from .executor_config import EXECUTORS
 from .io import FolderLockedError, read_yaml
-from .run import NotebookError, all_notebooks, run_notebook
+from .runner import NotebookError, all_notebooks, run_notebook
 
 __all__ = [
     "build_parser",

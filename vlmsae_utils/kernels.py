@@ -3,7 +3,7 @@ libraries every chapter imports, while the current notebook executes.
 
 A fresh kernel spends seconds on start-up and on ``import torch`` and friends before a notebook's
 first cell does any work; a sweep of twenty cells or ``run --all`` pays that twenty times. Inside
-``with warm_kernels():`` each :func:`vlmsae_utils.run.run_notebook` takes the spare kernel (when
+``with warm_kernels():`` each :func:`vlmsae_utils.runner.run_notebook` takes the spare kernel (when
 it was started for the same kernel, folder and environment; otherwise a fresh one, as papermill
 would) and starts the next spare. The spare has run nothing but imports, without history or
 output, so an executed notebook is the same as one run in a fresh kernel.
@@ -93,7 +93,7 @@ def take_kernel(kernel_name: str, cwd: Path) -> Any | None:
 
 @contextlib.contextmanager
 def warm_kernels() -> Iterator[None]:
-    """Within the block, notebooks run by :func:`vlmsae_utils.run.run_notebook` take pre-started kernels."""
+    """Within the block, notebooks run by :func:`vlmsae_utils.runner.run_notebook` take pre-started kernels."""
     _pool["active"] += 1
     try:
         yield

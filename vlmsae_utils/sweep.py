@@ -167,7 +167,7 @@ def resolved_parameters(run: Run, root: Path) -> dict[str, Any]:
 
 def notebook_runner(notebook: str, params: dict[str, Any], out: Path) -> Path:
     """How a cell runs by default: its notebook through papermill, executed copy and log in ``out``."""
-    from .run import run_notebook
+    from .runner import run_notebook
 
     return run_notebook(notebook, params, out)
 
@@ -209,7 +209,7 @@ def execute(
 def execute_run(run: Run, root: Path, runner: Callable[[str, dict, Path], Any] | None = None) -> tuple[str, str]:
     """One cell, its folder locked: runs the notebook and marks it complete (``"ran"``), or returns
     ``("failed", first line of the error)``. A second process on the same cell fails, naming the holder."""
-    from .run import NotebookError
+    from .runner import NotebookError
 
     folder = root / run.out_dir
     try:
@@ -359,7 +359,7 @@ def sweep_lock(root: Path) -> Iterator[None]:
 def execute_results_chapter(name: str) -> Path:
     """Chapter 6 executed on ``results/<name>/`` into the sweep's folder (``results/06_results.ipynb``),
     so a book of the sweep shows its own tables without executing anything at build time."""
-    from .run import run_notebook
+    from .runner import run_notebook
 
     return run_notebook(RESULTS_NOTEBOOK, {"results_dir": str(results_root() / name)}, sweep_dir(name) / "results")
 
