@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format test test-fast test-gpu rehearsal lab clean
+.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format typecheck test test-fast test-gpu rehearsal lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
@@ -64,7 +64,15 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# mypy (configured in pyproject.toml) over the modules typed so far; the rest of the package is next.
+TYPED := -p vlmsae_utils.sae -p vlmsae_utils.train -m vlmsae_utils.train_config -m vlmsae_utils.metrics \
+	-m vlmsae_utils.sparse_codes -m vlmsae_utils.store -m vlmsae_utils.store_format -m vlmsae_utils.io \
+	-m vlmsae_utils.device -m vlmsae_utils.paths -m vlmsae_utils.hooks -m vlmsae_utils.protocol \
+	-m vlmsae_utils.sweep_config -m vlmsae_utils.sweep_plan
+typecheck: install
+	$(VENV)/bin/mypy $(TYPED)
+
+test: lint typecheck
 	$(PY) -m pytest
 
 # The inner loop (about a minute): every test not marked slow, so no trained fixture model and no

@@ -122,6 +122,18 @@ def _finish(sum_a, sum_a2, sum_a2q, sq_norm, rng) -> torch.Tensor:
     return ms
 
 
+def _check_ms_shape(n: int, k: int, chunk_size: int | None) -> int:
+    """The rows per streamed batch, after refusing fewer than 2 images, no neuron or a bad chunk size."""
+    if n < 2:
+        raise ValueError(f"MS needs at least 2 images (pairs), got N={n}")
+    if k < 1:
+        raise ValueError(f"activations must have at least one neuron, got K={k}")
+    batch = int(chunk_size or _DEFAULT_BATCH)
+    if batch < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return batch
+
+
 def monosemanticity_score(
     activations: Any,
     embeddings: Any,
@@ -140,13 +152,7 @@ def monosemanticity_score(
     `matmul_dtype`: dtype of each batch product (float32 default; sums accumulate in float64).
     """
     n, k = rows_and_dim(activations)
-    if n < 2:
-        raise ValueError(f"MS needs at least 2 images (pairs), got N={n}")
-    if k < 1:
-        raise ValueError(f"activations must have at least one neuron, got K={k}")
-    batch = int(chunk_size or _DEFAULT_BATCH)
-    if batch < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch = _check_ms_shape(n, k, chunk_size)
     dev = resolve_device(device)
     acc_dev = dev if dev.type != "mps" else torch.device("cpu")  # no float64 on MPS
     sparse = isinstance(activations, SparseCodes)
@@ -176,12 +182,13 @@ def monosemanticity_score(
         sum_a2 = torch.zeros_like(sum_a)
         sum_a2q = torch.zeros_like(sum_a)
         row = 0
-        a_buf = a2_buf = None  # reused work buffers: elementwise ops without fresh allocations
+        a_buf: torch.Tensor | None = None  # reused work buffers: elementwise ops without fresh allocations
+        a2_buf: torch.Tensor | None = None
         for b in iter_dense_batches(activations, batch):
             nb = b.shape[0]
             if row + nb > n:
                 raise ValueError(f"activations yielded more rows than len()={n}")
-            if a_buf is None or a_buf.shape[0] < nb:
+            if a_buf is None or a2_buf is None or a_buf.shape[0] < nb:
                 a_buf = torch.empty(max(nb, batch), kk, dtype=matmul_dtype, device=dev)
                 a2_buf = torch.empty_like(a_buf)
             a = torch.sub(b[:, k0:k1].to(dev), lo_c, out=a_buf[:nb]).div_(rng_c)  # ã in [0, 1]

@@ -413,7 +413,7 @@ def _read_npy_into(path: Path, target: np.ndarray) -> None:
         shape, fortran, dtype = read_header(stream)
         if shape != target.shape or fortran or dtype != target.dtype:
             raise StoreError(f"{path}: holds {shape} {dtype}, expected {target.shape} {target.dtype}")
-        if target.size and stream.readinto(memoryview(target).cast("B")) != target.nbytes:
+        if target.size and stream.readinto(memoryview(target.data).cast("B")) != target.nbytes:
             raise StoreError(f"{path} is truncated")
 
 

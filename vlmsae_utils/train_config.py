@@ -130,9 +130,9 @@ def _real(
     ok = (
         not isinstance(value, bool)
         and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > low if open_low else value >= low)
-        and value <= high
+        and math.isfinite(float(value))
+        and (float(value) > low if open_low else float(value) >= low)
+        and float(value) <= high
     )
     if not ok:
         if high < math.inf:

@@ -63,6 +63,9 @@ class BaseSAE(nn.Module):
     sparse_training: bool = True
     #: Whether the sparse path adds the auxiliary-K loss that revives dead latents.
     uses_aux_loss: bool = True
+    #: Buffers (saved with the weights): the inference threshold θ (< 0: none yet) and the input scale s.
+    threshold: torch.Tensor
+    input_scale: torch.Tensor
 
     def __init__(self, activation_dim: int, dict_size: int, k: int | None = None):
         super().__init__()
@@ -127,6 +130,16 @@ class BaseSAE(nn.Module):
             raise ValueError(f"codes have last dim {f.shape[-1]}, SAE expects dict_size={self.dict_size}")
         return (f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
 
+    def decode_prefixes(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """Reconstructions of the nested prefixes (:attr:`prefix_sizes`); a flat dictionary has one, the whole."""
+        return [self.decode(f)]
+
+    def required_k(self) -> int:
+        """``k`` of a type that needs it (set and checked by the constructor)."""
+        if self.k is None:
+            raise ValueError(f"sae_type {self.sae_type!r} has no k")
+        return self.k
+
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`decode` from sparse codes ``(indices [B, m], values [B, m])`` via embedding_bag."""
         if indices.shape != values.shape or indices.dim() != 2:
@@ -171,7 +184,7 @@ class BaseSAE(nn.Module):
             raise ValueError(f"sae_type {cls.sae_type!r} needs k (active latents per input), got None")
         if group_sizes is not None and not cls.uses_groups:
             raise ValueError(f"group_sizes only apply to types with latent groups, not {cls.sae_type!r}")
-        extra = {"group_sizes": group_sizes} if cls.uses_groups else {}
+        extra: dict[str, Any] = {"group_sizes": group_sizes} if cls.uses_groups else {}
         return cls(activation_dim, dict_size, k, **extra) if cls.needs_k else cls(activation_dim, dict_size, **extra)
 
     @property

@@ -115,7 +115,7 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         raise ValueError(f"{pt}: not a plain tensor state dict loadable with weights_only=True ({exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{pt}: expected a dict of tensors (a state dict), got {type(state).__name__}")
-    dl_cfg = {}
+    dl_cfg: dict[str, Any] = {}
     cfg_path = pt.parent / CONFIG_FILE
     if cfg_path.is_file():
         try:
@@ -135,7 +135,7 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         base = linear
         W_enc, b_enc = state["encoder.weight"].T, state["encoder.bias"]
         W_dec, b_dec = state["decoder.weight"].T, state["b_dec"]
-        sae_type = _DL_DICT_CLASS_TO_TYPE.get(dl_cfg.get("dict_class"), "batch_top_k")
+        sae_type = _DL_DICT_CLASS_TO_TYPE.get(str(dl_cfg.get("dict_class")), "batch_top_k")
     elif standard <= keys:
         base = standard
         W_enc, b_enc = state["encoder.weight"].T, state["encoder.bias"]

@@ -140,12 +140,12 @@ class BatchTopKSAE(BaseSAE):
         super().__init__(activation_dim, dict_size, k)
 
     def select(self, z: torch.Tensor) -> torch.Tensor:
-        return batch_topk_mask(z, self.k)
+        return batch_topk_mask(z, self.required_k())
 
     def select_indices(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``B·k`` largest entries of the batch (fast exact top-n), sorted row-major."""
         omega = pre.shape[1]
-        idx = batch_topk_indices(pre, min(self.k * pre.shape[0], pre.numel())).sort().values
+        idx = batch_topk_indices(pre, min(self.required_k() * pre.shape[0], pre.numel())).sort().values
         return idx // omega, idx % omega
 
 
@@ -223,12 +223,13 @@ class TopKSAE(BaseSAE):
         super().__init__(activation_dim, dict_size, k)
 
     def select(self, z: torch.Tensor) -> torch.Tensor:
-        return topk_mask(z, self.k)
+        return topk_mask(z, self.required_k())
 
     def select_indices(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest entries of each row (rows ascending, columns unordered)."""
-        cols = pre.topk(self.k, dim=-1, sorted=False).indices.flatten()
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
+        k = self.required_k()
+        cols = pre.topk(k, dim=-1, sorted=False).indices.flatten()
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return rows, cols
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -299,7 +299,7 @@ class _TrainingStream:
         inv_t = torch.from_numpy(inv.astype(np.int64).reshape(-1))
         return block, (inv_t.pin_memory() if pin else inv_t), uniq
 
-    def batches(self, start: int, end: int) -> Iterator[torch.Tensor]:
+    def batches(self, start: int, end: int) -> Generator[torch.Tensor, None, None]:
         C = self.chunk_batches
         if self.resident:
             data = self._resident_data()

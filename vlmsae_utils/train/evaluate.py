@@ -39,10 +39,12 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
     if home != dev:
         sae.to(dev)
     try:
-        sums, sq, n, sse, l0 = None, None, 0, 0.0, 0.0
+        sums = torch.zeros(sae.activation_dim, dtype=torch.float64, device=dev)
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        n, sse, l0 = 0, 0.0, 0.0
         fired = torch.zeros(sae.dict_size, dtype=torch.bool, device=dev)
-        prefix_sse = None
-        per_batch = []
+        prefix_sse: torch.Tensor | None = None
+        per_batch: list[float] = []
         for x in _eval_batches(data, batch_size, dev):
             f = sae.encode(x)
             if sae.prefix_sizes:  # per-prefix R² for every type with nested prefixes
@@ -55,8 +57,8 @@ def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch
             resid = (x - x_hat).double()
             xd = x.double()
             sse += float(resid.pow(2).sum())
-            sums = xd.sum(0) if sums is None else sums + xd.sum(0)
-            sq = xd.pow(2).sum() if sq is None else sq + xd.pow(2).sum()
+            sums = sums + xd.sum(0)
+            sq = sq + xd.pow(2).sum()
             n += x.shape[0]
             l0 += float((f != 0).sum())
             fired |= (f != 0).any(0)

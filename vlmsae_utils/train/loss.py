@@ -174,8 +174,9 @@ def sae_loss(
         if callable(dead_mask):
             dead_mask = dead_mask(fired)
         n_dead = int(dead_mask.sum()) if dead_mask is not None and sae.revives_dead_latents else 0
-        aux_rows = aux_cols = None
-        if n_dead > 0:
+        aux_rows: torch.Tensor | None = None
+        aux_cols: torch.Tensor | None = None
+        if dead_mask is not None and n_dead > 0:
             ka = min(k_aux if k_aux is not None else sae.activation_dim // 2, n_dead)
             dead_idx = dead_mask.nonzero().flatten()
             sub = pre[:, dead_idx].topk(ka, dim=-1, sorted=False).indices
@@ -191,7 +192,7 @@ def sae_loss(
     l2, x_hat, extra = sae.sparse_reconstruction(xs, rows, cols, kv)
     out.update(extra)
     aux = torch.zeros((), device=xs.device)
-    if aux_rows is not None:
+    if aux_rows is not None and aux_cols is not None:
         resid = (xs - x_hat).detach()
         ka = aux_cols.shape[0] // B
         aux_rec = F.embedding_bag(
