@@ -68,7 +68,10 @@ format: install
 TYPED := -p vlmsae_utils.sae -p vlmsae_utils.train -m vlmsae_utils.train_config -m vlmsae_utils.metrics \
 	-m vlmsae_utils.sparse_codes -m vlmsae_utils.store -m vlmsae_utils.store_format -m vlmsae_utils.io \
 	-m vlmsae_utils.device -m vlmsae_utils.paths -m vlmsae_utils.hooks -m vlmsae_utils.protocol \
-	-m vlmsae_utils.sweep_config -m vlmsae_utils.sweep_plan
+	-m vlmsae_utils.sweep_config -m vlmsae_utils.sweep_plan -m vlmsae_utils.sweep -m vlmsae_utils.executor \
+	-m vlmsae_utils.executor_jobs -m vlmsae_utils.executor_local -m vlmsae_utils.executor_slurm \
+	-m vlmsae_utils.executor_config -m vlmsae_utils.run -m vlmsae_utils.runner -m vlmsae_utils.cli \
+	-m vlmsae_utils.fixtures -m vlmsae_utils.fixtures.fit -m vlmsae_utils.fixtures.__main__
 typecheck: install
 	$(VENV)/bin/mypy $(TYPED)
 

@@ -375,7 +375,7 @@ def cell_states(runs: list[sweep.Run], root: Path) -> pd.DataFrame:
     for run in runs:
         record = records[run.id]
         failed_inputs = [dep for dep in run.depends if states.get(dep) in ("failed", "blocked")]
-        job_state = live.get((record.get("executor"), record.get("job_id")), "")
+        job_state = live.get((str(record.get("executor")), str(record.get("job_id"))), "")
         if run.id in complete:
             state, message = "done", ""
         elif failed_inputs:

@@ -131,7 +131,7 @@ def top_k_images(
         row += nb
     if row != n:
         raise ValueError(f"activations yielded {row} rows but len()={n}")
-    if carry_b is not None and carry_b.numel():
+    if carry_b is not None and carry_img is not None and carry_b.numel():
         block, ids = _per_image_max(carry_b, carry_img)
         merge(block, ids)
     absent = ~torch.isfinite(vals)

@@ -151,7 +151,7 @@ def rank_codes(paths: Sequence[Sequence[str]]) -> np.ndarray:
         raise ValueError("all taxonomy paths must have the same number of ranks")
     codes = np.zeros((len(paths), num_ranks), dtype=np.int64)
     for rank in range(num_ranks):
-        prefixes = {}
+        prefixes: dict[tuple[str, ...], int] = {}
         for i, p in enumerate(paths):
             codes[i, rank] = prefixes.setdefault(tuple(p[: rank + 1]), len(prefixes))
     return codes
