@@ -66,6 +66,7 @@ format: install
 
 # mypy (configured in pyproject.toml) over the modules typed so far; the rest of the package is next.
 TYPED := -p vlmsae_utils.sae -p vlmsae_utils.train -m vlmsae_utils.train_config -m vlmsae_utils.metrics \
+	-m vlmsae_utils.neuron_pass -m vlmsae_utils.running_topk -m vlmsae_utils.exemplars \
 	-m vlmsae_utils.sparse_codes -m vlmsae_utils.store -m vlmsae_utils.store_format -m vlmsae_utils.io \
 	-m vlmsae_utils.device -m vlmsae_utils.paths -m vlmsae_utils.hooks -m vlmsae_utils.protocol \
 	-m vlmsae_utils.sweep_config -m vlmsae_utils.sweep_plan -m vlmsae_utils.sweep -m vlmsae_utils.executor \

@@ -8,36 +8,19 @@ NaN) so they are never shown as exemplars.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from .device import resolve_device
-from .metrics import SparseCodes, iter_dense_batches, rows_and_dim
+from .neuron_pass import scan_neurons
+from .running_topk import RunningTopK, TopK
+from .sparse_codes import SparseCodes, iter_dense_batches, rows_and_dim
 
 __all__ = ["TopK", "image_grid", "top_k_images", "uniqueness"]
 
 _DEFAULT_BATCH = 4096
-_MAX_DENSE_ELEMS = 1 << 24  # dense batch bound when densifying sparse codes
-
-
-class TopK(NamedTuple):
-    """Top-k exemplars: `values` [K,k] (descending, NaN where absent), `indices` [K,k]
-    (image index, −1 where absent), `count_positive` [K] (images with activation > 0)."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-    count_positive: torch.Tensor
-
-    @property
-    def flagged(self) -> torch.Tensor:
-        """True for neurons with fewer than k positive images (some slots absent)."""
-        return self.count_positive < self.values.shape[1]
-
-    @property
-    def k(self) -> int:
-        return int(self.values.shape[1])
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -73,39 +56,34 @@ def top_k_images(
     `activations`: Tensor/ndarray [N, K], SparseCodes, or a store (`iter_batches`, `len`, `dim`).
     `row_image_index`: image index per row when there are several rows per image (e.g.
     `store.row_image_index()`); the maximum over an image's rows is used. Activations ≤ 0
-    never count as exemplars: such slots get index −1 and value NaN. Dense batches are merged on
-    ``device`` (``"auto"``: CUDA when available); the result is on the CPU.
+    never count as exemplars: such slots get index −1 and value NaN. Batches are merged on
+    ``device`` (``"auto"``: CUDA when available); the result is on the CPU. With one row per
+    image this is :func:`.neuron_pass.scan_neurons` without embeddings (MS and top-k in one pass).
     """
     n, kdim = rows_and_dim(activations)
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    k = int(k)
-    img_idx = _check_row_index(row_image_index, n) if row_image_index is not None else None
+    if row_image_index is None:
+        return scan_neurons(activations, None, top_k=int(k), chunk_size=batch_size, device=device).top_images()
+    img_idx = _check_row_index(row_image_index, n)
     if isinstance(activations, SparseCodes):
-        return _top_k_sparse(activations, k, img_idx)
-    batch = int(batch_size or _DEFAULT_BATCH)
+        return _top_k_sparse_per_image(activations, int(k), img_idx)
+    batch = _DEFAULT_BATCH if batch_size is None else int(batch_size)
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    dev = resolve_device(device)
-    vals = torch.full((kdim, k), float("-inf"), dtype=torch.float32, device=dev)
-    idx = torch.full((kdim, k), -1, dtype=torch.int64, device=dev)
-    count = torch.zeros(kdim, dtype=torch.int64, device=dev)
-
-    def merge(block: torch.Tensor, ids: torch.Tensor) -> None:
-        nonlocal vals, idx
+    top = RunningTopK(kdim, int(k), resolve_device(device))
+    for block, ids in _per_image_blocks(activations, img_idx, n, kdim, batch, top.values.device):
         if not torch.isfinite(block).all():
             raise ValueError("activations contain NaN/inf")
-        pos = block > 0
-        count.add_(pos.sum(0))
-        cand = block.float().masked_fill(~pos, float("-inf"))  # [B, K]
-        block_v, block_rows = torch.topk(cand, min(k, cand.shape[0]), dim=0)  # the block's own top-k first
-        all_v = torch.cat([vals, block_v.T], dim=1)  # [K, ≤ 2k]: merging is cheap
-        all_i = torch.cat([idx, ids[block_rows].T], dim=1)
-        top_v, pos_i = torch.topk(all_v, k, dim=1, largest=True, sorted=True)
-        vals = top_v
-        idx = torch.gather(all_i, 1, pos_i)
+        top.add_dense(block, ids)
+    return top.result()
 
+
+def _per_image_blocks(
+    activations: Any, img_idx: torch.Tensor, n: int, kdim: int, batch: int, dev: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-image maxima ``[n_img, K]`` and their image ids, batch by batch; an image whose rows
+    continue into the next batch is carried over."""
     row = 0
     carry_b: torch.Tensor | None = None
     carry_img: torch.Tensor | None = None
@@ -116,64 +94,36 @@ def top_k_images(
         nb = b.shape[0]
         if row + nb > n:
             raise ValueError(f"activations yielded more rows than len()={n}")
-        if img_idx is None:
-            merge(b, torch.arange(row, row + nb, device=dev))
-        else:
-            im = img_idx[row : row + nb].to(dev)
-            if carry_b is not None:
-                b, im = torch.cat([carry_b, b.to(carry_b.dtype)]), torch.cat([carry_img, im])
-            last = im[-1]
-            tail = im == last  # rows of the last image may continue in the next batch
-            carry_b, carry_img = b[tail], im[tail]
-            if (~tail).any():
-                block, ids = _per_image_max(b[~tail], im[~tail])
-                merge(block, ids)
+        im = img_idx[row : row + nb].to(dev)
+        if carry_b is not None and carry_img is not None:
+            b, im = torch.cat([carry_b, b.to(carry_b.dtype)]), torch.cat([carry_img, im])
+        tail = im == im[-1]  # rows of the last image may continue in the next batch
+        carry_b, carry_img = b[tail], im[tail]
+        if (~tail).any():
+            yield _per_image_max(b[~tail], im[~tail])
         row += nb
     if row != n:
         raise ValueError(f"activations yielded {row} rows but len()={n}")
     if carry_b is not None and carry_img is not None and carry_b.numel():
-        block, ids = _per_image_max(carry_b, carry_img)
-        merge(block, ids)
-    absent = ~torch.isfinite(vals)
-    vals = vals.masked_fill(absent, float("nan"))
-    idx = idx.masked_fill(absent, -1)
-    return TopK(vals.cpu(), idx.cpu(), count.cpu())
+        yield _per_image_max(carry_b, carry_img)
 
 
-def _top_k_sparse(codes: SparseCodes, k: int, img_idx: torch.Tensor | None) -> TopK:
-    """Top-k for sparse codes by sorting the positive stored entries (latent asc, value desc)."""
-    kdim = codes.num_latents
+def _top_k_sparse_per_image(codes: SparseCodes, k: int, img_idx: torch.Tensor) -> TopK:
+    """Top-k of sparse codes with several rows per image: the maximum per (image, latent) pair first."""
     v = codes.values.float()
     if not torch.isfinite(v).all():
         raise ValueError("sparse code values contain NaN/inf")
-    img = codes.row_ids()
-    if img_idx is not None:
-        img = img_idx[img]
-    lat = codes.indices
+    kdim = codes.num_latents
+    img, lat = img_idx[codes.row_ids()], codes.indices
     pos = v > 0
     v, img, lat = v[pos], img[pos], lat[pos]
-    if img_idx is not None and v.numel():
-        # Max per (image, latent) pair.
+    top = RunningTopK(kdim, k, torch.device("cpu"))
+    if v.numel():
         key = img * kdim + lat
         ukey, inv = torch.unique(key, return_inverse=True)
-        mv = torch.full((ukey.numel(),), float("-inf"))
-        mv.scatter_reduce_(0, inv, v, reduce="amax")
-        v, img, lat = mv, ukey // kdim, ukey % kdim
-    count = torch.bincount(lat, minlength=kdim)
-    vals = torch.full((kdim, k), float("nan"))
-    idx = torch.full((kdim, k), -1, dtype=torch.int64)
-    if v.numel():
-        order = torch.argsort(v, descending=True, stable=True)
-        order = order[torch.argsort(lat[order], stable=True)]
-        lat_s = lat[order]
-        starts = torch.zeros(kdim + 1, dtype=torch.int64)
-        starts[1:] = torch.cumsum(count, 0)
-        rank = torch.arange(lat_s.numel()) - starts[lat_s]
-        keep = rank < k
-        sel = order[keep]
-        vals[lat_s[keep], rank[keep]] = v[sel]
-        idx[lat_s[keep], rank[keep]] = img[sel]
-    return TopK(vals, idx, count)
+        best = torch.full((ukey.numel(),), float("-inf")).scatter_reduce_(0, inv, v, reduce="amax")
+        top.add_entries(ukey % kdim, ukey // kdim, best)
+    return top.result()
 
 
 # ----------------------------------------------------------------------------- grid

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from .device import resolve_device
-from .exemplars import TopK, top_k_images
-from .metrics import SparseCodes, monosemanticity_score
+from .exemplars import TopK
+from .metrics import SparseCodes
+from .neuron_pass import scan_neurons
 from .scoring import check_aligned, sae_codes
 
 __all__ = [
@@ -429,9 +430,9 @@ def analyse_levels(
         check_aligned(store, embeddings)
     dev = resolve_device(device)
     codes = sae_codes(sae, store, device=dev)
-    top = top_k_images(codes, top_k, device=dev)
+    scanned = scan_neurons(codes, None if embeddings is None else embeddings.to_tensor(), top_k=top_k, device=dev)
+    top, ms = scanned.top_images(), scanned.ms
     depths = latent_depths(top.indices, paths)
-    ms = None if embeddings is None else monosemanticity_score(codes, embeddings.to_tensor(), device=dev)
     breadth = top.count_positive.numpy() / len(store.image_ids)  # fraction of images each latent fires on
     table = level_summary(depths, ms, group_sizes, breadth)
     if out is not None:

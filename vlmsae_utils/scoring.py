@@ -20,7 +20,8 @@ from PIL import Image
 from .data import load_image
 from .device import resolve_device
 from .exemplars import TopK, top_k_images
-from .metrics import SparseCodes, encode_to_sparse, monosemanticity_score, summarize_ms
+from .metrics import SparseCodes, encode_to_sparse, summarize_ms
+from .neuron_pass import scan_neurons
 from .paths import safe_stem
 from .store import ActivationStore
 
@@ -111,10 +112,12 @@ def sae_codes(
 def score_neurons(
     name: str, activations: Any, embeddings: torch.Tensor, top_k: int = 16, device: str | torch.device | None = "auto"
 ) -> NeuronReport:
-    """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse)."""
-    dev = resolve_device(device)
-    ms = monosemanticity_score(activations, embeddings, device=dev)
-    return NeuronReport(name, ms, top_k_images(activations, top_k, device=dev), activations)
+    """MS (closed form) and top-k images of every neuron of ``activations`` ``[N, K]`` (dense or sparse),
+    from one read of the activations (`scan_neurons`)."""
+    if embeddings is None:
+        raise ValueError("score_neurons needs the images' embeddings to score MS")
+    ms, top = scan_neurons(activations, embeddings, top_k=top_k, device=device).both()
+    return NeuronReport(name, ms, top, activations)
 
 
 def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
