@@ -7,6 +7,13 @@ renormalisation, threshold EMA. Both run on the same data, threads and hardware 
 
 Usage: ``python benchmarks/bench_train.py [--d 768] [--expansion 8] [--batch 4096] [--k 20]
 [--steps 3] [--threads 1] [--recovery]``; prints steps/s and the ratio.
+
+``--profile`` instead times the real training step (``train.loop._training_step``) against one
+encoder GEMM ``[B, d] x [d, ω]`` measured alternately in the same process, and splits one step
+into its named sections (``step.*`` ranges: encoder GEMM, selection, aux-K, decode + loss,
+backward, projection, optimiser, normalisation, bookkeeping) with ``torch.profiler``. E.g. the
+paper's shape: ``--profile --d 1024 --expansion 64 --batch 4096 --k 20 --threads 2``;
+``--dead-fraction 0.1`` marks a tenth of the latents dead so the aux-K loss runs.
 """
 
 from __future__ import annotations
@@ -17,7 +24,19 @@ import time
 
 import torch
 
-from vlmsae_utils.train import DEFAULT_GROUP_FRACTIONS, default_lr, group_sizes_from_fractions, train_sae
+from vlmsae_utils.train import DEFAULT_GROUP_FRACTIONS, default_lr, group_sizes_from_fractions, loop, train_sae
+
+STEP_SECTIONS = (
+    "step.encoder_gemm",
+    "step.select",
+    "step.aux_select",
+    "step.decode_loss",
+    "step.backward",
+    "step.project_grad",
+    "step.optimizer",
+    "step.normalize_decoder",
+    "step.bookkeeping",
+)
 
 
 class NaiveMatryoshka(torch.nn.Module):
@@ -145,6 +164,67 @@ def planted_recovery(steps=600, d=128, n_atoms=256, active=4, expansion=4, k=4, 
     return float(cos), float(hist["val_r2"].iloc[-1])
 
 
+def _profiled_state(d: int, expansion: int, batch: int, k: int, dead_fraction: float, device: str):
+    """A fresh Matryoshka training state (the package's own), its resolved settings and one batch."""
+    cfg = loop.make_config(
+        "matryoshka_batch_top_k", expansion, k=k, batch_size=batch, steps=10**6, dead_tokens=10**9, eval_every=10**9
+    )
+    dev = torch.device(device)
+    dict_size, group_sizes = cfg.sizes(d)
+    res = loop._resolve(cfg, dict_size, dev)
+    state = loop._new_state(cfg, d, dict_size, group_sizes, res, dev)
+    x = (torch.randn(batch, d, generator=torch.Generator().manual_seed(0)) * 3.0 + 1.0).to(dev)
+    state.sae.input_scale.fill_(1.0 / math.sqrt(float(x.pow(2).sum(1).mean())))
+    n_dead = int(dead_fraction * dict_size)
+    state.since_fired[dict_size - n_dead :] = cfg.dead_tokens  # the last latents count as dead
+    return state, cfg, res, x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(d, expansion, batch, k, steps, dead_fraction=0.0, device="cpu") -> dict[str, float]:
+    """Seconds per training step and per encoder GEMM (medians, measured alternately), and each
+    section's share of one profiled step; prints the table and returns the figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state, cfg, res, x = _profiled_state(d, expansion, batch, k, dead_fraction, device)
+    sae, dev = state.sae, x.device
+    xs = (x * sae.input_scale - sae.b_dec).detach()
+
+    def gemm() -> None:
+        torch.addmm(sae.b_enc.detach(), xs, sae.W_enc.detach())
+
+    def step() -> None:
+        loop._training_step(state, x, 0, cfg, res)
+
+    times: dict[str, list[float]] = {"gemm": [], "step": []}
+    for i in range(steps + 1):  # the first round warms both up
+        for name, fn in (("gemm", gemm), ("step", step)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    t_gemm, t_step = (sorted(times[n])[len(times[n]) // 2] for n in ("gemm", "step"))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(dev)
+    device_time = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
+    totals = {e.key: getattr(e, device_time) / 1e6 for e in prof.key_averages() if e.key in STEP_SECTIONS}
+    profiled = sum(totals.values())
+    print(f"one step {t_step:.3f} s = {t_step / t_gemm:.2f}x one encoder GEMM ({t_gemm:.3f} s) on {dev}")
+    print(f"{'section':26s} {'s (profiled)':>12s} {'share':>7s} {'x GEMM':>7s}")
+    for name in STEP_SECTIONS:
+        sec = totals.get(name, 0.0)
+        print(f"{name:26s} {sec:12.3f} {sec / max(profiled, 1e-12):7.1%} {sec / t_gemm:7.2f}")
+    return {"step_s": t_step, "gemm_s": t_gemm, **totals}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=768)
@@ -154,8 +234,14 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--recovery", action="store_true", help="also run the planted-atom recovery check")
+    ap.add_argument("--profile", action="store_true", help="time the real step against one GEMM, by section")
+    ap.add_argument("--dead-fraction", type=float, default=0.0, help="with --profile: latents counted dead")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.profile:
+        print(f"Matryoshka step d={a.d} ε={a.expansion} B={a.batch} k={a.k} threads={torch.get_num_threads()}")
+        profile_step(a.d, a.expansion, a.batch, a.k, a.steps, a.dead_fraction)
+        return
     w = a.d * a.expansion
     gs = group_sizes_from_fractions(DEFAULT_GROUP_FRACTIONS, w)
     x = torch.randn(4 * a.batch, a.d, generator=torch.Generator().manual_seed(0)) * 3.0 + 1.0

@@ -361,11 +361,17 @@ def test_fast_batch_topk_indices_exact():
     from vlmsae_utils.train import batch_topk_indices
 
     g = torch.Generator().manual_seed(0)
-    for shape, n in [((512, 1536), 512 * 5), ((256, 2048), 256 * 20), ((600, 1000), 300)]:
+    # (613, 1001): a size that is no multiple of the 64-entry blocks the cut is applied in.
+    for shape, n in [((512, 1536), 512 * 5), ((256, 2048), 256 * 20), ((600, 1000), 300), ((613, 1001), 613 * 7)]:
         pre = torch.relu(torch.randn(shape, generator=g))
         got = batch_topk_indices(pre, n)
         ref = pre.flatten().topk(n).indices
         assert torch.equal(got.sort().values, ref.sort().values)
+    from vlmsae_utils.sae.base import _entries_above
+
+    flat = torch.randn(64 * 500, generator=g)
+    for cut in (-10.0, 0.5, 2.5, 10.0):  # every block hot, some, few, none
+        assert torch.equal(_entries_above(flat, cut), (flat > cut).nonzero().squeeze(1))
     pre = torch.zeros(512, 1536)
     pre[0, :10] = 1.0  # fewer positives than n: fallback path
     assert batch_topk_indices(pre, 100).numel() == 100

@@ -78,7 +78,7 @@ class BaseSAE(nn.Module):
         self.k = None if k is None else int(k)
         w = random_directions(self.dict_size, self.activation_dim, "uniform")
         self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.T.clone())
+        self.W_enc = nn.Parameter(w.T.contiguous())  # [d, ω] row-major: its gradient and Adam need no copy
         self.b_enc = nn.Parameter(torch.zeros(self.dict_size))
         self.b_dec = nn.Parameter(torch.zeros(self.activation_dim))
         self.register_buffer("threshold", torch.tensor(-1.0))
@@ -267,11 +267,21 @@ def batch_topk_indices(pre: torch.Tensor, n: int, sample_size: int = 65536, marg
         stride += 1
     sample = flat[::stride]
     rank = max(1, int(sample.numel() * (1.0 - margin * n / N)))
-    t = sample.kthvalue(rank).values
-    cand = (flat > t).nonzero().squeeze(1)
+    cand = _entries_above(flat, float(sample.kthvalue(rank).values))
     if cand.numel() < n:
         return flat.topk(n, sorted=False).indices
     return cand[flat[cand].topk(n, sorted=False).indices]
+
+
+def _entries_above(flat: torch.Tensor, cut: float, block: int = 64) -> torch.Tensor:
+    """Ascending flat indices of the entries ``> cut`` (as ``(flat > cut).nonzero()``), reading the
+    whole tensor once as maxima of ``block``-entry blocks and scanning only the blocks above the cut."""
+    if flat.numel() % block:
+        return (flat > cut).nonzero().squeeze(1)
+    blocks = flat.view(-1, block)
+    hot = (blocks.amax(1) > cut).nonzero().squeeze(1)
+    inner = (blocks[hot] > cut).nonzero()
+    return hot[inner[:, 0]] * block + inner[:, 1]
 
 
 def bag_offsets(keys: torch.Tensor, n_bags: int) -> torch.Tensor:

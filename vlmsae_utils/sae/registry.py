@@ -205,10 +205,13 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         contrib = F.embedding_bag(
             cols[order], self.W_dec, bag_offsets(keys[order], B * G), mode="sum", per_sample_weights=vals[order]
         ).view(B, G, -1)
-        recons = contrib.cumsum(1) + self.b_dec
-        prefix_l2 = (xs[:, None, :] - recons).pow(2).sum(-1).mean(0)
+        resid, errors = xs - self.b_dec, []
+        for m in range(G):  # residual of prefix m: one [B, d] pass per group instead of a [B, G, d] cumsum
+            resid = resid - contrib[:, m]
+            errors.append(resid.pow(2).sum(-1).mean())
+        prefix_l2 = torch.stack(errors)
         l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
-        return l2, recons[:, -1], {"prefix_l2": prefix_l2.detach()}
+        return l2, xs - resid, {"prefix_l2": prefix_l2.detach()}
 
 
 @register_sae

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
-from ..sae import BaseSAE
+from ..sae import BaseSAE, bag_offsets
 from ..train_config import (
     DEFAULT_AUX_ALPHA,
     TrainConfig,
@@ -102,13 +103,22 @@ class _SparseEncoderGrad(torch.autograd.Function):
         g = (g * (vals > 0)).to(W_enc.dtype)
         omega = W_enc.shape[1]
         gb = torch.zeros(omega, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
-        gW = None
-        if ctx.needs_input_grad[2]:
-            xc = xs - b_dec
-            G = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (omega, xs.shape[0]), check_invariants=False)
-            gW = torch.sparse.mm(G, xc).T.contiguous()
+        gW = _encoder_weight_grad(xs - b_dec, rows, cols, g, omega) if ctx.needs_input_grad[2] else None
         gbdec = -(W_enc @ gb) if ctx.needs_input_grad[4] else None
         return None, None, gW, gb, gbdec, None, None
+
+
+def _encoder_weight_grad(
+    xc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor, omega: int
+) -> torch.Tensor:
+    """``∂L/∂W_enc [d, ω]``: column ``cols[n]`` gains ``g[n] · xc[rows[n]]``. Summed per latent as
+    bags of input rows (``embedding_bag``, vectorised along d; 5x faster than a sparse product
+    with the aux-K entries), then laid out as W_enc."""
+    order = cols.argsort(stable=True)
+    per_latent = F.embedding_bag(
+        rows[order], xc, bag_offsets(cols[order], omega), mode="sum", per_sample_weights=g[order]
+    )
+    return per_latent.T.contiguous()
 
 
 def _dense_loss(sae: BaseSAE, xs: torch.Tensor, l1_coeff: float) -> dict[str, Any]:
@@ -158,51 +168,69 @@ def sae_loss(
     """
     autocast = bool(autocast) and x.device.type == "cuda"
     xs = x.to(sae.W_enc.dtype) * sae.input_scale
-    B, omega = xs.shape[0], sae.dict_size
     if not sae.sparse_training:
         return _dense_loss(sae, xs, l1_coeff)
     with torch.no_grad():
-        with torch.autocast(device_type=xs.device.type, dtype=torch.bfloat16, enabled=autocast):
-            pre = torch.addmm(sae.b_enc, xs - sae.b_dec, sae.W_enc).relu_()
-        pre = pre.float()
-        rows, cols = sae.select_indices(pre)
-        vals = pre[rows, cols]
-        pos = vals > 0
-        fired = torch.zeros(omega, dtype=torch.bool, device=xs.device)
-        fired[cols[pos]] = True
-        min_kept = float(vals[pos].min()) if bool(pos.any()) else 0.0
+        pre = _encoder_pre_acts(sae, xs, autocast)
+        with record_function("step.select"):
+            rows, cols = sae.select_indices(pre)
+            vals = pre[rows, cols]
+            pos = vals > 0
+            fired = torch.zeros(sae.dict_size, dtype=torch.bool, device=xs.device)
+            fired[cols[pos]] = True
+            min_kept = float(vals[pos].min()) if bool(pos.any()) else 0.0
         if callable(dead_mask):
             dead_mask = dead_mask(fired)
-        n_dead = int(dead_mask.sum()) if dead_mask is not None and sae.revives_dead_latents else 0
-        aux_rows: torch.Tensor | None = None
-        aux_cols: torch.Tensor | None = None
-        if dead_mask is not None and n_dead > 0:
-            ka = min(k_aux if k_aux is not None else sae.activation_dim // 2, n_dead)
-            dead_idx = dead_mask.nonzero().flatten()
-            sub = pre[:, dead_idx].topk(ka, dim=-1, sorted=False).indices
-            aux_cols = dead_idx[sub].flatten()
-            aux_rows = torch.arange(B, device=xs.device).repeat_interleave(ka)
+        aux_rows, aux_cols = _aux_entries(sae, pre, dead_mask, k_aux)
     all_rows = rows if aux_rows is None else torch.cat([rows, aux_rows])
     all_cols = cols if aux_cols is None else torch.cat([cols, aux_cols])
     all_vals = pre[all_rows, all_cols]
     g_vals = _SparseEncoderGrad.apply(all_vals, xs.detach(), sae.W_enc, sae.b_enc, sae.b_dec, all_rows, all_cols)
     n_kept = rows.shape[0]
-    kv = g_vals[:n_kept]
-    out: dict[str, Any] = {"l0": float(pos.sum()) / B, "fired": fired, "min_kept": min_kept}
-    l2, x_hat, extra = sae.sparse_reconstruction(xs, rows, cols, kv)
-    out.update(extra)
-    aux = torch.zeros((), device=xs.device)
-    if aux_rows is not None and aux_cols is not None:
-        resid = (xs - x_hat).detach()
-        ka = aux_cols.shape[0] // B
-        aux_rec = F.embedding_bag(
-            aux_cols.view(B, ka), sae.W_dec, mode="sum", per_sample_weights=g_vals[n_kept:].view(B, ka)
-        )
-        l2_aux = (resid - aux_rec).pow(2).sum(-1).mean()
-        denom = (resid - resid.mean(0, keepdim=True)).pow(2).sum(-1).mean()
-        aux = (l2_aux / denom).nan_to_num(0.0)
+    out: dict[str, Any] = {"l0": float(pos.sum()) / xs.shape[0], "fired": fired, "min_kept": min_kept}
+    with record_function("step.decode_loss"):
+        l2, x_hat, extra = sae.sparse_reconstruction(xs, rows, cols, g_vals[:n_kept])
+        out.update(extra)
+        aux = torch.zeros((), device=xs.device)
+        if aux_rows is not None and aux_cols is not None:
+            aux = _aux_loss(sae, (xs - x_hat).detach(), aux_cols, g_vals[n_kept:])
     out.update(loss=l2 + aux_alpha * aux, l2=l2.detach(), aux=aux.detach())
     return out
+
+
+@record_function("step.encoder_gemm")
+def _encoder_pre_acts(sae: BaseSAE, xs: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """The dense post-ReLU pre-activations of scaled inputs, in float32 (bf16 GEMM under ``autocast``)."""
+    with torch.autocast(device_type=xs.device.type, dtype=torch.bfloat16, enabled=autocast):
+        pre = torch.addmm(sae.b_enc, xs - sae.b_dec, sae.W_enc).relu_()
+    return pre.float()
+
+
+@record_function("step.aux_select")
+def _aux_entries(
+    sae: BaseSAE, pre: torch.Tensor, dead_mask: torch.Tensor | None, k_aux: int | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(rows, cols)`` of the auxiliary-K entries: each image's ``k_aux`` (default d/2) largest
+    pre-activations among the dead latents; ``(None, None)`` when none is dead or the type revives none."""
+    n_dead = int(dead_mask.sum()) if dead_mask is not None and sae.revives_dead_latents else 0
+    if dead_mask is None or n_dead == 0:
+        return None, None
+    B = pre.shape[0]
+    ka = min(k_aux if k_aux is not None else sae.activation_dim // 2, n_dead)
+    dead_idx = dead_mask.nonzero().flatten()
+    sub = pre[:, dead_idx].topk(ka, dim=-1, sorted=False).indices
+    return torch.arange(B, device=pre.device).repeat_interleave(ka), dead_idx[sub].flatten()
+
+
+def _aux_loss(sae: BaseSAE, resid: torch.Tensor, aux_cols: torch.Tensor, aux_vals: torch.Tensor) -> torch.Tensor:
+    """The auxiliary-K term: how well the dead latents' entries reconstruct the residual, relative
+    to the residual's variance (0 when that is 0)."""
+    B = resid.shape[0]
+    ka = aux_cols.shape[0] // B
+    aux_rec = F.embedding_bag(aux_cols.view(B, ka), sae.W_dec, mode="sum", per_sample_weights=aux_vals.view(B, ka))
+    l2_aux = (resid - aux_rec).pow(2).sum(-1).mean()
+    denom = (resid - resid.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+    return (l2_aux / denom).nan_to_num(0.0)
 
 
 def dead_after_batch(
@@ -217,5 +245,6 @@ def project_decoder_grad(W_dec: torch.Tensor) -> None:
     """Remove from ``W_dec.grad`` the component parallel to each (unit) decoder row."""
     if W_dec.grad is None:
         return
-    w = W_dec.data
-    W_dec.grad -= (W_dec.grad * w).sum(1, keepdim=True) * w
+    w, grad = W_dec.data, W_dec.grad
+    along = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)  # ⟨grad_j, w_j⟩ per row, no [ω, d] temporary
+    grad.addcmul_(w, along, value=-1.0)
