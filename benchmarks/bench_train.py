@@ -14,13 +14,21 @@ into its named sections (``step.*`` ranges: encoder GEMM, selection, aux-K, deco
 backward, projection, optimiser, normalisation, bookkeeping) with ``torch.profiler``. E.g. the
 paper's shape: ``--profile --d 1024 --expansion 64 --batch 4096 --k 20 --threads 2``;
 ``--dead-fraction 0.1`` marks a tenth of the latents dead so the aux-K loss runs.
+
+``--dl-site DIR`` also times dictionary_learning's own ``MatryoshkaBatchTopKTrainer.update`` (the
+authors' trainer) on the same batches: install it outside the project, e.g.
+``pip install --no-deps --target DIR dictionary_learning==0.1.0 einops``; it is never a dependency.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
@@ -136,6 +144,39 @@ def bench_ours(x, d, expansion, k, batch, steps, seed=0):
     return 1.0 / per_step, total
 
 
+def _dl_trainer_class(site: str):
+    """dictionary_learning's Matryoshka trainer from ``site``, loading only its trainer modules (its
+    package ``__init__`` imports an activation buffer that needs nnsight)."""
+    sys.path.insert(0, site)
+    for name in ("dictionary_learning", "dictionary_learning.trainers"):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(Path(site, *name.split(".")))]
+        sys.modules[name] = pkg
+    module = importlib.import_module("dictionary_learning.trainers.matryoshka_batch_top_k")
+    return module.MatryoshkaBatchTopKTrainer
+
+
+def bench_dictionary_learning(x, d, expansion, k, batch, steps, site, seed=0):
+    """Steps/s of dictionary_learning's ``MatryoshkaBatchTopKTrainer.update`` (CPU) on random batches of ``x``."""
+    trainer = _dl_trainer_class(site)(
+        steps=10**6,
+        activation_dim=d,
+        dict_size=d * expansion,
+        k=k,
+        layer=0,
+        lm_name="bench",
+        group_fractions=list(DEFAULT_GROUP_FRACTIONS),
+        device="cpu",
+        seed=seed,
+    )
+    g = torch.Generator().manual_seed(seed)
+    trainer.update(0, x[torch.randint(len(x), (batch,), generator=g)])  # warm-up (and its geometric median)
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.update(step, x[torch.randint(len(x), (batch,), generator=g)])
+    return steps / (time.perf_counter() - t)
+
+
 def planted_recovery(steps=600, d=128, n_atoms=256, active=4, expansion=4, k=4, seed=0):
     """Mean over true atoms of the best cosine with a learned decoder row (BatchTopK)."""
     g = torch.Generator().manual_seed(seed)
@@ -236,6 +277,7 @@ def main():
     ap.add_argument("--recovery", action="store_true", help="also run the planted-atom recovery check")
     ap.add_argument("--profile", action="store_true", help="time the real step against one GEMM, by section")
     ap.add_argument("--dead-fraction", type=float, default=0.0, help="with --profile: latents counted dead")
+    ap.add_argument("--dl-site", help="folder holding dictionary_learning 0.1.0 (+ einops): time it too")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.profile:
@@ -254,6 +296,9 @@ def main():
     ours, _ = bench_ours(x, a.d, a.expansion, a.k, a.batch, a.steps)
     print(f"ours (train_sae, sparse grads):   {ours:.3f} steps/s")
     print(f"speed-up: {ours / naive:.2f}x")
+    if a.dl_site:
+        dl = bench_dictionary_learning(x, a.d, a.expansion, a.k, a.batch, a.steps, a.dl_site)
+        print(f"dictionary_learning 0.1.0 update: {dl:.3f} steps/s; ours {ours / dl:.2f}x faster")
     if a.recovery:
         t = time.perf_counter()
         cos, r2 = planted_recovery()

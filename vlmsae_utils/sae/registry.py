@@ -206,8 +206,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             cols[order], self.W_dec, bag_offsets(keys[order], B * G), mode="sum", per_sample_weights=vals[order]
         ).view(B, G, -1)
         resid, errors = xs - self.b_dec, []
-        for m in range(G):  # residual of prefix m: one [B, d] pass per group instead of a [B, G, d] cumsum
-            resid = resid - contrib[:, m]
+        for group in contrib.unbind(1):  # residual of each prefix: [B, d] passes, not a [B, G, d] cumsum
+            resid = resid - group
             errors.append(resid.pow(2).sum(-1).mean())
         prefix_l2 = torch.stack(errors)
         l2 = prefix_l2.sum() / G**2  # dictionary_learning: weight 1/G per prefix, then the mean over G
