@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHAPTERS := book/chapters
 
-.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format typecheck test test-fast test-gpu rehearsal lab clean
+.PHONY: install jupyter-setup fixture sweep notebooks book publish demo lint format typecheck test test-fast test-gpu bench-gpu rehearsal lab clean
 
 # Create or refresh the virtual environment whenever pyproject.toml or constraints.txt changes.
 # pyproject.toml declares compatible ranges; constraints.txt pins the exact set installed here.
@@ -87,6 +87,11 @@ test-fast: install
 # CUDA against CPU (extraction, training step, bf16 autocast, MS, top-k, steering); skipped without CUDA.
 test-gpu: install
 	$(PY) -m pytest -m gpu -rs
+
+# Every stage's speed on the card against its baseline (benchmarks/bench_gpu.py; about 8 minutes on
+# an H100, each part under its own time limit), as a CSV chapter 7 shows and a printed table.
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py --device $(or $(DEVICE),cuda)
 
 # Every chapter at the paper's widths on rehearsal models (random weights, no download), measured.
 rehearsal: install

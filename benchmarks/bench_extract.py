@@ -111,16 +111,16 @@ def bench_decode_workers(per_class: int = 16, batch_size: int = 32) -> None:
     print(f"  num_workers=2: {n / parallel:7.1f} img/s  speed-up {serial / parallel:.2f}×")
 
 
-def bench_full_width(tmp: Path, device: str, images: int = 16, batch_size: int = 8) -> None:
-    """Rehearsal CLIP-L/14-336 block 22: extract_activations end to end vs bare forward on preloaded pixels."""
-    from vlmsae_utils.data import ImageFolderDataset
+def time_extraction(
+    tmp: Path, encoder_name: str, dataset, layer: int, device: str, model_dtype: str = "auto", batch_size: int = 8
+) -> dict:
+    """Seconds of ``extract_activations`` end to end (decode, preprocess, forward, store; 2 workers)
+    against the bare forward on the same images' pixels preloaded on the device (best of 2 each)."""
     from vlmsae_utils.device import cuda_synchronize, resolve_device
-    from vlmsae_utils.rehearsal import rehearsal_images
 
     dev = resolve_device(device)
-    dataset = ImageFolderDataset(rehearsal_images(384), "train")
-    dataset.records = dataset.records[:images]
-    encoder = encoders.load_encoder("rehearsal:openai/clip-vit-large-patch14-336", device=dev)
+    encoder = encoders.load_encoder(encoder_name, device=dev, model_dtype=model_dtype)
+    images = len(dataset)
     pixels = [
         encoder.preprocess([dataset.load(i) for i in range(s, min(s + batch_size, images))])
         for s in range(0, images, batch_size)
@@ -129,18 +129,36 @@ def bench_full_width(tmp: Path, device: str, images: int = 16, batch_size: int =
 
     def bare() -> None:
         for batch in pixels:
-            encoder.capture(batch, "post_mlp_residual", 22)
+            encoder.capture(batch, "post_mlp_residual", layer)
         cuda_synchronize(dev)
 
     def ours() -> None:
         extract.extract_activations(
-            encoder, dataset, tmp / f"full{next(runs)}", layer=22, batch_size=batch_size, num_workers=2, progress=False
+            encoder,
+            dataset,
+            tmp / f"full{next(runs)}",
+            layer=layer,
+            batch_size=batch_size,
+            num_workers=2,
+            progress=False,
         )
         cuda_synchronize(dev)
 
     bare()  # warm-up (CUDA kernels, allocator)
-    base, end_to_end = best_of(2, bare), best_of(2, ours)
-    print(f"full width on {dev} ({encoder.dtype}), rehearsal CLIP ViT-L/14-336 block 22, {images} images:")
+    return {"device": str(dev), "dtype": str(encoder.dtype), "images": images, "bare_s": best_of(2, bare),
+            "ours_s": best_of(2, ours)}  # fmt: skip
+
+
+def bench_full_width(tmp: Path, device: str, images: int = 16, batch_size: int = 8) -> None:
+    """Rehearsal CLIP-L/14-336 block 22: extract_activations end to end vs bare forward on preloaded pixels."""
+    from vlmsae_utils.data import ImageFolderDataset
+    from vlmsae_utils.rehearsal import rehearsal_images
+
+    dataset = ImageFolderDataset(rehearsal_images(384), "train")
+    dataset.records = dataset.records[:images]
+    r = time_extraction(tmp, "rehearsal:openai/clip-vit-large-patch14-336", dataset, 22, device, batch_size=batch_size)
+    base, end_to_end = r["bare_s"], r["ours_s"]
+    print(f"full width on {r['device']} ({r['dtype']}), rehearsal CLIP ViT-L/14-336 block 22, {images} images:")
     print(f"  bare forward on preloaded pixels: {images / base:7.2f} img/s")
     print(
         f"  extract_activations end to end  : {images / end_to_end:7.2f} img/s  ratio {base / end_to_end:.2f} of bare"

@@ -76,8 +76,9 @@ def bench_vs_reference(n: int, k: int, d: int) -> None:
     )
 
 
-def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
-    """(b) MS alone, (c) top-16 alone and (b+c) both in one pass, each against one [K,N]x[N,D] GEMM."""
+def time_ms_topk(n: int, k: int, d: int, device: str = "cpu", top_k: int = 16) -> dict:
+    """Seconds of one [K,N]x[N,D] GEMM, MS alone, top-``top_k`` alone and both in one pass
+    (`scan_neurons`) on random activations, with the results of each (for the same-results check)."""
     from vlmsae_utils.device import cuda_synchronize, resolve_device
 
     dev = resolve_device(device)
@@ -94,12 +95,25 @@ def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
     t_mm, _ = _timed(gemm, repeat=2)
     operands.clear()
     t_ms, ms = _timed(lambda: monosemanticity_score(a, e, device=dev), repeat=1)
+    t_top, top = _timed(lambda: top_k_images(a, k=top_k, device=dev), repeat=1)
+    t_both, both = _timed(lambda: scan_neurons(a, e, top_k=top_k, device=dev), repeat=1)
+    same = bool(torch.equal(both.top.values, top.values)) and bool(torch.equal(both.ms.isnan(), ms.isnan()))
+    ms_diff = (both.ms - ms).abs().nan_to_num().max().item()
+    return {
+        "device": str(dev), "a": a, "ms": ms, "top": top, "gemm_s": t_mm, "ms_s": t_ms, "top_s": t_top,
+        "both_s": t_both, "same": same, "ms_diff": ms_diff,
+    }  # fmt: skip
+
+
+def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
+    """(b) MS alone, (c) top-16 alone and (b+c) both in one pass, each against one [K,N]x[N,D] GEMM."""
+    r = time_ms_topk(n, k, d, device)
+    t_mm, t_ms, t_top, t_both, a, top = r["gemm_s"], r["ms_s"], r["top_s"], r["both_s"], r["a"], r["top"]
     print(
         f"(b) N={n} K={k} D={d}: MS {t_ms:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
-        f"ratio {t_ms / t_mm:.2f}x (live neurons {int((~ms.isnan()).sum())})"
+        f"ratio {t_ms / t_mm:.2f}x (live neurons {int((~r['ms'].isnan()).sum())})"
     )
-    kk = 16
-    t_top, top = _timed(lambda: top_k_images(a, k=kk, device=dev), repeat=1)
+    kk = top.k
     t_sort, idx = _timed(lambda: torch.argsort(a.T, dim=1, descending=True)[:, :kk], repeat=1)
     same = bool(torch.equal(top.values, torch.gather(a.T, 1, idx)))  # values: ties may swap indices
     del idx
@@ -107,12 +121,10 @@ def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
         f"(c) top-{kk} N={n} K={k}: top_k_images {t_top:.2f} s, full argsort per neuron {t_sort:.2f} s, "
         f"speed-up {t_sort / t_top:.1f}x (same values: {same}); {t_top / t_mm:.2f}x one GEMM"
     )
-    t_both, both = _timed(lambda: scan_neurons(a, e, top_k=kk, device=dev), repeat=1)
-    agree = bool(torch.equal(both.top.values, top.values)) and bool(torch.equal(both.ms.isnan(), ms.isnan()))
     print(
-        f"(b+c) MS and top-{kk} in one pass (scan_neurons) on {dev}: {t_both:.2f} s = {t_both / t_mm:.2f}x one "
-        f"[K,N]x[N,D] GEMM; the two separately {t_ms + t_top:.2f} s = {(t_ms + t_top) / t_mm:.2f}x "
-        f"(same results: {agree}, max |MS diff| {(both.ms - ms).abs().nan_to_num().max().item():.1e})"
+        f"(b+c) MS and top-{kk} in one pass (scan_neurons) on {r['device']}: {t_both:.2f} s = {t_both / t_mm:.2f}x "
+        f"one [K,N]x[N,D] GEMM; the two separately {t_ms + t_top:.2f} s = {(t_ms + t_top) / t_mm:.2f}x "
+        f"(same results: {r['same']}, max |MS diff| {r['ms_diff']:.1e})"
     )
 
 

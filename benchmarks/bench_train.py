@@ -205,10 +205,17 @@ def planted_recovery(steps=600, d=128, n_atoms=256, active=4, expansion=4, k=4, 
     return float(cos), float(hist["val_r2"].iloc[-1])
 
 
-def _profiled_state(d: int, expansion: int, batch: int, k: int, dead_fraction: float, device: str):
+def _profiled_state(d: int, expansion: int, batch: int, k: int, dead_fraction: float, device: str, autocast: bool):
     """A fresh Matryoshka training state (the package's own), its resolved settings and one batch."""
     cfg = loop.make_config(
-        "matryoshka_batch_top_k", expansion, k=k, batch_size=batch, steps=10**6, dead_tokens=10**9, eval_every=10**9
+        "matryoshka_batch_top_k",
+        expansion,
+        k=k,
+        batch_size=batch,
+        steps=10**6,
+        dead_tokens=10**9,
+        eval_every=10**9,
+        autocast=autocast,
     )
     dev = torch.device(device)
     dict_size, group_sizes = cfg.sizes(d)
@@ -226,17 +233,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_step(d, expansion, batch, k, steps, dead_fraction=0.0, device="cpu") -> dict[str, float]:
-    """Seconds per training step and per encoder GEMM (medians, measured alternately), and each
-    section's share of one profiled step; prints the table and returns the figures."""
+def profile_step(d, expansion, batch, k, steps, dead_fraction=0.0, device="cpu", autocast=False) -> dict[str, float]:
+    """Seconds per training step and per encoder GEMM (medians, measured alternately; both in bf16
+    with ``autocast`` on CUDA), and each section's share of one profiled step; prints the table and
+    returns the figures."""
     from torch.profiler import ProfilerActivity, profile
 
-    state, cfg, res, x = _profiled_state(d, expansion, batch, k, dead_fraction, device)
+    state, cfg, res, x = _profiled_state(d, expansion, batch, k, dead_fraction, device, autocast)
     sae, dev = state.sae, x.device
     xs = (x * sae.input_scale - sae.b_dec).detach()
 
     def gemm() -> None:
-        torch.addmm(sae.b_enc.detach(), xs, sae.W_enc.detach())
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=res.autocast):
+            torch.addmm(sae.b_enc.detach(), xs, sae.W_enc.detach())
 
     def step() -> None:
         loop._training_step(state, x, 0, cfg, res)

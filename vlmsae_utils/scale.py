@@ -27,6 +27,8 @@ __all__ = [
     "cluster_plan",
     "forward_flops",
     "gib",
+    "gpu_benchmark_csv",
+    "gpu_benchmarks",
     "gpu_commands",
     "human",
     "ms_flops",
@@ -170,6 +172,19 @@ def rehearsal_measurements() -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={"notebook": str}) if path.is_file() else None
 
 
+def gpu_benchmark_csv() -> Path:
+    """Where ``make bench-gpu`` (``benchmarks/bench_gpu.py``) writes its table and chapter 7 reads it."""
+    from .paths import results_root
+
+    return results_root() / "benchmarks" / "bench-gpu.csv"
+
+
+def gpu_benchmarks() -> pd.DataFrame | None:
+    """The last ``make bench-gpu`` table on this machine (card, part, seconds, baseline, ratio), if run."""
+    path = gpu_benchmark_csv()
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def gpu_commands(device: str = "cuda") -> list[str]:
     """The commands a GPU user runs for the paper's three experiments (sweeps resume when rerun)."""
     run = "python -m vlmsae_utils.run"
@@ -179,7 +194,10 @@ def gpu_commands(device: str = "cuda") -> list[str]:
         else f"{run} --config configs/{name}.yaml"
         for name in PAPER_CONFIGS
         for i in (0, 1)
-    ] + [f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights"]
+    ] + [
+        f"python -m vlmsae_utils.rehearsal --device {device}   # every chapter at full width, random weights",
+        "make bench-gpu   # every stage's speed on the card against its baseline, about 8 minutes",
+    ]
 
 
 def _split_images(config: dict, split: str) -> int:
