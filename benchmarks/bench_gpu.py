@@ -126,9 +126,10 @@ def part_uniqueness(device: str, tiny: bool) -> list[dict]:
 
 def part_steer(device: str, tiny: bool) -> list[dict]:
     """One steered LLaVA batch (a random SAE on vision block 22, one latent clamped) vs unsteered."""
+    from vlmsae_utils.hooks import DEFAULT_HOOK
     from vlmsae_utils.llava import feature_block, load_llava, vision_tower
     from vlmsae_utils.sae import make_sae
-    from vlmsae_utils.steering import DEFAULT_HOOK, generate
+    from vlmsae_utils.steering import generate
 
     name = "fixture:llava" if tiny else "rehearsal:llava-hf/llava-1.5-7b-hf"
     model, processor = load_llava(name, device=device)
