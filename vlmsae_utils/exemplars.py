@@ -16,11 +16,9 @@ import torch
 from .device import resolve_device
 from .neuron_pass import scan_neurons
 from .running_topk import RunningTopK, TopK
-from .sparse_codes import SparseCodes, iter_dense_batches, rows_and_dim
+from .sparse_codes import _DEFAULT_BATCH, SparseCodes, iter_dense_batches, rows_and_dim
 
 __all__ = ["TopK", "image_grid", "top_k_images", "uniqueness"]
-
-_DEFAULT_BATCH = 4096
 
 
 # ----------------------------------------------------------------------------- top-k

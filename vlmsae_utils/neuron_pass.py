@@ -326,8 +326,8 @@ def _scan_dense_columns(
         nb = b.shape[0]
         if row + nb > n:
             raise ValueError(f"activations yielded more rows than len()={n}")
-        b = b.to(dev, non_blocking=True)
-        part = (b if b.is_floating_point() else b.float())[:, k0:k1]
+        part = b[:, k0:k1].to(dev, non_blocking=True)  # only this block's columns go to the device
+        part = part if part.is_floating_point() else part.float()
         # min/max are exact in the input dtype and propagate NaN/inf: the batch's finiteness check.
         lo_b, hi_b = part.amin(0), part.amax(0)
         if not (torch.isfinite(lo_b).all() and torch.isfinite(hi_b).all()):
