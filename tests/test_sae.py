@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -261,5 +262,8 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
     state = load_file(str(folder / "sae.safetensors"))
     state["W_dec"][3, 1] = float("nan")
     save_file(state, str(folder / "sae.safetensors"))
+    config = json.loads((folder / "config.json").read_text())  # the digest of the NaN file: it passes
+    config["weights_sha256"] = hashlib.sha256((folder / "sae.safetensors").read_bytes()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="tensor 'W_dec' holds NaN or infinite values"):
         load_sae(folder)

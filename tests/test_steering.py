@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -160,6 +162,21 @@ def test_bad_latent_width_mode_and_block(llava, sae):
     ):
         pass
     with pytest.raises(ValueError, match="cannot change the answer"), steering.steer(model, sae, 3, {0: 1.0}):
+        pass
+
+
+def test_an_sae_trained_at_another_block_is_refused(llava):
+    """Issue 32: an SAE from block 1 has the width of block 2's output but was never trained there."""
+    from vlmsae_utils.sae import ProvenanceError
+
+    model, _ = llava
+    elsewhere = BatchTopKSAE(32, 64, k=4).eval()
+    elsewhere.provenance = {"encoder": "fixture:llava-tower", "hook": "post_mlp_residual", "layer": 1}
+    message = re.escape("layer 1 (SAE) vs 2")
+    with pytest.raises(ProvenanceError, match=message), steering.steer(model, elsewhere, LAYER, {0: 1.0}):
+        pass
+    elsewhere.provenance["layer"] = LAYER  # the block it was trained at: steering goes ahead
+    with steering.steer(model, elsewhere, LAYER, {0: 1.0}):
         pass
 
 

@@ -634,6 +634,7 @@ def test_train_grid_device_and_authors_r2_column(tmp_path):
     recorded = json.loads((tmp_path / "grid" / "matryoshka_batch_top_k_x2_k3" / "config.json").read_text())["training"]
     assert recorded["expansion"] == 2 and recorded["k"] == 3 and recorded["group_fractions"] == [0.5, 0.5]
     assert recorded["lr"] == pytest.approx(2e-4 / math.sqrt(2 * D / 2**14)) and recorded["init"] == "uniform"
+    assert saved.provenance["store_hash"] == store.manifest["content_hash"]  # taken before the rows moved
 
 
 def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):

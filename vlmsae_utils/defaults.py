@@ -113,7 +113,7 @@ def default_sae(
     """An SAE trained on a default fixture store (built and cached on first use); returns the loaded SAE.
     The settings are the fixture's scale (:meth:`~vlmsae_utils.train_config.TrainConfig.fixture`)
     with ``settings`` (TrainConfig fields) applied, checked before the cache."""
-    from .sae import load_sae, save_sae
+    from .sae import load_sae, save_sae, store_provenance
     from .train import TRAINER_VERSION, TrainConfig, run_name, train_sae
 
     config = TrainConfig.fixture(sae_type=sae_type, **settings)
@@ -129,7 +129,7 @@ def default_sae(
     folder = defaults_dir() / "sae" / key  # keyed by the training data, so a changed store retrains
     if not (folder / "config.json").is_file():
         sae, _ = train_sae(data, config, progress=False, device="cpu")  # tiny: the same SAE on every machine
-        save_sae(sae, folder)
+        save_sae(sae, folder, provenance=store_provenance(data))
     return load_sae(folder).eval()
 
 

@@ -23,6 +23,7 @@ from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, summarize_ms
 from .neuron_pass import scan_neurons
 from .paths import safe_stem
+from .sae.provenance import check_provenance
 from .store import ActivationStore
 
 __all__ = [
@@ -100,9 +101,11 @@ def sae_codes(
     sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096, device: str | torch.device | None = "auto"
 ) -> SparseCodes:
     """Sparse inference codes of an SAE on every row of a store (threshold encoding), computed on
-    ``device`` (the SAE is moved there); the codes come back on the CPU."""
+    ``device`` (the SAE is moved there); the codes come back on the CPU. An SAE whose recorded
+    provenance names another encoder, hook or block than the store's is refused (width alone is not enough)."""
     if sae.activation_dim != store.dim:
         raise ValueError(f"SAE reads {sae.activation_dim}-d activations but {store.path} holds {store.dim}-d rows")
+    check_provenance(sae, store.params, f"the store {store.path}")
     dev = resolve_device(device)
     sae.to(dev).eval()
     with torch.inference_mode():

@@ -33,6 +33,7 @@ from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, p
 from .hooks import DEFAULT_HOOK, check_steerable
 from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
 from .metrics import SparseCodes
+from .sae.provenance import check_provenance
 
 # Loading (.llava) and prompting (.generation) live in their own modules; their names stay importable from here.
 from .steering_scores import (
@@ -184,6 +185,8 @@ def steer(
         )
     rows = [clamp] if isinstance(clamp, Mapping) or clamp is None else list(clamp)
     _check_sae(sae, tower.output_dim(hook), [r or {} for r in rows])
+    # the tower's name is LLaVA's, not the CLIP model its SAE's store names: compare hook and block only
+    check_provenance(sae, {"hook": hook, "layer": block}, f"vision block {block} ({hook}) of {tower.name}")
     sae_param = next(sae.parameters())
 
     def replace(hidden: torch.Tensor) -> torch.Tensor:

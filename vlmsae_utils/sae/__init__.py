@@ -31,6 +31,7 @@ from .base import (
     topk_mask,
 )
 from .io import load_sae, save_sae
+from .provenance import ProvenanceError, check_provenance, provenance_from_path, store_provenance
 from .registry import (
     SAE_CLASSES,
     SAE_LABELS,
@@ -56,17 +57,21 @@ __all__ = [
     "BaseSAE",
     "BatchTopKSAE",
     "MatryoshkaBatchTopKSAE",
+    "ProvenanceError",
     "ReLUSAE",
     "TopKSAE",
     "bag_offsets",
     "batch_topk_indices",
     "batch_topk_mask",
+    "check_provenance",
     "load_sae",
     "make_sae",
+    "provenance_from_path",
     "random_directions",
     "register_sae",
     "sae_class",
     "save_sae",
+    "store_provenance",
     "topk_mask",
     "unregister_sae",
 ]

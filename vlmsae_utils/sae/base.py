@@ -66,6 +66,9 @@ class BaseSAE(nn.Module):
     #: Buffers (saved with the weights): the inference threshold θ (< 0: none yet) and the input scale s.
     threshold: torch.Tensor
     input_scale: torch.Tensor
+    #: What the SAE was trained on (encoder, hook, layer, tokens, store hash; ``None``: not recorded),
+    #: checked by :func:`~.provenance.check_provenance` before it encodes a store or enters a model.
+    provenance: dict[str, Any] | None = None
 
     def __init__(self, activation_dim: int, dict_size: int, k: int | None = None):
         super().__init__()

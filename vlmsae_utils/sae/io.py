@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -11,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, sha256_file
 from .base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, BaseSAE
+from .provenance import provenance_from_path
 from .registry import _DL_DICT_CLASS_TO_TYPE, SAE_TYPES, make_sae, sae_class
 
 __all__ = [
@@ -24,16 +26,29 @@ __all__ = [
 # ----- save / load -----------------------------------------------------------------------------
 
 
-def save_sae(sae: BaseSAE, path: str | os.PathLike, training: Mapping[str, Any] | None = None) -> Path:
+def save_sae(
+    sae: BaseSAE,
+    path: str | os.PathLike,
+    training: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``path/sae.safetensors`` (W_enc, b_enc, W_dec, b_dec) and ``path/config.json``; return the
-    folder. ``training`` (every resolved training setting, expansion and data fingerprint included)
-    is recorded under the config's ``"training"`` key; loading does not need it."""
+    folder. The config records the weights' SHA-256 (checked at every load), ``training`` (every
+    resolved training setting, expansion and data fingerprint included) and ``provenance`` (the
+    training store's encoder, hook, block, tokens and hash: :func:`~.provenance.store_provenance`;
+    by default the SAE's own, if it has one)."""
     from safetensors.torch import save
 
     path = Path(path)
     tensors = {n: getattr(sae, n).detach().float().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT_NAME}))
-    config = sae.config() | ({"training": dict(training)} if training is not None else {})
+    payload = save(tensors, metadata={"format": FORMAT_NAME})
+    atomic_write_bytes(path / WEIGHTS_FILE, payload)
+    config = sae.config() | {"weights_sha256": hashlib.sha256(payload).hexdigest()}
+    provenance = provenance if provenance is not None else getattr(sae, "provenance", None)
+    if provenance:
+        config["provenance"] = dict(provenance)
+    if training is not None:
+        config["training"] = dict(training)
     atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return path
 
@@ -86,25 +101,56 @@ def _build(cfg: dict, W_enc, b_enc, W_dec, b_dec, src: Path) -> BaseSAE:
     return sae.eval()
 
 
-def _load_ours(folder: Path) -> BaseSAE:
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    """A ``config.json`` as a dict, or an error naming the file (invalid JSON, or not an object)."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_weights(weights: Path, cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``sae.safetensors``, after checking the file against the SHA-256 its config
+    recorded (SAEs saved before digests were recorded are read as they are)."""
     from safetensors.torch import load_file
 
+    recorded = cfg.get("weights_sha256")
+    if recorded is not None and sha256_file(weights) != recorded:
+        raise ValueError(
+            f"{weights} does not match the SHA-256 recorded in its {CONFIG_FILE} (corrupted or replaced); "
+            "train or copy it again"
+        )
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
+
+
+def _load_ours(folder: Path) -> BaseSAE:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: missing {CONFIG_FILE} next to {WEIGHTS_FILE}")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _read_config(cfg_path)
     if cfg.get("type") not in SAE_TYPES:
         raise ValueError(
             f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
             "(a type defined outside the package must be registered with register_sae before loading)"
         )
-    state = load_file(str(folder / WEIGHTS_FILE))
+    state = _read_weights(folder / WEIGHTS_FILE, cfg)
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
     if set(state) != expected:
         raise ValueError(
             f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}"
         )
-    return _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
+    sae = _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
+    provenance = cfg.get("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise ValueError(f"{cfg_path}: 'provenance' must be a JSON object, got {type(provenance).__name__}")
+    sae.provenance = provenance
+    return sae
 
 
 def _load_dictionary_learning(pt: Path) -> BaseSAE:
@@ -118,11 +164,9 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
     dl_cfg: dict[str, Any] = {}
     cfg_path = pt.parent / CONFIG_FILE
     if cfg_path.is_file():
-        try:
-            raw = json.loads(cfg_path.read_text())
-            dl_cfg = raw.get("trainer", raw) if isinstance(raw, dict) else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_path}: invalid JSON ({exc})") from exc
+        raw = _read_config(cfg_path)
+        trainer = raw.get("trainer", raw)
+        dl_cfg = trainer if isinstance(trainer, dict) else {}
     keys = set(state)
     linear = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec"}
     matry = {"W_enc", "b_enc", "W_dec", "b_dec"}
@@ -171,7 +215,9 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         "threshold": float(state["threshold"]) if "threshold" in state else -1.0,
         "input_scale": 1.0,
     }
-    return _build(cfg, W_enc, b_enc, W_dec, b_dec, pt)
+    sae = _build(cfg, W_enc, b_enc, W_dec, b_dec, pt)
+    sae.provenance = provenance_from_path(pt.resolve())
+    return sae
 
 
 def load_sae(path: str | os.PathLike) -> BaseSAE:

@@ -57,7 +57,7 @@ def train_grid(
     types with latent groups. ``device`` is resolved once (``"auto"``: CUDA if available); when the
     training data goes on the device (``data_on_device``, see :func:`train_sae`) it is put there
     once for the whole grid."""
-    from ..sae import save_sae
+    from ..sae import save_sae, store_provenance
 
     dev = resolve_device(device)
     if not sae_types or not expansions:
@@ -69,6 +69,7 @@ def train_grid(
     base = next(iter(configs.values()))
     out = Path(out_dir)
     _data_dim(train_data)
+    provenance = store_provenance(train_data)  # before the rows move to the device as a bare tensor
     src = _RowSource(train_data)
     if _resolve_data_on_device(base.data_on_device, src, dev, base.memory_fraction):
         train_data = src.load(dev, "training data")  # once for every SAE of the grid
@@ -88,7 +89,7 @@ def train_grid(
                 stop_after=stop_after,
                 checkpoint_dir=out / name / "checkpoint",
             )
-            save_sae(sae, out / name, training=history.attrs["training"])
+            save_sae(sae, out / name, training=history.attrs["training"], provenance=provenance)
             history.to_csv(out / name / "history.csv", index=False)
             final = evaluate_sae(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
             rows.append(
