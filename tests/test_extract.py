@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmsae_utils import data, encoders, extract, hooks, store
+from vlmsae_utils import data, encoders, extract, hooks, store, store_format
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +152,30 @@ def test_verify_detects_corrupted_bytes(clip, small_set, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    store.ActivationStore.open(path)  # shapes still agree
     with pytest.raises(store.StoreError, match="SHA-256"):
         store.ActivationStore.open(path, verify=True)
+    opened = store.ActivationStore.open(path)  # shapes still agree: opening alone reads no rows
+    for read in (opened.to_tensor, lambda: next(opened.iter_batches(4)), lambda: opened.rows_at([0])):
+        with pytest.raises(store.StoreError, match="does not match the SHA-256 in its manifest"):
+            read()  # the first read of the shard's rows in this process checks them
+
+
+def test_a_shard_is_hashed_once_per_process_and_again_when_it_changes(clip, small_set, tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    _extract(clip, small_set, path)
+    intact = store.ActivationStore.open(path).to_tensor()  # hashed while read into memory
+    shard = path / "shards" / "shard-00000.npy"
+    calls = []
+    original = store_format.sha256_file
+    monkeypatch.setattr(store_format, "sha256_file", lambda file: calls.append(file) or original(file))
+    again = store.ActivationStore.open(path)
+    assert torch.equal(torch.cat(list(again.iter_batches(4))), intact) and calls == []  # not hashed twice
+    raw = bytearray(shard.read_bytes())
+    raw[-2] ^= 0x01
+    shard.write_bytes(bytes(raw))  # a new modification time: checked again
+    with pytest.raises(store.StoreError, match="does not match the SHA-256"):
+        store.ActivationStore.open(path).arrays()
+    assert calls == [shard]
 
 
 def _edit_manifest(path, edit) -> None:
@@ -177,10 +198,26 @@ def test_a_manifest_names_only_files_of_its_own_store(clip, small_set, tmp_path)
 def test_verify_detects_a_hand_edited_manifest(clip, small_set, tmp_path):
     path = tmp_path / "s"
     _extract(clip, small_set, path)
+    written = (path / "manifest.json").read_text()
     _edit_manifest(path, lambda m: m["image_ids"].reverse())  # same rows, other images: labels shift
-    store.ActivationStore.open(path)  # counts and shapes still agree
     with pytest.raises(store.StoreError, match="content_hash disagrees"):
         store.ActivationStore.open(path, verify=True)
+    for edit in (
+        lambda m: m["image_ids"].reverse(),
+        lambda m: m["class_names"].reverse(),
+        lambda m: m["params"].update(layer=0),
+        lambda m: m.update(content_hash="0" * 64),
+    ):
+        (path / "manifest.json").write_text(written)
+        _edit_manifest(path, edit)
+        with pytest.raises(store.StoreError, match=r"manifest\.json was edited after the store was written"):
+            store.ActivationStore.open(path)
+    (path / "manifest.json").write_text(written)
+    _edit_manifest(path, lambda m: m["class_names"].pop())
+    with pytest.raises(store.StoreError, match="do not match its class names"):
+        store.ActivationStore.open(path)
+    (path / "manifest.json").write_text(written)
+    assert len(store.ActivationStore.open(path, verify=True)) == 15
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ makes it bit-identical.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from .io import atomic_write, atomic_write_json, library_versions, read_json, sha256_file
 from .store_format import (
     DTYPES,
+    MANIFEST_DIGEST_KEY,
     MANIFEST_FILE,
     PLAN_FILE,
     SHARD_DIR,
@@ -37,7 +39,10 @@ from .store_format import (
     _refuse_if_different,
     check_dtype,
     load_shard,
+    manifest_digest,
+    needs_verification,
     shard_name,
+    verify_shard_once,
 )
 
 __all__ = [
@@ -175,6 +180,7 @@ class StoreWriter:
             "versions": library_versions(),
             "content_hash": _content_hash(shards, image_ids),
         }
+        manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
         atomic_write_json(self.path / MANIFEST_FILE, manifest)
         return ActivationStore.open(self.path)
 
@@ -228,7 +234,9 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = False) -> ActivationStore:
-        """Open a finished store; ``verify=True`` also checks every shard's SHA-256."""
+        """Open a finished store: its manifest is checked against its own digest and its shards'
+        shapes; each shard's SHA-256 is checked when its rows are first read in this process
+        (``verify=True``: every shard now, and the manifest's ``content_hash``)."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"activation store {path} does not exist")
@@ -243,13 +251,15 @@ class ActivationStore:
         return store
 
     def _check(self, verify: bool) -> None:
-        """Refuse a folder whose manifest and shards disagree."""
+        """Refuse a folder whose manifest and shards disagree, or whose manifest was edited."""
         m = self.manifest
-        for key in ("shards", "image_ids", "dim", "dtype", "rows_per_image", "rows"):
+        for key in ("shards", "image_ids", "class_names", "dim", "dtype", "rows_per_image", "rows"):
             if key not in m:
                 raise StoreError(f"{self.path}/manifest.json lacks {key!r}")
         if m["rows"] != len(m["image_ids"]) * m["rows_per_image"] or m["rows"] != sum(s["rows"] for s in m["shards"]):
             raise StoreError(f"{self.path}: manifest row count {m['rows']} disagrees with its images and shards")
+        if len(m["class_names"]) != len(m["image_ids"]) or len(set(m["image_ids"])) != len(m["image_ids"]):
+            raise StoreError(f"{self.path}: manifest image ids are repeated or do not match its class names")
         if verify and m.get("content_hash") != _content_hash(m["shards"], m["image_ids"]):
             raise StoreError(f"{self.path}: manifest content_hash disagrees with its shards and image ids (edited?)")
         for shard in m["shards"]:
@@ -264,6 +274,12 @@ class ActivationStore:
                 )
             if verify and sha256_file(file) != shard["sha256"]:
                 raise StoreError(f"{self.path}: shard {shard['file']} does not match its SHA-256 (corrupted)")
+        recorded = m.get(MANIFEST_DIGEST_KEY)
+        if recorded is not None and recorded != manifest_digest(m):
+            raise StoreError(
+                f"{self.path}/manifest.json was edited after the store was written (its {MANIFEST_DIGEST_KEY} "
+                "disagrees); extract the store again"
+            )
 
     def _shard_file(self, name: str) -> Path:
         """A manifest's shard file, which must lie in the store's ``shards/`` folder (never ``../x``
@@ -327,7 +343,12 @@ class ActivationStore:
     def arrays(self) -> list[np.ndarray]:
         """The shards as read-only memory maps."""
         if self._arrays is None:
-            self._arrays = [load_shard(self._shard_file(s["file"])) for s in self.manifest["shards"]]
+            arrays = []
+            for shard in self.manifest["shards"]:
+                file = self._shard_file(shard["file"])
+                verify_shard_once(file, shard["sha256"])
+                arrays.append(load_shard(file))
+            self._arrays = arrays
         return self._arrays
 
     def to_numpy(self) -> np.ndarray:
@@ -341,7 +362,9 @@ class ActivationStore:
         start = 0
         for shard in self.manifest["shards"]:
             stop = start + shard["rows"]
-            _read_npy_into(self._shard_file(shard["file"]), out[start:stop].numpy())
+            file = self._shard_file(shard["file"])
+            digest = _read_npy_into(file, out[start:stop].numpy(), needs_verification(file, shard["sha256"]))
+            verify_shard_once(file, shard["sha256"], digest)
             start = stop
         return out if dtype == storage else out.to(dtype)
 
@@ -405,16 +428,28 @@ class ActivationStore:
         return self.rows_at(picks)
 
 
-def _read_npy_into(path: Path, target: np.ndarray) -> None:
-    """Read the rows of a C-ordered ``.npy`` file into ``target`` (same shape and dtype) without a temporary."""
+def _read_npy_into(path: Path, target: np.ndarray, digest: bool = False) -> str | None:
+    """Read the rows of a C-ordered ``.npy`` file into ``target`` (same shape and dtype) without a
+    temporary; with ``digest``, return the file's SHA-256 taken on the way (no second read)."""
     with open(path, "rb") as stream:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(stream)
         if shape != target.shape or fortran or dtype != target.dtype:
             raise StoreError(f"{path}: holds {shape} {dtype}, expected {target.shape} {target.dtype}")
+        header_end = stream.tell()
         if target.size and stream.readinto(memoryview(target.data).cast("B")) != target.nbytes:
             raise StoreError(f"{path} is truncated")
+        if not digest:
+            return None
+        hasher = hashlib.sha256()
+        stream.seek(0)
+        hasher.update(stream.read(header_end))
+        if target.size:
+            hasher.update(memoryview(target.data).cast("B"))
+        stream.seek(header_end + target.nbytes)
+        hasher.update(stream.read())  # bytes past the rows (none in a shard written here) count too
+        return hasher.hexdigest()
 
 
 def _to_tensor(parts: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .io import read_json, sha256_json
+from .io import read_json, sha256_file, sha256_json
 
 __all__ = [
     "DTYPES",
+    "MANIFEST_DIGEST_KEY",
     "MANIFEST_FILE",
     "PLAN_FILE",
     "SHARD_DIR",
@@ -21,7 +22,10 @@ __all__ = [
     "StorePlan",
     "check_dtype",
     "load_shard",
+    "manifest_digest",
+    "needs_verification",
     "shard_name",
+    "verify_shard_once",
 ]
 
 
@@ -99,6 +103,44 @@ class StorePlan:
 def _content_hash(shards: list[dict[str, Any]], image_ids: list[str]) -> str:
     """The store's identity: its shards' SHA-256 in order and its image ids in order."""
     return sha256_json({"shards": [s["sha256"] for s in shards], "image_ids": image_ids})
+
+
+#: The manifest key holding the SHA-256 of the rest of the manifest (stores written before it lack it).
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest without its own digest: a hand edit (labels, parameters, image order,
+    class names) after the store was written shows as a mismatch."""
+    return sha256_json({key: value for key, value in manifest.items() if key != MANIFEST_DIGEST_KEY})
+
+
+#: Shards whose bytes matched their manifest's SHA-256 in this process, by (path, size, mtime, digest).
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verified_key(file: Path, expected: str) -> tuple[str, int, int, str]:
+    info = file.stat()
+    return (str(file), info.st_size, info.st_mtime_ns, expected)
+
+
+def needs_verification(file: Path, expected: str) -> bool:
+    """Whether this process has not yet checked ``file`` (as it is now) against ``expected``."""
+    return _verified_key(file, expected) not in _VERIFIED
+
+
+def verify_shard_once(file: Path, expected: str, computed: str | None = None) -> None:
+    """Refuse a shard whose bytes differ from the SHA-256 its manifest records. Each file is hashed
+    once per process (again when its size or modification time changes); ``computed`` is a digest
+    already taken while reading it, which saves a second pass over the file."""
+    key = _verified_key(file, expected)
+    if key in _VERIFIED:
+        return
+    if (computed if computed is not None else sha256_file(file)) != expected:
+        raise StoreError(
+            f"shard {file} does not match the SHA-256 in its manifest (corrupted or replaced); extract the store again"
+        )
+    _VERIFIED.add(key)
 
 
 def load_shard(file: Path) -> np.ndarray:
