@@ -402,3 +402,38 @@ def test_rows_computed_elsewhere_become_a_store(tmp_path):
         store.write_rows(tmp_path / "bad", rows, classes[:5], params={})
     with pytest.raises(store.StoreError, match="different parameters"):
         store.write_rows(tmp_path / "rows", rows, classes, params={"made": "otherwise"})
+
+
+def test_a_sweep_redoes_an_extraction_whose_images_changed_and_every_stage_after_it(clip, small_set, tmp_path):
+    """Issue 32: after an image was replaced, a rerun reported extraction and training "done earlier"."""
+    from vlmsae_utils import sweep
+    from vlmsae_utils.sweep_plan import Run
+
+    images = tmp_path / "imgs"
+    shutil.copytree(small_set.root, images)
+    made: list[str] = []
+
+    def runner(notebook, params, out):  # notebook 01 as it extracts; notebook 02 leaves its table
+        made.append(out.name)
+        if notebook == "01":
+            _extract(clip, data.ImageFolderDataset(params["data_dir"], params["split"]), out / "activations")
+        else:
+            (out / "results.csv").write_text("x")
+
+    runs = [
+        Run("extract", "01", "extract", {"data_dir": str(images), "split": "train"}),
+        Run("train", "02", "train", {"train_store": "extract/activations"}, depends=["extract"]),
+    ]
+
+    def statuses() -> list[str]:
+        return list(sweep.execute(runs, tmp_path / "sweep", runner=runner, progress=False).status)
+
+    assert statuses() == ["ran", "ran"]
+    assert statuses() == ["done earlier", "done earlier"]
+    pictures = sorted(images.rglob("*.png"))
+    pictures[0].write_bytes(pictures[-1].read_bytes())  # another picture under the same name
+    assert sweep.stale_images(runs[0], tmp_path / "sweep").endswith("were replaced since they were read")
+    assert statuses() == ["ran", "ran"] and made == ["extract", "train"] * 2
+    shutil.copy(pictures[1], pictures[1].with_name("zz_added.png"))
+    assert "1 images added" in sweep.stale_images(runs[0], tmp_path / "sweep")
+    assert statuses() == ["ran", "ran"] and statuses() == ["done earlier", "done earlier"]

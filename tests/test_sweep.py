@@ -136,6 +136,14 @@ def test_resume_skips_finished_runs_and_redoes_removed_outputs(tmp_path):
     assert third.calls == [str(root / runs[-1].out_dir)]
     dry = sweep.execute(runs, root, dry_run=True, progress=False)
     assert (dry.status == "done earlier").all()
+    train = next(r for r in runs if r.kind == "train")  # an SAE's weights deleted from a finished run
+    sae = root / train.out_dir / "batch_top_k_x4_k8"
+    (root / train.out_dir / "results.csv").write_text(f"SAE,path\nBatchTopK,/elsewhere/{sae.name}\n")
+    sae.mkdir()
+    (sae / "sae.safetensors").write_text("weights")
+    assert sweep.is_complete(train, root)
+    (sae / "sae.safetensors").unlink()
+    assert not sweep.is_complete(train, root)
 
 
 def test_a_failed_run_blocks_only_its_dependents(tmp_path):

@@ -53,6 +53,8 @@ __all__ = [
     "StorePlan",
     "StoreWriter",
     "check_dtype",
+    "image_list_changed",
+    "images_changed",
     "load_shard",
     "rows_writer",
     "shard_name",
@@ -183,6 +185,32 @@ class StoreWriter:
         manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
         atomic_write_json(self.path / MANIFEST_FILE, manifest)
         return ActivationStore.open(self.path)
+
+
+def image_list_changed(path: str | os.PathLike, image_ids: Sequence[str]) -> str:
+    """Why the store at ``path`` was planned for another image list than ``image_ids`` (the folder's
+    list now: images added or removed), or "" when the lists agree."""
+    planned = read_json(Path(path) / PLAN_FILE)["image_ids"]
+    if list(planned) == list(image_ids):
+        return ""
+    added, removed = len(set(image_ids) - set(planned)), len(set(planned) - set(image_ids))
+    return f"the image folder changed ({added} images added, {removed} removed)"
+
+
+def images_changed(
+    path: str | os.PathLike, image_ids: Sequence[str], stamps: Callable[[range], list[list[int]]]
+) -> str:
+    """Why the store at ``path`` no longer describes the image folder it was extracted from ("" when it
+    still does): images added or removed (:func:`image_list_changed`), or a file replaced since its
+    shard was written (``stamps(range)``: the files' current ``[size, mtime_ns]``), the test a rerun
+    of the extraction makes before it reuses a shard."""
+    listed = image_list_changed(path, image_ids)
+    if listed:
+        return listed
+    plan = read_json(Path(path) / PLAN_FILE)
+    writer = StoreWriter(path, StorePlan(**{k: plan[k] for k in StorePlan.__dataclass_fields__}))
+    changed = writer.changed_shards(range(writer.plan.num_shards), stamps)
+    return f"image files of shard(s) {changed[:5]} were replaced since they were read" if changed else ""
 
 
 def rows_writer(

@@ -9,6 +9,7 @@ executed notebook and log beside its outputs, and writes ``results/<name>/*.csv`
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import shutil
@@ -20,11 +21,15 @@ from typing import Any
 import pandas as pd
 
 from . import kernels
+from .data import ImageFolderDataset
 from .hierarchy import LEVELS_FILE
 from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
 from .paths import outputs_root, results_root
+from .sae.base import WEIGHTS_FILE
 from .scoring import MS_SUMMARY_FILE
 from .steering_study import STEERING_SCORES_FILE
+from .store import image_list_changed, images_changed
+from .store_format import MANIFEST_FILE, PLAN_FILE
 from .sweep_config import (
     EXECUTION_ONLY,
     HIERARCHY_KEYS,
@@ -120,12 +125,76 @@ def sweep_dir(name: str) -> Path:
 
 
 def is_complete(run: Run, root: Path) -> bool:
-    """Finished with the same parameters, and its key outputs are still there."""
+    """Finished with the same parameters, its key outputs still there and, for a stage that reads
+    images, its store still describing the image folder (no image added, removed or replaced)."""
     folder = root / run.out_dir
     marker = folder / DONE_FILE
     if not marker.is_file() or read_json(marker).get("fingerprint") != _fingerprint(run, root):
         return False
-    return all((folder / name).exists() for name in EXPECTED_OUTPUTS[run.kind])
+    if not all((folder / name).exists() for name in EXPECTED_OUTPUTS[run.kind]) or _saes_missing(run, folder):
+        return False
+    reason = stale_images(run, root)
+    if reason:
+        log.warning("%s: %s; it runs again", run.id, reason)
+    return not reason
+
+
+def _saes_missing(run: Run, folder: Path) -> list[str]:
+    """The SAE folders a finished training run's ``results.csv`` lists whose weights are gone."""
+    if run.kind != "train":
+        return []
+    with open(folder / "results.csv", newline="") as table:
+        listed = [row["path"] for row in csv.DictReader(table) if row.get("path")]
+    missing = [Path(path).name for path in listed if not (folder / Path(path).name / WEIGHTS_FILE).is_file()]
+    if missing:
+        log.warning("%s: the weights of %s are gone; it runs again", run.id, missing[:3])
+    return missing
+
+
+#: Stages that read the image folder and write a store from it.
+IMAGE_STAGES = ("extract", "embed")
+
+
+def _image_store(run: Run, root: Path) -> Path | None:
+    """The store an image stage wrote (``None`` for other stages, or before its plan exists)."""
+    store = root / run.out_dir / "activations"
+    return store if run.kind in IMAGE_STAGES and (store / PLAN_FILE).is_file() else None
+
+
+def _listed_images(run: Run, root: Path) -> ImageFolderDataset | str:
+    """The image folder an image stage reads, listed now, or why it cannot be listed."""
+    from .extract import open_dataset
+
+    params = resolved_parameters(run, root)
+    try:
+        return open_dataset(params["data_dir"], params.get("split"))
+    except (FileNotFoundError, ValueError) as err:
+        return f"its images cannot be listed ({err})"
+
+
+def stale_images(run: Run, root: Path) -> str:
+    """Why an image stage's store no longer matches its image folder ("" when it does, and for
+    other stages): the check a rerun of the extraction makes before it reuses a shard."""
+    store = _image_store(run, root)
+    if store is None:
+        return ""
+    dataset = _listed_images(run, root)
+    return dataset if isinstance(dataset, str) else images_changed(store, dataset.image_ids, dataset.stamps)
+
+
+def _image_list_changed(run: Run, root: Path) -> bool:
+    """An image stage whose folder gained or lost images: its store is planned anew, not resumed."""
+    store = _image_store(run, root)
+    dataset = _listed_images(run, root) if store is not None else ""
+    return store is not None and not isinstance(dataset, str) and bool(image_list_changed(store, dataset.image_ids))
+
+
+def _made_content(run: Run, root: Path) -> str:
+    """What a finished image stage made, as the stages after it see it: its store's content hash
+    (so a re-extraction of replaced images makes every later stage stale); "" for other stages."""
+    store = _image_store(run, root)
+    manifest = store / MANIFEST_FILE if store is not None else None
+    return str(read_json(manifest).get("content_hash", "")) if manifest is not None and manifest.is_file() else ""
 
 
 def complete_runs(runs: list[Run], root: Path) -> set[str]:
@@ -148,9 +217,15 @@ def _fingerprint(run: Run, root: Path) -> str:
 
 
 def _marker_fingerprint(folder: Path) -> str:
-    """The fingerprint a finished run recorded ("" for a run not finished)."""
+    """The fingerprint a finished run recorded, with the content it made where it recorded one
+    ("" for a run not finished). Markers without content (written before it was recorded, or by
+    stages other than extraction) give their fingerprint alone, so finished sweeps stay finished."""
     marker = folder / DONE_FILE
-    return str(read_json(marker).get("fingerprint", "")) if marker.is_file() else ""
+    if not marker.is_file():
+        return ""
+    recorded = read_json(marker)
+    fingerprint, content = str(recorded.get("fingerprint", "")), recorded.get("content")
+    return sha256_json([fingerprint, content]) if content else fingerprint
 
 
 def resolved_parameters(run: Run, root: Path) -> dict[str, Any]:
@@ -229,8 +304,8 @@ def start_run(run: Run, root: Path) -> None:
     folder, fingerprint = root / run.out_dir, _fingerprint(run, root)
     markers = [folder / name for name in (DONE_FILE, STARTED_FILE)]
     recorded = [read_json(marker).get("fingerprint") for marker in markers if marker.is_file()]
-    if any(value != fingerprint for value in recorded):
-        log.warning("%s was made with other parameters or inputs: clearing it to run again", run.id)
+    if any(value != fingerprint for value in recorded) or _image_list_changed(run, root):
+        log.warning("%s was made with other parameters, inputs or images: clearing it to run again", run.id)
         for child in folder.iterdir():
             if child.name in KEPT_ON_REDO:
                 continue
@@ -242,16 +317,16 @@ def start_run(run: Run, root: Path) -> None:
 
 
 def _mark_complete(run: Run, root: Path) -> None:
-    """The marker that makes a run complete: its fingerprint (chained to its inputs'), parameters, labels."""
-    atomic_write_json(
-        root / run.out_dir / DONE_FILE,
-        {
-            "fingerprint": _fingerprint(run, root),
-            "notebook": run.notebook,
-            "parameters": resolved_parameters(run, root),
-            "labels": run.labels,
-        },
-    )
+    """The marker that makes a run complete: its fingerprint (chained to its inputs'), parameters,
+    labels and, for an image stage, the content hash of the store it made."""
+    marker = {
+        "fingerprint": _fingerprint(run, root),
+        "notebook": run.notebook,
+        "parameters": resolved_parameters(run, root),
+        "labels": run.labels,
+    }
+    content = _made_content(run, root)
+    atomic_write_json(root / run.out_dir / DONE_FILE, marker | ({"content": content} if content else {}))
 
 
 # ----------------------------------------------------------------------------- results
