@@ -120,6 +120,17 @@ def test_a_notebook_whose_out_dir_is_being_written_elsewhere_fails_before_runnin
     assert not (tmp_path / "executed" / "02_train.ipynb").exists()
 
 
+def test_runs_into_different_out_dirs_keep_their_own_executed_notebooks(tmp_path, monkeypatch):
+    """Issue 32: two runs with different out_dirs and no --out wrote the same executed notebook."""
+    from vlmsae_utils.runner import default_notebook_folder
+
+    monkeypatch.setenv("VLMSAE_OUTPUTS", str(tmp_path / "outputs"))
+    first, second = default_notebook_folder({"out_dir": "runs/a"}), default_notebook_folder({"out_dir": "runs/b"})
+    assert first == tmp_path / "outputs" / "runs" / "a" and second == tmp_path / "outputs" / "runs" / "b"
+    assert default_notebook_folder({"out_dir": str(tmp_path / "abs")}) == tmp_path / "abs"
+    assert default_notebook_folder({}) == tmp_path / "outputs" / "notebooks"
+
+
 def test_training_notebook_parameters_are_the_training_settings(tmp_path):
     """Notebook 02 declares every TrainConfig setting once, with the fixture preset's value: one
     default per setting, each reachable from ``-p`` and from a sweep's ``sae`` section."""

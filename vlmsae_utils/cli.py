@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "VALUE"),
         help="override a parameter (value parsed as YAML)",
     )
-    parser.add_argument("--out", default=None, help="folder for executed notebooks and logs")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for executed notebooks and logs (default: the run's out_dir, else outputs/notebooks)",
+    )
     parser.add_argument("--all", action="store_true", help="run every notebook in order on its defaults")
     parser.add_argument("--config", help="run a sweep file (configs/*.yaml) instead of one notebook")
     parser.add_argument(

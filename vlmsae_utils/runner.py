@@ -98,6 +98,14 @@ def check_parameters(ipynb: Path, parameters: dict[str, Any], declared: dict[str
         raise ValueError(f"unknown parameter(s) {unknown} for {ipynb.stem}; valid: {sorted(declared)}")
 
 
+def default_notebook_folder(parameters: dict[str, Any]) -> Path:
+    """Where an executed notebook and its log go when no folder is named: the run's own ``out_dir``
+    when the parameters give one (as a sweep cell keeps them), so two runs into different folders
+    never overwrite each other's notebook; else ``<outputs>/notebooks``."""
+    out_dir = parameters.get("out_dir")
+    return resolve_out_dir(out_dir) if out_dir else outputs_root() / "notebooks"
+
+
 def run_notebook(
     source: str | Path,
     parameters: dict[str, Any] | None = None,
@@ -111,7 +119,7 @@ def run_notebook(
 
     source = find_notebook(source)
     parameters = dict(parameters or {})
-    out = Path(out_dir) if out_dir is not None else outputs_root() / "notebooks"
+    out = Path(out_dir) if out_dir is not None else default_notebook_folder(parameters)
     out.mkdir(parents=True, exist_ok=True)
     executed = out / f"{source.stem}.ipynb"
     log_path = out / f"{source.stem}.log"
