@@ -46,10 +46,17 @@ class TensorStore:
 def write_shards(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):
     """A :class:`~vlmsae_utils.store.StoreWriter` at ``path`` with every shard of ``x`` written in
     ``dtype`` (one row per image) but no manifest yet, as an extraction leaves it before finalizing."""
-    from vlmsae_utils.store import rows_writer
+    from vlmsae_utils.store import StorePlan, StoreWriter
 
-    classes = ["c"] * x.shape[0]
-    return rows_writer(path, x.numpy(), classes, params={"test": str(path)}, dtype=dtype, shard_images=shard_images)
+    n = x.shape[0]  # written as an extraction writes (no check of the values: a model may give NaN)
+    ids, classes = [f"row{i:07d}" for i in range(n)], ["c"] * n
+    plan = StorePlan({"test": str(path)}, ids, classes, int(x.shape[1]), dtype, 1, shard_images)
+    writer = StoreWriter(path, plan)
+    writer.begin()
+    for shard in range(plan.num_shards):
+        span = plan.shard_range(shard)
+        writer.write_shard(shard, x[span.start : span.stop].numpy(), list(span), [])
+    return writer
 
 
 def write_store(path, x: torch.Tensor, dtype: str = "float32", shard_images: int = 64):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -402,6 +403,15 @@ def test_rows_computed_elsewhere_become_a_store(tmp_path):
         store.write_rows(tmp_path / "bad", rows, classes[:5], params={})
     with pytest.raises(store.StoreError, match="different parameters"):
         store.write_rows(tmp_path / "rows", rows, classes, params={"made": "otherwise"})
+    nan_rows = rows.copy()
+    nan_rows[4, 1], nan_rows[2, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=re.escape("rows contain NaN/inf values; first bad rows: [2, 4]")):
+        store.write_rows(tmp_path / "nan", nan_rows, classes, params={})
+    big = rows.copy()
+    big[3, 2] = 70_000.0  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match=re.escape("shard 0: values up to 7e+04 overflow float16 (max 65504)")):
+        store.write_rows(tmp_path / "big", big, classes, params={}, dtype="float16", shard_images=8)
+    assert not (tmp_path / "big" / "manifest.json").exists()
 
 
 def test_a_sweep_redoes_an_extraction_whose_images_changed_and_every_stage_after_it(clip, small_set, tmp_path):

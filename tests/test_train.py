@@ -509,6 +509,9 @@ def test_float16_store_batches_are_float32_and_nan_rows_reported(tmp_path, monke
             list(stream.batches(0, 6))
     with pytest.raises(ValueError, match="data_on_device"):
         train_sae(x, "batch_top_k", data_on_device="yes", **kw)
+    sae, _ = train_sae(x, "batch_top_k", **kw)  # NaN rows in the validation store: named, not a NaN R²
+    with pytest.raises(ValueError, match=r"evaluation data contains NaN/inf values; first bad rows: \[37\]"):
+        evaluate_sae(sae, bad_store, batch_size=16, device="cpu")
 
 
 def test_input_scale_is_estimated_over_the_whole_class_sorted_store(tmp_path):

@@ -105,7 +105,7 @@ class StoreWriter:
         expected = len(kept) * self.plan.rows_per_image
         if rows.shape != (expected, self.plan.dim):
             raise ValueError(f"shard {shard}: rows have shape {rows.shape}, expected ({expected}, {self.plan.dim})")
-        rows = np.ascontiguousarray(rows, dtype=DTYPES[self.plan.dtype])
+        rows = _as_storage(rows, DTYPES[self.plan.dtype], f"shard {shard}")
         array_path = self.path / SHARD_DIR / f"{shard_name(shard)}.npy"
         atomic_write(array_path, lambda stream: np.save(stream, rows, allow_pickle=False))
         meta = {
@@ -227,6 +227,9 @@ def rows_writer(
     rows = np.asarray(rows)
     if rows.ndim != 2 or len(class_names) != len(rows):
         raise ValueError(f"need a [images, dim] array and one class per row, got {rows.shape} and {len(class_names)}")
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if bad.size:
+        raise ValueError(f"rows contain NaN/inf values; first bad rows: {bad[:5].tolist()}")
     plan = StorePlan(
         params=dict(params),
         image_ids=[f"row{i:07d}" for i in range(len(rows))],
@@ -454,6 +457,21 @@ class ActivationStore:
             return self.to_numpy()
         picks = np.sort(np.random.default_rng(seed).choice(len(self), size=max_rows, replace=False))
         return self.rows_at(picks)
+
+
+def _as_storage(rows: np.ndarray, dtype: type, what: str) -> np.ndarray:
+    """``rows`` in the storage dtype; values finite before but not after (beyond float16's ±65,504)
+    are an error, never stored as inf."""
+    stored = np.ascontiguousarray(rows, dtype=dtype)
+    if stored.dtype != rows.dtype and not np.isfinite(stored).all():
+        overflow = np.isfinite(rows) & ~np.isfinite(stored)
+        if overflow.any():
+            largest = float(np.abs(rows[overflow]).max())
+            raise ValueError(
+                f"{what}: values up to {largest:.4g} overflow {np.dtype(dtype).name} (max "
+                f"{float(np.finfo(dtype).max):.6g}); store this layer as float32"
+            )
+    return stored
 
 
 def _read_npy_into(path: Path, target: np.ndarray, digest: bool = False) -> str | None:

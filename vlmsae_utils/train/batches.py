@@ -331,7 +331,8 @@ class _TrainingStream:
 
 def _eval_batches(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Every row once, in store order (class-sorted for an extracted store, as the authors' unshuffled
-    validation loader reads it), in batches of ``batch_size`` (the last may be short), float32 on ``device``."""
+    validation loader reads it), in batches of ``batch_size`` (the last may be short), float32 on ``device``.
+    A NaN/inf row is an error naming it (it would turn R² into NaN without a word)."""
     src = data if isinstance(data, _RowSource) else _RowSource(data)
     resident = src.tensor is not None and (src.tensor.device == device or src.tensor.device.type == "cpu")
     chunk = batch_size * max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_size * src.dim * src.itemsize)))
@@ -342,5 +343,6 @@ def _eval_batches(data, batch_size: int, device: torch.device) -> Iterator[torch
         else:
             block = src.gather(rows, pin=device.type == "cuda")
         block = block.to(device, non_blocking=True)
+        _check_finite(block, "evaluation data", offset=c0)
         for i in range(0, len(rows), batch_size):
             yield block[i : i + batch_size].float()
