@@ -92,3 +92,5 @@ def test_uniqueness_counts_overlaps_of_the_top_images_of_the_given_store(tmp_pat
     table, _ = scoring.uniqueness_table(tops)
     row = table.loc["raw hand"]
     assert (row["kept"], row["pairs"], row["J > 0"], row["J > 0.5"], row["J > 0.8"]) == (3, 3, 3, 1, 1)
+    unnamed = write_rows(tmp_path / "nested", rows, ["a", "a", "b", "b"], params={"made": "by hand"})
+    assert list(scoring.top_images_of(unnamed, {}, top_k=2, device="cpu")) == ["raw nested"]  # no encoder key

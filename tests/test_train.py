@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -662,3 +663,10 @@ def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
         train_sae(other, **kwargs)
     sae, _ = train_sae(first, **kwargs)  # the same data resumes
     assert sae.dict_size == 32
+    checkpoint = next(tmp_path.glob("*.pt"))  # truncated (a full disk, a copy cut short): named, no traceback
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(checkpoint))} cannot be read safely"):
+        train_sae(first, **kwargs)
+    torch.save({"weights": torch.zeros(2)}, checkpoint)
+    with pytest.raises(ValueError, match="is not a checkpoint of this trainer"):
+        train_sae(first, **kwargs)

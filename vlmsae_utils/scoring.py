@@ -190,8 +190,9 @@ def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> pd.DataFrame:
 
 
 def raw_name(activations: ActivationStore) -> str:
-    """The name of a store's raw neurons in reports and tables (``raw <encoder>``)."""
-    return f"raw {activations.params['encoder']}"
+    """The name of a store's raw neurons in reports and tables (``raw <encoder>``; a store of rows
+    computed elsewhere, without an encoder, is named by its folder)."""
+    return f"raw {activations.params.get('encoder') or activations.path.name}"
 
 
 def score_all(

@@ -236,7 +236,17 @@ class _State:
 
     def restore(self, path: Path, run_cfg: dict[str, Any], dev: torch.device) -> None:
         """Resume from a checkpoint written for exactly these settings and data (else a ValueError)."""
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupt or pickled: torch's message advises weights_only=False
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"checkpoint {path} cannot be read safely ({first}); delete it to train from the start"
+            ) from None
+        if not isinstance(ck, dict) or not {"config", "model", "opt", "sched", "step"} <= set(ck):
+            raise ValueError(
+                f"checkpoint {path} is not a checkpoint of this trainer; delete it to train from the start"
+            )
         if ck["config"] != run_cfg:
             diff = {kk: (ck["config"].get(kk), v) for kk, v in run_cfg.items() if ck["config"].get(kk) != v}
             raise ValueError(f"checkpoint {path} was written with different settings (checkpoint, now): {diff}")
