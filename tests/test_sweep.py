@@ -108,6 +108,21 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
         ),
         ({"scorers": []}, "non-empty list"),
         ({"name": "a b"}, "name"),
+        # values every cell refused only once it ran (issue 32), refused at load by the stages' rules
+        ({"device": "gpu0"}, "device: 'gpu0' is not valid; valid: auto, cpu, cuda, cuda:N, mps"),
+        ({"model_dtype": "fp8"}, "model_dtype: 'fp8' is not valid"),
+        ({"dtype": "int8"}, "dtype: 'int8' is not valid; valid: float16, float32"),
+        ({"tokens": "cls_and_mean"}, "tokens: 'cls_and_mean' is not valid"),
+        ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
+        ({"num_workers": -1}, "num_workers: must be at least 0, got -1"),
+        ({"hierarchy": {"group_fractions": [[1]]}}, "hierarchy: "),
+        ({"hierarchy": {"group_fractions": [0.5, 0.4]}}, "hierarchy: "),
+        ({"hierarchy": {"top_k": 1}}, "hierarchy.top_k: the LCA depth needs image pairs"),
+        ({"data": {"train": None, "val": {"data_dir": "fixture"}}}, "data.train: a mapping with data_dir"),
+        (
+            {"data": {"train": {"split": "train"}, "val": {"data_dir": "fixture"}}},
+            "data.train: a mapping with data_dir",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, changes, message):

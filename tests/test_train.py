@@ -356,6 +356,8 @@ def test_bad_parameters_raise():
         train_sae(bad, "batch_top_k", 2, k=3, **kw)
     with pytest.raises(ValueError, match="only apply"):
         train_sae(x, "top_k", 2, k=3, group_fractions=[1.0], **kw)
+    with pytest.raises(ValueError, match=r"needs about \d+\.\d GiB .* lower the expansion"):
+        train_sae(x, "batch_top_k", 1e9, k=3, **kw)  # refused before the allocator is asked
 
 
 def test_fast_batch_topk_indices_exact():

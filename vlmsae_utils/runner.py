@@ -29,6 +29,7 @@ __all__ = [
     "NotebookError",
     "all_notebooks",
     "check_parameters",
+    "default_notebook_folder",
     "find_notebook",
     "notebook_parameters",
     "notebooks_dir",

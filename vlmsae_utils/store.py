@@ -16,7 +16,6 @@ makes it bit-identical.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,7 +34,9 @@ from .store_format import (
     STORE_FORMAT,
     StoreError,
     StorePlan,
+    _as_storage,
     _content_hash,
+    _read_npy_into,
     _refuse_if_different,
     check_dtype,
     load_shard,
@@ -457,45 +458,6 @@ class ActivationStore:
             return self.to_numpy()
         picks = np.sort(np.random.default_rng(seed).choice(len(self), size=max_rows, replace=False))
         return self.rows_at(picks)
-
-
-def _as_storage(rows: np.ndarray, dtype: type, what: str) -> np.ndarray:
-    """``rows`` in the storage dtype; values finite before but not after (beyond float16's ±65,504)
-    are an error, never stored as inf."""
-    stored = np.ascontiguousarray(rows, dtype=dtype)
-    if stored.dtype != rows.dtype and not np.isfinite(stored).all():
-        overflow = np.isfinite(rows) & ~np.isfinite(stored)
-        if overflow.any():
-            largest = float(np.abs(rows[overflow]).max())
-            raise ValueError(
-                f"{what}: values up to {largest:.4g} overflow {np.dtype(dtype).name} (max "
-                f"{float(np.finfo(dtype).max):.6g}); store this layer as float32"
-            )
-    return stored
-
-
-def _read_npy_into(path: Path, target: np.ndarray, digest: bool = False) -> str | None:
-    """Read the rows of a C-ordered ``.npy`` file into ``target`` (same shape and dtype) without a
-    temporary; with ``digest``, return the file's SHA-256 taken on the way (no second read)."""
-    with open(path, "rb") as stream:
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(stream)
-        if shape != target.shape or fortran or dtype != target.dtype:
-            raise StoreError(f"{path}: holds {shape} {dtype}, expected {target.shape} {target.dtype}")
-        header_end = stream.tell()
-        if target.size and stream.readinto(memoryview(target.data).cast("B")) != target.nbytes:
-            raise StoreError(f"{path} is truncated")
-        if not digest:
-            return None
-        hasher = hashlib.sha256()
-        stream.seek(0)
-        hasher.update(stream.read(header_end))
-        if target.size:
-            hasher.update(memoryview(target.data).cast("B"))
-        stream.seek(header_end + target.nbytes)
-        hasher.update(stream.read())  # bytes past the rows (none in a shard written here) count too
-        return hasher.hexdigest()
 
 
 def _to_tensor(parts: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:

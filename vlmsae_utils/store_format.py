@@ -3,6 +3,7 @@ the checks a shard and a plan get before they are read or reused."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,42 @@ def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
         f"{existing.parent} already holds a store made with different parameters "
         f"(differs in: {', '.join(changed) or 'format'}). Use another out_dir or delete that folder."
     )
+
+
+def _as_storage(rows: np.ndarray, dtype: type, what: str) -> np.ndarray:
+    """``rows`` in the storage dtype; values finite before but not after (beyond float16's ±65,504)
+    are an error, never stored as inf."""
+    stored: np.ndarray = np.ascontiguousarray(rows, dtype=dtype)
+    if stored.dtype != rows.dtype and not np.isfinite(stored).all():
+        overflow = np.isfinite(rows) & ~np.isfinite(stored)
+        if overflow.any():
+            largest = float(np.abs(rows[overflow]).max())
+            raise ValueError(
+                f"{what}: values up to {largest:.4g} overflow {np.dtype(dtype).name} (max "
+                f"{float(np.finfo(dtype).max):.6g}); store this layer as float32"
+            )
+    return stored
+
+
+def _read_npy_into(path: Path, target: np.ndarray, digest: bool = False) -> str | None:
+    """Read the rows of a C-ordered ``.npy`` file into ``target`` (same shape and dtype) without a
+    temporary; with ``digest``, return the file's SHA-256 taken on the way (no second read)."""
+    with open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        if shape != target.shape or fortran or dtype != target.dtype:
+            raise StoreError(f"{path}: holds {shape} {dtype}, expected {target.shape} {target.dtype}")
+        header_end = stream.tell()
+        if target.size and stream.readinto(memoryview(target.data).cast("B")) != target.nbytes:
+            raise StoreError(f"{path} is truncated")
+        if not digest:
+            return None
+        hasher = hashlib.sha256()
+        stream.seek(0)
+        hasher.update(stream.read(header_end))
+        if target.size:
+            hasher.update(memoryview(target.data).cast("B"))
+        stream.seek(header_end + target.nbytes)
+        hasher.update(stream.read())  # bytes past the rows (none in a shard written here) count too
+        return hasher.hexdigest()

@@ -161,6 +161,51 @@ def _check_single_k(config: dict[str, Any], where: str) -> None:
         )
 
 
+def _check_run_values(config: dict[str, Any], where: str) -> None:
+    """Values every cell would refuse (a device or dtype name, a token mode, a batch size, the
+    hierarchy's SAE), refused here by the rules the stages apply, before any cell starts. A device
+    is checked by name only: a config is often written on a machine without the cluster's GPUs."""
+    import torch
+
+    from .device import DEVICE_NAMES, MODEL_DTYPES
+    from .hooks import TOKEN_MODES
+    from .store_format import DTYPES
+
+    device = config.get("device", "auto")
+    try:
+        known = device == "auto" or torch.device(device).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, TypeError):
+        known = False
+    choices = {
+        "device": (known, ", ".join(DEVICE_NAMES)),
+        "model_dtype": (
+            config.get("model_dtype", "auto") in ("auto", *MODEL_DTYPES),
+            "auto, " + ", ".join(MODEL_DTYPES),
+        ),
+        "dtype": (config.get("dtype", "float32") in DTYPES, ", ".join(DTYPES)),
+        "tokens": (config.get("tokens", "cls") in TOKEN_MODES, ", ".join(TOKEN_MODES)),
+    }
+    for key, (ok, valid) in choices.items():
+        if not ok:
+            raise ConfigError(f"{where}.{key}: {config[key]!r} is not valid; valid: {valid}")
+    for key, least in (("batch_size", 1), ("num_workers", 0)):
+        if key in config and config[key] < least:
+            raise ConfigError(f"{where}.{key}: must be at least {least}, got {config[key]!r}")
+    if "hierarchy" in config:
+        _check_hierarchy(config["hierarchy"], f"{where}.hierarchy")
+
+
+def _check_hierarchy(h: dict[str, Any], where: str) -> None:
+    """The hierarchy's Matryoshka SAE is a valid TrainConfig; it ranks at least 2 top images per latent."""
+    if h.get("top_k", 16) < 2:
+        raise ConfigError(f"{where}.top_k: the LCA depth needs image pairs: at least 2, got {h['top_k']!r}")
+    settings = {key: h[key] for key in ("group_fractions", "steps") if key in h}
+    try:
+        grid_configs(["matryoshka_batch_top_k"], [h.get("expansion", 2)], **settings)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str, Any]:
     """Read and validate a sweep file; data folders must exist (``fixture`` always does) unless
     ``check_data=False`` (to inspect a config meant for another machine)."""
@@ -193,6 +238,8 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         if split_name not in config["data"]:
             raise ConfigError(f"{where}.data: needs 'train' and 'val' entries with data_dir and split")
     for split_name, split in config["data"].items():
+        if not isinstance(split, dict) or "data_dir" not in split:
+            raise ConfigError(f"{where}.data.{split_name}: a mapping with data_dir (and split), got {split!r}")
         _check_keys(split, SPLIT_KEYS, f"{where}.data.{split_name}")
         if check_data and split["data_dir"] != "fixture" and not Path(split["data_dir"]).expanduser().is_dir():
             raise ConfigError(f"{where}.data.{split_name}.data_dir: folder {split['data_dir']!r} does not exist")
@@ -200,6 +247,7 @@ def load_config(path: str | os.PathLike, *, check_data: bool = True) -> dict[str
         if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise ConfigError(f"{where}.layers: each layer is a block index or 'last', got {layer!r}")
     _check_hooks(config, where)
+    _check_run_values(config, where)
     for key in ("models", "scorers"):
         may_be_empty = key == "models" and "steering" in config  # a steering-only config trains no grid
         if not (config[key] or may_be_empty) or not all(isinstance(m, str) for m in config[key]):

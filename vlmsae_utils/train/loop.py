@@ -21,6 +21,7 @@ from ..train_config import (
     resolve_decay_start,
 )
 from .batches import (
+    _available_ram,
     _check_finite,
     _data_dim,
     _TrainingStream,
@@ -33,6 +34,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "RUN_ONLY_SETTINGS",
     "TRAINER_VERSION",
+    "check_sae_fits",
     "checkpoint_settings",
     "make_config",
     "train_sae",
@@ -134,6 +136,7 @@ def train_sae(
     dev = resolve_device(device)
     d = _check_data(data, val_data)
     dict_size, group_sizes = cfg.sizes(d)
+    check_sae_fits(d, dict_size, dev)
     res = _resolve(cfg, dict_size, dev)
     stream = _TrainingStream(
         data, cfg.batch_size, cfg.seed, dev, cfg.data_on_device, cfg.memory_fraction, order=cfg.batch_order
@@ -159,6 +162,22 @@ def train_sae(
     frame.attrs["training"] = run_cfg  # every resolved setting, for the SAE's config.json (train_grid)
     frame.attrs.update(device=str(dev), data_on_device=stream.resident)
     return state.sae, frame
+
+
+#: Copies of the weights a training step holds: W_enc and W_dec, their gradients, two Adam moments each.
+_WEIGHT_COPIES = 8
+
+
+def check_sae_fits(d: int, dict_size: int, dev: torch.device) -> None:
+    """Refuse, before allocating, an SAE whose weights, gradients and Adam state exceed the free memory
+    of ``dev`` (a mistyped expansion of 10⁹ would otherwise fail deep in the allocator)."""
+    needed = _WEIGHT_COPIES * d * dict_size * 4
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else _available_ram()
+    if needed > free:
+        raise ValueError(
+            f"an SAE of {dict_size:,} latents on {d}-d activations needs about {needed / 2**30:.1f} GiB for its "
+            f"weights, gradients and Adam state; {dev} has {free / 2**30:.1f} GiB free: lower the expansion"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
