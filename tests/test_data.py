@@ -148,3 +148,7 @@ def test_symlinked_class_folders_are_read_and_link_loops_walked_once(tmp_path, c
     dataset = ImageFolderDataset(tmp_path / "data", "train")
     assert dataset.image_ids == ["train/cats/a.png", "train/dogs/b.png"]
     assert "links back to" in caplog.text
+    assert "outside it" not in caplog.text  # a linked class folder is how a set is assembled: no warning
+    (root / "dogs" / "c.png").symlink_to(elsewhere / "a.png")  # one image file linked from outside the root
+    assert ImageFolderDataset(tmp_path / "data", "train").image_ids[-1] == "train/dogs/c.png"
+    assert "1 image file(s) under" in caplog.text and "train/dogs/c.png ->" in caplog.text

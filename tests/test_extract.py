@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from vlmsae_utils import data, encoders, extract, hooks, store, store_format
+from vlmsae_utils import data, encoders, extract, hooks, scoring, store, store_format
 
 
 @pytest.fixture(scope="module")
@@ -447,3 +448,41 @@ def test_a_sweep_redoes_an_extraction_whose_images_changed_and_every_stage_after
     shutil.copy(pictures[1], pictures[1].with_name("zz_added.png"))
     assert "1 images added" in sweep.stale_images(runs[0], tmp_path / "sweep")
     assert statuses() == ["ran", "ran"] and statuses() == ["done earlier", "done earlier"]
+
+
+def test_a_copied_data_home_keeps_its_stores(clip, small_set, tmp_path, monkeypatch):
+    """Issue 32: a data home copied to another machine refused every default store ("differs in:
+    data_root"). Roots inside the home are recorded as $VLMSAE_HOME/…; older stores that recorded the
+    absolute root are accepted when that root is the only difference."""
+    from vlmsae_utils.store_format import manifest_digest
+
+    first, second = tmp_path / "home-a", tmp_path / "home-b"
+    shutil.copytree(small_set.root, first / "imgs")
+    monkeypatch.setenv("VLMSAE_HOME", str(first))
+    made = _extract(clip, data.ImageFolderDataset(first / "imgs", "train"), first / "store")
+    assert made.params["data_root"] == "$VLMSAE_HOME/imgs"
+    assert scoring.store_image_loader(made)(0).size == Image.open(first / "imgs" / made.image_ids[0]).size
+
+    def legacy(home):  # as a store written before: the absolute root of the home it was made in
+        plan = json.loads((home / "store" / "plan.json").read_text())
+        plan["params"]["data_root"] = str(first / "imgs")
+        fingerprint = store.StorePlan(**{k: plan[k] for k in store.StorePlan.__dataclass_fields__}).fingerprint()
+        for name in ("plan.json", "manifest.json"):
+            record = json.loads((home / "store" / name).read_text())
+            record["params"]["data_root"], record["fingerprint"] = str(first / "imgs"), fingerprint
+            if name == "manifest.json":
+                record["manifest_sha256"] = manifest_digest(record)
+            (home / "store" / name).write_text(json.dumps(record))
+
+    for old_style in (False, True):
+        shutil.rmtree(second, ignore_errors=True)
+        if old_style:
+            legacy(first)
+        shutil.copytree(first, second)  # mtimes kept, as cp -a or rsync -a keep them
+        monkeypatch.setenv("VLMSAE_HOME", str(second))
+        again = _extract(clip, data.ImageFolderDataset(second / "imgs", "train"), second / "store")
+        assert torch.equal(again.to_tensor(), made.to_tensor())
+        assert again.manifest["content_hash"] == made.manifest["content_hash"]
+    monkeypatch.setenv("VLMSAE_HOME", str(first))
+    with pytest.raises(store.StoreError, match="differs in: data_root"):  # another folder: still refused
+        _extract(clip, data.ImageFolderDataset(second / "imgs", "train"), first / "store")

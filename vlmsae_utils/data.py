@@ -239,7 +239,23 @@ def _scan(base: Path, root: Path) -> list[ImageRecord]:
             if is_image_file(path):
                 records.append(ImageRecord(path, path.relative_to(root).as_posix(), class_name))
     records.sort(key=lambda r: r.image_id)
+    _report_outside_links(records, root)
     return records
+
+
+def _report_outside_links(records: list[ImageRecord], root: Path) -> None:
+    """Image files that are links to files outside the data root are read (shared copies of a data set
+    are often assembled that way), but never silently: one warning counts them and names the first."""
+    real_root = root.resolve()
+    outside = [r for r in records if r.path.is_symlink() and not r.path.resolve().is_relative_to(real_root)]
+    if outside:
+        log.warning(
+            "%d image file(s) under %s link to files outside it (e.g. %s -> %s); they are read as images of this set",
+            len(outside),
+            root,
+            outside[0].image_id,
+            outside[0].path.resolve(),
+        )
 
 
 def images_by_class(dataset: ImageFolderDataset, per_class: int) -> dict[str, list[Image.Image]]:

@@ -25,6 +25,7 @@ from . import hooks
 from .data import ImageFolderDataset, exif_transpose_enabled, load_batch
 from .device import resolve_device, resolve_model_dtype
 from .io import check_writable
+from .paths import portable_path
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
 
 __all__ = [
@@ -208,7 +209,7 @@ def _plan(
         "random_k": random_k if tokens == "random_k" else None,
         "seed": seed,
         "batch_size": batch_size,
-        "data_root": str(dataset.root.resolve()),
+        "data_root": portable_path(dataset.root),  # a data home moved or copied keeps its stores
         "split": dataset.split,
     }
     if encoder.preprocessing:  # the image-processor backend changes the pixels a transformers model sees

@@ -9,8 +9,12 @@ import unicodedata
 from pathlib import Path
 
 __all__ = [
+    "HOME_TOKEN",
     "data_home",
+    "expand_home",
+    "moved_home_path",
     "outputs_root",
+    "portable_path",
     "repo_root",
     "resolve_out_dir",
     "results_root",
@@ -21,6 +25,33 @@ __all__ = [
 def data_home() -> Path:
     """Data home of the fixtures: ``$VLMSAE_HOME`` or ``~/.cache/vlmsae``."""
     return Path(os.environ.get("VLMSAE_HOME", Path.home() / ".cache" / "vlmsae")).expanduser()
+
+
+#: How a recorded path inside the data home names it, so the record survives a moved or copied home.
+HOME_TOKEN = "$VLMSAE_HOME"
+
+
+def portable_path(path: Path) -> str:
+    """``path`` as a record keeps it: inside the data home as ``$VLMSAE_HOME/<relative>`` (valid after
+    the home is moved or copied to another machine), anywhere else as the absolute path."""
+    home, path = data_home().resolve(), path.resolve()
+    return f"{HOME_TOKEN}/{path.relative_to(home).as_posix()}" if path.is_relative_to(home) else str(path)
+
+
+def expand_home(recorded: str) -> Path:
+    """The folder a recorded path names here (``$VLMSAE_HOME/…`` under this machine's data home)."""
+    if recorded == HOME_TOKEN or recorded.startswith(HOME_TOKEN + "/"):
+        return data_home() / recorded[len(HOME_TOKEN) :].lstrip("/")
+    return Path(recorded)
+
+
+def moved_home_path(recorded: str, portable: str) -> bool:
+    """Whether an absolute path recorded before data-home paths were portable names the same place as
+    ``portable`` (``$VLMSAE_HOME/<relative>``) in a home that has since moved: same trailing folders."""
+    if not portable.startswith(HOME_TOKEN + "/") or not Path(recorded).is_absolute():
+        return False
+    tail = Path(portable[len(HOME_TOKEN) + 1 :]).parts
+    return Path(recorded).parts[-len(tail) :] == tail
 
 
 def repo_root() -> Path | None:

@@ -22,7 +22,7 @@ from .device import resolve_device
 from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, summarize_ms
 from .neuron_pass import scan_neurons
-from .paths import safe_stem
+from .paths import expand_home, safe_stem
 from .sae.provenance import check_provenance
 from .store import ActivationStore
 
@@ -155,7 +155,7 @@ def neurons_at_levels(report: NeuronReport, quantiles: Sequence[float] = (1.0, 0
 
 def store_image_loader(store: ActivationStore) -> Callable[[int], Image.Image]:
     """Image ``i`` of a store (its position in ``store.image_ids``), read from the data root it was made from."""
-    root = Path(store.params["data_root"])
+    root = expand_home(store.params["data_root"])
     ids = store.image_ids
 
     def load(index: int) -> Image.Image:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .io import read_json, sha256_file, sha256_json
+from .paths import moved_home_path
 
 __all__ = [
     "DTYPES",
@@ -153,10 +154,21 @@ def load_shard(file: Path) -> np.ndarray:
         raise StoreError(f"shard {file} is truncated or unreadable ({err})") from None
 
 
+def _same_store_in_a_moved_home(old: dict[str, Any], plan: StorePlan) -> bool:
+    """A store recorded with the absolute data root of a data home that has since moved or been
+    copied (before roots were recorded as ``$VLMSAE_HOME/…``) is the same store when that root is
+    the only difference: its shards' file stamps still decide what is read again."""
+    recorded, now = old.get("params", {}).get("data_root"), plan.params.get("data_root")
+    if not isinstance(recorded, str) or not isinstance(now, str) or not moved_home_path(recorded, now):
+        return False
+    as_recorded = StorePlan(**{**plan.__dict__, "params": {**plan.params, "data_root": recorded}})
+    return bool(old.get("fingerprint") == as_recorded.fingerprint())
+
+
 def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
     """Refuse to write into a folder that holds a store made with other parameters."""
     old = read_json(existing)
-    if old.get("fingerprint") == plan.fingerprint():
+    if old.get("fingerprint") == plan.fingerprint() or _same_store_in_a_moved_home(old, plan):
         return
     new = plan.to_json()
     changed = sorted(
@@ -172,7 +184,8 @@ def _refuse_if_different(existing: Path, plan: StorePlan) -> None:
 def _as_storage(rows: np.ndarray, dtype: type, what: str) -> np.ndarray:
     """``rows`` in the storage dtype; values finite before but not after (beyond float16's ±65,504)
     are an error, never stored as inf."""
-    stored: np.ndarray = np.ascontiguousarray(rows, dtype=dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the shard
+        stored: np.ndarray = np.ascontiguousarray(rows, dtype=dtype)
     if stored.dtype != rows.dtype and not np.isfinite(stored).all():
         overflow = np.isfinite(rows) & ~np.isfinite(stored)
         if overflow.any():
