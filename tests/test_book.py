@@ -121,8 +121,12 @@ def test_assemble_never_deletes_a_folder_it_did_not_make(tmp_path):
         book.assemble(runs, keep, "t")
     assert (keep / "thesis.tex").is_file() and executed.is_file()
     first = book.assemble(runs, tmp_path / "book", "t")
+    (first / "CNAME").write_text("book.example.org\n")  # added by the user for their site: kept
+    (first / "chapters" / "stale.ipynb").write_text("{}")  # an earlier assembly's chapter: gone
     assert book.assemble(runs, first, "again") == first  # its own earlier book is replaced
-    assert "again" in (first / "intro.md").read_text()
+    assert "again" in (first / "intro.md").read_text() and (first / "CNAME").read_text() == "book.example.org\n"
+    assert sorted(p.name for p in (first / "chapters").iterdir()) == ["01_extract.ipynb"]
+    assert book.main(["--from-dir", str(tmp_path / "runs"), "--out", str(keep)]) == 1  # one line, no traceback
 
 
 def test_scrub_reaches_papermill_metadata_and_pages_show_placeholders(tmp_path, monkeypatch):
@@ -130,10 +134,12 @@ def test_scrub_reaches_papermill_metadata_and_pages_show_placeholders(tmp_path, 
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["papermill"] = {
         "parameters": {"out_dir": f"{tmp_path}/out/x"},
+        "input_path": "/tmp/tmpk2x9/01_extract.ipynb",  # papermill's temporary copy: no machine folder named
         "output_path": f"{tmp_path}/out/n",
     }
     nbformat.write(notebook, tmp_path / "n.ipynb")
-    assert str(tmp_path) not in (book.scrub_notebook(tmp_path / "n.ipynb")).read_text()
+    scrubbed = (book.scrub_notebook(tmp_path / "n.ipynb")).read_text()
+    assert str(tmp_path) not in scrubbed and "tmpk2x9" not in scrubbed
     run = book.ExecutedRun("01", "extract/a", tmp_path / "n.ipynb", "ran", {"out_dir": f"{tmp_path}/out/x"})
     page = book._runs_page([run])
     assert "`out_dir=<outputs>/x`" in page  # a code span: MyST would read a bare <outputs> as an HTML tag

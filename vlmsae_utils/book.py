@@ -227,6 +227,11 @@ def scrub_notebook(path: Path) -> Path:
     folder (images untouched); returns the path."""
     notebook = nbformat.read(path, as_version=4)
     paths = machine_paths()
+    papermill = notebook.metadata.get("papermill")
+    if isinstance(papermill, dict):  # its temporary input and the output path say nothing to a reader
+        for key in ("input_path", "output_path"):
+            if papermill.get(key):
+                papermill[key] = Path(str(papermill[key])).name
     notebook.metadata = nbformat.from_dict(_scrub_value(dict(notebook.metadata), paths))  # papermill's paths
     for cell in notebook.cells:
         cell.source = scrub_text(cell.source, paths)
@@ -397,7 +402,9 @@ def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | Non
     notebooks as chapters (`build` scrubs them), a front page and a runs page; returns ``target``."""
     chosen = representatives(runs)
     _clear_book_folder(target, runs)
-    shutil.copytree(book_dir(), target, ignore=shutil.ignore_patterns("_build", "chapters", "intro.md", "_toc.yml"))
+    shutil.copytree(
+        book_dir(), target, ignore=shutil.ignore_patterns(*_ASSEMBLED, "_build", "chapters"), dirs_exist_ok=True
+    )
     (target / "chapters").mkdir()
     for run in chosen:
         shutil.copy2(run.executed, target / "chapters" / run.executed.name)
@@ -413,17 +420,29 @@ def assemble(runs: list[ExecutedRun], target: Path, title: str, root: Path | Non
     return target
 
 
+#: What assembling writes at the top of a book folder besides the book's own files (``book/``).
+_ASSEMBLED = ("intro.md", "runs.md", "_toc.yml", BOOK_MARKER)
+
+
 def _clear_book_folder(target: Path, runs: list[ExecutedRun]) -> None:
-    """Remove an earlier assembled book at ``target``; refuse any other existing folder, and any
+    """Remove what an earlier assembly wrote at ``target`` (the book's files, chapters, build) and
+    keep what a user added there (a ``CNAME``, notes); refuse any other existing folder, and any
     target that holds this book's sources or an executed run (``--out`` must not eat its input)."""
     target = Path(target).resolve()
     protected = [book_dir().resolve(), *(r.executed.resolve().parent for r in runs)]
     if any(p == target or target in p.parents for p in protected):
         raise ValueError(f"--out {target} holds the book's sources or an executed run; choose an empty folder")
-    if target.exists():
-        if not (target / BOOK_MARKER).is_file() and any(target.iterdir()):
-            raise ValueError(f"--out {target} exists and is not a book assembled here; choose an empty folder")
-        shutil.rmtree(target)
+    if not target.exists():
+        return
+    if not (target / BOOK_MARKER).is_file() and any(target.iterdir()):
+        raise ValueError(f"--out {target} exists and is not a book assembled here; choose an empty folder")
+    ours = {*_ASSEMBLED, "_build", "chapters", *(p.name for p in book_dir().iterdir())}
+    for name in ours:
+        entry = target / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
 
 
 def build_from_sweep(name: str, target: Path | None = None) -> Path:
@@ -472,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             out = build()
         if args.publish:
             publish(out)
-    except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"book: {out / 'index.html'}")
