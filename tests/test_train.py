@@ -663,6 +663,8 @@ def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
     train_sae(first, stop_after=10, **kwargs)
     with pytest.raises(ValueError, match=r"different settings.*'data'"):
         train_sae(other, **kwargs)
+    with pytest.raises(ValueError, match=r"different settings.*'val_data'"):  # its history evaluated other rows
+        train_sae(first, val_data=other[:64], **kwargs)
     sae, _ = train_sae(first, **kwargs)  # the same data resumes
     assert sae.dict_size == 32
     checkpoint = next(tmp_path.glob("*.pt"))  # truncated (a full disk, a copy cut short): named, no traceback

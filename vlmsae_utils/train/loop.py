@@ -149,6 +149,8 @@ def train_sae(
         "group_sizes": group_sizes,
         "trainer_version": TRAINER_VERSION,
         "data": data_fingerprint(data),
+        # the history's validation columns come from this data: a checkpoint of other val data is not reused
+        "val_data": data_fingerprint(val_data) if val_data is not None else None,
     }
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if ckpt_path is not None and resume and ckpt_path.is_file():
@@ -266,8 +268,9 @@ class _State:
             raise ValueError(
                 f"checkpoint {path} is not a checkpoint of this trainer; delete it to train from the start"
             )
-        if ck["config"] != run_cfg:
-            diff = {kk: (ck["config"].get(kk), v) for kk, v in run_cfg.items() if ck["config"].get(kk) != v}
+        recorded = {"val_data": run_cfg.get("val_data")} | ck["config"]  # written before val data was recorded
+        if recorded != run_cfg:
+            diff = {kk: (recorded.get(kk), v) for kk, v in run_cfg.items() if recorded.get(kk) != v}
             raise ValueError(f"checkpoint {path} was written with different settings (checkpoint, now): {diff}")
         self.sae.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["opt"])
