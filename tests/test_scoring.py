@@ -94,3 +94,22 @@ def test_uniqueness_counts_overlaps_of_the_top_images_of_the_given_store(tmp_pat
     assert (row["kept"], row["pairs"], row["J > 0"], row["J > 0.5"], row["J > 0.8"]) == (3, 3, 3, 1, 1)
     unnamed = write_rows(tmp_path / "nested", rows, ["a", "a", "b", "b"], params={"made": "by hand"})
     assert list(scoring.top_images_of(unnamed, {}, top_k=2, device="cpu")) == ["raw nested"]  # no encoder key
+
+
+def test_score_all_streams_the_raw_neurons_from_the_store(tmp_path):
+    """Issue 32: score_all read both stores whole into memory. The raw neurons now stream from the
+    store's shards, with the same MS and top images as the in-memory tensor, and a neuron's values
+    are read back per neuron from the shards."""
+    from vlmsae_utils.store import write_rows
+
+    rng = np.random.default_rng(3)
+    rows = np.maximum(rng.standard_normal((40, 6)), 0).astype(np.float32)
+    embeddings = rng.standard_normal((40, 5)).astype(np.float32)
+    classes = [f"c{i % 4}" for i in range(40)]
+    acts = write_rows(tmp_path / "acts", rows, classes, params={"encoder": "hand"}, shard_images=16)
+    embs = write_rows(tmp_path / "embs", embeddings, classes, params={"encoder": "judge"}, shard_images=16)
+    streamed = scoring.score_all(acts, embs, {}, top_k=3, device="cpu")[0]
+    in_memory = scoring.score_neurons("raw hand", torch.from_numpy(rows), torch.from_numpy(embeddings), 3, "cpu")
+    torch.testing.assert_close(streamed.ms, in_memory.ms, rtol=0, atol=1e-12, equal_nan=True)
+    assert torch.equal(streamed.top.indices, in_memory.top.indices)
+    assert np.array_equal(streamed.values(4), rows[:, 4])

@@ -58,7 +58,7 @@ class NeuronReport:
     name: str
     ms: torch.Tensor  # [K] float64, NaN = dead
     top: TopK
-    activations: Any  # torch.Tensor [N, K] or SparseCodes
+    activations: Any  # torch.Tensor [N, K], SparseCodes or an ActivationStore (read per neuron from its shards)
 
     @property
     def num_neurons(self) -> int:
@@ -75,6 +75,8 @@ class NeuronReport:
             rows = self.activations.row_ids().numpy()[hit]
             out[rows] = self.activations.values.numpy()[hit]
             return out
+        if isinstance(self.activations, ActivationStore):
+            return np.concatenate([np.asarray(a[:, neuron], dtype=np.float32) for a in self.activations.arrays()])
         return np.asarray(self.activations[:, neuron], dtype=np.float32)
 
 
@@ -207,7 +209,8 @@ def score_all(
     check_aligned(activations, embeddings)
     dev = resolve_device(device)
     target = embeddings.to_tensor()
-    reports = [score_neurons(raw_name(activations), activations.to_tensor(), target, top_k, dev)]
+    # the raw neurons stream from the store's shards (one read), never loaded whole beside the embeddings
+    reports = [score_neurons(raw_name(activations), activations, target, top_k, dev)]
     for name, sae in saes.items():
         reports.append(score_neurons(name, sae_codes(sae, activations, device=dev), target, top_k, dev))
     return reports
@@ -223,7 +226,7 @@ def top_images_of(
     ``activations`` (per image), named as :func:`score_all` names them: the authors count the
     uniqueness of top images on the train split, not on the images MS is scored on."""
     dev = resolve_device(device)
-    tops = {raw_name(activations): top_k_images(activations.to_tensor(), top_k, device=dev).indices}
+    tops = {raw_name(activations): top_k_images(activations, top_k, device=dev).indices}
     for name, sae in saes.items():
         tops[name] = top_k_images(sae_codes(sae, activations, device=dev), top_k, device=dev).indices
     return tops
