@@ -117,6 +117,7 @@ def test_a_release_checkpoint_gets_its_folder_names_provenance(tmp_path):
         "encoder": "openai/clip-vit-large-patch14-336",
         "hook": "post_mlp_residual",
         "layer": 22,
+        "tokens": "cls",
         "source": "release folder name",
     }
     hub_store = _store(tmp_path / "hub", "openai/clip-vit-large-patch14-336", 22)
@@ -125,3 +126,80 @@ def test_a_release_checkpoint_gets_its_folder_names_provenance(tmp_path):
     with pytest.raises(ProvenanceError, match=re.escape("layer 22 (SAE) vs 11")):
         sae_codes(sae, local, device="cpu")
     assert provenance_from_path(tmp_path / "ae.pt") is None
+
+
+def _release_checkpoint(root, entry, step, group_sizes=(4, 12)):
+    """A dictionary_learning Matryoshka / BatchTopK state dict at the entry's place in a snapshot."""
+    file = root / entry.checkpoint(step)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(step or 0)
+    if entry.sae == "matryoshka":
+        state = {"W_enc": torch.randn(D, 16, generator=g), "b_enc": torch.zeros(16), "W_dec": torch.randn(16, D)}
+        state |= {"b_dec": torch.zeros(D), "k": torch.tensor(2), "threshold": torch.tensor(0.1)}
+        state["group_sizes"] = torch.tensor(list(group_sizes))
+    else:
+        state = {"encoder.weight": torch.randn(16, D, generator=g), "encoder.bias": torch.zeros(16)}
+        state |= {"decoder.weight": torch.randn(D, 16), "b_dec": torch.zeros(D), "k": torch.tensor(2)}
+        state["threshold"] = torch.tensor(0.1)
+    torch.save(state, file)
+    return file
+
+
+def test_released_saes_load_by_name_from_a_snapshot_with_their_provenance(tmp_path, monkeypatch):
+    from vlmsae_utils.defaults import saes_or_default
+    from vlmsae_utils.sae.release import RELEASED, load_released, parse_released, released_table
+
+    table = released_table()
+    assert len(table) == 2 * 5 * 6 + 2 * 6 + 2 and table["path"].is_unique  # CLIP-L 5 layers, SigLIP last, +2
+    steering = RELEASED["clip-vit-large-patch14-336/22/matryoshka/x64/random_k"]
+    assert steering.checkpoint() == (
+        "matroyshka_batch_top_k_20_x64/random_k_2/imagenet_train_activations_clip-vit-large-patch14-336_22_"
+        "post_mlp_residual_matroyshka_batch_top_k_20_x64/trainer_0/checkpoints/ae_100000.pt"
+    )
+    last = RELEASED["clip-vit-large-patch14-336/last/batch_top_k/x16"]
+    for step in (100_000, 20_000):
+        _release_checkpoint(tmp_path, steering, step)
+    _release_checkpoint(tmp_path, last, 100_000)
+    sae = load_released(layer=22, expansion=64, tokens="random_k", snapshot=tmp_path)
+    assert sae.provenance["layer"] == 22 and sae.provenance["tokens"] == "random_k"
+    assert sae.provenance["release"] == steering.name and sae.group_sizes == [4, 12]
+    early = load_released(layer=22, expansion=64, tokens="random_k", step=20_000, snapshot=tmp_path)
+    assert not torch.equal(early.W_enc, sae.W_enc)  # step chooses among the ae_*.pt files
+    monkeypatch.setenv("VLMSAE_RELEASE_DIR", str(tmp_path))
+    saes = saes_or_default([f"released:{steering.name}", f"released:{last.name}"])  # both are ae_100000.pt
+    assert list(saes) == [steering.name, last.name]
+    assert saes[last.name].provenance == {
+        "encoder": "openai/clip-vit-large-patch14-336",
+        "hook": "post_projection",
+        "layer": None,
+        "tokens": "cls",
+        "source": "release folder name",
+        "release": last.name,
+    }
+    with pytest.raises(
+        ValueError, match=re.escape("not a released SAE; nearest: ['clip-vit-large-patch14-336/22/matryoshka/x1',")
+    ):
+        parse_released("released:clip-vit-large-patch14-336/22/matryoshka/x17")
+    with pytest.raises(FileNotFoundError, match="is not in the release snapshot"):
+        load_released(layer=11, snapshot=tmp_path)
+
+
+def test_a_trainer_folder_loads_the_step_asked_for(tmp_path):
+    from vlmsae_utils.sae import sae_name
+    from vlmsae_utils.sae.release import RELEASED
+
+    entry = RELEASED["clip-vit-large-patch14-336/11/matryoshka/x4"]
+    for step in (20_000, 100_000):
+        file = _release_checkpoint(tmp_path, entry, step)
+    trainer = file.parent.parent
+    assert torch.equal(load_sae(trainer, step=100_000).W_enc, load_sae(file).W_enc)
+    with pytest.raises(FileNotFoundError, match=re.escape("give step= (the paper's scripts read ae_100000.pt)")):
+        load_sae(trainer / "checkpoints")  # several ae_*.pt and no ae.pt
+    with pytest.raises(
+        FileNotFoundError, match=re.escape("no ae_5.pt (checkpoints there: ['ae_100000.pt', 'ae_20000.pt'])")
+    ):
+        load_sae(trainer, step=5)
+    assert (
+        sae_name(file) == trainer.parent.name
+        and sae_name(tmp_path / "runs" / "batch_top_k_x4_k8") == "batch_top_k_x4_k8"
+    )

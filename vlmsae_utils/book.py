@@ -25,6 +25,7 @@ import nbformat
 import pandas as pd
 import yaml
 
+from .io import remove_entry
 from .paths import data_home, outputs_root, repo_root, results_root
 
 __all__ = [
@@ -436,13 +437,8 @@ def _clear_book_folder(target: Path, runs: list[ExecutedRun]) -> None:
         return
     if not (target / BOOK_MARKER).is_file() and any(target.iterdir()):
         raise ValueError(f"--out {target} exists and is not a book assembled here; choose an empty folder")
-    ours = {*_ASSEMBLED, "_build", "chapters", *(p.name for p in book_dir().iterdir())}
-    for name in ours:
-        entry = target / name
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
+    for name in {*_ASSEMBLED, "_build", "chapters", *(p.name for p in book_dir().iterdir())}:
+        remove_entry(target / name)
 
 
 def build_from_sweep(name: str, target: Path | None = None) -> Path:

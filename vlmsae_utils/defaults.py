@@ -134,17 +134,26 @@ def default_sae(
 
 
 def open_sae(path: str | os.PathLike):
-    """An SAE given as a notebook parameter (relative paths live under the outputs root)."""
+    """An SAE given as a notebook parameter: a folder or checkpoint (relative paths live under the
+    outputs root), or a released SAE by name (``released:<model>/<layer>/<sae>/x<ε>[@<step>]``)."""
     from .sae import load_sae
+    from .sae.release import RELEASE_PREFIX, load_released, parse_released
 
+    if str(path).startswith(RELEASE_PREFIX):
+        entry, step = parse_released(str(path))
+        return load_released(
+            entry.model, entry.layer, entry.sae, entry.expansion, tokens=entry.tokens, data=entry.data, step=step
+        ).eval()
     return load_sae(resolve_out_dir(path)).eval()
 
 
 def saes_or_default(paths: list[str]) -> dict:
     """SAEs named by folder (keyed by folder name), or, when ``paths`` is empty, a BatchTopK and a
     Matryoshka SAE (ε = 4) trained on the fixture, as chapter 3 compares them."""
+    from .sae import sae_name
+
     if paths:
-        names = [Path(p).name for p in paths]
+        names = [sae_name(p) for p in paths]  # run folders: released checkpoints are all ae_100000.pt
         if len(set(names)) < len(names):
             raise ValueError(f"SAE folders must have distinct names (they label the tables), got {names}")
         return {name: open_sae(p) for name, p in zip(names, paths)}

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ __all__ = [
     "library_versions",
     "read_json",
     "read_yaml",
+    "remove_entry",
     "sha256_file",
     "sha256_json",
 ]
@@ -114,6 +116,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable object in canonical form."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def remove_entry(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree; nothing when it is absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 from . import kernels
 from .data import ImageFolderDataset
 from .hierarchy import LEVELS_FILE
-from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
+from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, remove_entry, sha256_json
 from .paths import outputs_root, results_root
 from .sae.base import WEIGHTS_FILE
 from .scoring import MS_SUMMARY_FILE
@@ -307,12 +306,8 @@ def start_run(run: Run, root: Path) -> None:
     if any(value != fingerprint for value in recorded) or _image_list_changed(run, root):
         log.warning("%s was made with other parameters, inputs or images: clearing it to run again", run.id)
         for child in folder.iterdir():
-            if child.name in KEPT_ON_REDO:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+            if child.name not in KEPT_ON_REDO:
+                remove_entry(child)
     atomic_write_json(folder / STARTED_FILE, {"fingerprint": fingerprint})
 
 

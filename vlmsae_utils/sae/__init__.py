@@ -30,7 +30,7 @@ from .base import (
     random_directions,
     topk_mask,
 )
-from .io import load_sae, save_sae
+from .io import load_sae, sae_name, save_sae
 from .provenance import ProvenanceError, check_provenance, provenance_from_path, store_provenance
 from .registry import (
     SAE_CLASSES,
@@ -70,6 +70,7 @@ __all__ = [
     "random_directions",
     "register_sae",
     "sae_class",
+    "sae_name",
     "save_sae",
     "store_provenance",
     "topk_mask",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .registry import _DL_DICT_CLASS_TO_TYPE, SAE_TYPES, make_sae, sae_class
 
 __all__ = [
     "load_sae",
+    "sae_name",
     "save_sae",
 ]
 
@@ -220,24 +222,55 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
     return sae
 
 
-def load_sae(path: str | os.PathLike) -> BaseSAE:
-    """Load an SAE from our folder format or a dictionary_learning ``ae.pt`` (file or its folder)."""
+def _dictionary_learning_file(folder: Path, step: int | None) -> Path:
+    """The checkpoint of a dictionary_learning folder (``trainer_0/``, its ``checkpoints/``, or any
+    folder of ``ae*.pt``): ``ae_<step>.pt`` when ``step`` is given, else ``ae.pt`` (the last step),
+    else its only ``.pt``; several candidates are refused, naming the steps to choose from."""
+    places = [folder, folder / "checkpoints"]
+    if step is not None:
+        for place in places:
+            if (place / f"ae_{step}.pt").is_file():
+                return place / f"ae_{step}.pt"
+        found = sorted(p.name for place in places for p in place.glob("ae_*.pt"))
+        raise FileNotFoundError(f"{folder}: no ae_{step}.pt (checkpoints there: {found or 'none'})")
+    if (folder / "ae.pt").is_file():
+        return folder / "ae.pt"
+    pts = sorted(folder.glob("*.pt"))
+    if len(pts) == 1:
+        return pts[0]
+    steps = sorted(p.name for p in pts)
+    raise FileNotFoundError(
+        f"{folder}: contains neither {WEIGHTS_FILE} nor a single ae.pt (found .pt files: {steps}); "
+        "name the file, or give step= (the paper's scripts read ae_100000.pt)"
+    )
+
+
+def load_sae(path: str | os.PathLike, step: int | None = None) -> BaseSAE:
+    """Load an SAE from our folder format or a dictionary_learning checkpoint: an ``ae*.pt`` file, or
+    its folder (``trainer_0/``, ``checkpoints/``), where ``step`` picks ``ae_<step>.pt``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no SAE at {path}")
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return _load_ours(path)
-        pts = sorted(path.glob("*.pt"))
-        if (path / "ae.pt").is_file():
-            return _load_dictionary_learning(path / "ae.pt")
-        if len(pts) == 1:
-            return _load_dictionary_learning(pts[0])
-        raise FileNotFoundError(
-            f"{path}: contains neither {WEIGHTS_FILE} nor a single ae.pt (found .pt files: {[p.name for p in pts]})"
-        )
+        return _load_dictionary_learning(_dictionary_learning_file(path, step))
     if path.name == WEIGHTS_FILE:
         return _load_ours(path.parent)
     if path.suffix in (".pt", ".pth"):
         return _load_dictionary_learning(path)
     raise ValueError(f"{path}: unrecognised SAE file; expected a folder, {WEIGHTS_FILE} or a .pt file")
+
+
+def sae_name(path: str | os.PathLike) -> str:
+    """How tables and cards name an SAE given by path: its run folder, never its file name (every
+    released checkpoint is called ``ae_100000.pt``); a ``released:`` name stays as given."""
+    text = str(path)
+    if text.startswith("released:"):
+        return text.removeprefix("released:")
+    target = Path(text)
+    if target.suffix in (".pt", ".pth", ".safetensors"):
+        target = target.parent
+    while target.name == "checkpoints" or re.fullmatch(r"trainer_\d+", target.name):
+        target = target.parent
+    return target.name or text

@@ -28,7 +28,9 @@ __all__ = [
 MATCHED_KEYS = ("encoder", "hook", "layer")
 
 #: The authors' release names its activation folders ``<data>_activations_<model>_<layer>_<hook>_<variant>``.
-_RELEASE_FOLDER = re.compile(r"_activations_(?P<model>.+?)_(?P<layer>\d+)_(?P<hook>post_mlp_residual)_")
+_RELEASE_FOLDER = re.compile(
+    r"_activations_(?P<model>.+?)_(?P<layer>-?\d+)_(?P<hook>post_mlp_residual|post_projection)_"
+)
 
 #: Hub organisations of the models the authors released SAEs for (their folder names drop them).
 _RELEASE_ORGS = {"clip-vit-large-patch14-336": "openai", "siglip-so400m-patch14-384": "google"}
@@ -51,17 +53,21 @@ def store_provenance(data: Any) -> dict[str, Any] | None:
 
 
 def provenance_from_path(path: str | Path) -> dict[str, Any] | None:
-    """Encoder, hook and block read from the authors' release folder names in ``path``, or ``None``
-    where no part of the path is named that way."""
-    for part in reversed(Path(path).parts):
+    """Encoder, hook, block and token mode read from the authors' release folder names in ``path``
+    (layer ``-1`` is their ``post_projection``, which has no block; a ``random_k_2`` folder holds
+    SAEs of 2 random patch tokens), or ``None`` where no part of the path is named that way."""
+    parts = Path(path).parts
+    for part in reversed(parts):
         match = _RELEASE_FOLDER.search(part)
         if match:
             model = match["model"]
             org = _RELEASE_ORGS.get(model)
+            per_block = match["hook"] == "post_mlp_residual"
             return {
                 "encoder": f"{org}/{model}" if org else model,
                 "hook": match["hook"],
-                "layer": int(match["layer"]),
+                "layer": int(match["layer"]) if per_block else None,
+                "tokens": "random_k" if "random_k_2" in parts else "cls",
                 "source": "release folder name",
             }
     return None
