@@ -30,6 +30,7 @@ from .base import (
     random_directions,
     topk_mask,
 )
+from .interop import export_saelens, export_saev
 from .io import load_sae, sae_name, save_sae
 from .provenance import ProvenanceError, check_provenance, provenance_from_path, store_provenance
 from .registry import (
@@ -64,6 +65,8 @@ __all__ = [
     "batch_topk_indices",
     "batch_topk_mask",
     "check_provenance",
+    "export_saelens",
+    "export_saev",
     "load_sae",
     "make_sae",
     "provenance_from_path",

@@ -246,19 +246,24 @@ def _dictionary_learning_file(folder: Path, step: int | None) -> Path:
 
 
 def load_sae(path: str | os.PathLike, step: int | None = None) -> BaseSAE:
-    """Load an SAE from our folder format or a dictionary_learning checkpoint: an ``ae*.pt`` file, or
-    its folder (``trainer_0/``, ``checkpoints/``), where ``step`` picks ``ae_<step>.pt``."""
+    """Load an SAE from our folder format, a SAELens folder, a saev ``sae.pt`` or a dictionary_learning
+    checkpoint: an ``ae*.pt`` file, or its folder (``trainer_0/``, ``checkpoints/``), where ``step``
+    picks ``ae_<step>.pt``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no SAE at {path}")
+    from .interop import SAELENS_CONFIG, is_saev_file, load_saelens, load_saev
+
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return _load_ours(path)
-        return _load_dictionary_learning(_dictionary_learning_file(path, step))
+        if (path / SAELENS_CONFIG).is_file():
+            return load_saelens(path)
+        path = _dictionary_learning_file(path, step)
     if path.name == WEIGHTS_FILE:
         return _load_ours(path.parent)
     if path.suffix in (".pt", ".pth"):
-        return _load_dictionary_learning(path)
+        return load_saev(path) if is_saev_file(path) else _load_dictionary_learning(path)
     raise ValueError(f"{path}: unrecognised SAE file; expected a folder, {WEIGHTS_FILE} or a .pt file")
 
 
