@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .base import BaseSAE
+from .build import build_sae, read_config
 from .registry import sae_class
 
 __all__ = [
@@ -117,12 +118,10 @@ def export_saelens(sae: BaseSAE, folder: str | os.PathLike, *, model_name: str |
 
 def _from_raw(sae_type: str, weights: Mapping[str, torch.Tensor], k, group_sizes, threshold: float) -> BaseSAE:
     """An SAE (input scale 1) from raw-unit weights, its shapes and values checked like our own files."""
-    from .io import _build
-
     d, w = weights["W_enc"].shape
     cfg = {"type": sae_type, "activation_dim": int(d), "dict_size": int(w), "k": k, "group_sizes": group_sizes}
     cfg |= {"threshold": threshold, "input_scale": 1.0}
-    return _build(cfg, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], Path("<import>"))
+    return build_sae(cfg, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], Path("<import>"))
 
 
 def _saelens_type(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], src: Path) -> tuple[str, Any, float]:
@@ -145,10 +144,8 @@ def load_saelens(folder: str | os.PathLike) -> BaseSAE:
     architecture. ``apply_b_dec_to_input=False`` is folded into ``b_enc``; normalised inputs are refused."""
     from safetensors.torch import load_file
 
-    from .io import _read_config
-
     folder = Path(folder)
-    cfg = _read_config(folder / SAELENS_CONFIG)
+    cfg = read_config(folder / SAELENS_CONFIG)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported")
     tensors = load_file(str(folder / SAELENS_WEIGHTS))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -15,8 +14,10 @@ import torch
 
 from ..io import atomic_write_bytes, sha256_file
 from .base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, BaseSAE
+from .build import build_sae, read_config
+from .interop import SAELENS_CONFIG, is_saev_file, load_saelens, load_saev
 from .provenance import provenance_from_path
-from .registry import _DL_DICT_CLASS_TO_TYPE, SAE_TYPES, make_sae, sae_class
+from .registry import _DL_DICT_CLASS_TO_TYPE, SAE_TYPES, sae_class
 
 __all__ = [
     "load_sae",
@@ -55,65 +56,6 @@ def save_sae(
     return path
 
 
-def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], src: Path) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{src}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-
-
-def _positive_int(cfg: dict, key: str, src: Path) -> int:
-    """``cfg[key]`` as a positive integer, or an error naming the file and key."""
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{src}: config key {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_config(cfg: dict, src: Path) -> tuple[int, int]:
-    """Activation width and dictionary size of a saved config, after checking every key a load
-    reads (k where the type needs it, a positive finite input scale, a finite threshold)."""
-    d, w = _positive_int(cfg, "activation_dim", src), _positive_int(cfg, "dict_size", src)
-    if sae_class(cfg["type"]).needs_k and not 1 <= _positive_int(cfg, "k", src) <= w:
-        raise ValueError(f"{src}: config key 'k' must be at most dict_size {w}, got {cfg['k']}")
-    scale = cfg.get("input_scale")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{src}: config key 'input_scale' must be a positive finite number, got {scale!r}")
-    threshold = cfg.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-        raise ValueError(f"{src}: config key 'threshold' must be a finite number, got {threshold!r}")
-    return d, w
-
-
-def _build(cfg: dict, W_enc, b_enc, W_dec, b_dec, src: Path) -> BaseSAE:
-    d, w = _check_config(cfg, src)
-    for name, t, shape in (
-        ("W_enc", W_enc, (d, w)),
-        ("b_enc", b_enc, (w,)),
-        ("W_dec", W_dec, (w, d)),
-        ("b_dec", b_dec, (d,)),
-    ):
-        _check_shape(name, t, shape, src)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{src}: tensor {name!r} holds NaN or infinite values")
-    sae = make_sae(cfg["type"], d, w, cfg.get("k"), cfg.get("group_sizes"))
-    with torch.no_grad():
-        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-            getattr(sae, name).copy_(t.float())
-        sae.threshold.fill_(float(cfg.get("threshold", -1.0) if cfg.get("threshold") is not None else -1.0))
-        sae.input_scale.fill_(float(cfg["input_scale"]) if cfg.get("input_scale") is not None else 1.0)
-    return sae.eval()
-
-
-def _read_config(cfg_path: Path) -> dict[str, Any]:
-    """A ``config.json`` as a dict, or an error naming the file (invalid JSON, or not an object)."""
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
 def _read_weights(weights: Path, cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of ``sae.safetensors``, after checking the file against the SHA-256 its config
     recorded (SAEs saved before digests were recorded are read as they are)."""
@@ -135,7 +77,7 @@ def _load_ours(folder: Path) -> BaseSAE:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: missing {CONFIG_FILE} next to {WEIGHTS_FILE}")
-    cfg = _read_config(cfg_path)
+    cfg = read_config(cfg_path)
     if cfg.get("type") not in SAE_TYPES:
         raise ValueError(
             f"{cfg_path}: unknown SAE type {cfg.get('type')!r}; valid: {', '.join(SAE_TYPES)} "
@@ -147,7 +89,7 @@ def _load_ours(folder: Path) -> BaseSAE:
         raise ValueError(
             f"{folder / WEIGHTS_FILE}: tensors {sorted(state)} do not match the expected {sorted(expected)}"
         )
-    sae = _build(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
+    sae = build_sae(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], folder / WEIGHTS_FILE)
     provenance = cfg.get("provenance")
     if provenance is not None and not isinstance(provenance, dict):
         raise ValueError(f"{cfg_path}: 'provenance' must be a JSON object, got {type(provenance).__name__}")
@@ -166,7 +108,7 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
     dl_cfg: dict[str, Any] = {}
     cfg_path = pt.parent / CONFIG_FILE
     if cfg_path.is_file():
-        raw = _read_config(cfg_path)
+        raw = read_config(cfg_path)
         trainer = raw.get("trainer", raw)
         dl_cfg = trainer if isinstance(trainer, dict) else {}
     keys = set(state)
@@ -217,7 +159,7 @@ def _load_dictionary_learning(pt: Path) -> BaseSAE:
         "threshold": float(state["threshold"]) if "threshold" in state else -1.0,
         "input_scale": 1.0,
     }
-    sae = _build(cfg, W_enc, b_enc, W_dec, b_dec, pt)
+    sae = build_sae(cfg, W_enc, b_enc, W_dec, b_dec, pt)
     sae.provenance = provenance_from_path(pt.resolve())
     return sae
 
@@ -252,8 +194,6 @@ def load_sae(path: str | os.PathLike, step: int | None = None) -> BaseSAE:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no SAE at {path}")
-    from .interop import SAELENS_CONFIG, is_saev_file, load_saelens, load_saev
-
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return _load_ours(path)
