@@ -110,7 +110,8 @@ def test_what_a_format_cannot_hold_is_refused_by_name(tmp_path):
         load_sae(folder)
 
 
-def test_sae_lens_itself_loads_our_export(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_sae_lens_itself_loads_our_export(tmp_path, kind):
     """Where the sae-lens package is installed (never a dependency), it reads our folder and
     encodes as we do; elsewhere the test is skipped with the reason logged."""
     try:
@@ -118,7 +119,8 @@ def test_sae_lens_itself_loads_our_export(tmp_path):
     except ImportError:
         log.warning("sae-lens is not installed: the check with SAELens itself is skipped")
         pytest.skip("sae-lens is not installed (pip install sae-lens to run this check)")
-    sae = _trained_like("batch_top_k")
+    sae = _trained_like(kind)
     theirs = SAE.load_from_disk(str(export_saelens(sae, tmp_path / "lens")), device="cpu")
     x = torch.randn(16, D) * 4
     torch.testing.assert_close(theirs.encode(x).detach(), sae.encode(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.decode(theirs.encode(x)).detach(), sae(x).detach(), atol=1e-5, rtol=1e-5)
