@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from vlmsae_utils import hooks
 from vlmsae_utils.encoders import activation_shapes, load_encoder, select_tokens
 
-HF_MODELS = ("clip", "siglip", "dinov2", "aimv2", "webssl")
+HF_MODELS = ("clip", "siglip", "dinov2", "aimv2", "webssl", "dinov3")
 ALL_MODELS = (*HF_MODELS, "open_clip")
 
 
@@ -85,12 +85,14 @@ def test_post_projection_is_the_models_own_embedding(encoders, pixels):
         siglip = encoders["siglip"].model(pixel_values=pixels["siglip"]).pooler_output
         aimv2 = encoders["aimv2"].model(pixel_values=pixels["aimv2"]).pooler_output
         webssl = encoders["webssl"].model(pixel_values=pixels["webssl"]).last_hidden_state[:, 0]
+        dinov3 = encoders["dinov3"].model(pixel_values=pixels["dinov3"]).pooler_output
         oc = encoders["open_clip"].model.encode_image(pixels["open_clip"])
     torch.testing.assert_close(encoders["clip"].embed_images(pixels["clip"]), clip)
     torch.testing.assert_close(encoders["dinov2"].embed_images(pixels["dinov2"]), dino)
     torch.testing.assert_close(encoders["siglip"].embed_images(pixels["siglip"]), siglip)
     torch.testing.assert_close(encoders["aimv2"].embed_images(pixels["aimv2"]), aimv2)
     torch.testing.assert_close(encoders["webssl"].embed_images(pixels["webssl"]), webssl)
+    torch.testing.assert_close(encoders["dinov3"].embed_images(pixels["dinov3"]), dinov3)
     torch.testing.assert_close(encoders["open_clip"].embed_images(pixels["open_clip"]), oc)
 
 
@@ -133,7 +135,22 @@ def test_families_are_read_from_the_config(encoders):
         "aimv2": "aimv2",
         "webssl": "vit",
         "open_clip": "open_clip",
+        "dinov3": "dinov3",
     }
+
+
+def test_dinov3_rows_cover_cls_registers_and_patches_and_siglip2_naflex_is_refused(encoders, pixels, tmp_path):
+    """DINOv3 (issue 30): 1 CLS + 4 registers + 4×4 patches per image; tokens='cls' is token 0.
+    SigLIP 2's NaFlex model type is refused with the FixRes checkpoints named instead."""
+    import json
+
+    enc = encoders["dinov3"]
+    full = enc.capture(pixels["dinov3"], "post_mlp_residual", 1)
+    assert full.shape[1] == 1 + 4 + (enc.model.config.image_size // enc.model.config.patch_size) ** 2
+    torch.testing.assert_close(enc.activations(pixels["dinov3"], "post_mlp_residual", 1, "cls"), full[:, 0])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    with pytest.raises(ValueError, match=r"SigLIP 2 NaFlex .* google/siglip2-so400m-patch14-384"):
+        load_encoder(tmp_path)
 
 
 def test_device_and_model_dtype_are_resolved_at_load(fixture):

@@ -17,6 +17,8 @@ EXPECTED = {
     "openai/clip-vit-base-patch32": (151.3, 12, 768, (224 // 32) ** 2 + 1),
     "apple/aimv2-large-patch14-224": (312.3, 24, 1024, (224 // 14) ** 2),
     "facebook/webssl-mae300m-full2b-224": (303.2, 24, 1024, (224 // 14) ** 2 + 1),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": (85.7, 12, 768, (224 // 16) ** 2 + 1 + 4),  # card: 86M
+    "google/siglip2-so400m-patch14-384": (428.2, 27, 1152, (384 // 14) ** 2),  # SigLIP's so400m tower
 }
 
 

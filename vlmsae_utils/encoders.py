@@ -60,6 +60,8 @@ KNOWN_HUB_MODELS = {
     "openai/clip-vit-large-patch14-336": "clip",
     "openai/clip-vit-base-patch32": "clip",
     "google/siglip-so400m-patch14-384": "siglip",
+    "google/siglip2-so400m-patch14-384": "siglip",  # SigLIP 2 FixRes: SigLIP's architecture (model type siglip)
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": "dinov3",
     "facebook/dinov2-base": "dinov2",
     "apple/aimv2-large-patch14-224": "aimv2",
     "facebook/webssl-mae300m-full2b-224": "vit",
@@ -167,13 +169,19 @@ def _hub_family(model_id: str) -> str:
     return _family_of(model_type, model_id)
 
 
+#: Model types refused with a pointer to what works instead.
+_UNSUPPORTED_HINTS = {
+    "siglip2": "SigLIP 2 NaFlex (variable resolution) is not supported; its FixRes checkpoints are, e.g. "
+    "google/siglip2-so400m-patch14-384 (model type siglip)",
+}
+_UNSUPPORTED_HINTS["siglip2_vision_model"] = _UNSUPPORTED_HINTS["siglip2"]
+
+
 def _family_of(model_type: str, where: str) -> str:
     """Encoder family of a transformers ``model_type``, or a clear error."""
     if model_type not in MODEL_TYPE_FAMILY:
-        raise ValueError(
-            f"{where}: model type {model_type!r} is not a supported vision encoder; "
-            f"supported types: {', '.join(sorted(MODEL_TYPE_FAMILY))}"
-        )
+        hint = _UNSUPPORTED_HINTS.get(model_type, f"supported types: {', '.join(sorted(MODEL_TYPE_FAMILY))}")
+        raise ValueError(f"{where}: model type {model_type!r} is not a supported vision encoder; {hint}")
     return MODEL_TYPE_FAMILY[model_type]
 
 
@@ -246,6 +254,21 @@ def _build_dinov2(source: str, preprocess: Callable) -> VisionEncoder:
     from transformers import Dinov2Model
 
     return pooled_by_first_token(Dinov2Model.from_pretrained(source), source, "dinov2", preprocess)
+
+
+@register_family("dinov3", ["dinov3_vit"])
+def _build_dinov3(source: str, preprocess: Callable) -> VisionEncoder:
+    """DINOv3 ViT: the CLS token, then register tokens, then patches (every token mode reads the whole
+    sequence, registers included, as for DINOv2); ``post_projection`` is the final norm at the CLS
+    token (its ``pooler_output``)."""
+    from transformers import DINOv3ViTModel
+
+    model = DINOv3ViTModel.from_pretrained(source)
+    width = model.config.hidden_size
+    blocks = transformer_blocks(model.model, source)
+    return VisionEncoder(
+        source, "dinov3", model, preprocess, blocks, model.norm, True, width, width, take_first_token_of_projection=True
+    )
 
 
 def transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:

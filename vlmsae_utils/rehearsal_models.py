@@ -104,6 +104,30 @@ def _dinov2_processor(path: Path) -> None:
     ).save_pretrained(path)
 
 
+def _dinov3_vitb16():
+    """DINOv3 ViT-B/16: 12 blocks, width 768, 4 register tokens, rotary positions."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    return DINOv3ViTModel(
+        DINOv3ViTConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            num_register_tokens=4,
+        )
+    )
+
+
+def _dinov3_processor(path: Path) -> None:
+    """Resize to 224 × 224, ImageNet mean/std."""
+    from transformers import DINOv3ViTImageProcessor
+
+    DINOv3ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(path)
+
+
 def _clip_b32():
     """CLIP ViT-B/32 with its text tower (the steering score's judge): projection 512."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
@@ -256,6 +280,9 @@ REHEARSAL_MODELS: dict[str, RehearsalSpec] = {
     ),
     "google/siglip-so400m-patch14-384": RehearsalSpec(_siglip_so400m, _siglip_processor),
     "facebook/dinov2-base": RehearsalSpec(_dinov2_base, _dinov2_processor),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": RehearsalSpec(_dinov3_vitb16, _dinov3_processor),
+    # SigLIP 2 FixRes so400m/14-384 has SigLIP's architecture (model type siglip), so its rehearsal is SigLIP's
+    "google/siglip2-so400m-patch14-384": RehearsalSpec(_siglip_so400m, _siglip_processor),
     "openai/clip-vit-base-patch32": RehearsalSpec(_clip_b32, _clip_b32_processor),
     "apple/aimv2-large-patch14-224": RehearsalSpec(_aimv2_large, lambda p: _clip_processor(224).save_pretrained(p)),
     "facebook/webssl-mae300m-full2b-224": RehearsalSpec(_webssl_mae300m, _webssl_processor),
