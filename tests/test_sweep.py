@@ -118,6 +118,10 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
         ({"hierarchy": {"group_fractions": [[1]]}}, "hierarchy: "),
         ({"hierarchy": {"group_fractions": [0.5, 0.4]}}, "hierarchy: "),
         ({"hierarchy": {"top_k": 1}}, "hierarchy.top_k: the LCA depth needs image pairs"),
+        (
+            {"sae": {"types": ["matryoshka_batch_top_k"], "expansions": [2], "group_fractions": [[1]]}},
+            r"sae: group_fractions must be a list of numbers, got \[\[1\]\]",
+        ),
         ({"data": {"train": None, "val": {"data_dir": "fixture"}}}, "data.train: a mapping with data_dir"),
         (
             {"data": {"train": {"split": "train"}, "val": {"data_dir": "fixture"}}},

@@ -69,6 +69,8 @@ def check_group_fractions(group_fractions) -> tuple[float, ...]:
     """Matryoshka group fractions as a tuple of floats: positive, summing to 1."""
     if isinstance(group_fractions, (str, bytes)) or not isinstance(group_fractions, Iterable):
         raise ValueError(f"group_fractions must be a list of positive fractions summing to 1, got {group_fractions!r}")
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in group_fractions):
+        raise ValueError(f"group_fractions must be a list of numbers, got {list(group_fractions)!r}")
     fr = [float(f) for f in group_fractions]
     if not fr or any(not (f > 0) for f in fr):
         raise ValueError(f"group_fractions must be positive, got {list(group_fractions)}")
