@@ -178,3 +178,28 @@ def matryoshka_or_default(
         return sae
     fractions = list(group_fractions or FIXTURE_GROUP_FRACTIONS)
     return default_sae("matryoshka_batch_top_k", expansion=2, group_fractions=fractions, store=store, name=name)
+
+
+def vocabulary_or_default(vocabulary: list[str], activations_store: str | os.PathLike) -> list[str]:
+    """The naming vocabulary a notebook parameter gives; empty: the fixture's attribute words for the
+    fixture's activations, else the store's readable class names plus the colour and texture words."""
+    from .fixtures.fit import attribute_words
+    from .labels import class_text
+    from .naming import attribute_vocabulary
+
+    if vocabulary:
+        return list(vocabulary)
+    if not activations_store:
+        return attribute_words()
+    classes = sorted(set(open_store(activations_store).class_names))
+    return [*dict.fromkeys(class_text(c) for c in classes), *attribute_vocabulary()]
+
+
+def fixture_name_accuracy(named, store: ActivationStore, vocabulary: list[str]) -> dict[str, float]:
+    """How often the names of :func:`~.naming.name_latents` on a fixture store say an attribute (shape,
+    colour, texture, family) that at least 3/4 of the latent's top images share, against random names."""
+    from .fixtures.fit import attribute_truths
+    from .naming import name_accuracy
+
+    folders = [[store.class_names[i] for i in named.top_indices[j]] for j in named.names.latent]
+    return name_accuracy(named.names, attribute_truths(folders), vocabulary)

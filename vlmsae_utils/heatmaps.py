@@ -25,6 +25,7 @@ from .vision_encoder import VisionEncoder
 
 __all__ = [
     "PatchHeatmaps",
+    "heatmaps_for",
     "mass_inside",
     "model_view_box",
     "patch_heatmaps",
@@ -196,3 +197,19 @@ def patch_heatmaps(
     sizes = [image.size for image in images]
     boxes = [model_view_box(encoder, w, h) for w, h in sizes]
     return PatchHeatmaps(chosen, torch.cat(parts), boxes, sizes)
+
+
+def heatmaps_for(
+    params: dict, sae, images: Sequence[Image.Image], latents: Sequence[int], *, device: str | torch.device = "auto"
+) -> PatchHeatmaps | None:
+    """Heatmaps with the encoder, hook and block a store was extracted from (its ``params``); ``None``
+    with a logged note for a store of a pooled hook (``post_projection`` has no patches)."""
+    import logging
+
+    from .encoders import load_encoder
+
+    if not hooks.hook_spec(params["hook"]).per_block:
+        logging.getLogger(__name__).warning("no heatmaps: %s activations have no patch tokens", params["hook"])
+        return None
+    encoder = load_encoder(params["encoder"], device)
+    return patch_heatmaps(encoder, sae, images, latents, layer=int(params["layer"]), hook=params["hook"])

@@ -353,3 +353,23 @@ def raw_vs_sae(sae: pd.DataFrame, raw: pd.DataFrame) -> Figure:
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title=None)
     fig.tight_layout()
     return fig
+
+
+def latent_heatmaps(maps, images: Sequence, names: Mapping[int, str] | None = None, per_latent: int = 4) -> Figure:
+    """One row per latent of a :class:`~.heatmaps.PatchHeatmaps` over its images (``maps`` holds the
+    images in latent order, ``per_latent`` each): the image, its patch codes on one colour scale per
+    latent, and the latent's name where ``names`` gives one."""
+    rows = len(maps.latents)
+    fig, axes = plt.subplots(rows, per_latent, figsize=(2.0 * per_latent, 2.1 * rows), squeeze=False)
+    for r, latent in enumerate(maps.latents):
+        vmax = maps.scale(latent)
+        for c in range(per_latent):
+            index, ax = r * per_latent + c, axes[r][c]
+            ax.imshow(images[index])
+            ax.imshow(maps.image_map(index, latent), cmap="magma", alpha=0.55, vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        title = f"latent {latent}" + (f": {names[latent]}" if names and latent in names else "")
+        axes[r][0].set_ylabel(title, fontsize=9)
+    fig.tight_layout()
+    return fig

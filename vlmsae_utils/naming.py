@@ -1,0 +1,189 @@
+"""What a latent means: a name from a vocabulary, with a score that says how well it fits.
+
+*Vocabulary* naming embeds each word of a vocabulary with a CLIP text tower and a latent's top
+images with the same CLIP's image tower; the name is the word closest to the mean of the top-image
+embeddings (the concept vector the authors' steering score uses, §7 of the paper), the runner-up
+the next one. The score is how much closer the name's text embedding lies to the latent's top
+images than to random images of the same set: 0 means the name fits any image as well.
+
+The vocabulary is data: the data set's class names plus :func:`attribute_vocabulary` (the 11 basic
+colour terms of Berlin & Kay 1969 and the 47 texture words of the Describable Textures Dataset,
+Cimpoi et al. 2014), or any list the caller gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "BASIC_COLOURS",
+    "DTD_TEXTURES",
+    "NAME_COLUMNS",
+    "LatentNames",
+    "attribute_vocabulary",
+    "name_accuracy",
+    "name_by_vocabulary",
+    "name_latents",
+    "random_name_accuracy",
+]
+
+#: Berlin & Kay (1969), Basic Color Terms: the 11 basic colour terms of English.
+BASIC_COLOURS = ("black", "white", "red", "green", "yellow", "blue", "brown", "purple", "pink", "orange", "grey")
+#: Cimpoi et al. (2014), Describing Textures in the Wild: the 47 categories of the DTD.
+DTD_TEXTURES = [
+    "banded",
+    "blotchy",
+    "braided",
+    "bubbly",
+    "bumpy",
+    "chequered",
+    "cobwebbed",
+    "cracked",
+    "crosshatched",
+    "crystalline",
+    "dotted",
+    "fibrous",
+    "flecked",
+    "freckled",
+    "frilly",
+    "gauzy",
+    "grid",
+    "grooved",
+    "honeycombed",
+    "interlaced",
+    "knitted",
+    "lacelike",
+    "lined",
+    "marbled",
+    "matted",
+    "meshed",
+    "paisley",
+    "perforated",
+    "pitted",
+    "pleated",
+    "polka-dotted",
+    "porous",
+    "potholed",
+    "scaly",
+    "smeared",
+    "spiralled",
+    "sprinkled",
+    "stained",
+    "stratified",
+    "striped",
+    "studded",
+    "swirly",
+    "veined",
+    "waffled",
+    "woven",
+    "wrinkled",
+    "zigzagged",
+]
+#: The columns of a names table (one row per latent).
+NAME_COLUMNS = ("latent", "label", "score", "method", "runner_up")
+
+
+def attribute_vocabulary() -> list[str]:
+    """Colour and texture words that name what a class list does not (sources in the module text)."""
+    return [*BASIC_COLOURS, *DTD_TEXTURES]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def name_by_vocabulary(
+    judge,
+    top_images: Sequence[Sequence],
+    vocabulary: Sequence[str],
+    baseline_images: Sequence,
+    latents: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """One row per latent (``NAME_COLUMNS``): the vocabulary word closest to the mean CLIP embedding
+    of its top images (``top_images[i]``: PIL images of latent ``latents[i]``), the runner-up, and the
+    score ``mean cos(word, top images) − mean cos(word, baseline images)``. ``judge`` embeds texts
+    and images (:class:`~.llava.ClipTextImage`)."""
+    words = list(dict.fromkeys(str(w) for w in vocabulary))
+    if len(words) < 2:
+        raise ValueError(f"the vocabulary needs at least two distinct words, got {words}")
+    if not baseline_images:
+        raise ValueError("baseline_images is empty: the score compares with random images of the same set")
+    latents = list(range(len(top_images))) if latents is None else [int(j) for j in latents]
+    if len(latents) != len(top_images):
+        raise ValueError(f"{len(latents)} latents but {len(top_images)} lists of top images")
+    text = _unit(judge.embed_text(words).float())
+    baseline = _unit(judge.embed_images(list(baseline_images)).float()) @ text.T  # [R, V]
+    rows = []
+    for latent, images in zip(latents, top_images):
+        if not images:
+            raise ValueError(f"latent {latent} has no top images to name it by")
+        embedded = _unit(judge.embed_images(list(images)).float())
+        ranking = (_unit(embedded.mean(0)) @ text.T).argsort(descending=True)
+        best, second = int(ranking[0]), int(ranking[1])
+        score = float((embedded @ text[best]).mean() - baseline[:, best].mean())
+        rows.append(
+            {"latent": latent, "label": words[best], "score": score, "method": "vocabulary", "runner_up": words[second]}
+        )
+    return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
+
+
+def random_name_accuracy(truths: Sequence[set[str]], vocabulary: Sequence[str]) -> float:
+    """Expected share of latents whose name is one of their true words when names are drawn uniformly
+    from ``vocabulary``: the baseline a naming method must beat."""
+    words = set(vocabulary)
+    return float(np.mean([len(truth & words) / len(words) for truth in truths])) if truths else float("nan")
+
+
+@dataclass
+class LatentNames:
+    """Names of the latents that fire on at least ``top_k`` images, with the top images they were read from."""
+
+    names: pd.DataFrame  # NAME_COLUMNS, one row per named latent
+    top_indices: dict[int, list[int]]  # latent → its top image indices in the store
+
+
+def name_latents(
+    sae,
+    store,
+    judge,
+    vocabulary: Sequence[str],
+    *,
+    top_k: int = 16,
+    baseline_images: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+) -> LatentNames:
+    """Vocabulary names of every latent of ``sae`` whose ``top_k``-th activation on ``store`` (one row
+    per image) is positive — the latents the paper shows exemplars of (§5); the score's baseline is
+    ``baseline_images`` images of the store drawn with ``seed``."""
+    from .exemplars import top_k_images
+    from .scoring import per_image, sae_codes, store_image_loader
+
+    store = per_image(store)
+    top = top_k_images(sae_codes(sae, store, device=device), top_k, device=device)
+    live = [j for j in range(sae.dict_size) if float(top.values[j, -1]) > 0]
+    if not live:
+        raise ValueError(f"no latent fires on {top_k} images of {store.path}: nothing to name")
+    load = store_image_loader(store)
+    tops = {j: [int(i) for i in top.indices[j].tolist()] for j in live}
+    picks = np.random.default_rng(seed).choice(len(store.image_ids), min(baseline_images, len(store.image_ids)), False)
+    names = name_by_vocabulary(
+        judge, [[load(i) for i in tops[j]] for j in live], vocabulary, [load(int(i)) for i in picks], live
+    )
+    return LatentNames(names, tops)
+
+
+def name_accuracy(names: pd.DataFrame, truths: Sequence[set[str]], vocabulary: Sequence[str]) -> dict[str, float]:
+    """Share of latents (those with a known truth) whose name is one of their true words, beside the
+    same share for names drawn at random from the vocabulary."""
+    known = [(label, truth) for label, truth in zip(names["label"], truths) if truth]
+    return {
+        "latents": float(len(known)),
+        "accuracy": float(np.mean([label in truth for label, truth in known])) if known else float("nan"),
+        "random names": random_name_accuracy([truth for _, truth in known], vocabulary),
+    }
