@@ -55,3 +55,13 @@ def test_fixture_latents_are_named_by_the_attribute_their_top_images_share(fixtu
     measured = name_accuracy(named.names, truths, vocabulary)
     assert measured["latents"] >= 10
     assert measured["accuracy"] > max(0.6, 2 * measured["random names"])
+
+
+def test_a_steered_answer_names_its_latent_scored_like_a_vocabulary_name():
+    from vlmsae_utils.naming import name_by_steering
+
+    tops = {3: [torch.tensor([0.0, 0.0, 1.0])], 5: [torch.tensor([1.0, 0.0, 0.0])]}
+    baseline = [torch.tensor([0.0, 1.0, 0.0])]
+    table = name_by_steering(_judge(), {3: "round thing", 5: "red"}, tops, baseline).set_index("latent")
+    assert list(table.label) == ["round", "red"] and set(table.method) == {"steering"}
+    assert table.loc[3, "score"] == pytest.approx(1.0) and table.loc[5, "score"] == pytest.approx(1.0)

@@ -13,7 +13,7 @@ Cimpoi et al. 2014), or any list the caller gives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ __all__ = [
     "LatentNames",
     "attribute_vocabulary",
     "name_accuracy",
+    "name_by_steering",
     "name_by_vocabulary",
     "name_latents",
     "random_name_accuracy",
@@ -120,15 +121,42 @@ def name_by_vocabulary(
     baseline = _unit(judge.embed_images(list(baseline_images)).float()) @ text.T  # [R, V]
     rows = []
     for latent, images in zip(latents, top_images):
-        if not images:
-            raise ValueError(f"latent {latent} has no top images to name it by")
-        embedded = _unit(judge.embed_images(list(images)).float())
+        embedded = _top_embeddings(judge, latent, images)
         ranking = (_unit(embedded.mean(0)) @ text.T).argsort(descending=True)
         best, second = int(ranking[0]), int(ranking[1])
         score = float((embedded @ text[best]).mean() - baseline[:, best].mean())
         rows.append(
             {"latent": latent, "label": words[best], "score": score, "method": "vocabulary", "runner_up": words[second]}
         )
+    return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
+
+
+def _top_embeddings(judge, latent: int, images: Sequence) -> torch.Tensor:
+    """Unit CLIP embeddings of a latent's top images (at least one)."""
+    if not images:
+        raise ValueError(f"latent {latent} has no top images to name it by")
+    return _unit(judge.embed_images(list(images)).float())
+
+
+def name_by_steering(
+    judge, answers: Mapping[int, str], top_images: Mapping[int, Sequence], baseline_images: Sequence
+) -> pd.DataFrame:
+    """Names from steering (chapter 5): each latent's name is the first word of the MLLM's answer on
+    the white image with the latent clamped (§7 of the paper's protocol), scored as the vocabulary
+    names are — ``mean cos(word, top images) − mean cos(word, baseline images)``."""
+    if not baseline_images:
+        raise ValueError("baseline_images is empty: the score compares with random images of the same set")
+    from .generation import verbatim_first_word
+
+    latents = list(answers)
+    words = [verbatim_first_word(answers[j]) for j in latents]
+    text = _unit(judge.embed_text(words).float())
+    baseline = _unit(judge.embed_images(list(baseline_images)).float()) @ text.T
+    rows = []
+    for i, latent in enumerate(latents):
+        embedded = _top_embeddings(judge, latent, top_images[latent])
+        score = float((embedded @ text[i]).mean() - baseline[:, i].mean())
+        rows.append({"latent": latent, "label": words[i], "score": score, "method": "steering", "runner_up": ""})
     return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -34,6 +35,7 @@ __all__ = [
     "CONCEPT_TOKENS",
     "FIXTURE_STEERING_TOKENS",
     "LATENT_CONCEPTS_FILE",
+    "LATENT_NAMES_FILE",
     "PLAIN_ANSWER_FILE",
     "STEERING_SCORES_FILE",
     "WHITE_IMAGE_SIZE",
@@ -47,10 +49,12 @@ __all__ = [
     "prepare",
     "score_setting",
     "score_settings",
+    "steering_names",
 ]
 
 STEERING_SCORES_FILE = "steering_scores.csv"  # the Table 3 rows (read by sweep.gather)
 ALPHA_SWEEP_FILE = "alpha_sweep.csv"  # one answer per (image, latent, α)
+LATENT_NAMES_FILE = "latent_names.csv"  # each swept latent named by its steered answer (naming.name_by_steering)
 LATENT_CONCEPTS_FILE = "latent_concepts.csv"  # the classes of each shown latent's top images
 PLAIN_ANSWER_FILE = "plain_answer.txt"  # the unsteered answer on the white image
 CONCEPT_IMAGES = 16  # top training images that define a latent's concept (the paper's 16)
@@ -335,6 +339,20 @@ def alpha_sweep(
         steering.names_class(table.loc[j, max(alphas)], c) for j, c in zip(table.index, top_classes)
     ]
     return plain, table
+
+
+def steering_names(study: SteeringStudy, table: pd.DataFrame, baseline_images: int = 64, seed: int = 0) -> pd.DataFrame:
+    """The swept latents named by their answer at the largest α, scored against ``baseline_images``
+    random training images; writes `LATENT_NAMES_FILE`."""
+    from .naming import name_by_steering
+
+    alpha = max(c for c in table.columns if isinstance(c, (int, float)))
+    tops = {j: [study.load_train(i) for i in study.top.indices[j].tolist() if i >= 0] for j in table.index}
+    count = len(study.train.image_ids)
+    picks = np.random.default_rng(seed).choice(count, min(baseline_images, count), replace=False)
+    names = name_by_steering(study.clip, table[alpha].to_dict(), tops, [study.load_train(int(i)) for i in picks])
+    names.to_csv(study.out / LATENT_NAMES_FILE, index=False)
+    return names
 
 
 def score_setting(
