@@ -46,7 +46,10 @@ def test_the_view_box_is_where_the_processor_takes_its_pixels(make, size, width,
     assert float(shown[1, -1, 0]) / 255 * (height - 1) == pytest.approx(bottom - 1, abs=2.5)
 
 
-def test_codes_are_the_saes_on_each_patch_token_and_registers_are_dropped(fixture, val_images):
+def test_codes_are_the_saes_on_each_patch_token_and_registers_are_dropped(fixture, val_images, monkeypatch):
+    from vlmsae_utils import heatmaps
+
+    monkeypatch.setattr(heatmaps, "TOKEN_CHUNK", 5)  # 48 patch tokens encoded in chunks across images
     for name, skip in (("clip", 1), ("siglip", 0), ("dinov3", 5)):
         encoder = load_encoder(f"fixture:{name}")
         assert prefix_tokens(encoder) == skip
@@ -103,3 +106,22 @@ def test_bad_heatmap_inputs_are_named(fixture, val_images):
     other_block.provenance = {"hook": "post_mlp_residual", "layer": 0}
     with pytest.raises(ProvenanceError, match=re.escape("layer 0 (SAE) vs 1")):
         patch_heatmaps(encoder, other_block, val_images[:1], [0], layer=1)
+
+
+def test_the_latents_that_fire_most_on_an_image_and_the_image_explorer(fixture, val_images):
+    from vlmsae_utils import widgets
+    from vlmsae_utils.heatmaps import strongest_latents
+
+    encoder = load_encoder("fixture:clip")
+    sae = make_sae("relu", encoder.output_dim("post_mlp_residual"), 40).eval()
+    params = {"encoder": "fixture:clip", "hook": "post_mlp_residual", "layer": 1}
+    maps = strongest_latents(params, sae, val_images[0], 3, device="cpu")
+    tokens = encoder.capture(encoder.preprocess(val_images[:1]), "post_mlp_residual", 1)[0, 1:]
+    peak = sae.encode(tokens).amax(0)
+    assert maps.latents == [int(j) for j in peak.topk(3).indices]  # brute force over every patch
+    assert strongest_latents({**params, "hook": "post_projection", "layer": None}, sae, val_images[0]) is None
+    view = widgets.strongest_latents_view(params, sae, lambda i: val_images[i], {maps.latents[0]: "named"}, 3, "cpu")
+    figure = view(0)
+    assert [ax.get_title() for ax in figure.axes][:2] == ["image", f"{maps.latents[0]}: named"]
+    explorer = widgets.image_explorer(view, 4)
+    assert explorer.children[0].max == 3

@@ -24,12 +24,14 @@ from .sae.provenance import check_provenance
 from .vision_encoder import VisionEncoder
 
 __all__ = [
+    "TOKEN_CHUNK",
     "PatchHeatmaps",
     "heatmaps_for",
     "mass_inside",
     "model_view_box",
     "patch_heatmaps",
     "prefix_tokens",
+    "strongest_latents",
     "upsample",
 ]
 
@@ -165,6 +167,16 @@ def _grid_shape(pixels: torch.Tensor, patches: int) -> tuple[int, int]:
     return rows, cols
 
 
+#: Patch tokens encoded at once: the codes of one chunk are ``[chunk, ω]`` (256 MiB at ω = 65,536).
+TOKEN_CHUNK = 1024
+
+
+def _chosen_codes(sae, tokens: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    """Inference codes of the ``chosen`` latents on every row of ``tokens``, encoded in chunks of
+    :data:`TOKEN_CHUNK` rows so a 65,536-latent SAE never holds all patches' full codes at once."""
+    return torch.cat([sae.encode(part)[:, chosen].float() for part in tokens.split(TOKEN_CHUNK)])
+
+
 @torch.no_grad()
 def patch_heatmaps(
     encoder: VisionEncoder,
@@ -192,8 +204,8 @@ def patch_heatmaps(
         pixels = encoder.preprocess([image.convert("RGB") for image in images[start : start + batch_size]])
         tokens = encoder.capture(pixels, hook, layer)[:, skip:]
         rows, cols = _grid_shape(pixels, tokens.shape[1])
-        codes = sae.encode(tokens.reshape(-1, tokens.shape[-1]).float())[:, chosen]
-        parts.append(codes.reshape(len(pixels), rows, cols, len(chosen)).permute(0, 3, 1, 2).float().cpu())
+        codes = _chosen_codes(sae, tokens.reshape(-1, tokens.shape[-1]).float(), chosen)
+        parts.append(codes.reshape(len(pixels), rows, cols, len(chosen)).permute(0, 3, 1, 2).cpu())
     sizes = [image.size for image in images]
     boxes = [model_view_box(encoder, w, h) for w, h in sizes]
     return PatchHeatmaps(chosen, torch.cat(parts), boxes, sizes)
@@ -213,3 +225,27 @@ def heatmaps_for(
         return None
     encoder = load_encoder(params["encoder"], device)
     return patch_heatmaps(encoder, sae, images, latents, layer=int(params["layer"]), hook=params["hook"])
+
+
+@torch.no_grad()
+def strongest_latents(
+    params: dict, sae, image: Image.Image, n: int = 6, *, device: str | torch.device = "auto"
+) -> PatchHeatmaps | None:
+    """The ``n`` latents with the largest code on any patch of ``image`` ("which latents fire here,
+    and where"), as heatmaps on that image; ``None`` for a store of a pooled hook."""
+    import logging
+
+    from .encoders import load_encoder
+
+    if not hooks.hook_spec(params["hook"]).per_block:
+        logging.getLogger(__name__).warning("no heatmaps: %s activations have no patch tokens", params["hook"])
+        return None
+    encoder = load_encoder(params["encoder"], device)
+    sae = sae.to(encoder.device).eval()
+    pixels = encoder.preprocess([image.convert("RGB")])
+    tokens = encoder.capture(pixels, params["hook"], int(params["layer"]))[0, prefix_tokens(encoder) :].float()
+    peak = torch.stack([sae.encode(part).amax(0) for part in tokens.split(TOKEN_CHUNK)]).amax(0)
+    chosen = [int(j) for j in peak.topk(min(n, sae.dict_size)).indices if float(peak[j]) > 0]
+    if not chosen:
+        return PatchHeatmaps([], torch.zeros(1, 0, 1, 1), [model_view_box(encoder, *image.size)], [image.size])
+    return patch_heatmaps(encoder, sae, [image], chosen, layer=int(params["layer"]), hook=params["hook"])

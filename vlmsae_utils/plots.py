@@ -373,3 +373,20 @@ def latent_heatmaps(maps, images: Sequence, names: Mapping[int, str] | None = No
         axes[r][0].set_ylabel(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def image_heatmaps(maps, image, names: Mapping[int, str] | None = None) -> Figure:
+    """One image and, beside it, where each latent of ``maps`` fires on it (one colour scale each)."""
+    count = len(maps.latents)
+    fig, axes = plt.subplots(1, count + 1, figsize=(2.0 * (count + 1), 2.3), squeeze=False)
+    axes[0][0].imshow(image)
+    axes[0][0].set_title("image", fontsize=9)
+    for ax, latent in zip(axes[0][1:], maps.latents):
+        ax.imshow(image)
+        ax.imshow(maps.image_map(0, latent), cmap="magma", alpha=0.55, vmin=0, vmax=maps.scale(latent))
+        ax.set_title(f"{latent}" + (f": {names[latent]}" if names and latent in names else ""), fontsize=9)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -20,9 +20,11 @@ from . import plots
 from .scoring import NeuronReport, exemplar_images
 
 __all__ = [
+    "image_explorer",
     "neuron_browser",
     "neuron_card",
     "rank_to_neuron",
+    "strongest_latents_view",
 ]
 
 
@@ -106,3 +108,49 @@ def neuron_browser(
     browser = widgets.VBox([widgets.HBox([model, by, index]), output])
     browser.add_class("vlmsae-neuron-browser")  # a stable handle for tests/test_lab.py
     return browser
+
+
+def image_explorer(draw: Callable[[int], Figure | None], count: int):
+    """An ipywidgets image picker: the image index → ``draw(index)`` (e.g. the image with the latents
+    that fire most on it and their heatmaps, :func:`~vlmsae_utils.heatmaps.strongest_latents`)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    if count < 1:
+        raise ValueError("image_explorer needs at least one image")
+    index = widgets.IntSlider(min=0, max=count - 1, description="image", continuous_update=False)
+    output = widgets.Output()
+
+    def redraw(*_):
+        with output:
+            output.clear_output(wait=True)
+            figure = draw(index.value)
+            if figure is not None:
+                display(figure)
+                plt.close(figure)
+
+    index.observe(redraw, names="value")
+    redraw()
+    explorer = widgets.VBox([index, output])
+    explorer.add_class("vlmsae-image-explorer")
+    return explorer
+
+
+def strongest_latents_view(
+    params: dict,
+    sae,
+    load: Callable[[int], Image.Image],
+    names: Mapping[int, str] | None = None,
+    n: int = 5,
+    device: str = "auto",
+) -> Callable[[int], Figure | None]:
+    """``draw(index)`` for :func:`image_explorer`: image ``index`` of a store (its ``params`` give the
+    encoder, hook and block) beside the ``n`` latents of ``sae`` that fire most on it, with their heatmaps."""
+    from .heatmaps import strongest_latents
+
+    def draw(index: int) -> Figure | None:
+        image = load(index)
+        maps = strongest_latents(params, sae, image, n, device=device)
+        return plots.image_heatmaps(maps, image, names) if maps is not None else None
+
+    return draw
