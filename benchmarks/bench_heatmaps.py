@@ -44,7 +44,12 @@ def main() -> None:
     from vlmsae_utils.sae import make_sae
 
     if args.full_width:
-        model, judge_name, layer, expansion = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:openai/clip-vit-base-patch32", 22, 64
+        model, judge_name, layer, expansion = (
+            "rehearsal:openai/clip-vit-large-patch14-336",
+            "rehearsal:openai/clip-vit-base-patch32",
+            22,
+            64,
+        )
     else:
         model, judge_name, layer, expansion = "fixture:clip", "fixture:mini_clip", 1, 8
     rows = {}
@@ -74,8 +79,10 @@ def main() -> None:
     start = time.perf_counter()
     names = name_by_vocabulary(judge, tops, words, _images(64, 99))
     rows[f"names of {len(names)} latents over {len(set(words))} words"] = time.perf_counter() - start
-    print(f"{model} block {layer}, SAE {sae.dict_size:,} latents, grid {tuple(maps.codes.shape[-2:])}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"{model} block {layer}, SAE {sae.dict_size:,} latents, grid {tuple(maps.codes.shape[-2:])}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
     floor = rows["one forward to the block (floor)"]
     for name, seconds in rows.items():
         print(f"  {name:45s} {seconds:7.2f} s  ({seconds / floor:5.2f}x the forward)")

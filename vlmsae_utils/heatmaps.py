@@ -211,11 +211,9 @@ def patch_heatmaps(
     return PatchHeatmaps(chosen, torch.cat(parts), boxes, sizes)
 
 
-def heatmaps_for(
-    params: dict, sae, images: Sequence[Image.Image], latents: Sequence[int], *, device: str | torch.device = "auto"
-) -> PatchHeatmaps | None:
-    """Heatmaps with the encoder, hook and block a store was extracted from (its ``params``); ``None``
-    with a logged note for a store of a pooled hook (``post_projection`` has no patches)."""
+def _encoder_of(params: dict, device: str | torch.device) -> VisionEncoder | None:
+    """The encoder a store was extracted from, or ``None`` with a logged note for a pooled hook
+    (``post_projection`` has no patch tokens to map)."""
     import logging
 
     from .encoders import load_encoder
@@ -223,7 +221,17 @@ def heatmaps_for(
     if not hooks.hook_spec(params["hook"]).per_block:
         logging.getLogger(__name__).warning("no heatmaps: %s activations have no patch tokens", params["hook"])
         return None
-    encoder = load_encoder(params["encoder"], device)
+    return load_encoder(params["encoder"], device)
+
+
+def heatmaps_for(
+    params: dict, sae, images: Sequence[Image.Image], latents: Sequence[int], *, device: str | torch.device = "auto"
+) -> PatchHeatmaps | None:
+    """Heatmaps with the encoder, hook and block a store was extracted from (its ``params``); ``None``
+    with a logged note for a store of a pooled hook (``post_projection`` has no patches)."""
+    encoder = _encoder_of(params, device)
+    if encoder is None:
+        return None
     return patch_heatmaps(encoder, sae, images, latents, layer=int(params["layer"]), hook=params["hook"])
 
 
@@ -233,14 +241,9 @@ def strongest_latents(
 ) -> PatchHeatmaps | None:
     """The ``n`` latents with the largest code on any patch of ``image`` ("which latents fire here,
     and where"), as heatmaps on that image; ``None`` for a store of a pooled hook."""
-    import logging
-
-    from .encoders import load_encoder
-
-    if not hooks.hook_spec(params["hook"]).per_block:
-        logging.getLogger(__name__).warning("no heatmaps: %s activations have no patch tokens", params["hook"])
+    encoder = _encoder_of(params, device)
+    if encoder is None:
         return None
-    encoder = load_encoder(params["encoder"], device)
     sae = sae.to(encoder.device).eval()
     pixels = encoder.preprocess([image.convert("RGB")])
     tokens = encoder.capture(pixels, params["hook"], int(params["layer"]))[0, prefix_tokens(encoder) :].float()
