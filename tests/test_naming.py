@@ -55,6 +55,9 @@ def test_fixture_latents_are_named_by_the_attribute_their_top_images_share(fixtu
     measured = name_accuracy(named.names, truths, vocabulary)
     assert measured["latents"] >= 10
     assert measured["accuracy"] > max(0.6, 2 * measured["random names"])
+    sae, judge = defaults.default_sae(), load_clip_text_image("fixture:mini_clip", device="cpu")
+    first = name_latents(sae, store, judge, vocabulary, order=range(sae.dict_size - 1, -1, -1), limit=3, device="cpu")
+    assert list(first.names.latent) == sorted(named.names.latent, reverse=True)[:3]  # in the order given, 3 of them
 
 
 def test_a_steered_answer_names_its_latent_scored_like_a_vocabulary_name():

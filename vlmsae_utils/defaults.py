@@ -180,6 +180,14 @@ def matryoshka_or_default(
     return default_sae("matryoshka_batch_top_k", expansion=2, group_fractions=fractions, store=store, name=name)
 
 
+def naming_model_or_default(naming_model: str, activations_store: str | os.PathLike) -> str:
+    """The CLIP that names latents: the notebook parameter, else the fixture's mini-CLIP for the
+    fixture's activations and the paper's judge (CLIP ViT-B/32, §7) for any other."""
+    if naming_model:
+        return naming_model
+    return "fixture:mini_clip" if not activations_store else "openai/clip-vit-base-patch32"
+
+
 def vocabulary_or_default(vocabulary: list[str], activations_store: str | os.PathLike) -> list[str]:
     """The naming vocabulary a notebook parameter gives; empty: the fixture's attribute words for the
     fixture's activations, else the store's readable class names plus the colour and texture words."""

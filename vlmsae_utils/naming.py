@@ -182,19 +182,24 @@ def name_latents(
     vocabulary: Sequence[str],
     *,
     top_k: int = 16,
+    order: Sequence[int] | None = None,
+    limit: int | None = None,
     baseline_images: int = 64,
     seed: int = 0,
     device: str | torch.device | None = "auto",
 ) -> LatentNames:
-    """Vocabulary names of every latent of ``sae`` whose ``top_k``-th activation on ``store`` (one row
-    per image) is positive — the latents the paper shows exemplars of (§5); the score's baseline is
-    ``baseline_images`` images of the store drawn with ``seed``."""
+    """Vocabulary names of the latents of ``sae`` whose ``top_k``-th activation on ``store`` (one row
+    per image) is positive — the latents the paper shows exemplars of (§5) — taken in ``order`` (e.g.
+    by MS; default: by index) and at most ``limit`` of them (naming embeds ``top_k`` images per latent:
+    all 65,536 latents of a ×64 SAE take hours on a CPU); the score's baseline is ``baseline_images``
+    images of the store drawn with ``seed``."""
     from .exemplars import top_k_images
     from .scoring import per_image, sae_codes, store_image_loader
 
     store = per_image(store)
     top = top_k_images(sae_codes(sae, store, device=device), top_k, device=device)
-    live = [j for j in range(sae.dict_size) if float(top.values[j, -1]) > 0]
+    candidates = range(sae.dict_size) if order is None else [int(j) for j in order]
+    live = [j for j in candidates if float(top.values[j, -1]) > 0][:limit]
     if not live:
         raise ValueError(f"no latent fires on {top_k} images of {store.path}: nothing to name")
     load = store_image_loader(store)

@@ -65,6 +65,10 @@ class NeuronReport:
         """Number of neurons (latents)."""
         return int(self.ms.numel())
 
+    def by_ms(self) -> list[int]:
+        """Neuron indices from the highest MS to the lowest, dead neurons last."""
+        return torch.argsort(torch.nan_to_num(self.ms, nan=-np.inf), descending=True).tolist()
+
     def values(self, neuron: int) -> np.ndarray:
         """Activation of one neuron on every image."""
         if not 0 <= neuron < self.num_neurons:

@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import matplotlib.pyplot as plt
-import numpy as np
 import seaborn as sns
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -70,8 +68,7 @@ def neuron_card(
 
 def rank_to_neuron(report: NeuronReport, rank: int) -> int:
     """The neuron with the ``rank``-th highest MS (0 = best), dead neurons last."""
-    scores = torch.nan_to_num(report.ms, nan=-np.inf)
-    order = torch.argsort(scores, descending=True)
+    order = report.by_ms()
     if not 0 <= rank < len(order):
         raise ValueError(f"rank {rank} out of range (0..{len(order) - 1})")
     return int(order[rank])
