@@ -125,3 +125,20 @@ def test_the_latents_that_fire_most_on_an_image_and_the_image_explorer(fixture, 
     assert [ax.get_title() for ax in figure.axes][:2] == ["image", f"{maps.latents[0]}: named"]
     explorer = widgets.image_explorer(view, 4)
     assert explorer.children[0].max == 3
+
+
+def test_the_neuron_browser_shows_names_and_toggles_heatmaps(fixture, val_images):
+    from vlmsae_utils import scoring, widgets
+
+    sae = make_sae("relu", load_encoder("fixture:clip").output_dim("post_mlp_residual"), 40).eval()
+    n = len(val_images)
+    report = scoring.score_neurons("sae", torch.rand(n, 40), torch.randn(n, 8), top_k=2, device="cpu")
+    params = {"encoder": "fixture:clip", "hook": "post_mlp_residual", "layer": 1}
+    draw = widgets.neuron_heatmaps(params, {"sae": sae}, {"sae": report}, lambda i: val_images[i], 2, "cpu")
+    assert len(draw("sae", 5).axes) == 2 and draw("raw", 0) is None  # raw neurons have no SAE to map
+    card = widgets.neuron_card(report, 5, lambda i: val_images[i], name="striped")
+    assert "“striped”" in card._suptitle.get_text()
+    browser = widgets.neuron_browser({"sae": report}, lambda i: val_images[i], latent_names={"sae": {5: "x"}}, heatmap=draw)
+    toggle = browser.children[0].children[-1]
+    toggle.value = True  # redraws with the heatmaps below the card
+    assert toggle.description == "heatmaps" and toggle.layout.display == ""

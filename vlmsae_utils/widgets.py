@@ -21,6 +21,7 @@ __all__ = [
     "image_explorer",
     "neuron_browser",
     "neuron_card",
+    "neuron_heatmaps",
     "rank_to_neuron",
     "strongest_latents_view",
 ]
@@ -32,8 +33,10 @@ def neuron_card(
     load: Callable[[int], Image.Image],
     labels: list[str] | None = None,
     ncols: int = 8,
+    name: str | None = None,
 ) -> Figure:
-    """Top images of one neuron (activation and class above each), its MS, and its activation histogram.
+    """Top images of one neuron (activation and class above each), its MS, its name where known
+    (:mod:`.naming`), and its activation histogram.
 
     The images are one mosaic (:func:`~vlmsae_utils.plots.tile_images`) with the captions as text,
     so a chapter drawing a dozen cards spends its time on the neurons, not on laying out axes."""
@@ -61,7 +64,8 @@ def neuron_card(
     flag = (
         f" · only {int(report.top.count_positive[neuron])} positive images" if bool(report.top.flagged[neuron]) else ""
     )
-    fig.suptitle(f"{report.name} · neuron {neuron} · MS {ms:.3f}{flag}", fontsize=10)
+    named = f" · “{name}”" if name else ""
+    fig.suptitle(f"{report.name} · neuron {neuron}{named} · MS {ms:.3f}{flag}", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.98, bottom=0.2, top=0.86, wspace=0.15)  # fixed: no layout search
     return fig
 
@@ -75,9 +79,16 @@ def rank_to_neuron(report: NeuronReport, rank: int) -> int:
 
 
 def neuron_browser(
-    reports: Mapping[str, NeuronReport], load: Callable[[int], Image.Image], labels: list[str] | None = None
+    reports: Mapping[str, NeuronReport],
+    load: Callable[[int], Image.Image],
+    labels: list[str] | None = None,
+    *,
+    latent_names: Mapping[str, Mapping[int, str]] | None = None,
+    heatmap: Callable[[str, int], Figure | None] | None = None,
 ):
-    """An ipywidgets browser: model dropdown, MS-rank slider or neuron id → :func:`neuron_card`."""
+    """An ipywidgets browser: model dropdown, MS-rank slider or neuron id → :func:`neuron_card` (with
+    the neuron's name from ``latent_names[model]``), and with ``heatmap`` a toggle that adds the neuron's
+    patch heatmaps on its top images (:func:`neuron_heatmaps`)."""
     import ipywidgets as widgets
     from IPython.display import display
 
@@ -88,21 +99,27 @@ def neuron_browser(
         min=0, max=reports[names[0]].num_neurons - 1, description="value", continuous_update=False
     )
     output = widgets.Output()
+    show_maps = widgets.Checkbox(value=False, description="heatmaps", layout={"display": "" if heatmap else "none"})
 
     def redraw(*_):
         report = reports[model.value]
         index.max = report.num_neurons - 1
         neuron = rank_to_neuron(report, index.value) if by.value == "MS rank" else index.value
+        name = (latent_names or {}).get(model.value, {}).get(neuron)
         with output:
             output.clear_output(wait=True)
-            figure = neuron_card(report, neuron, load, labels)
-            display(figure)
-            plt.close(figure)
+            figures = [neuron_card(report, neuron, load, labels, name=name)]
+            if heatmap is not None and show_maps.value:
+                figures.append(heatmap(model.value, neuron))
+            for figure in figures:
+                if figure is not None:
+                    display(figure)
+                    plt.close(figure)
 
-    for control in (model, by, index):
+    for control in (model, by, index, show_maps):
         control.observe(redraw, names="value")
     redraw()
-    browser = widgets.VBox([widgets.HBox([model, by, index]), output])
+    browser = widgets.VBox([widgets.HBox([model, by, index, show_maps]), output])
     browser.add_class("vlmsae-neuron-browser")  # a stable handle for tests/test_lab.py
     return browser
 
@@ -149,5 +166,30 @@ def strongest_latents_view(
         image = load(index)
         maps = strongest_latents(params, sae, image, n, device=device)
         return plots.image_heatmaps(maps, image, names) if maps is not None else None
+
+    return draw
+
+
+def neuron_heatmaps(
+    params: dict,
+    saes: Mapping[str, object],
+    reports: Mapping[str, NeuronReport],
+    load: Callable[[int], Image.Image],
+    per_latent: int = 4,
+    device: str = "auto",
+) -> Callable[[str, int], Figure | None]:
+    """``draw(model, neuron)`` for :func:`neuron_browser`'s heatmap toggle: the latent's codes on the
+    patches of its first ``per_latent`` top images (``None`` for raw neurons and pooled hooks)."""
+    from .heatmaps import heatmaps_for
+
+    def draw(model: str, neuron: int) -> Figure | None:
+        if model not in saes:
+            return None
+        top = [i for i in reports[model].top.indices[neuron].tolist()[:per_latent] if i >= 0]
+        if not top:
+            return None
+        images = [load(i) for i in top]
+        maps = heatmaps_for(params, saes[model], images, [neuron], device=device)
+        return plots.latent_heatmaps(maps, images, per_latent=len(images)) if maps is not None else None
 
     return draw
