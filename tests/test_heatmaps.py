@@ -138,7 +138,9 @@ def test_the_neuron_browser_shows_names_and_toggles_heatmaps(fixture, val_images
     assert len(draw("sae", 5).axes) == 2 and draw("raw", 0) is None  # raw neurons have no SAE to map
     card = widgets.neuron_card(report, 5, lambda i: val_images[i], name="striped")
     assert "“striped”" in card._suptitle.get_text()
-    browser = widgets.neuron_browser({"sae": report}, lambda i: val_images[i], latent_names={"sae": {5: "x"}}, heatmap=draw)
+    browser = widgets.neuron_browser(
+        {"sae": report}, lambda i: val_images[i], latent_names={"sae": {5: "x"}}, heatmap=draw
+    )
     toggle = browser.children[0].children[-1]
     toggle.value = True  # redraws with the heatmaps below the card
     assert toggle.description == "heatmaps" and toggle.layout.display == ""

@@ -113,3 +113,17 @@ def test_score_all_streams_the_raw_neurons_from_the_store(tmp_path):
     torch.testing.assert_close(streamed.ms, in_memory.ms, rtol=0, atol=1e-12, equal_nan=True)
     assert torch.equal(streamed.top.indices, in_memory.top.indices)
     assert np.array_equal(streamed.values(4), rows[:, 4])
+
+
+def test_latent_names_join_the_per_neuron_ms_table(tmp_path):
+    import pandas as pd
+
+    report = scoring.score_neurons("sae x4", torch.rand(12, 5), torch.randn(12, 3), top_k=2, device="cpu")
+    scoring.save_ms_tables([report], tmp_path)
+    names = pd.DataFrame({"latent": [3, 1], "label": ["red", "ring"], "score": [0.4, 0.1], "method": "vocabulary"})
+    table = scoring.label_ms_table(tmp_path, "sae x4", names)
+    again = pd.read_csv(tmp_path / scoring.ms_table_file("sae x4"), index_col="neuron")
+    assert list(again.columns) == ["neurons", "MS", "label", "name score"] and again.loc[3, "label"] == "red"
+    assert again.loc[1, "name score"] == 0.1 and pd.isna(again.loc[0, "label"]) and len(table) == 5
+    scoring.label_ms_table(tmp_path, "sae x4", names.iloc[:1])  # relabelled: one set of label columns
+    assert pd.isna(pd.read_csv(tmp_path / scoring.ms_table_file("sae x4"), index_col="neuron").loc[1, "label"])

@@ -28,12 +28,16 @@ __all__ = [
     "default_store",
     "defaults_dir",
     "embeddings_or_default",
+    "fixture_name_accuracy",
+    "is_fixture_store",
     "matryoshka_or_default",
+    "naming_model_or_default",
     "open_sae",
     "open_store",
     "saes_or_default",
     "store_or_default",
     "uniqueness_store_or_default",
+    "vocabulary_or_default",
 ]
 
 DEFAULT_MODEL = "fixture:mini_clip"
@@ -180,27 +184,34 @@ def matryoshka_or_default(
     return default_sae("matryoshka_batch_top_k", expansion=2, group_fractions=fractions, store=store, name=name)
 
 
-def naming_model_or_default(naming_model: str, activations_store: str | os.PathLike) -> str:
-    """The CLIP that names latents: the notebook parameter, else the fixture's mini-CLIP for the
-    fixture's activations and the paper's judge (CLIP ViT-B/32, §7) for any other."""
+def is_fixture_store(store: ActivationStore) -> bool:
+    """Whether a store holds a fixture encoder's activations (the embedded default, whose truth is known)."""
+    return str(store.params.get("encoder", "")).startswith("fixture:")
+
+
+def naming_model_or_default(naming_model: str, store: ActivationStore) -> str:
+    """The CLIP that names latents: the notebook parameter, else the fixture's mini-CLIP for a fixture
+    store, the rehearsal CLIP ViT-B/32 for a rehearsal one, and the paper's judge (CLIP ViT-B/32, §7)."""
     if naming_model:
         return naming_model
-    return "fixture:mini_clip" if not activations_store else "openai/clip-vit-base-patch32"
+    if is_fixture_store(store):
+        return "fixture:mini_clip"
+    judge = "openai/clip-vit-base-patch32"
+    return f"rehearsal:{judge}" if str(store.params.get("encoder", "")).startswith("rehearsal:") else judge
 
 
-def vocabulary_or_default(vocabulary: list[str], activations_store: str | os.PathLike) -> list[str]:
-    """The naming vocabulary a notebook parameter gives; empty: the fixture's attribute words for the
-    fixture's activations, else the store's readable class names plus the colour and texture words."""
+def vocabulary_or_default(vocabulary: list[str], store: ActivationStore) -> list[str]:
+    """The naming vocabulary a notebook parameter gives; empty: the fixture's attribute words for a
+    fixture store, else the store's readable class names plus the colour and texture words."""
     from .fixtures.fit import attribute_words
     from .labels import class_text
     from .naming import attribute_vocabulary
 
     if vocabulary:
         return list(vocabulary)
-    if not activations_store:
+    if is_fixture_store(store):
         return attribute_words()
-    classes = sorted(set(open_store(activations_store).class_names))
-    return [*dict.fromkeys(class_text(c) for c in classes), *attribute_vocabulary()]
+    return [*dict.fromkeys(class_text(c) for c in sorted(set(store.class_names))), *attribute_vocabulary()]
 
 
 def fixture_name_accuracy(named, store: ActivationStore, vocabulary: list[str]) -> dict[str, float]:

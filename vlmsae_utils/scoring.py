@@ -32,6 +32,7 @@ __all__ = [
     "NeuronReport",
     "check_aligned",
     "exemplar_images",
+    "label_ms_table",
     "ms_table",
     "ms_table_file",
     "neurons_at_levels",
@@ -193,6 +194,17 @@ def save_ms_tables(reports: Sequence[NeuronReport], out: Path) -> pd.DataFrame:
     summary = ms_table(reports)
     summary.to_csv(out / MS_SUMMARY_FILE)
     return summary
+
+
+def label_ms_table(out: Path, name: str, names: pd.DataFrame) -> pd.DataFrame:
+    """Add each named latent's ``label`` and name ``score`` (:mod:`.naming`) to the per-neuron MS table
+    of ``name`` in ``out``; unnamed latents keep empty cells. Returns the rewritten table."""
+    path = Path(out) / ms_table_file(name)
+    table = pd.read_csv(path, index_col="neuron").drop(columns=["label", "name score"], errors="ignore")
+    named = names.set_index("latent")[["label", "score"]].rename(columns={"score": "name score"})
+    table = table.join(named)
+    table.to_csv(path)
+    return table
 
 
 def raw_name(activations: ActivationStore) -> str:
