@@ -1,9 +1,9 @@
 """What a latent means: a name from a vocabulary, with a score that says how well it fits.
 
 *Vocabulary* naming embeds each word of a vocabulary with a CLIP text tower and a latent's top
-images with the same CLIP's image tower; the name is the word closest to the mean of the top-image
-embeddings (the concept vector the authors' steering score uses, §7 of the paper), the runner-up
-the next one. The score is how much closer the name's text embedding lies to the latent's top
+images with the same CLIP's image tower; the name is the word closest to the mean of the unit top-image
+embeddings (in direction close to the steering score's concept vector, which averages the raw
+embeddings, §7 of the paper), the runner-up the next one. The score is how much closer the name's text embedding lies to the latent's top
 images than to random images of the same set: 0 means the name fits any image as well.
 
 The vocabulary is data: the data set's class names plus :func:`attribute_vocabulary` (the 11 basic
