@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .extract import extract_activations, extract_embeddings, open_dataset
 from .hf import image_backend
 from .io import sha256_json
@@ -30,6 +32,7 @@ __all__ = [
     "embeddings_or_default",
     "fixture_name_accuracy",
     "is_fixture_store",
+    "latent_names_or_skip",
     "matryoshka_or_default",
     "naming_model_or_default",
     "open_sae",
@@ -191,13 +194,33 @@ def is_fixture_store(store: ActivationStore) -> bool:
 
 def naming_model_or_default(naming_model: str, store: ActivationStore) -> str:
     """The CLIP that names latents: the notebook parameter, else the fixture's mini-CLIP for a fixture
-    store, the rehearsal CLIP ViT-B/32 for a rehearsal one, and the paper's judge (CLIP ViT-B/32, §7)."""
+    store and the rehearsal CLIP ViT-B/32 for a rehearsal one; "" for any other store (naming then
+    needs ``naming_model``, e.g. the paper's judge ``openai/clip-vit-base-patch32``, §7)."""
     if naming_model:
         return naming_model
     if is_fixture_store(store):
         return "fixture:mini_clip"
-    judge = "openai/clip-vit-base-patch32"
-    return f"rehearsal:{judge}" if str(store.params.get("encoder", "")).startswith("rehearsal:") else judge
+    return (
+        "rehearsal:openai/clip-vit-base-patch32"
+        if str(store.params.get("encoder", "")).startswith("rehearsal:")
+        else ""
+    )
+
+
+def latent_names_or_skip(naming_model: str, vocabulary: list[str], sae, store: ActivationStore, **options: Any):
+    """:func:`~.naming.name_latents` with the default judge and vocabulary of ``store``; with no judge to
+    use (a store of another model and no ``naming_model``), an empty table and a logged note."""
+    from .llava import load_clip_text_image
+    from .naming import NAME_COLUMNS, LatentNames, name_latents
+
+    judge = naming_model_or_default(naming_model, store)
+    if not judge:
+        log.warning("latents are not named: set naming_model (the paper's judge: openai/clip-vit-base-patch32)")
+        return LatentNames(pd.DataFrame(columns=list(NAME_COLUMNS)), {})
+    device = options.get("device", "auto")
+    return name_latents(
+        sae, store, load_clip_text_image(judge, device), vocabulary_or_default(vocabulary, store), **options
+    )
 
 
 def vocabulary_or_default(vocabulary: list[str], store: ActivationStore) -> list[str]:

@@ -228,7 +228,10 @@ def heatmaps_for(
     params: dict, sae, images: Sequence[Image.Image], latents: Sequence[int], *, device: str | torch.device = "auto"
 ) -> PatchHeatmaps | None:
     """Heatmaps with the encoder, hook and block a store was extracted from (its ``params``); ``None``
-    with a logged note for a store of a pooled hook (``post_projection`` has no patches)."""
+    with a logged note for a store of a pooled hook (``post_projection`` has no patches), and ``None``
+    for no latents (nothing to show)."""
+    if not latents or not images:
+        return None
     encoder = _encoder_of(params, device)
     if encoder is None:
         return None

@@ -174,6 +174,19 @@ class LatentNames:
     names: pd.DataFrame  # NAME_COLUMNS, one row per named latent
     top_indices: dict[int, list[int]]  # latent → its top image indices in the store
 
+    def best(self, count: int = 3) -> pd.DataFrame:
+        """The ``count`` names with the highest score."""
+        return self.names.sort_values("score", ascending=False).head(count)
+
+    def example_image(self) -> int:
+        """The top image of the best-named latent (image 0 when nothing was named)."""
+        best = self.best(1)
+        return self.top_indices[int(best.latent.iloc[0])][0] if len(best) else 0
+
+    def labels(self) -> dict[int, str]:
+        """Latent → name."""
+        return {int(j): str(label) for j, label in zip(self.names.latent, self.names.label)}
+
 
 def name_latents(
     sae,
