@@ -190,25 +190,46 @@ def patch_heatmaps(
 ) -> PatchHeatmaps:
     """Codes of ``latents`` on every patch of ``images`` (encoder run once per batch to ``hook`` of
     ``layer``; the SAE on the encoder's device). An SAE of another width, hook or block is refused."""
+    sae = _checked_sae(encoder, sae, hook, layer)
+    chosen = _check_latents(sae, latents)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    parts = []
+    for start in range(0, len(images), batch_size):
+        pixels, tokens = _patch_tokens(encoder, images[start : start + batch_size], hook, layer)
+        parts.append(_grid_codes(sae, pixels, tokens, chosen))
+    return _heatmaps(encoder, chosen, torch.cat(parts), images)
+
+
+def _checked_sae(encoder: VisionEncoder, sae, hook: str, layer: int):
+    """The SAE on the encoder's device, after refusing one of another width, hook or block."""
     width = encoder.output_dim(hook)
     if sae.activation_dim != width:
         raise ValueError(f"SAE reads {sae.activation_dim}-d activations but {encoder.name} {hook} gives {width}-d")
     block = encoder.block_index(layer)
     check_provenance(sae, {"hook": hook, "layer": block}, f"block {block} ({hook}) of {encoder.name}")
-    chosen = _check_latents(sae, latents)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    sae = sae.to(encoder.device).eval()
-    skip, parts = prefix_tokens(encoder), []
-    for start in range(0, len(images), batch_size):
-        pixels = encoder.preprocess([image.convert("RGB") for image in images[start : start + batch_size]])
-        tokens = encoder.capture(pixels, hook, layer)[:, skip:]
-        rows, cols = _grid_shape(pixels, tokens.shape[1])
-        codes = _chosen_codes(sae, tokens.reshape(-1, tokens.shape[-1]).float(), chosen)
-        parts.append(codes.reshape(len(pixels), rows, cols, len(chosen)).permute(0, 3, 1, 2).cpu())
+    return sae.to(encoder.device).eval()
+
+
+def _patch_tokens(
+    encoder: VisionEncoder, images: Sequence[Image.Image], hook: str, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels ``[B, 3, H, W]`` and patch tokens ``[B, P, d]`` (CLS and registers dropped) of ``images``."""
+    pixels = encoder.preprocess([image.convert("RGB") for image in images])
+    return pixels, encoder.capture(pixels, hook, layer)[:, prefix_tokens(encoder) :].float()
+
+
+def _grid_codes(sae, pixels: torch.Tensor, tokens: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    """Codes of the ``chosen`` latents as ``[B, latents, rows, cols]`` grids on the CPU."""
+    rows, cols = _grid_shape(pixels, tokens.shape[1])
+    codes = _chosen_codes(sae, tokens.reshape(-1, tokens.shape[-1]), chosen)
+    return codes.reshape(len(pixels), rows, cols, len(chosen)).permute(0, 3, 1, 2).cpu()
+
+
+def _heatmaps(encoder: VisionEncoder, chosen: list[int], codes: torch.Tensor, images: Sequence[Image.Image]):
+    """Codes with the view box and size of each original image."""
     sizes = [image.size for image in images]
-    boxes = [model_view_box(encoder, w, h) for w, h in sizes]
-    return PatchHeatmaps(chosen, torch.cat(parts), boxes, sizes)
+    return PatchHeatmaps(chosen, codes, [model_view_box(encoder, w, h) for w, h in sizes], sizes)
 
 
 def _encoder_of(params: dict, device: str | torch.device) -> VisionEncoder | None:
@@ -247,11 +268,10 @@ def strongest_latents(
     encoder = _encoder_of(params, device)
     if encoder is None:
         return None
-    sae = sae.to(encoder.device).eval()
-    pixels = encoder.preprocess([image.convert("RGB")])
-    tokens = encoder.capture(pixels, params["hook"], int(params["layer"]))[0, prefix_tokens(encoder) :].float()
-    peak = torch.stack([sae.encode(part).amax(0) for part in tokens.split(TOKEN_CHUNK)]).amax(0)
+    hook, layer = params["hook"], int(params["layer"])
+    sae = _checked_sae(encoder, sae, hook, layer)
+    pixels, tokens = _patch_tokens(encoder, [image], hook, layer)  # one forward serves the choice and the maps
+    peak = torch.stack([sae.encode(part).amax(0) for part in tokens[0].split(TOKEN_CHUNK)]).amax(0)
     chosen = [int(j) for j in peak.topk(min(n, sae.dict_size)).indices if float(peak[j]) > 0]
-    if not chosen:
-        return PatchHeatmaps([], torch.zeros(1, 0, 1, 1), [model_view_box(encoder, *image.size)], [image.size])
-    return patch_heatmaps(encoder, sae, [image], chosen, layer=int(params["layer"]), hook=params["hook"])
+    codes = _grid_codes(sae, pixels, tokens, chosen) if chosen else torch.zeros(1, 0, 1, 1)
+    return _heatmaps(encoder, chosen, codes, [image])

@@ -30,6 +30,7 @@ __all__ = [
     "name_by_steering",
     "name_by_vocabulary",
     "name_latents",
+    "random_images",
     "random_name_accuracy",
 ]
 
@@ -95,7 +96,20 @@ def attribute_vocabulary() -> list[str]:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _baseline_scores(judge, baseline_images: Sequence, text: torch.Tensor) -> torch.Tensor:
+    """Cosines ``[R, V]`` of the baseline images with each word: what a name scores on any image."""
+    if not baseline_images:
+        raise ValueError("baseline_images is empty: the score compares with random images of the same set")
+    return _unit(judge.embed_images(list(baseline_images))) @ text.T
+
+
+def random_images(load, count: int, n: int, seed: int = 0) -> list:
+    """``n`` of ``count`` images (``load(i)``) drawn without replacement with ``seed``: a score's baseline."""
+    picks = np.random.default_rng(seed).choice(count, min(n, count), replace=False)
+    return [load(int(i)) for i in picks]
 
 
 def name_by_vocabulary(
@@ -112,13 +126,11 @@ def name_by_vocabulary(
     words = list(dict.fromkeys(str(w) for w in vocabulary))
     if len(words) < 2:
         raise ValueError(f"the vocabulary needs at least two distinct words, got {words}")
-    if not baseline_images:
-        raise ValueError("baseline_images is empty: the score compares with random images of the same set")
     latents = list(range(len(top_images))) if latents is None else [int(j) for j in latents]
     if len(latents) != len(top_images):
         raise ValueError(f"{len(latents)} latents but {len(top_images)} lists of top images")
-    text = _unit(judge.embed_text(words).float())
-    baseline = _unit(judge.embed_images(list(baseline_images)).float()) @ text.T  # [R, V]
+    text = _unit(judge.embed_text(words))
+    baseline = _baseline_scores(judge, baseline_images, text)
     rows = []
     for latent, images in zip(latents, top_images):
         embedded = _top_embeddings(judge, latent, images)
@@ -135,7 +147,7 @@ def _top_embeddings(judge, latent: int, images: Sequence) -> torch.Tensor:
     """Unit CLIP embeddings of a latent's top images (at least one)."""
     if not images:
         raise ValueError(f"latent {latent} has no top images to name it by")
-    return _unit(judge.embed_images(list(images)).float())
+    return _unit(judge.embed_images(list(images)))
 
 
 def name_by_steering(
@@ -144,14 +156,12 @@ def name_by_steering(
     """Names from steering (chapter 5): each latent's name is the first word of the MLLM's answer on
     the white image with the latent clamped (§7 of the paper's protocol), scored as the vocabulary
     names are — ``mean cos(word, top images) − mean cos(word, baseline images)``."""
-    if not baseline_images:
-        raise ValueError("baseline_images is empty: the score compares with random images of the same set")
     from .generation import verbatim_first_word
 
     latents = list(answers)
     words = [verbatim_first_word(answers[j]) for j in latents]
-    text = _unit(judge.embed_text(words).float())
-    baseline = _unit(judge.embed_images(list(baseline_images)).float()) @ text.T
+    text = _unit(judge.embed_text(words))
+    baseline = _baseline_scores(judge, baseline_images, text)
     rows = []
     for i, latent in enumerate(latents):
         embedded = _top_embeddings(judge, latent, top_images[latent])
@@ -217,10 +227,8 @@ def name_latents(
         raise ValueError(f"no latent fires on {top_k} images of {store.path}: nothing to name")
     load = store_image_loader(store)
     tops = {j: [int(i) for i in top.indices[j].tolist()] for j in live}
-    picks = np.random.default_rng(seed).choice(len(store.image_ids), min(baseline_images, len(store.image_ids)), False)
-    names = name_by_vocabulary(
-        judge, [[load(i) for i in tops[j]] for j in live], vocabulary, [load(int(i)) for i in picks], live
-    )
+    baseline = random_images(load, len(store.image_ids), baseline_images, seed)
+    names = name_by_vocabulary(judge, [[load(i) for i in tops[j]] for j in live], vocabulary, baseline, live)
     return LatentNames(names, tops)
 
 

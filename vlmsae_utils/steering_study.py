@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -344,13 +343,12 @@ def alpha_sweep(
 def steering_names(study: SteeringStudy, table: pd.DataFrame, baseline_images: int = 64, seed: int = 0) -> pd.DataFrame:
     """The swept latents named by their answer at the largest α, scored against ``baseline_images``
     random training images; writes `LATENT_NAMES_FILE`."""
-    from .naming import name_by_steering
+    from .naming import name_by_steering, random_images
 
     alpha = max(c for c in table.columns if isinstance(c, (int, float)))
     tops = {j: [study.load_train(i) for i in study.top.indices[j].tolist() if i >= 0] for j in table.index}
-    count = len(study.train.image_ids)
-    picks = np.random.default_rng(seed).choice(count, min(baseline_images, count), replace=False)
-    names = name_by_steering(study.clip, table[alpha].to_dict(), tops, [study.load_train(int(i)) for i in picks])
+    baseline = random_images(study.load_train, len(study.train.image_ids), baseline_images, seed)
+    names = name_by_steering(study.clip, table[alpha].to_dict(), tops, baseline)
     names.to_csv(study.out / LATENT_NAMES_FILE, index=False)
     return names
 
