@@ -73,7 +73,8 @@ TYPED := -p vlmsae_utils.sae -p vlmsae_utils.train -m vlmsae_utils.train_config 
 	-m vlmsae_utils.executor_jobs -m vlmsae_utils.executor_local -m vlmsae_utils.executor_slurm \
 	-m vlmsae_utils.executor_config -m vlmsae_utils.run -m vlmsae_utils.runner -m vlmsae_utils.cli \
 	-m vlmsae_utils.fixtures -m vlmsae_utils.fixtures.fit -m vlmsae_utils.fixtures.__main__ \
-	-m vlmsae_utils.heatmaps -m vlmsae_utils.benchmark
+	-m vlmsae_utils.heatmaps -m vlmsae_utils.benchmark -m vlmsae_utils.data -m vlmsae_utils.gpu_decode \
+	-m vlmsae_utils.extract -m vlmsae_utils.vision_encoder
 typecheck: install
 	$(VENV)/bin/mypy $(TYPED)
 

@@ -112,10 +112,18 @@ def bench_decode_workers(per_class: int = 16, batch_size: int = 32) -> None:
 
 
 def time_extraction(
-    tmp: Path, encoder_name: str, dataset, layer: int, device: str, model_dtype: str = "auto", batch_size: int = 8
+    tmp: Path,
+    encoder_name: str,
+    dataset,
+    layer: int,
+    device: str,
+    model_dtype: str = "auto",
+    batch_size: int = 8,
+    decode: str = "cpu",
+    num_workers: int = 2,
 ) -> dict:
-    """Seconds of ``extract_activations`` end to end (decode, preprocess, forward, store; 2 workers)
-    against the bare forward on the same images' pixels preloaded on the device (best of 2 each)."""
+    """Seconds of ``extract_activations`` end to end (decode, preprocess, forward, store) against the
+    bare forward on the same images' pixels preloaded on the device (best of 2 each)."""
     from vlmsae_utils.device import cuda_synchronize, resolve_device
 
     dev = resolve_device(device)
@@ -139,7 +147,8 @@ def time_extraction(
             tmp / f"full{next(runs)}",
             layer=layer,
             batch_size=batch_size,
-            num_workers=2,
+            num_workers=num_workers,
+            decode=decode,
             progress=False,
         )
         cuda_synchronize(dev)

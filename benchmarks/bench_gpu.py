@@ -6,6 +6,8 @@ the card's name. Parts, each timed against a baseline measured in the same proce
 
 - ``extract``: extraction end to end (decode, preprocess, forward, store) vs the bare forward on
   preloaded pixels, float32 and float16 (rehearsal CLIP ViT-L/14-336, block 22; goal ≥ 0.9).
+- ``decode``: ``decode: gpu`` vs the default CPU workers — JPEG decode + preprocessing alone, and on
+  CUDA the whole extraction with each.
 - ``train``: one Matryoshka training step vs one encoder GEMM (d = 1024, ε = 64, B = 4096, k = 20),
   float32 and bf16 autocast (goal ≤ 1.5x).
 - ``ms``: MS + top-16 in one pass vs one [K,N]x[N,D] GEMM (N = 10,000, K = 65,536, D = 1024).
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 FIELDS = ("card", "part", "measure", "seconds", "baseline", "baseline_seconds", "ratio", "goal", "status")
 #: Seconds each part may take at full size (sum 480 s: the whole run stays under 8 minutes).
-LIMITS_S = {"extract": 90, "train": 120, "ms": 90, "uniqueness": 45, "steer": 135}
+LIMITS_S = {"extract": 75, "decode": 60, "train": 105, "ms": 80, "uniqueness": 40, "steer": 120}
 
 
 def _sig(x: float) -> float:
@@ -76,6 +78,42 @@ def part_extract(device: str, tiny: bool) -> list[dict]:
             measure = f"{r['images']} images end to end ({dtype})"
             base = "bare forward, preloaded pixels"
             rows.append(_row("extract", measure, r["ours_s"], base, r["bare_s"], "≤ 1.11x (≥ 0.9 of bare)"))
+    return rows
+
+
+def part_decode(device: str, tiny: bool) -> list[dict]:
+    """``decode: gpu`` against the default CPU workers: the decode and preprocessing of JPEGs alone
+    (tensor path on the device vs PIL + processor, one process), and on CUDA the whole extraction."""
+    from bench_extract import best_of, time_extraction
+
+    from vlmsae_utils import data, encoders, extract, gpu_decode
+    from vlmsae_utils.device import cuda_synchronize, resolve_device
+    from vlmsae_utils.rehearsal import rehearsal_images
+
+    dataset = data.ImageFolderDataset(rehearsal_images(64 if tiny else 384, 2 if tiny else 8), "train")
+    name = "fixture:clip" if tiny else "rehearsal:openai/clip-vit-large-patch14-336"
+    dev = resolve_device(device)
+    encoder = encoders.load_encoder(name, dev)
+    paths = [r.path for r in dataset.records]
+    to_device = gpu_decode.DevicePixels(gpu_decode.pixel_recipe(encoder.processor), dev)
+
+    def on_device() -> None:
+        to_device([gpu_decode.read_raw(p) for p in paths], list(range(len(paths))), dataset.records)
+        cuda_synchronize(dev)
+
+    def pil() -> None:
+        encoder.processor([data.load_image(p) for p in paths])
+
+    on_device()  # warm-up (CUDA context, decoder)
+    rows = [_row("decode", f"{len(paths)} JPEGs decoded + preprocessed on {dev.type}", best_of(2, on_device),
+                 "PIL + processor, one CPU process", best_of(2, pil))]  # fmt: skip
+    if dev.type == "cuda":
+        workers = extract.default_num_workers()
+        with tempfile.TemporaryDirectory() as tmp:
+            gpu = time_extraction(Path(tmp), name, dataset, 22, device, decode="gpu", num_workers=workers)
+            cpu = time_extraction(Path(tmp), name, dataset, 22, device, decode="cpu", num_workers=workers)
+        measure = f"{gpu['images']} images end to end, decode: gpu"
+        rows.append(_row("decode", measure, gpu["ours_s"], f"decode: cpu, {workers} workers", cpu["ours_s"]))
     return rows
 
 
@@ -158,6 +196,7 @@ def part_steer(device: str, tiny: bool) -> list[dict]:
 
 PARTS: dict[str, Callable[[str, bool], list[dict]]] = {
     "extract": part_extract,
+    "decode": part_decode,
     "train": part_train,
     "ms": part_ms,
     "uniqueness": part_uniqueness,

@@ -51,6 +51,24 @@ def test_extraction_on_cuda_matches_cpu(fixture, tmp_path):
     assert relative < 1e-2, f"float16 extraction differs by {relative:.2e} (relative norm)"
 
 
+def test_gpu_decoding_matches_cpu_workers_on_jpegs(tmp_path):
+    """``decode: gpu`` (nvJPEG + tensor preprocessing) against PIL workers on generated JPEGs: the
+    same images kept, rows within resampling and IDCT noise (5 % of the smallest row norm)."""
+    from vlmsae_utils import data
+    from vlmsae_utils.rehearsal import rehearsal_images
+
+    dataset = data.ImageFolderDataset(rehearsal_images(64), "train")
+    stores = {
+        decode: extract.extract_activations(
+            "fixture:clip", dataset, tmp_path / decode, batch_size=8, device="cuda", decode=decode, progress=False
+        )
+        for decode in ("cpu", "gpu")
+    }
+    assert stores["gpu"].image_ids == stores["cpu"].image_ids and not stores["gpu"].skipped
+    ours, theirs = stores["gpu"].to_tensor(), stores["cpu"].to_tensor()
+    assert (ours - theirs).norm(dim=1).max() < 0.05 * theirs.norm(dim=1).min()
+
+
 def test_ms_and_top_k_on_cuda_match_cpu():
     generator = torch.Generator().manual_seed(0)
     acts = torch.relu(torch.randn(3000, 512, generator=generator))

@@ -115,6 +115,7 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
         ({"tokens": "cls_and_mean"}, "tokens: 'cls_and_mean' is not valid"),
         ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
         ({"num_workers": -1}, "num_workers: must be at least 0, got -1"),
+        ({"decode": "nvjpeg"}, "decode: 'nvjpeg' is not valid; valid: cpu, gpu"),
         ({"hierarchy": {"group_fractions": [[1]]}}, "hierarchy: "),
         ({"hierarchy": {"group_fractions": [0.5, 0.4]}}, "hierarchy: "),
         ({"hierarchy": {"top_k": 1}}, "hierarchy.top_k: the LCA depth needs image pairs"),
@@ -255,6 +256,21 @@ def test_device_reaches_every_run_but_not_its_fingerprint(tmp_path):
     on_cpu = sweep.expand(sweep.load_config(_config(tmp_path, device="cpu", model_dtype="bfloat16", num_workers=0)))
     root = tmp_path / "root"
     assert [sweep._fingerprint(a, root) for a in runs] == [sweep._fingerprint(b, root) for b in on_cpu]
+
+
+def test_gpu_decoding_reaches_extractions_and_their_fingerprint(tmp_path):
+    """``decode: gpu`` changes the pixels (resampling round-off), so unlike ``device`` it is part of
+    the extraction's fingerprint; left unset, runs keep the parameters (and fingerprints) they had."""
+    plain = sweep.expand(sweep.load_config(_config(tmp_path)))
+    on_gpu = sweep.expand(sweep.load_config(_config(tmp_path, decode="gpu")))
+    assert {r.parameters.get("decode") for r in on_gpu if r.kind == "extract"} == {"gpu"}
+    assert all("decode" not in r.parameters for r in plain + [r for r in on_gpu if r.kind != "extract"])
+    extraction = next(r for r in on_gpu if r.kind == "extract")
+    ipynb = run.to_ipynb(run.find_notebook(extraction.notebook), tmp_path / "01.ipynb")
+    run.check_parameters(ipynb, extraction.parameters)
+    root = tmp_path / "root"
+    pairs = [(a, b) for a, b in zip(plain, on_gpu) if a.kind == "extract"]
+    assert pairs and all(sweep._fingerprint(a, root) != sweep._fingerprint(b, root) for a, b in pairs)
 
 
 def test_device_key_must_be_a_string(tmp_path):

@@ -8,6 +8,7 @@ crashing a long extraction or silently vanishing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DECODE_CHOICES",
     "EXIF_TRANSPOSE_ENV",
     "FLAT_CLASS",
     "IMAGE_EXTENSIONS",
@@ -33,6 +35,7 @@ __all__ = [
     "is_image_file",
     "load_batch",
     "load_image",
+    "open_image",
     "to_rgb",
 ]
 
@@ -43,6 +46,10 @@ FLAT_CLASS = ""  # class name of images in a flat folder (no class sub-folders)
 #: ``VLMSAE_EXIF_TRANSPOSE=1`` turns photos upright by their EXIF orientation, as a viewer shows
 #: them; unset or ``0`` (default) reads the pixels as stored, as the authors' loader does.
 EXIF_TRANSPOSE_ENV = "VLMSAE_EXIF_TRANSPOSE"
+#: How extraction decodes images: ``cpu``, PIL and the model's processor in DataLoader workers (the
+#: default, as the authors); ``gpu``, JPEGs decoded and preprocessed on the encoder's CUDA device
+#: (:mod:`.gpu_decode`).
+DECODE_CHOICES = ("cpu", "gpu")
 
 
 def exif_transpose_enabled() -> bool:
@@ -116,9 +123,22 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike, exif_transpose: bool | None = None) -> Image.Image:
     """Open, fully decode and convert one image to RGB, or raise :class:`ImageLoadError`; EXIF
     orientation is applied when ``exif_transpose`` (``None``: :func:`exif_transpose_enabled`)."""
-    path = Path(path)
     if exif_transpose is None:
         exif_transpose = exif_transpose_enabled()
+    with open_image(path) as image:
+        image.load()
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        if image.width == 0 or image.height == 0:
+            raise ImageLoadError(Path(path), "zero-sized image")
+        return to_rgb(image)
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Open one image lazily (header read); every failure, also in the ``with`` body, becomes an
+    :class:`ImageLoadError` with a reason (empty, not an image, truncated, too large, …)."""
+    path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -129,12 +149,7 @@ def load_image(path: str | os.PathLike, exif_transpose: bool | None = None) -> I
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()
-                if exif_transpose:
-                    image = ImageOps.exif_transpose(image)
-                if image.width == 0 or image.height == 0:
-                    raise ImageLoadError(path, "zero-sized image")
-                return to_rgb(image)
+                yield image
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

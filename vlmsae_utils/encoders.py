@@ -11,6 +11,7 @@ hook point's output by any callable, which is how SAEs are spliced into a model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,9 @@ def model_source(name_or_path: str | Path) -> str:
 
 
 def load_encoder(
-    name_or_path: str | Path, device: str | torch.device | None = "auto", model_dtype: str | torch.dtype | None = "auto"
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = "auto",
+    model_dtype: str | torch.dtype | None = "auto",
 ) -> VisionEncoder:
     """Load a frozen vision encoder from a hub id, ``open_clip:ARCH/TAG``, a local folder,
     ``fixture:NAME`` (a tiny model of the embedded fixture) or ``rehearsal:HUB_ID``.

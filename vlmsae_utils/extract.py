@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,12 +25,14 @@ from . import encoders as enc
 from . import hooks
 from .data import ImageFolderDataset, exif_transpose_enabled, load_batch
 from .device import resolve_device, resolve_model_dtype
+from .gpu_decode import DevicePixels, RawBatches, check_decode, pixel_recipe
 from .io import check_writable
 from .paths import portable_path
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
 
 __all__ = [
     "DEFAULT_SHARD_BATCHES",
+    "batch_loader",
     "batch_rows",
     "check_num_workers",
     "decoded_batches",
@@ -137,7 +140,7 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def extract_activations(
-    encoder: enc.VisionEncoder | str,
+    encoder: enc.VisionEncoder | str | os.PathLike,
     dataset: ImageFolderDataset,
     out_dir: str | os.PathLike,
     *,
@@ -155,12 +158,14 @@ def extract_activations(
     num_workers: int | None = None,
     device: str | torch.device | None = "auto",
     model_dtype: str | torch.dtype | None = "auto",
+    decode: str = "cpu",
 ) -> ActivationStore | None:
     """Write the activations of ``encoder`` on ``dataset`` to a store in ``out_dir`` and open it.
 
     ``dtype`` is how rows are stored on disk; ``device`` and ``model_dtype`` apply when
     ``encoder`` is given by name (a loaded encoder keeps its own). ``num_workers`` DataLoader
     workers decode images (``None``: ``min(8, cpu count)``); the store does not depend on it.
+    ``decode="gpu"`` decodes JPEGs on the encoder's CUDA device instead (:mod:`.gpu_decode`).
     Reruns with the same parameters resume (or return the finished store); other parameters
     are refused. With several processes, every rank returns the store once all are done
     (``torch.distributed`` initialised) or ``None`` while other ranks are still writing.
@@ -170,13 +175,14 @@ def extract_activations(
         dev = resolve_device(device)
         encoder = enc.load_encoder(encoder, dev, resolve_model_dtype(model_dtype, dev))
     validate_extraction(encoder, hook, layer, tokens, random_k, dtype, batch_size)
+    check_decode(decode, encoder.device)
     rank, world_size = _distributed(rank, world_size)
     shard_images = shard_images or batch_size * DEFAULT_SHARD_BATCHES
     if shard_images % batch_size:
         raise ValueError(f"shard_images ({shard_images}) must be a multiple of batch_size ({batch_size})")
     writer = StoreWriter(
         check_writable(out_dir),
-        _plan(encoder, dataset, hook, layer, tokens, random_k, dtype, batch_size, shard_images, seed),
+        _plan(encoder, dataset, hook, layer, tokens, random_k, dtype, batch_size, shard_images, seed, decode),
     )
     writer.begin()
     _forget_changed_images(writer, dataset, rank, world_size)
@@ -197,6 +203,7 @@ def _plan(
     batch_size: int,
     shard_images: int,
     seed: int,
+    decode: str = "cpu",
 ) -> StorePlan:
     """The store plan: parameters that fix the content, the image list, the sharding."""
     block = encoder.block_index(layer) if hooks.hook_spec(hook).per_block else None
@@ -216,6 +223,8 @@ def _plan(
         params["image_backend"] = encoder.preprocessing
     if exif_transpose_enabled():  # recorded only when on: stores read as stored keep their fingerprint
         params["exif_transpose"] = True
+    if decode != "cpu":  # GPU decoding resamples slightly differently: recorded, and only then
+        params["decode"] = decode
     return StorePlan(
         params,
         dataset.image_ids,
@@ -259,9 +268,14 @@ def decoded_batches(
     dataset: ImageFolderDataset, preprocess, work: list[tuple[int, list[int]]], num_workers: int, pin_memory: bool
 ) -> DataLoader:
     """An in-order DataLoader over decoded batches; workers prefetch two batches each."""
-    extra = {"prefetch_factor": 2, "persistent_workers": False} if num_workers > 0 else {}
+    return batch_loader(_DecodedBatches(dataset, preprocess, work), num_workers, pin_memory)
+
+
+def batch_loader(source: Dataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    """An in-order DataLoader whose items are whole batches of ``source``; workers prefetch two each."""
+    extra: dict[str, Any] = {"prefetch_factor": 2, "persistent_workers": False} if num_workers > 0 else {}
     return DataLoader(
-        _DecodedBatches(dataset, preprocess, work),
+        source,
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
@@ -287,14 +301,18 @@ def _write_my_shards(
     work = _batch_plan(plan, todo, params["batch_size"])
     remaining = {s: sum(1 for shard, _ in work if shard == s) for s in todo}
     pending: dict[int, tuple[list, list, list]] = {s: ([], [], []) for s in todo}
-    loader = decoded_batches(
-        dataset, encoder.processor, work, min(num_workers, len(work)), pin_memory=encoder.device.type == "cuda"
-    )
+    on_device = params.get("decode") == "gpu"
+    source = RawBatches(dataset, work) if on_device else _DecodedBatches(dataset, encoder.processor, work)
+    finish = DevicePixels(pixel_recipe(encoder.processor), encoder.device) if on_device else None
+    loader = batch_loader(source, min(num_workers, len(work)), pin_memory=encoder.device.type == "cuda")
     stamps = {s: dataset.stamps(plan.shard_range(s)) for s in todo}  # before reading: a later change is seen
     total = sum(len(plan.shard_range(s)) for s in todo)
     with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
         for shard, pixels, good, bad in loader:
             rows, kept, skipped = pending[shard]
+            if finish is not None and good:
+                pixels, good, refused = finish(pixels, good, dataset.records)
+                bad = bad + refused
             skipped += bad
             if pixels is not None:
                 out = batch_rows(
@@ -365,6 +383,7 @@ def extract_share(params: dict, rank: int, world_size: int, local_rank: int = 0)
         dtype=params["dtype"],
         batch_size=params["batch_size"],
         num_workers=params.get("num_workers"),
+        decode=params.get("decode", "cpu"),
         rank=rank,
         world_size=world_size,
         progress=False,

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .data import DECODE_CHOICES
 from .executor_config import ExecutorConfig, parse_executor
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK, block_hooks, steerable_hooks
 from .io import read_yaml
@@ -54,6 +55,7 @@ TOP_KEYS = {
     "device": str,
     "model_dtype": str,
     "num_workers": int,
+    "decode": str,
     "hook": str,
     "executor": dict,
 }
@@ -184,6 +186,7 @@ def _check_run_values(config: dict[str, Any], where: str) -> None:
         ),
         "dtype": (config.get("dtype", "float32") in DTYPES, ", ".join(DTYPES)),
         "tokens": (config.get("tokens", "cls") in TOKEN_MODES, ", ".join(TOKEN_MODES)),
+        "decode": (config.get("decode", "cpu") in DECODE_CHOICES, ", ".join(DECODE_CHOICES)),
     }
     for key, (ok, valid) in choices.items():
         if not ok:

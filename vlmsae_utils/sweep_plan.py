@@ -209,12 +209,15 @@ def _score_run(
 
 
 def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
-    """Every notebook gets the sweep's ``device``; extraction also its ``model_dtype`` and ``num_workers``."""
+    """Every notebook gets the sweep's ``device``; extraction also its ``model_dtype``, ``num_workers``
+    and ``decode``."""
     run.parameters.setdefault("device", config.get("device", "auto"))
     if run.kind in ("extract", "embed"):
         run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
         if "num_workers" in config:
             run.parameters.setdefault("num_workers", config["num_workers"])
+    if run.kind == "extract" and "decode" in config:  # set only when asked: finished sweeps keep their fingerprints
+        run.parameters.setdefault("decode", config["decode"])
     if run.kind == "steer":
         run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
 

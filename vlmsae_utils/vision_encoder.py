@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -81,8 +82,8 @@ class VisionEncoder:
         """Pixels moved to the model's device (asynchronously from pinned memory) and precision."""
         return pixel_values.to(self.device, self.dtype, non_blocking=True)
 
-    def block_index(self, layer: int) -> int:
-        """0-based block index; negative counts from the end, like Python lists."""
+    def block_index(self, layer: int | None) -> int:
+        """0-based block index; negative counts from the end, like Python lists (``None`` is refused)."""
         if not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
             raise ValueError(
                 f"layer {layer!r} is out of range for {self.name}: it has {self.num_layers} blocks, "
@@ -98,7 +99,8 @@ class VisionEncoder:
     def _run(self, pixel_values: torch.Tensor) -> None:
         """Full forward pass of the vision model (outputs are taken by hooks)."""
         if self.family == "open_clip":
-            self.model.encode_image(pixel_values)
+            encode_image = cast(Callable, self.model.encode_image)  # open_clip's CLIP; nn.Module to the checker
+            encode_image(pixel_values)
         else:
             self.model(pixel_values=pixel_values)
 
