@@ -2,8 +2,9 @@
 
 CLIP ViT-L/14-336 (577 tokens, width 1024) at block 22 with a random ×64 Matryoshka SAE (65,536
 latents): patch heatmaps of 8 latents on 4 images, the 5 strongest latents of one image, and
-vocabulary names of 64 latents (16 top images each) with the CLIP ViT-B/32 judge over ImageNet's
-1,000 class names plus the colour and texture words. Time and peak resident memory of each part,
+vocabulary names of 64 latents (16 top images each, one by one) and of all 65,536 latents (16 top
+images each drawn from ``--distinct-images`` images, each embedded once) with the CLIP ViT-B/32 judge
+over ImageNet's 1,000 class names plus the colour and texture words. Time and peak resident memory of each part,
 against one forward pass of the encoder on the same images (the floor of a heatmap).
 
     python benchmarks/bench_heatmaps.py --full-width        # the paper's widths (minutes on 2 CPU cores)
@@ -36,11 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-width", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--distinct-images", type=int, default=1000, help="images the top images are drawn from")
     args = parser.parse_args()
     from vlmsae_utils.encoders import load_encoder
     from vlmsae_utils.heatmaps import patch_heatmaps, strongest_latents
     from vlmsae_utils.llava import load_clip_text_image
-    from vlmsae_utils.naming import attribute_vocabulary, name_by_vocabulary
+    from vlmsae_utils.naming import attribute_vocabulary, name_by_vocabulary, name_top_images
     from vlmsae_utils.sae import make_sae
 
     if args.full_width:
@@ -78,7 +80,12 @@ def main() -> None:
     tops = [_images(16, seed) for seed in range(1, 9)] * 8  # 64 latents, 16 top images each
     start = time.perf_counter()
     names = name_by_vocabulary(judge, tops, words, _images(64, 99))
-    rows[f"names of {len(names)} latents over {len(set(words))} words"] = time.perf_counter() - start
+    rows[f"names of {len(names)} latents, one by one"] = time.perf_counter() - start
+    pool = _images(args.distinct_images, 7)  # every latent's 16 top images drawn from these
+    picks = np.random.default_rng(0).integers(0, len(pool), (sae.dict_size, 16))
+    start = time.perf_counter()
+    everyone = name_top_images(judge, pool.__getitem__, dict(enumerate(picks.tolist())), words, _images(64, 99))
+    rows[f"names of all {len(everyone):,} latents ({len(pool)} images)"] = time.perf_counter() - start
     print(
         f"{model} block {layer}, SAE {sae.dict_size:,} latents, grid {tuple(maps.codes.shape[-2:])}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"

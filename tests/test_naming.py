@@ -58,6 +58,27 @@ def test_fixture_latents_are_named_by_the_attribute_their_top_images_share(fixtu
     sae, judge = defaults.default_sae(), load_clip_text_image("fixture:mini_clip", device="cpu")
     first = name_latents(sae, store, judge, vocabulary, order=range(sae.dict_size - 1, -1, -1), limit=3, device="cpu")
     assert list(first.names.latent) == sorted(named.names.latent, reverse=True)[:3]  # in the order given, 3 of them
+    # each distinct top image embedded once, names and scores as latent-by-latent naming gives them
+    from vlmsae_utils.naming import random_images
+    from vlmsae_utils.scoring import store_image_loader
+
+    embedded = []
+    counting = ClipTextImage(
+        judge.embed_text, lambda images: embedded.append(len(images)) or judge.embed_images(images)
+    )
+    once = name_latents(sae, store, counting, vocabulary, limit=12, device="cpu")
+    distinct = {i for tops in once.top_indices.values() for i in tops}
+    assert sum(embedded) == len(distinct) + 64 < 16 * len(once.names) + 64  # + the 64 baseline images
+    load = store_image_loader(store)
+    one_by_one = name_by_vocabulary(
+        judge,
+        [[load(i) for i in once.top_indices[j]] for j in once.names.latent],
+        vocabulary,
+        random_images(load, len(store.image_ids), 64, 0),
+        list(once.names.latent),
+    )
+    assert list(once.names.label) == list(one_by_one.label) and list(once.names.runner_up) == list(one_by_one.runner_up)
+    assert once.names.score.to_numpy() == pytest.approx(one_by_one.score.to_numpy(), abs=1e-5)
 
 
 def test_a_steered_answer_names_its_latent_scored_like_a_vocabulary_name():

@@ -13,6 +13,7 @@ Cimpoi et al. 2014), or any list the caller gives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "name_by_steering",
     "name_by_vocabulary",
     "name_latents",
+    "name_top_images",
     "random_images",
     "random_name_accuracy",
 ]
@@ -99,11 +101,39 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-def _baseline_scores(judge, baseline_images: Sequence, text: torch.Tensor) -> torch.Tensor:
-    """Cosines ``[R, V]`` of the baseline images with each word: what a name scores on any image."""
+def _baseline_means(judge, baseline_images: Sequence, text: torch.Tensor) -> torch.Tensor:
+    """Mean cosine ``[V]`` of the baseline images with each word: what a name scores on any image."""
     if not baseline_images:
         raise ValueError("baseline_images is empty: the score compares with random images of the same set")
-    return _unit(judge.embed_images(list(baseline_images))) @ text.T
+    return (_unit(judge.embed_images(list(baseline_images))) @ text.T).mean(0)
+
+
+def _fit(tops: torch.Tensor, words: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Scores ``[L]``: mean cosine of each latent's word ``words [L, d]`` with its unit top-image
+    embeddings ``tops [L, k, d]``, minus that word's mean cosine with the baseline images (``[L]``)."""
+    return torch.einsum("lkd,ld->lk", tops, words).mean(1) - baseline
+
+
+def _vocabulary_rows(
+    latents: Sequence[int], tops: torch.Tensor, words: list[str], text: torch.Tensor, baseline: torch.Tensor
+) -> list[dict]:
+    """Names of latents with unit top-image embeddings ``tops [L, k, d]``: the word nearest their mean
+    embedding, its score (:func:`_fit`) and the runner-up."""
+    ranking = (_unit(tops.mean(1)) @ text.T).topk(2, dim=1).indices
+    best, second = ranking[:, 0], ranking[:, 1]
+    scores = _fit(tops, text[best], baseline[best])
+    return [
+        {"latent": int(j), "label": words[b], "score": float(v), "method": "vocabulary", "runner_up": words[r]}
+        for j, b, r, v in zip(latents, best.tolist(), second.tolist(), scores.tolist())
+    ]
+
+
+def _words_and_text(judge, vocabulary: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct words of ``vocabulary`` (at least two) and their unit text embeddings."""
+    words = list(dict.fromkeys(str(w) for w in vocabulary))
+    if len(words) < 2:
+        raise ValueError(f"the vocabulary needs at least two distinct words, got {words}")
+    return words, _unit(judge.embed_text(words))
 
 
 def random_images(load, count: int, n: int, seed: int = 0) -> list:
@@ -123,23 +153,14 @@ def name_by_vocabulary(
     of its top images (``top_images[i]``: PIL images of latent ``latents[i]``), the runner-up, and the
     score ``mean cos(word, top images) − mean cos(word, baseline images)``. ``judge`` embeds texts
     and images (:class:`~.llava.ClipTextImage`)."""
-    words = list(dict.fromkeys(str(w) for w in vocabulary))
-    if len(words) < 2:
-        raise ValueError(f"the vocabulary needs at least two distinct words, got {words}")
+    words, text = _words_and_text(judge, vocabulary)
     latents = list(range(len(top_images))) if latents is None else [int(j) for j in latents]
     if len(latents) != len(top_images):
         raise ValueError(f"{len(latents)} latents but {len(top_images)} lists of top images")
-    text = _unit(judge.embed_text(words))
-    baseline = _baseline_scores(judge, baseline_images, text)
+    baseline = _baseline_means(judge, baseline_images, text)
     rows = []
     for latent, images in zip(latents, top_images):
-        embedded = _top_embeddings(judge, latent, images)
-        ranking = (_unit(embedded.mean(0)) @ text.T).argsort(descending=True)
-        best, second = int(ranking[0]), int(ranking[1])
-        score = float((embedded @ text[best]).mean() - baseline[:, best].mean())
-        rows.append(
-            {"latent": latent, "label": words[best], "score": score, "method": "vocabulary", "runner_up": words[second]}
-        )
+        rows += _vocabulary_rows([latent], _top_embeddings(judge, latent, images)[None], words, text, baseline)
     return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
 
 
@@ -161,11 +182,11 @@ def name_by_steering(
     latents = list(answers)
     words = [verbatim_first_word(answers[j]) for j in latents]
     text = _unit(judge.embed_text(words))
-    baseline = _baseline_scores(judge, baseline_images, text)
+    baseline = _baseline_means(judge, baseline_images, text)
     rows = []
     for i, latent in enumerate(latents):
-        embedded = _top_embeddings(judge, latent, top_images[latent])
-        score = float((embedded @ text[i]).mean() - baseline[:, i].mean())
+        tops = _top_embeddings(judge, latent, top_images[latent])[None]
+        score = float(_fit(tops, text[i : i + 1], baseline[i : i + 1]))
         rows.append({"latent": latent, "label": words[i], "score": score, "method": "steering", "runner_up": ""})
     return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
 
@@ -183,6 +204,12 @@ class LatentNames:
 
     names: pd.DataFrame  # NAME_COLUMNS, one row per named latent
     top_indices: dict[int, list[int]]  # latent → its top image indices in the store
+    seconds: float = 0.0  # time the naming took (top images, embeddings, names)
+
+    def summary(self) -> str:
+        """One line: how many latents were named from how many distinct images, in how long."""
+        distinct = len({i for tops in self.top_indices.values() for i in tops})
+        return f"named {len(self.names):,} latents from {distinct:,} distinct top images in {self.seconds:.1f} s"
 
     def best(self, count: int = 3) -> pd.DataFrame:
         """The ``count`` names with the highest score."""
@@ -213,12 +240,14 @@ def name_latents(
 ) -> LatentNames:
     """Vocabulary names of the latents of ``sae`` whose ``top_k``-th activation on ``store`` (one row
     per image) is positive — the latents the paper shows exemplars of (§5) — taken in ``order`` (e.g.
-    by MS; default: by index) and at most ``limit`` of them (naming embeds ``top_k`` images per latent:
-    all 65,536 latents of a ×64 SAE take hours on a CPU); the score's baseline is ``baseline_images``
-    images of the store drawn with ``seed``."""
+    by MS; default: by index) and at most ``limit`` of them (``None``: all). Each distinct top image
+    is embedded once, however many latents share it, and the names are chosen for blocks of latents
+    at once, so naming all latents costs about one embedding of the images that are someone's top
+    image; the score's baseline is ``baseline_images`` images of the store drawn with ``seed``."""
     from .exemplars import top_k_images
     from .scoring import per_image, sae_codes, store_image_loader
 
+    started = time.perf_counter()
     store = per_image(store)
     top = top_k_images(sae_codes(sae, store, device=device), top_k, device=device)
     candidates = range(sae.dict_size) if order is None else [int(j) for j in order]
@@ -228,8 +257,48 @@ def name_latents(
     load = store_image_loader(store)
     tops = {j: [int(i) for i in top.indices[j].tolist()] for j in live}
     baseline = random_images(load, len(store.image_ids), baseline_images, seed)
-    names = name_by_vocabulary(judge, [[load(i) for i in tops[j]] for j in live], vocabulary, baseline, live)
-    return LatentNames(names, tops)
+    names = name_top_images(judge, load, tops, vocabulary, baseline)
+    return LatentNames(names, tops, time.perf_counter() - started)
+
+
+def name_top_images(
+    judge, load, tops: Mapping[int, Sequence[int]], vocabulary: Sequence[str], baseline_images: Sequence
+) -> pd.DataFrame:
+    """Vocabulary names (``NAME_COLUMNS``) of latents given by their top image indices
+    (``tops[latent]``, the same number each; ``load(i)`` gives image ``i``): every distinct image is
+    embedded once and names are chosen for blocks of latents at once."""
+    if not tops:
+        raise ValueError("no latents to name")
+    words, text = _words_and_text(judge, vocabulary)
+    baseline = _baseline_means(judge, baseline_images, text)
+    latents = [int(j) for j in tops]
+    counts = {len(tops[j]) for j in latents}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"every latent needs the same positive number of top images, got {sorted(counts)}")
+    embedded, row_of = _embed_once(judge, load, tops.values())
+    positions = torch.tensor([[row_of[int(i)] for i in tops[j]] for j in latents])
+    rows = []
+    for start in range(0, len(latents), _LATENT_BLOCK):
+        block = slice(start, start + _LATENT_BLOCK)
+        rows += _vocabulary_rows(latents[block], embedded[positions[block]], words, text, baseline)
+    return pd.DataFrame(rows, columns=list(NAME_COLUMNS))
+
+
+#: Latents named at once ([block, top_k, d] embeddings: 64 MiB at 16 × 512 in float32).
+_LATENT_BLOCK = 2048
+#: Images the judge embeds per call.
+_EMBED_BATCH = 64
+
+
+def _embed_once(judge, load, top_lists) -> tuple[torch.Tensor, dict[int, int]]:
+    """Unit embeddings ``[U, d]`` of every distinct image index in ``top_lists`` (each embedded once)
+    and the row of each index."""
+    distinct = sorted({int(i) for indices in top_lists for i in indices})
+    parts = [
+        _unit(judge.embed_images([load(i) for i in distinct[s : s + _EMBED_BATCH]]))
+        for s in range(0, len(distinct), _EMBED_BATCH)
+    ]
+    return torch.cat(parts), {index: row for row, index in enumerate(distinct)}
 
 
 def name_accuracy(names: pd.DataFrame, truths: Sequence[set[str]], vocabulary: Sequence[str]) -> dict[str, float]:

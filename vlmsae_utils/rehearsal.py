@@ -189,6 +189,7 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
                 "scorer_store": f"{cls_val['out_dir']}/embeddings",
                 "uniqueness_store": f"{cls_val['out_dir']}/activations",  # timing only: no CLS train store here
                 "sae_paths": [x64],
+                "named_latents": None,  # every latent that fires on 16 images, with the CLIP-B/32 judge
                 "device": device,
                 "out_dir": "rehearsal/ms",
             },
