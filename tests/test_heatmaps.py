@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from vlmsae_utils.encoders import load_encoder
-from vlmsae_utils.heatmaps import mass_inside, model_view_box, patch_heatmaps, prefix_tokens, upsample
+from vlmsae_utils.heatmaps import (
+    PatchHeatmaps,
+    box_mass,
+    mass_inside,
+    model_view_box,
+    patch_heatmaps,
+    prefix_tokens,
+    upsample,
+)
 from vlmsae_utils.sae import ProvenanceError, make_sae
 
 
@@ -93,6 +101,38 @@ def test_a_latent_reading_an_object_puts_its_mass_on_the_objects_box(fixture):
     inside = np.mean([mass_inside(maps.image_map(i, 0), b) for i, b in enumerate(test_boxes)])
     moved = np.mean([mass_inside(maps.image_map(i, 0), test_boxes[(i + 4) % 8]) for i in range(8)])
     assert inside > 0.5 and inside > 2 * moved
+
+
+def test_box_mass_against_the_shuffled_position_baseline_by_hand():
+    """Two 8x8 images, a 2x2 grid each; latent 5 fires only on the top-left patch of image 0 and the
+    bottom-right patch of image 1, where their objects are: all mass inside the own box, none in the
+    other image's box; the boxes cover a quarter of each image; an empty map is left out."""
+    codes = torch.zeros(3, 1, 2, 2)
+    codes[0, 0, 0, 0], codes[1, 0, 1, 1] = 2.0, 3.0
+    maps = PatchHeatmaps([5], codes, [(0.0, 0.0, 8.0, 8.0)] * 3, [(8, 8)] * 3)
+    measured = box_mass(maps, [5, 5, 5], [(0, 0, 4, 4), (4, 4, 8, 8), (0, 4, 4, 8)])
+    assert measured == {
+        "images": 2.0,
+        "mass inside the object's box": 1.0,
+        "inside another image's box": 0.0,  # image 0 against image 1's box, image 1 against image 2's
+        "box share of the image": 0.25,
+    }
+    with pytest.raises(ValueError, match="at least 2 images"):
+        box_mass(maps, [5], [(0, 0, 4, 4)])
+
+
+def test_the_fixture_shape_box_is_where_the_generated_shape_is(fixture):
+    from vlmsae_utils.fixtures import shape_box
+
+    for path in sorted((fixture.images / "train").rglob("*.png"))[::97]:
+        left, top, right, bottom = shape_box("/".join(path.parts[-3:]), fixture.seed)
+        pixels = np.asarray(Image.open(path), dtype=float)
+        inside = np.zeros(pixels.shape[:2], bool)
+        inside[top:bottom, left:right] = True
+        background = pixels[~inside].mean(0)
+        assert np.abs(pixels[inside] - background).mean() > 3 * np.abs(pixels[~inside] - background).mean()
+    with pytest.raises(ValueError, match="not a generated fixture image"):
+        shape_box("train/cats/cat_001.jpg", fixture.seed)
 
 
 def test_bad_heatmap_inputs_are_named(fixture, val_images):

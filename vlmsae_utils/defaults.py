@@ -30,6 +30,7 @@ __all__ = [
     "default_store",
     "defaults_dir",
     "embeddings_or_default",
+    "fixture_box_mass",
     "fixture_name_accuracy",
     "is_fixture_store",
     "latent_names_or_skip",
@@ -235,6 +236,19 @@ def vocabulary_or_default(vocabulary: list[str], store: ActivationStore) -> list
     if is_fixture_store(store):
         return attribute_words()
     return [*dict.fromkeys(class_text(c) for c in sorted(set(store.class_names))), *attribute_vocabulary()]
+
+
+def fixture_box_mass(maps, store: ActivationStore, image_indices: list[int], latents: list[int]) -> dict | None:
+    """:func:`~.heatmaps.box_mass` of ``maps`` (image ``k`` = store image ``image_indices[k]``, shown
+    for latent ``latents[k]``) against the generated shapes' boxes of a fixture store; ``None`` for
+    any other store (its objects' places are not known) or no maps."""
+    from .fixtures import ensure_fixture, shape_box
+    from .heatmaps import box_mass
+
+    if maps is None or not is_fixture_store(store):
+        return None
+    seed = ensure_fixture().seed
+    return box_mass(maps, latents, [shape_box(store.image_ids[i], seed) for i in image_indices])
 
 
 def fixture_name_accuracy(named, store: ActivationStore, vocabulary: list[str]) -> dict[str, float]:

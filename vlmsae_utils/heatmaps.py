@@ -26,6 +26,7 @@ from .vision_encoder import VisionEncoder
 __all__ = [
     "TOKEN_CHUNK",
     "PatchHeatmaps",
+    "box_mass",
     "heatmaps_for",
     "mass_inside",
     "model_view_box",
@@ -145,6 +146,30 @@ def mass_inside(heatmap: np.ndarray, box: Box) -> float:
     total = float(heatmap.sum())
     left, top, right, bottom = (round(v) for v in box)
     return float(heatmap[top:bottom, left:right].sum()) / total if total > 0 else float("nan")
+
+
+def box_mass(maps: PatchHeatmaps, latent_of_image: Sequence[int], boxes: Sequence[Box]) -> dict[str, float]:
+    """Where the heatmaps lie against known object boxes: the mean share of each image's map (of
+    ``latent_of_image[i]``) inside its own object's box, beside the same share inside the box of
+    another image (boxes shifted by half the list: the shuffled-position baseline) and the mean
+    share of the image the boxes cover. Images whose map is empty are left out."""
+    n = len(boxes)
+    if n < 2 or len(latent_of_image) != n:
+        raise ValueError(f"need at least 2 images with one latent and one box each, got {len(latent_of_image)}, {n}")
+    own, moved, area = [], [], []
+    for i, (latent, box) in enumerate(zip(latent_of_image, boxes)):
+        heatmap = maps.image_map(i, latent)
+        if heatmap.sum() <= 0:
+            continue
+        own.append(mass_inside(heatmap, box))
+        moved.append(mass_inside(heatmap, boxes[(i + n // 2) % n]))
+        area.append(mass_inside(np.ones_like(heatmap), box))
+    return {
+        "images": float(len(own)),
+        "mass inside the object's box": float(np.mean(own)) if own else float("nan"),
+        "inside another image's box": float(np.mean(moved)) if own else float("nan"),
+        "box share of the image": float(np.mean(area)) if own else float("nan"),
+    }
 
 
 def _check_latents(sae, latents: Sequence[int]) -> list[int]:
