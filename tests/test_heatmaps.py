@@ -165,6 +165,16 @@ def test_the_latents_that_fire_most_on_an_image_and_the_image_explorer(fixture, 
     assert [ax.get_title() for ax in figure.axes][:2] == ["image", f"{maps.latents[0]}: named"]
     explorer = widgets.image_explorer(view, 4)
     assert explorer.children[0].max == 3
+    # one patch: the latents with the largest code on the patch under the point (brute force), marked
+    width, height = val_images[0].size
+    left, top, right, bottom = model_view_box(encoder, width, height)
+    x, y = (left + 0.6 * (right - left)) / width, (top + 0.3 * (bottom - top)) / height  # row 1, col 2 of 4x4
+    at = strongest_latents(params, sae, val_images[0], 3, point=(x, y), device="cpu")
+    assert at.patch == (1, 2) and at.latents == [int(j) for j in sae.encode(tokens[1 * 4 + 2][None])[0].topk(3).indices]
+    assert view(0, (x, y)).axes[0].get_title() == "image, patch (1, 2)"
+    with pytest.raises(ValueError, match="outside the part of the image the model sees"):
+        strongest_latents(params, sae, val_images[0], 3, point=(1.2, 0.5), device="cpu")
+    assert len(widgets.image_explorer(view, 4, point=True).children) == 3  # image, patch selector, figure
 
 
 def test_the_neuron_browser_shows_names_and_toggles_heatmaps(fixture, val_images):

@@ -114,6 +114,14 @@ class PatchHeatmaps:
     codes: torch.Tensor
     boxes: list[Box]
     sizes: list[tuple[int, int]]  # (width, height) of each original image
+    patch: tuple[int, int] | None = None  # (row, col) the latents were chosen at, if one patch
+
+    def patch_box(self, index: int, row: int, col: int) -> Box:
+        """Where patch ``(row, col)`` of image ``index`` lies on the original image."""
+        left, top, right, bottom = self.boxes[index]
+        rows, cols = self.codes.shape[-2:]
+        w, h = (right - left) / cols, (bottom - top) / rows
+        return (left + col * w, top + row * h, left + (col + 1) * w, top + (row + 1) * h)
 
     def scale(self, latent: int) -> float:
         """One colour scale per latent across all its images: its largest code (1 when it never fires)."""
@@ -286,17 +294,45 @@ def heatmaps_for(
 
 @torch.no_grad()
 def strongest_latents(
-    params: dict, sae, image: Image.Image, n: int = 6, *, device: str | torch.device = "auto"
+    params: dict,
+    sae,
+    image: Image.Image,
+    n: int = 6,
+    *,
+    point: tuple[float, float] | None = None,
+    device: str | torch.device = "auto",
 ) -> PatchHeatmaps | None:
     """The ``n`` latents with the largest code on any patch of ``image`` ("which latents fire here,
-    and where"), as heatmaps on that image; ``None`` for a store of a pooled hook."""
+    and where"), or on the one patch under ``point`` (``(x, y)`` as fractions of the image's width and
+    height: "click a patch, see its latents"), as heatmaps on that image; ``None`` for a pooled hook."""
     encoder = _encoder_of(params, device)
     if encoder is None:
         return None
     hook, layer = params["hook"], int(params["layer"])
     sae = _checked_sae(encoder, sae, hook, layer)
     pixels, tokens = _patch_tokens(encoder, [image], hook, layer)  # one forward serves the choice and the maps
-    peak = torch.stack([sae.encode(part).amax(0) for part in tokens[0].split(TOKEN_CHUNK)]).amax(0)
+    patch = None
+    if point is None:
+        peak = torch.stack([sae.encode(part).amax(0) for part in tokens[0].split(TOKEN_CHUNK)]).amax(0)
+    else:
+        rows, cols = _grid_shape(pixels, tokens.shape[1])
+        patch = _patch_under(model_view_box(encoder, *image.size), image.size, point, (rows, cols))
+        peak = sae.encode(tokens[0, patch[0] * cols + patch[1]][None])[0]
     chosen = [int(j) for j in peak.topk(min(n, sae.dict_size)).indices if float(peak[j]) > 0]
     codes = _grid_codes(sae, pixels, tokens, chosen) if chosen else torch.zeros(1, 0, 1, 1)
-    return _heatmaps(encoder, chosen, codes, [image])
+    maps = _heatmaps(encoder, chosen, codes, [image])
+    maps.patch = patch
+    return maps
+
+
+def _patch_under(
+    view: Box, size: tuple[int, int], point: tuple[float, float], grid: tuple[int, int]
+) -> tuple[int, int]:
+    """(row, col) of the patch under ``point`` (fractions of the image); outside the model's view → error."""
+    x, y = point[0] * size[0], point[1] * size[1]
+    left, top, right, bottom = view
+    if not (0 <= point[0] <= 1 and 0 <= point[1] <= 1) or not (left <= x <= right and top <= y <= bottom):
+        raise ValueError(f"point {point} lies outside the part of the image the model sees ({view} of {size})")
+    row = min(int((y - top) / (bottom - top) * grid[0]), grid[0] - 1)
+    col = min(int((x - left) / (right - left) * grid[1]), grid[1] - 1)
+    return row, col

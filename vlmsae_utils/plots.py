@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 __all__ = [
     "TRAINING_PANELS",
@@ -380,7 +381,10 @@ def image_heatmaps(maps, image, names: Mapping[int, str] | None = None) -> Figur
     count = len(maps.latents)
     fig, axes = plt.subplots(1, count + 1, figsize=(2.0 * (count + 1), 2.3), squeeze=False)
     axes[0][0].imshow(image)
-    axes[0][0].set_title("image", fontsize=9)
+    axes[0][0].set_title("image" if maps.patch is None else f"image, patch {maps.patch}", fontsize=9)
+    if maps.patch is not None:  # the patch the latents were chosen at
+        left, top, right, bottom = maps.patch_box(0, *maps.patch)
+        axes[0][0].add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, color="cyan", lw=1.5))
     for ax, latent in zip(axes[0][1:], maps.latents):
         ax.imshow(image)
         ax.imshow(maps.image_map(0, latent), cmap="magma", alpha=0.55, vmin=0, vmax=maps.scale(latent))

@@ -124,28 +124,36 @@ def neuron_browser(
     return browser
 
 
-def image_explorer(draw: Callable[[int], Figure | None], count: int):
+def image_explorer(draw: Callable[..., Figure | None], count: int, point: bool = False):
     """An ipywidgets image picker: the image index → ``draw(index)`` (e.g. the image with the latents
-    that fire most on it and their heatmaps, :func:`~vlmsae_utils.heatmaps.strongest_latents`)."""
+    that fire most on it and their heatmaps, :func:`~vlmsae_utils.heatmaps.strongest_latents`). With
+    ``point``, a patch selector too: tick *one patch* and move x/y (fractions of the image) →
+    ``draw(index, (x, y))``, the latents that fire most on the patch under that point."""
     import ipywidgets as widgets
     from IPython.display import display
 
     if count < 1:
         raise ValueError("image_explorer needs at least one image")
     index = widgets.IntSlider(min=0, max=count - 1, description="image", continuous_update=False)
+    at_patch = widgets.Checkbox(value=False, description="one patch")
+    x, y = (
+        widgets.FloatSlider(value=0.5, min=0, max=1, step=0.01, description=a, continuous_update=False) for a in "xy"
+    )
     output = widgets.Output()
 
     def redraw(*_):
         with output:
             output.clear_output(wait=True)
-            figure = draw(index.value)
+            figure = draw(index.value, (x.value, y.value)) if at_patch.value else draw(index.value)
             if figure is not None:
                 display(figure)
                 plt.close(figure)
 
-    index.observe(redraw, names="value")
+    for control in (index, at_patch, x, y):
+        control.observe(redraw, names="value")
     redraw()
-    explorer = widgets.VBox([index, output])
+    controls = [index, widgets.HBox([at_patch, x, y])] if point else [index]
+    explorer = widgets.VBox([*controls, output])
     explorer.add_class("vlmsae-image-explorer")
     return explorer
 
@@ -158,13 +166,14 @@ def strongest_latents_view(
     n: int = 5,
     device: str = "auto",
 ) -> Callable[[int], Figure | None]:
-    """``draw(index)`` for :func:`image_explorer`: image ``index`` of a store (its ``params`` give the
-    encoder, hook and block) beside the ``n`` latents of ``sae`` that fire most on it, with their heatmaps."""
+    """``draw(index, point=None)`` for :func:`image_explorer`: image ``index`` of a store (its ``params``
+    give the encoder, hook and block) beside the ``n`` latents of ``sae`` that fire most on it (or on
+    the patch under ``point``), with their heatmaps."""
     from .heatmaps import strongest_latents
 
-    def draw(index: int) -> Figure | None:
+    def draw(index: int, point: tuple[float, float] | None = None) -> Figure | None:
         image = load(index)
-        maps = strongest_latents(params, sae, image, n, device=device)
+        maps = strongest_latents(params, sae, image, n, point=point, device=device)
         return plots.image_heatmaps(maps, image, names) if maps is not None else None
 
     return draw
