@@ -105,16 +105,28 @@ def rehearsal_stages(images: Path, device: str) -> list[dict]:
     with the remaining token modes; LLaVA-1.5's tower is steered at block 22.
     """
     common = {"data_dir": str(images), "device": device, "batch_size": 8}
-    stages = _extraction_stages(common) + _downstream_stages(images, device)
+    stages = _extraction_stages(common, images) + _downstream_stages(images, device)
     return [{"stage": name, "notebook": notebook, "parameters": params} for name, notebook, params in stages]
 
 
 _CLIP_L, _DINO = "rehearsal:openai/clip-vit-large-patch14-336", "rehearsal:facebook/dinov2-base"
-#: The two CLIP-L stores the later stages read: every token of the train images, CLS of the val images.
-_ALL_TOKENS_TRAIN, _CLS_VAL = "rehearsal/extract/clip_l_all_train", "rehearsal/extract/clip_l_cls_val"
+#: Validation images per class (64 in all): enough for latents to fire on 16 of them, so chapter 3
+#: scores, ranks and names thousands of latents.
+VAL_PER_CLASS = 4
 
 
-def _extraction_stages(common: dict) -> list[tuple[str, str, dict]]:
+def _outputs(images: Path) -> str:
+    """The rehearsal's outputs folder for one image set: a new image set never meets the stores,
+    SAEs and checkpoints of another (they would be refused as written from other data)."""
+    return f"rehearsal/{images.name}"
+
+
+def _clip_l_stores(images: Path) -> tuple[str, str]:
+    """The two CLIP-L stores the later stages read: every token of the train images, CLS of the val images."""
+    return f"{_outputs(images)}/extract/clip_l_all_train", f"{_outputs(images)}/extract/clip_l_cls_val"
+
+
+def _extraction_stages(common: dict, images: Path) -> list[tuple[str, str, dict]]:
     """Chapter 1 at full width: CLIP-L every token and CLS + DINOv2-B, SigLIP, AIMv2 and Web-SSL."""
     clip_l, dino = _CLIP_L, _DINO
     tokens_all = {
@@ -123,7 +135,7 @@ def _extraction_stages(common: dict) -> list[tuple[str, str, dict]]:
         "layer": 22,
         "tokens": "all",
         "scorer": "",
-        "out_dir": _ALL_TOKENS_TRAIN,
+        "out_dir": _clip_l_stores(images)[0],
     }
     cls_val = {
         "model": clip_l,
@@ -131,7 +143,7 @@ def _extraction_stages(common: dict) -> list[tuple[str, str, dict]]:
         "layer": 22,
         "tokens": "cls",
         "scorer": dino,
-        "out_dir": _CLS_VAL,
+        "out_dir": _clip_l_stores(images)[1],
     }
     others = [
         ("siglip_mean", "rehearsal:google/siglip-so400m-patch14-384", {"layer": 25, "tokens": "mean"}),
@@ -150,7 +162,9 @@ def _extraction_stages(common: dict) -> list[tuple[str, str, dict]]:
         (
             f"extract {name}",
             "01",
-            common | {"model": model, "split": "val", "scorer": "", "out_dir": f"rehearsal/extract/{name}"} | extra,
+            common
+            | {"model": model, "split": "val", "scorer": "", "out_dir": f"{_outputs(images)}/extract/{name}"}
+            | extra,
         )
         for name, model, extra in others
     ]
@@ -161,7 +175,8 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
     """Chapters 2–5 at full width on the CLIP-L stores: ×64 and hierarchy SAEs, MS, the hierarchy, steering."""
     from .train_config import TrainConfig
 
-    tokens_all, cls_val = {"out_dir": _ALL_TOKENS_TRAIN}, {"out_dir": _CLS_VAL}
+    all_tokens, cls = _clip_l_stores(images)
+    tokens_all, cls_val, out = {"out_dir": all_tokens}, {"out_dir": cls}, _outputs(images)
     train = {
         "train_store": f"{tokens_all['out_dir']}/activations",
         "val_store": f"{cls_val['out_dir']}/activations",
@@ -172,14 +187,14 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
         "device": device,
     }
     stages = [
-        ("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": "rehearsal/sae"}),
+        ("train ×64 Matryoshka", "02", train | {"expansions": [64], "out_dir": f"{out}/sae"}),
         (
             "train ×2 hierarchy",
             "02",
-            train | {"expansions": [2], "group_fractions": HIERARCHY_FRACTIONS, "out_dir": "rehearsal/sae_hierarchy"},
+            train | {"expansions": [2], "group_fractions": HIERARCHY_FRACTIONS, "out_dir": f"{out}/sae_hierarchy"},
         ),
     ]
-    x64 = "rehearsal/sae/matryoshka_batch_top_k_x64_k20"
+    x64 = f"{out}/sae/matryoshka_batch_top_k_x64_k20"
     stages += [
         (
             "score 65,536 latents",
@@ -191,7 +206,7 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
                 "sae_paths": [x64],
                 "named_latents": None,  # every latent that fires on 16 images, with the CLIP-B/32 judge
                 "device": device,
-                "out_dir": "rehearsal/ms",
+                "out_dir": f"{out}/ms",
             },
         ),
         (
@@ -200,9 +215,9 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
             {
                 "train_store": f"{cls_val['out_dir']}/activations",
                 "scorer_store": f"{cls_val['out_dir']}/embeddings",
-                "sae_path": "rehearsal/sae_hierarchy/matryoshka_batch_top_k_x2_k20",
+                "sae_path": f"{out}/sae_hierarchy/matryoshka_batch_top_k_x2_k20",
                 "device": device,
-                "out_dir": "rehearsal/hierarchy",
+                "out_dir": f"{out}/hierarchy",
             },
         ),
         (
@@ -222,7 +237,7 @@ def _downstream_stages(images: Path, device: str) -> list[tuple[str, str, dict]]
                 "image_latents": 2,
                 "clip_text_model": "rehearsal:openai/clip-vit-base-patch32",
                 "device": device,
-                "out_dir": "rehearsal/steer",
+                "out_dir": f"{out}/steer",
             },
         ),
     ]
@@ -278,7 +293,7 @@ def run_rehearsal(device: str = "auto", only: list[str] | None = None) -> pd.Dat
 
     from .paths import outputs_root, results_root
 
-    images = rehearsal_images(384)
+    images = rehearsal_images(384, val_per_class=VAL_PER_CLASS)
     out = results_root() / "rehearsal"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
