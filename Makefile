@@ -64,17 +64,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# mypy (configured in pyproject.toml) over the modules typed so far; the rest of the package is next.
-TYPED := -p vlmsae_utils.sae -p vlmsae_utils.train -m vlmsae_utils.train_config -m vlmsae_utils.metrics \
-	-m vlmsae_utils.neuron_pass -m vlmsae_utils.running_topk -m vlmsae_utils.exemplars \
-	-m vlmsae_utils.sparse_codes -m vlmsae_utils.store -m vlmsae_utils.store_format -m vlmsae_utils.io \
-	-m vlmsae_utils.device -m vlmsae_utils.paths -m vlmsae_utils.hooks -m vlmsae_utils.protocol \
-	-m vlmsae_utils.sweep_config -m vlmsae_utils.sweep_plan -m vlmsae_utils.sweep -m vlmsae_utils.executor \
-	-m vlmsae_utils.executor_jobs -m vlmsae_utils.executor_local -m vlmsae_utils.executor_slurm \
-	-m vlmsae_utils.executor_config -m vlmsae_utils.run -m vlmsae_utils.runner -m vlmsae_utils.cli \
-	-m vlmsae_utils.fixtures -m vlmsae_utils.fixtures.fit -m vlmsae_utils.fixtures.__main__ \
-	-m vlmsae_utils.heatmaps -m vlmsae_utils.benchmark -m vlmsae_utils.data -m vlmsae_utils.gpu_decode \
-	-m vlmsae_utils.extract -m vlmsae_utils.vision_encoder
+# mypy (configured in pyproject.toml) over the whole package: basic mode, stricter on the SAE,
+# the trainer and the metrics (pyproject's overrides).
+TYPED := -p vlmsae_utils
 typecheck: install
 	$(VENV)/bin/mypy $(TYPED)
 

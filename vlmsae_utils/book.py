@@ -195,8 +195,9 @@ def machine_paths() -> dict[str, str]:
     """Absolute folders of this machine and the placeholder each becomes on a page (longest first,
     so a folder inside another gets its own name)."""
     named = {outputs_root(): "<outputs>", results_root(): "<results>", data_home(): "<data home>", Path.home(): "~"}
-    if repo_root() is not None:
-        named[repo_root()] = "<repo>"
+    repo = repo_root()
+    if repo is not None:
+        named[repo] = "<repo>"
     pairs = {}
     for folder, name in named.items():
         for form in {str(folder), str(Path(folder).resolve())}:

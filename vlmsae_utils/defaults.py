@@ -66,21 +66,30 @@ def default_store(
     backend, so switching ``VLMSAE_IMAGE_BACKEND`` never meets a store of the other)."""
     rows = f"{tokens}{random_k if tokens == 'random_k' else ''}"
     name = safe_stem(f"{model}_L{layer}_{rows}_{split}_{image_backend()}")
-    return extract_activations(
-        model,
-        open_dataset("fixture", split),
-        defaults_dir() / name,
-        layer=layer,
-        tokens=tokens,
-        random_k=random_k,
-        progress=False,
+    return _assembled(
+        extract_activations(
+            model,
+            open_dataset("fixture", split),
+            defaults_dir() / name,
+            layer=layer,
+            tokens=tokens,
+            random_k=random_k,
+            progress=False,
+        )
     )
 
 
 def default_embeddings(split: str = "train", *, scorer: str = DEFAULT_SCORER) -> ActivationStore:
     """Scoring embeddings of a fixture split (built on first use)."""
     name = safe_stem(f"{scorer}_embeddings_{split}_{image_backend()}")
-    return extract_embeddings(scorer, open_dataset("fixture", split), defaults_dir() / name, progress=False)
+    return _assembled(extract_embeddings(scorer, open_dataset("fixture", split), defaults_dir() / name, progress=False))
+
+
+def _assembled(store: ActivationStore | None) -> ActivationStore:
+    """The store a single-process extraction returns (``None`` only while other ranks still write)."""
+    if store is None:
+        raise RuntimeError("the fixture store is not assembled: other processes are still writing it")
+    return store
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

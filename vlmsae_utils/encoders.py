@@ -109,7 +109,7 @@ def __getattr__(name: str) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def model_source(name_or_path: str | Path) -> str:
+def model_source(name_or_path: str | os.PathLike) -> str:
     """Where ``from_pretrained`` should read a model: ``fixture:NAME`` becomes the fixture's folder
     (built or trained on first use), ``rehearsal:HUB_ID`` the folder of that model's architecture
     with random weights (built on first use); hub ids, specs and folders pass through unchanged."""
@@ -284,12 +284,17 @@ def transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
     raise ValueError(f"{source}: could not find the transformer blocks of {type(module).__name__}")
 
 
+def _hf(model: nn.Module) -> Any:
+    """A transformers model as the checker should see it: its ``config`` and submodules are dynamic."""
+    return model
+
+
 def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """SigLIP / AIMv2: no CLS token; ``post_projection`` is the attention-pool head's output."""
     head = getattr(vision, "head", None)
     if head is None:
         raise ValueError(f"{source}: {family} model without attention-pool head has no post_projection")
-    width = model.config.hidden_size
+    width = int(_hf(model).config.hidden_size)
     return VisionEncoder(
         source, family, model, processor, transformer_blocks(vision, source), head, False, width, width
     )
@@ -297,14 +302,14 @@ def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str
 
 def pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """DINOv2 / ViT (Web-SSL): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
-    width = model.config.hidden_size
+    width = int(_hf(model).config.hidden_size)
     return VisionEncoder(
         source,
         family,
         model,
         processor,
         transformer_blocks(model, source),
-        model.layernorm,
+        _hf(model).layernorm,
         True,
         width,
         width,
@@ -314,11 +319,11 @@ def pooled_by_first_token(model: nn.Module, source: str, family: str, processor)
 
 def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> VisionEncoder:
     """Wrap a transformers CLIP vision model (with or without projection, e.g. LLaVA's tower)."""
-    vision = getattr(model, "vision_model", model)
+    vision: Any = getattr(model, "vision_model", model)
     projection = getattr(model, "visual_projection", None) or vision.post_layernorm
-    width = model.config.hidden_size
+    width = int(_hf(model).config.hidden_size)
     projection_dim = (
-        getattr(model.config, "projection_dim", width) if projection is not vision.post_layernorm else width
+        getattr(_hf(model).config, "projection_dim", width) if projection is not vision.post_layernorm else width
     )
     return VisionEncoder(name, "clip", model, processor, vision.encoder.layers, projection, True, width, projection_dim)
 
@@ -403,6 +408,7 @@ def activation_shapes(encoder: VisionEncoder, pixel_values: torch.Tensor, random
     for spec in hooks.specs():
         hook, layer = spec.name, -1 if spec.per_block else None
         for tokens in TOKEN_MODES:
+            shape: tuple[int, ...] | str
             try:
                 shape = tuple(encoder.activations(pixel_values, hook, layer, tokens, random_k).shape)
             except ValueError as err:

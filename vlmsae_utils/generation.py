@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def generate(
     inputs = prepare_inputs(processor, images, prompt).to(model.device)
     context = steering() if steering is not None else contextlib.nullcontext()
     with context, torch.inference_mode():
-        output = model.generate(
+        output = cast(Callable, model.generate)(  # a transformers generator (nn.Module to the checker)
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]

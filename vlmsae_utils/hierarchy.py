@@ -23,6 +23,7 @@ from .device import resolve_device
 from .exemplars import TopK
 from .metrics import SparseCodes
 from .neuron_pass import scan_neurons
+from .sae import BaseSAE
 from .scoring import check_aligned, sae_codes
 
 __all__ = [
@@ -98,7 +99,7 @@ def load_taxonomy_map(path: str | os.PathLike, *, separator: str = "/") -> dict[
         raw = json.loads(path.read_text())
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object class → path")
-        items = raw.items()
+        items: list = list(raw.items())
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         with path.open(newline="") as handle:
@@ -394,7 +395,7 @@ def concept_tree(
     return tree
 
 
-def matryoshka_group_sizes(sae: torch.nn.Module, name: str = "the SAE") -> list[int]:
+def matryoshka_group_sizes(sae: BaseSAE, name: str = "the SAE") -> list[int]:
     """The nested group sizes of a Matryoshka SAE; any other SAE is refused (it has no levels)."""
     group_sizes = getattr(sae, "group_sizes", None)
     if not group_sizes:
@@ -414,7 +415,7 @@ class LevelAnalysis:
 
 
 def analyse_levels(
-    sae: torch.nn.Module,
+    sae: BaseSAE,
     store,
     embeddings,
     paths: Sequence[Sequence[str]],
@@ -461,9 +462,7 @@ def level_trends(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def save_level_links(
-    sae: torch.nn.Module, analysis: LevelAnalysis, out: str | os.PathLike | None = None
-) -> pd.DataFrame:
+def save_level_links(sae: BaseSAE, analysis: LevelAnalysis, out: str | os.PathLike | None = None) -> pd.DataFrame:
     """`parent_links` of the SAE's levels, with co-activation when the dense codes fit in
     `DENSE_LINK_LIMIT` entries; written to ``out/LINKS_FILE`` when ``out`` is given."""
     codes = analysis.codes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def load_llava(
     dtype = resolve_model_dtype(model_dtype, dev, "llava")
     source = model_source(name_or_path)
     with quiet_transformers():
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).to(dev).eval()
+        model = cast(nn.Module, LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)).to(dev).eval()
         processor = AutoProcessor.from_pretrained(source)
         processor.image_processor = image_processor(source)  # on the book's backend (PIL, as the authors)
     return model, processor
@@ -58,7 +59,7 @@ def load_llava(
 
 def feature_block(model: nn.Module) -> int:
     """0-based vision block whose output LLaVA feeds to the language model (``vision_feature_layer``)."""
-    layer = model.config.vision_feature_layer
+    layer: Any = cast(Any, model).config.vision_feature_layer  # an int, or a list of them
     if isinstance(layer, (list, tuple)):
         layer = max(layer, key=lambda h: h % (vision_tower(model).num_layers + 1))
     num_blocks = vision_tower(model).num_layers
@@ -93,7 +94,7 @@ def load_clip_text_image(
     dtype = resolve_model_dtype(model_dtype, dev, "judge")
     source = model_source(name_or_path)
     with quiet_transformers():
-        model = CLIPModel.from_pretrained(source, dtype=dtype).to(dev).eval()
+        model = cast(Any, CLIPModel.from_pretrained(source, dtype=dtype)).to(dev).eval()  # dynamic towers
         processor = CLIPProcessor.from_pretrained(source)
         processor.image_processor = image_processor(source)
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .neuron_pass import scan_neurons
 from .sparse_codes import SparseCodes, _as_dense_2d, _check_finite, encode_to_sparse, iter_dense_batches, rows_and_dim
@@ -162,7 +165,7 @@ def ms_user_agreement(
     *,
     scorer: str = "dino",
     bins: Sequence[float] = DEFAULT_GAP_BINS,
-):
+) -> pd.DataFrame:
     """Agreement of the MS order with the human choice per bin of the MS gap (absolute MS_x − MS_y), plus overall
     (pair-weighted) and uniform-over-bins rows, like the paper's Table A1.
 

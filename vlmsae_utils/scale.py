@@ -244,17 +244,19 @@ def cluster_plan(config: str | os.PathLike = "paper_clip_vitl14", sustained_tflo
     from .paths import repo_root
     from .sweep import executor_settings, expand, load_config
 
-    path = Path(config)
-    if not path.is_file() and repo_root() is not None:
-        path = repo_root() / "configs" / f"{config}.yaml"
-    config = load_config(path, check_data=False)
-    settings = executor_settings(config)
+    path, repo = Path(config), repo_root()
+    if not path.is_file() and repo is not None:
+        path = repo / "configs" / f"{config}.yaml"
+    sweep = load_config(path, check_data=False)
+    settings = executor_settings(sweep)
+    runs = expand(sweep)
     rows = []
-    for kind in dict.fromkeys(run.kind for run in expand(config)):
-        cells = [run for run in expand(config) if run.kind == kind]
-        seconds = [cell_seconds(run, config, sustained_tflops) for run in cells]
+    for kind in dict.fromkeys(run.kind for run in runs):
+        cells = [run for run in runs if run.kind == kind]
+        estimates = [cell_seconds(run, sweep, sustained_tflops) for run in cells]
+        seconds = [t for t in estimates if t is not None]
         resources = settings.resources_for(kind)
-        known = None not in seconds
+        known = len(seconds) == len(estimates)
         rows.append(
             {
                 "kind": kind,

@@ -23,6 +23,7 @@ from .exemplars import TopK, top_k_images
 from .metrics import SparseCodes, encode_to_sparse, summarize_ms
 from .neuron_pass import scan_neurons
 from .paths import expand_home, safe_stem
+from .sae import BaseSAE
 from .sae.provenance import check_provenance
 from .store import ActivationStore
 
@@ -105,7 +106,7 @@ def check_aligned(activations: ActivationStore, embeddings: ActivationStore) -> 
 
 
 def sae_codes(
-    sae: torch.nn.Module, store: ActivationStore, batch_size: int = 4096, device: str | torch.device | None = "auto"
+    sae: BaseSAE, store: ActivationStore, batch_size: int = 4096, device: str | torch.device | None = "auto"
 ) -> SparseCodes:
     """Sparse inference codes of an SAE on every row of a store (threshold encoding), computed on
     ``device`` (the SAE is moved there); the codes come back on the CPU. An SAE whose recorded
@@ -216,7 +217,7 @@ def raw_name(activations: ActivationStore) -> str:
 def score_all(
     activations: ActivationStore,
     embeddings: ActivationStore,
-    saes: dict[str, torch.nn.Module],
+    saes: dict[str, BaseSAE],
     top_k: int = 16,
     device: str | torch.device | None = "auto",
 ) -> list[NeuronReport]:
@@ -234,7 +235,7 @@ def score_all(
 
 def top_images_of(
     activations: ActivationStore,
-    saes: dict[str, torch.nn.Module],
+    saes: dict[str, BaseSAE],
     top_k: int = 16,
     device: str | torch.device | None = "auto",
 ) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from .generation import DEFAULT_PROMPT, chat_prompt, first_word, pixel_values, p
 from .hooks import DEFAULT_HOOK, check_steerable
 from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
 from .metrics import SparseCodes
+from .sae import BaseSAE
 from .sae.provenance import check_provenance
 
 # Loading (.llava) and prompting (.generation) live in their own modules; their names stay importable from here.
@@ -96,7 +97,7 @@ ALPHA_SCALES = ("absolute", "max")
 Clamp = Mapping[int, float]
 
 
-def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
+def _check_sae(sae: BaseSAE, width: int, clamps: Sequence[Clamp]) -> None:
     """The SAE must read the block's width, and every clamped latent must exist."""
     if sae.activation_dim != width:
         raise ValueError(f"SAE reads {sae.activation_dim}-d activations but the vision block outputs {width}-d")
@@ -108,7 +109,7 @@ def _check_sae(sae: nn.Module, width: int, clamps: Sequence[Clamp]) -> None:
             )
 
 
-def code_scale(sae: nn.Module) -> float:
+def code_scale(sae: BaseSAE) -> float:
     """Factor from raw activation units to the SAE's code units: its ``input_scale`` (1 for
     imported dictionary_learning checkpoints and SAEs without the buffer)."""
     scale = getattr(sae, "input_scale", None)
@@ -128,7 +129,7 @@ def clamp_codes(codes: torch.Tensor, clamps: Sequence[Clamp], mode: str, scale: 
     return out
 
 
-def steered_block_output(hidden: torch.Tensor, sae: nn.Module, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
+def steered_block_output(hidden: torch.Tensor, sae: BaseSAE, clamps: Sequence[Clamp], mode: str) -> torch.Tensor:
     """New block output for ``hidden`` ``[B, T, D]``: SAE decode of the clamped code, or (mode
     ``error_preserving``) ``hidden`` plus the change the clamp makes to the reconstruction.
     Clamp values α are in raw activation units (converted with the SAE's ``input_scale``)."""
@@ -157,7 +158,7 @@ def _per_row(clamp: Clamp | Sequence[Clamp] | None, batch: int) -> list[Clamp]:
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
-    sae: nn.Module,
+    sae: BaseSAE,
     layer: int,
     clamp: Clamp | Sequence[Clamp] | None = None,
     mode: str = "replace",
@@ -251,7 +252,7 @@ def generate(
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 5,
     *,
-    sae: nn.Module | None = None,
+    sae: BaseSAE | None = None,
     layer: int | None = None,
     clamp: Clamp | Sequence[Clamp] | None = None,
     mode: str = "replace",
@@ -273,7 +274,7 @@ def generate(
 def latent_sweep(
     model: nn.Module,
     processor,
-    sae: nn.Module,
+    sae: BaseSAE,
     layer: int,
     images: Sequence,
     latents: Sequence[int],
@@ -390,7 +391,7 @@ def latent_max_activation(codes: SparseCodes) -> torch.Tensor:
 
 
 def alpha_units(
-    sae: nn.Module, codes: SparseCodes, latents: Sequence[int], alpha_scale: str = "absolute"
+    sae: BaseSAE, codes: SparseCodes, latents: Sequence[int], alpha_scale: str = "absolute"
 ) -> dict[int, float]:
     """Raw activation units of one α per latent, for :func:`latent_sweep` and the clamps.
 

@@ -25,6 +25,7 @@ from .hooks import DEFAULT_HOOK, check_steerable
 from .labels import baseline_text, class_text
 from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llava, vision_tower
 from .paths import resolve_out_dir
+from .sae import BaseSAE
 from .scoring import sae_codes, store_image_loader
 from .store import ActivationStore
 
@@ -70,11 +71,11 @@ class SteeringStudy:
 
     model: torch.nn.Module
     processor: object
-    sae: torch.nn.Module
+    sae: BaseSAE
     layer: int
     hook: str
     train: ActivationStore
-    top: object  # exemplars.TopK over training images, pooled over each image's token rows
+    top: TopK  # exemplars.TopK over training images, pooled over each image's token rows
     latents: list[int]  # all scored on the white image
     focus: list[int]  # the first `image_latents` of them: shown, swept, scored on the test images
     units: dict[int, float]  # raw activation units of one α per latent
@@ -122,7 +123,7 @@ def pick_test_images(dataset: ImageFolderDataset, count: int) -> list[int]:
     return [firsts[i] for i in evenly_spaced(len(firsts), count)]
 
 
-def _steering_sae(sae_path: str, train: ActivationStore, layer: int) -> torch.nn.Module:
+def _steering_sae(sae_path: str, train: ActivationStore, layer: int) -> BaseSAE:
     """The SAE a parameter names, or a Matryoshka SAE trained on the fixture's token rows of ``layer``."""
     if sae_path:
         return defaults.open_sae(sae_path)
@@ -140,7 +141,7 @@ def _all_token_means(tower, processor, sae, layer: int, hook: str, images: list,
 def all_token_top_images(
     model: torch.nn.Module,
     processor,
-    sae: torch.nn.Module,
+    sae: BaseSAE,
     layer: int,
     hook: str,
     latents: Sequence[int],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,9 +50,11 @@ __all__ = [
     "DTYPES",
     "STORE_FORMAT",
     "ActivationStore",
+    "RowStore",
     "StoreError",
     "StorePlan",
     "StoreWriter",
+    "TrainingData",
     "check_dtype",
     "image_list_changed",
     "images_changed",
@@ -254,6 +256,24 @@ def write_rows(
     """A finished store of rows computed elsewhere (e.g. `hierarchy.nested_activations`), one per
     image, so every function that reads extracted activations reads them too (options: `rows_writer`)."""
     return rows_writer(path, rows, class_names, **options).finalize()
+
+
+class RowStore(Protocol):
+    """What training, evaluation and scoring read from a store (an :class:`ActivationStore`, or any
+    object offering the same): its width, its row count, its rows in batches and all at once."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]: ...
+
+    def to_tensor(self) -> torch.Tensor: ...
+
+
+#: Rows an SAE trains or is evaluated on: a tensor ``[N, d]`` or a store.
+TrainingData = torch.Tensor | RowStore
 
 
 class ActivationStore:

@@ -65,7 +65,7 @@ def default_lr(dict_size: int) -> float:
     return 2e-4 / math.sqrt(dict_size / 2**14)
 
 
-def check_group_fractions(group_fractions) -> tuple[float, ...]:
+def check_group_fractions(group_fractions: Any) -> tuple[float, ...]:
     """Matryoshka group fractions as a tuple of floats: positive, summing to 1."""
     if isinstance(group_fractions, (str, bytes)) or not isinstance(group_fractions, Iterable):
         raise ValueError(f"group_fractions must be a list of positive fractions summing to 1, got {group_fractions!r}")
@@ -79,7 +79,7 @@ def check_group_fractions(group_fractions) -> tuple[float, ...]:
     return tuple(fr)
 
 
-def group_sizes_from_fractions(group_fractions, dict_size: int) -> list[int]:
+def group_sizes_from_fractions(group_fractions: Any, dict_size: int) -> list[int]:
     """Group sizes as dictionary_learning computes them: ``int(f·ω)`` for all but the last group."""
     fr = check_group_fractions(group_fractions)
     sizes = [int(f * dict_size) for f in fr[:-1]]

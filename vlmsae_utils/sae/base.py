@@ -156,7 +156,9 @@ class BaseSAE(nn.Module):
         out = F.embedding_bag(indices.long(), self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return (out + self.b_dec) / self.input_scale
 
-    def forward(self, x: torch.Tensor, output_features: bool = False):
+    def forward(
+        self, x: torch.Tensor, output_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction of ``x`` (and the codes when ``output_features``)."""
         f = self.encode(x)
         x_hat = self.decode(f)

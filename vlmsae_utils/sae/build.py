@@ -46,7 +46,9 @@ def _check_config(cfg: dict, src: Path) -> tuple[int, int]:
     return d, w
 
 
-def build_sae(cfg: dict, W_enc, b_enc, W_dec, b_dec, src: Path) -> BaseSAE:
+def build_sae(
+    cfg: dict, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, src: Path
+) -> BaseSAE:
     d, w = _check_config(cfg, src)
     for name, t, shape in (
         ("W_enc", W_enc, (d, w)),

@@ -116,7 +116,13 @@ def export_saelens(sae: BaseSAE, folder: str | os.PathLike, *, model_name: str |
     return folder
 
 
-def _from_raw(sae_type: str, weights: Mapping[str, torch.Tensor], k, group_sizes, threshold: float) -> BaseSAE:
+def _from_raw(
+    sae_type: str,
+    weights: Mapping[str, torch.Tensor],
+    k: int | None,
+    group_sizes: list[int] | None,
+    threshold: float,
+) -> BaseSAE:
     """An SAE (input scale 1) from raw-unit weights, its shapes and values checked like our own files."""
     d, w = weights["W_enc"].shape
     cfg = {"type": sae_type, "activation_dim": int(d), "dict_size": int(w), "k": k, "group_sizes": group_sizes}

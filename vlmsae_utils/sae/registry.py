@@ -76,7 +76,7 @@ def sae_class(sae_type: str) -> type[BaseSAE]:
 class _RegisteredNames(Sequence):
     """Live, read-only, tuple-like view of the registered type names, in registration order."""
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         return tuple(_REGISTRY)[index]
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class _RegistryMap(Mapping):
     def __init__(self, build: Callable[[], dict]):
         self._build = build
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         return self._build()[key]
 
     def __iter__(self) -> Iterator:

@@ -18,8 +18,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import BaseSAE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "PAPER_STEP",
@@ -94,7 +98,7 @@ def _release() -> list[ReleasedSAE]:
 RELEASED: dict[str, ReleasedSAE] = {entry.name: entry for entry in _release()}
 
 
-def released_table():
+def released_table() -> pd.DataFrame:
     """The release as a table (one row per SAE: name, model, layer, kind, ε, tokens, data, path, source)."""
     import pandas as pd
 

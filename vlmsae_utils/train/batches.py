@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..store import TrainingData
 from ..train_config import (
     BATCH_ORDERS,
     DATA_MEMORY_FRACTION,
@@ -58,7 +59,7 @@ def _check_finite(
         raise ValueError(f"{what} contains NaN/inf values; first bad rows: {bad}")
 
 
-def data_fingerprint(data) -> str:
+def data_fingerprint(data: TrainingData) -> str:
     """Content hash of the training data: a store's manifest hash, or SHA-256 of a tensor's bytes.
     Checkpoints record it, so a run is never resumed (or a finished one reused) on other data."""
     import hashlib
@@ -74,7 +75,7 @@ def data_fingerprint(data) -> str:
     return "rows:" + digest.hexdigest()
 
 
-def _data_dim(data) -> int:
+def _data_dim(data: TrainingData) -> int:
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
             raise ValueError(f"data tensor must be [N, d], got shape {tuple(data.shape)}")
@@ -115,16 +116,18 @@ class _RowSource:
     Stores are read through their shard memory maps (``arrays()``); a duck-typed store without
     them is read into RAM once with ``to_tensor()``."""
 
-    def __init__(self, data):
+    def __init__(self, data: TrainingData) -> None:
         self.dim = _data_dim(data)
-        self.arrays = None
+        self.arrays: list[np.ndarray] = []  # the shards' memory maps, when read from a store
+        self.tensor: torch.Tensor | None
+        storage = getattr(data, "dtype", None)  # an ActivationStore's on-disk dtype name
         if isinstance(data, torch.Tensor):
             self.tensor = data
-        elif hasattr(data, "arrays") and isinstance(getattr(data, "dtype", None), str):
+        elif hasattr(data, "arrays") and isinstance(storage, str):
             self.tensor = None
             self.arrays = data.arrays()
             self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
-            self.np_dtype = np.dtype(data.dtype)
+            self.np_dtype = np.dtype(storage)
         else:
             self.tensor = data.to_tensor()
         if self.tensor is not None:
@@ -235,7 +238,7 @@ def training_batch_rows(n_rows: int, batch_size: int, seed: int, step: int, orde
     return _IndexStream(n_rows, batch_size, seed, order).rows(step, 1)
 
 
-def _resolve_data_on_device(data_on_device, src: _RowSource, device: torch.device, fraction: float) -> bool:
+def _resolve_data_on_device(data_on_device: bool | str, src: _RowSource, device: torch.device, fraction: float) -> bool:
     if data_on_device not in ("auto", True, False):
         raise ValueError(f"data_on_device must be 'auto', True or False, got {data_on_device!r}")
     if not (0 < float(fraction) <= 1):
@@ -260,11 +263,11 @@ class _TrainingStream:
 
     def __init__(
         self,
-        data,
+        data: TrainingData,
         batch_size: int,
         seed: int,
         device: torch.device,
-        data_on_device="auto",
+        data_on_device: bool | str = "auto",
         memory_fraction: float = DATA_MEMORY_FRACTION,
         what: str = "training data",
         order: str = "cycled",
@@ -329,17 +332,18 @@ class _TrainingStream:
                 c0 += n
 
 
-def _eval_batches(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+def _eval_batches(data: TrainingData, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Every row once, in store order (class-sorted for an extracted store, as the authors' unshuffled
     validation loader reads it), in batches of ``batch_size`` (the last may be short), float32 on ``device``.
     A NaN/inf row is an error naming it (it would turn R² into NaN without a word)."""
     src = data if isinstance(data, _RowSource) else _RowSource(data)
-    resident = src.tensor is not None and (src.tensor.device == device or src.tensor.device.type == "cpu")
+    tensor = src.tensor
+    resident = tensor if tensor is not None and (tensor.device == device or tensor.device.type == "cpu") else None
     chunk = batch_size * max(1, min(CHUNK_BATCHES, CHUNK_MAX_BYTES // max(1, batch_size * src.dim * src.itemsize)))
     for c0 in range(0, src.n_rows, chunk):
         rows = np.arange(c0, min(c0 + chunk, src.n_rows))
-        if resident:
-            block = src.tensor[c0 : c0 + len(rows)]
+        if resident is not None:
+            block = resident[c0 : c0 + len(rows)]
         else:
             block = src.gather(rows, pin=device.type == "cuda")
         block = block.to(device, non_blocking=True)

@@ -7,6 +7,7 @@ import torch
 
 from ..device import resolve_device
 from ..sae import BaseSAE
+from ..store import TrainingData
 from .batches import (
     _eval_batches,
 )
@@ -19,7 +20,9 @@ __all__ = [
 
 
 @torch.no_grad()
-def evaluate_sae(sae: BaseSAE, data, batch_size: int = 4096, device: str | torch.device = "auto") -> dict[str, float]:
+def evaluate_sae(
+    sae: BaseSAE, data: TrainingData, batch_size: int = 4096, device: str | torch.device = "auto"
+) -> dict[str, float]:
     """Reconstruction quality and sparsity of ``sae`` on ``data`` (inference encoding).
 
     Returns ``r2_batch_mean`` — the R² the paper reports, computed as the authors log it

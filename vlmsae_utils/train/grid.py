@@ -11,6 +11,7 @@ import torch
 
 from ..device import resolve_device
 from ..sae import SAE_LABELS, SAE_TYPES
+from ..store import TrainingData
 from ..train_config import (
     TrainConfig,
     grid_configs,
@@ -38,8 +39,8 @@ def run_name(sae_type: str, expansion: float, k: int) -> str:
 
 
 def train_grid(
-    train_data,
-    val_data,
+    train_data: TrainingData,
+    val_data: TrainingData | None,
     sae_types: list[str],
     expansions: list[float],
     out_dir: str | os.PathLike,

@@ -15,6 +15,7 @@ from torch.profiler import record_function
 from ..device import resolve_device
 from ..io import atomic_torch_save
 from ..sae import BaseSAE, sae_class
+from ..store import TrainingData
 from ..train_config import (
     TrainConfig,
     default_lr,
@@ -87,12 +88,12 @@ def checkpoint_settings(cfg: TrainConfig, **resolved: Any) -> dict[str, Any]:
 
 
 def train_sae(
-    data,
+    data: TrainingData,
     config: TrainConfig | str | None = None,
     expansion: float | None = None,
     *,
     device: str | torch.device = "auto",
-    val_data=None,
+    val_data: TrainingData | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     resume: bool = True,
@@ -212,7 +213,7 @@ def _resolve(cfg: TrainConfig, dict_size: int, dev: torch.device) -> _Resolved:
     )
 
 
-def _check_data(data, val_data) -> int:
+def _check_data(data: TrainingData, val_data: TrainingData | None) -> int:
     """The activation width, after refusing empty data, a validation width that differs and NaN tensors."""
     d = _data_dim(data)
     if val_data is not None:
@@ -321,7 +322,7 @@ def _loop(
     end: int,
     cfg: TrainConfig,
     res: _Resolved,
-    val_data,
+    val_data: TrainingData | None,
     dev: torch.device,
     ckpt_path: Path | None,
     run_cfg: dict[str, Any],
@@ -379,7 +380,9 @@ def _training_step(state: _State, x: torch.Tensor, step: int, cfg: TrainConfig, 
     return last
 
 
-def _history_row(state: _State, last: dict[str, float], cfg: TrainConfig, val_data, dev: torch.device) -> dict:
+def _history_row(
+    state: _State, last: dict[str, float], cfg: TrainConfig, val_data: TrainingData | None, dev: torch.device
+) -> dict:
     """One row of the history: step, lr, the last step's loss terms, dead fraction, θ and validation metrics."""
     row = {
         "step": state.step,

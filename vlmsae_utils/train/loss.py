@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..sae import BaseSAE, bag_offsets
+from ..store import TrainingData
 from ..train_config import (
     DEFAULT_AUX_ALPHA,
     TrainConfig,
@@ -42,7 +43,11 @@ def lr_lambda(step: int, steps: int, warmup_steps: int, decay_start: int | None)
 
 
 def estimate_input_scale(
-    data, n_rows: int | None = None, batch_size: int = 4096, seed: int = 0, n_batches: int = 100
+    data: TrainingData | _RowSource,
+    n_rows: int | None = None,
+    batch_size: int = 4096,
+    seed: int = 0,
+    n_batches: int = 100,
 ) -> float:
     """Scalar ``s`` with ``E||s·x||² = 1`` (unit mean squared norm, Pach et al. 2025): ``s = 1/√mean‖x‖²``.
 
@@ -93,12 +98,21 @@ class _SparseEncoderGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals, xs, W_enc, b_enc, b_dec, rows, cols):
+    def forward(
+        ctx: Any,
+        vals: torch.Tensor,
+        xs: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(xs, W_enc, b_dec, rows, cols, vals)
         return vals.clone()
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, W_enc, b_dec, rows, cols, vals = ctx.saved_tensors
         g = (g * (vals > 0)).to(W_enc.dtype)
         omega = W_enc.shape[1]
