@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from vlmsae_utils import run, sweep
-
-NOTEBOOK_KINDS = {"01": "extract", "02": "train", "03": "score", "04": "hierarchy", "05": "steer"}
+from vlmsae_utils.stages import stages_of_notebook
 
 
 class TensorStore:
@@ -84,7 +83,7 @@ class FakeRunner:
             os.kill(os.getpid(), signal.SIGKILL)
         if any(str(out).endswith(f) for f in self.fail):
             raise run.NotebookError("cell 3 failed with ValueError: injected")
-        for name in sweep.EXPECTED_OUTPUTS[NOTEBOOK_KINDS[notebook]]:
+        for name in dict.fromkeys(name for stage in stages_of_notebook(notebook) for name in stage.outputs):
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text("x")
 

@@ -26,12 +26,12 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .stages import cell_kinds, stage
+
 __all__ = [
-    "CELL_KINDS",
     "EXECUTORS",
     "EXECUTOR_KEYS",
     "RESOURCE_KEYS",
-    "SPLIT_KINDS",
     "ExecutorConfig",
     "Resources",
     "add_executor_name",
@@ -59,9 +59,7 @@ def remove_executor_name(name: str) -> None:
 #: An ``sbatch:`` option name (``qos``, ``mail-type``, ``gres``) and a value written into a job script.
 SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 SCRIPT_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/|&!*()\[\]-]+")  # constraints use | & ! * ( ) [ ]
-CELL_KINDS = ("extract", "embed", "train", "score", "hierarchy", "steer")
 RESOURCE_KEYS = ("gpus", "cpus", "mem_gb", "timeout_min", "tasks")
-SPLIT_KINDS = ("extract", "embed")  # cells whose work several processes of one job can share
 
 
 @dataclass(frozen=True)
@@ -124,8 +122,8 @@ def _check_number(value: Any, where: str, *, minimum: float, integer: bool) -> N
 
 def _check_resources(kind: str, overrides: Any, where: str) -> dict[str, Any]:
     """One kind's overrides: known keys, sensible numbers."""
-    if kind not in CELL_KINDS:
-        raise ValueError(f"{where}: unknown kind of cell {kind!r}; valid: {', '.join(CELL_KINDS)}")
+    if kind not in cell_kinds():
+        raise ValueError(f"{where}: unknown kind of cell {kind!r}; valid: {', '.join(cell_kinds())}")
     if not isinstance(overrides, dict):
         raise ValueError(f"{where}.{kind}: expected a mapping of {', '.join(RESOURCE_KEYS)}, got {overrides!r}")
     unknown = sorted(set(overrides) - set(RESOURCE_KEYS))
@@ -140,13 +138,14 @@ def _check_resources(kind: str, overrides: Any, where: str) -> dict[str, Any]:
 def _check_usable(config: ExecutorConfig, device: str, where: str) -> None:
     """Refuse resources a cell cannot use: a notebook runs on one device, so only an extraction may
     use several GPUs (as that many tasks, one GPU each); a sweep pinned to CUDA needs a GPU per task."""
-    for kind in CELL_KINDS:
+    for kind in cell_kinds():
         res, own = config.resources_for(kind), config.resources.get(kind, {})
         gpus_key = f"{where}.resources.{kind}.gpus" if "gpus" in own else f"{where}.gpus_per_node"
-        if res.tasks > 1 and kind not in SPLIT_KINDS:
+        splits = stage(kind).splits_over_tasks  # cells whose work several processes of one job can share
+        if res.tasks > 1 and not splits:
             raise ValueError(f"{where}.resources.{kind}.tasks: only extraction cells split over tasks, got {res.tasks}")
         if res.gpus > 1 and res.gpus != res.tasks:
-            hint = f"set resources.{kind}.tasks: {res.gpus}" if kind in SPLIT_KINDS else "ask for 1"
+            hint = f"set resources.{kind}.tasks: {res.gpus}" if splits else "ask for 1"
             raise ValueError(
                 f"{gpus_key}: {res.gpus} GPUs, but {kind} cells run one process per GPU, here {res.tasks} "
                 f"task(s); {hint} (the grid's cells also run side by side: array_parallelism)"

@@ -25,6 +25,7 @@ from .metrics import SparseCodes
 from .neuron_pass import scan_neurons
 from .sae import BaseSAE
 from .scoring import check_aligned, sae_codes
+from .stages import LEVELS_FILE
 
 __all__ = [
     "DENSE_LINK_LIMIT",
@@ -55,7 +56,6 @@ __all__ = [
     "taxonomy_of_classes",
 ]
 
-LEVELS_FILE = "levels.csv"  # one row per Matryoshka level (read by sweep.gather)
 LINKS_FILE = "links.csv"  # each latent's closest latent one level up
 DENSE_LINK_LIMIT = 50_000_000  # co-activation needs dense codes: computed up to this many entries
 INATURALIST_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")

@@ -25,6 +25,7 @@ from .neuron_pass import scan_neurons
 from .paths import expand_home, safe_stem
 from .sae import BaseSAE
 from .sae.provenance import check_provenance
+from .stages import MS_SUMMARY_FILE
 from .store import ActivationStore
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "uniqueness_table",
 ]
 
-MS_SUMMARY_FILE = "ms_summary.csv"  # one row per set of neurons (read by sweep.gather)
 UNIQUENESS_FILE = "uniqueness.csv"  # top-image overlap per set of neurons
 
 

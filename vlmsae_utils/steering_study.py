@@ -27,6 +27,7 @@ from .llava import ClipTextImage, feature_block, load_clip_text_image, load_llav
 from .paths import resolve_out_dir
 from .sae import BaseSAE
 from .scoring import sae_codes, store_image_loader
+from .stages import STEERING_SCORES_FILE
 from .store import ActivationStore
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "steering_names",
 ]
 
-STEERING_SCORES_FILE = "steering_scores.csv"  # the Table 3 rows (read by sweep.gather)
 ALPHA_SWEEP_FILE = "alpha_sweep.csv"  # one answer per (image, latent, α)
 LATENT_NAMES_FILE = "latent_names.csv"  # each swept latent named by its steered answer (naming.name_by_steering)
 LATENT_CONCEPTS_FILE = "latent_concepts.csv"  # the classes of each shown latent's top images

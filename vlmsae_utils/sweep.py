@@ -21,12 +21,10 @@ import pandas as pd
 
 from . import kernels
 from .data import ImageFolderDataset
-from .hierarchy import LEVELS_FILE
 from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, remove_entry, sha256_json
 from .paths import outputs_root, results_root
 from .sae.base import WEIGHTS_FILE
-from .scoring import MS_SUMMARY_FILE
-from .steering_study import STEERING_SCORES_FILE
+from .stages import GatherContext, result_tables, stage
 from .store import image_list_changed, images_changed
 from .store_format import MANIFEST_FILE, PLAN_FILE
 from .sweep_config import (
@@ -53,7 +51,6 @@ from .sweep_plan import Run, expand
 __all__ = [
     "DONE_FILE",
     "EXECUTION_ONLY",
-    "EXPECTED_OUTPUTS",
     "HIERARCHY_KEYS",
     "JOB_FILE",
     "KEPT_ON_REDO",
@@ -108,16 +105,6 @@ class SweepLockedError(FolderLockedError):
 # ----------------------------------------------------------------------------- execution
 
 
-EXPECTED_OUTPUTS = {
-    "extract": ["activations/manifest.json"],
-    "embed": ["activations/manifest.json"],
-    "train": ["results.csv"],
-    "score": [MS_SUMMARY_FILE],
-    "hierarchy": [LEVELS_FILE],
-    "steer": [STEERING_SCORES_FILE],
-}
-
-
 def sweep_dir(name: str) -> Path:
     """Folder of a sweep's runs under the outputs root."""
     return outputs_root() / "sweeps" / name
@@ -130,7 +117,7 @@ def is_complete(run: Run, root: Path) -> bool:
     marker = folder / DONE_FILE
     if not marker.is_file() or read_json(marker).get("fingerprint") != _fingerprint(run, root):
         return False
-    if not all((folder / name).exists() for name in EXPECTED_OUTPUTS[run.kind]) or _saes_missing(run, folder):
+    if not all((folder / name).exists() for name in stage(run.kind).outputs) or _saes_missing(run, folder):
         return False
     reason = stale_images(run, root)
     if reason:
@@ -150,14 +137,10 @@ def _saes_missing(run: Run, folder: Path) -> list[str]:
     return missing
 
 
-#: Stages that read the image folder and write a store from it.
-IMAGE_STAGES = ("extract", "embed")
-
-
 def _image_store(run: Run, root: Path) -> Path | None:
     """The store an image stage wrote (``None`` for other stages, or before its plan exists)."""
     store = root / run.out_dir / "activations"
-    return store if run.kind in IMAGE_STAGES and (store / PLAN_FILE).is_file() else None
+    return store if stage(run.kind).reads_images and (store / PLAN_FILE).is_file() else None
 
 
 def _listed_images(run: Run, root: Path) -> ImageFolderDataset | str:
@@ -328,27 +311,16 @@ def _mark_complete(run: Run, root: Path) -> None:
 
 
 def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.DataFrame]:
-    """Collect the finished runs' tables into ``results/<name>/{sae,raw,hierarchy,steering}.csv``."""
-    tables: dict[str, list[pd.DataFrame]] = {"sae": [], "raw": [], "hierarchy": [], "steering": []}
-    by_sae_dir = {r.labels["sae_dir"]: r for r in runs if r.kind == "train"}
+    """Collect the finished runs' tables into ``results/<name>/<table>.csv``: each stage's ``gather``
+    (:mod:`.stages`) turns a finished run into rows of its tables."""
+    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in result_tables()}
     complete = complete_runs(runs, root)
     for run in runs:
-        folder = root / run.out_dir
-        if run.id not in complete:
+        collect = stage(run.kind).gather
+        if run.id not in complete or collect is None:
             continue
-        if run.kind == "score":
-            tables["sae"].append(_score_rows(run, folder, by_sae_dir, root))
-            summary = pd.read_csv(folder / MS_SUMMARY_FILE)
-            raw = summary[summary.neurons.str.startswith("raw")]
-            tables["raw"].append(
-                raw.assign(model=run.labels["model"], layer=str(run.labels["layer"]), scorer=run.labels["scorer"])
-            )
-        elif run.kind == "hierarchy":
-            tables["hierarchy"].append(
-                pd.read_csv(folder / LEVELS_FILE).assign(model=run.labels["model"], layer=str(run.labels["layer"]))
-            )
-        elif run.kind == "steer":
-            tables["steering"].append(pd.read_csv(folder / STEERING_SCORES_FILE).assign(**run.labels))
+        for name, frame in collect(GatherContext(run, root / run.out_dir, runs, root)).items():
+            tables.setdefault(name, []).append(frame)
     out = results_root() / config["name"]
     out.mkdir(parents=True, exist_ok=True)
     gathered = {}
@@ -359,43 +331,6 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
         else:
             (out / f"{name}.csv").unlink(missing_ok=True)  # no stale table from an earlier config
     return gathered
-
-
-def _r2_columns(trained: pd.Series) -> dict[str, float]:
-    """The paper's per-batch "R² %" and the "global R² %" of a training run's results row; a row
-    written before the two were separated (global "R² %", shuffled "R² batch-mean %") is relabelled."""
-    if "R² batch-mean %" in trained:
-        return {"R² %": trained["R² batch-mean %"], "global R² %": trained["R² %"]}
-    return {"R² %": trained["R² %"], "global R² %": trained["global R² %"]}
-
-
-def _score_rows(run: Run, folder: Path, by_sae_dir: dict[str, Run], root: Path) -> pd.DataFrame:
-    """One row per SAE of a score run: its training metrics next to its MS."""
-    summary = pd.read_csv(folder / MS_SUMMARY_FILE).set_index("neurons")
-    rows = []
-    for sae_dir in run.parameters["sae_paths"]:
-        train_run = by_sae_dir[sae_dir]
-        trained = pd.read_csv(root / train_run.out_dir / "results.csv").iloc[0]
-        ms = summary.loc[Path(sae_dir).name]
-        rows.append(
-            {
-                "model": run.labels["model"],
-                "layer": str(run.labels["layer"]),
-                "scorer": run.labels["scorer"],
-                "SAE": trained["SAE"],
-                "expansion": trained["expansion"],
-                "K": trained["k"],
-                "latents": trained["latents"],
-                **_r2_columns(trained),
-                "L0": trained["L0"],
-                "dead %": trained["dead %"],
-                "MS mean": ms["mean MS"],
-                "MS std": ms["std"],
-                "MS max": ms["best MS"],
-                "dead latents (MS)": ms["dead"],
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def run_sweep(

@@ -9,6 +9,7 @@ from typing import Any
 
 from .hierarchy import PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK
+from .stages import STAGES
 from .sweep_config import SAE_SETTINGS, TRAIN_DEFAULTS, TRAIN_RUN_SETTINGS, ConfigError, grid_ks, slug
 from .train import run_name
 
@@ -90,6 +91,9 @@ def expand(config: dict[str, Any]) -> list[Run]:
                 _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
     if "steering" in config:
         _steering(config, runs, extract, train)
+    for added in STAGES.values():  # stages registered from outside the package plan their own runs
+        for run in added.plan(config, list(runs)) if added.plan is not None else []:
+            _add(runs, run)
     for run in runs:
         _add_execution_parameters(config, run)
     return runs

@@ -1,0 +1,75 @@
+"""The stage contract (:mod:`vlmsae_utils.stages`): a new metric stage registered from this test
+module is planned by the sweep, run, checked for completeness, gathered into its own results table
+and given executor resources — with no edit to the package."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import FakeRunner
+
+from vlmsae_utils import stages, sweep
+from vlmsae_utils.executor_config import parse_executor
+from vlmsae_utils.sweep_plan import Run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _plan_norms(config: dict, runs: list[Run]) -> list[Run]:
+    """One norms run beside every score run, on the same stores (notebook 03's parameters)."""
+    return [
+        Run("norms", "03", f"norms/{r.out_dir}", dict(r.parameters), [r.id], labels=dict(r.labels))
+        for r in runs
+        if r.kind == "score"
+    ]
+
+
+def _gather_norms(ctx: stages.GatherContext) -> dict[str, pd.DataFrame]:
+    size = (ctx.folder / "norms.csv").stat().st_size
+    return {"norms": pd.DataFrame({"run": [ctx.run.id], "bytes": [size], "scorer": [ctx.run.labels["scorer"]]})}
+
+
+@pytest.fixture
+def norms_stage():
+    added = stages.register_stage(
+        stages.Stage("norms", "03", ("norms.csv",), tables=("norms",), gather=_gather_norms, plan=_plan_norms)
+    )
+    yield added
+    stages.unregister_stage("norms")
+
+
+def test_a_metric_stage_registered_from_a_test_module_runs_through_a_sweep(norms_stage, tmp_path, monkeypatch):
+    raw = yaml.safe_load((CONFIGS / "fixture.yaml").read_text()) | {"hierarchy": None, "steering": None}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
+    config = sweep.load_config(tmp_path / "sweep.yaml")
+    runs = sweep.expand(config)
+    scores, norms = [r for r in runs if r.kind == "score"], [r for r in runs if r.kind == "norms"]
+    assert len(norms) == len(scores) >= 1 and [n.depends for n in norms] == [[s.id] for s in scores]
+    assert all(n.parameters["device"] == "auto" for n in norms)  # the sweep's execution settings reach it
+    root = tmp_path / "root"
+    status = sweep.execute(runs, root, runner=FakeRunner(), progress=False)
+    assert set(status.status) == {"ran"}
+    # the fake runner's files for the built-in score stage are not tables: gather only the new one
+    monkeypatch.setitem(stages.STAGES, "score", dataclasses.replace(stages.stage("score"), gather=None, tables=()))
+    tables = sweep.gather(config, runs, root)
+    assert list(tables) == ["norms"] and list(tables["norms"].run) == [n.id for n in norms]
+    (root / norms[0].out_dir / "norms.csv").unlink()  # its declared output gone: no longer finished
+    assert not sweep.is_complete(norms[0], root) and sweep.is_complete(scores[0], root)
+    settings = parse_executor({"type": "local", "resources": {"norms": {"cpus": 3}}})
+    assert settings.resources_for("norms").cpus == 3
+
+
+def test_stage_declarations_are_checked_and_the_builtins_are_the_papers():
+    assert stages.cell_kinds()[:6] == ("extract", "embed", "train", "score", "hierarchy", "steer")
+    assert [s.kind for s in stages.stages_of_notebook("01")] == ["extract", "embed"]
+    assert stages.stage("extract").reads_images and not stages.stage("train").reads_images
+    with pytest.raises(ValueError, match="unknown kind of cell 'nrms'; valid: extract, embed"):
+        stages.stage("nrms")
+    with pytest.raises(ValueError, match="has no gather function"):
+        stages.register_stage(stages.Stage("bad", "03", ("x.csv",), tables=("bad",)))
+    with pytest.raises(ValueError, match="unknown kind of cell 'nrms'"):
+        parse_executor({"type": "local", "resources": {"nrms": {"cpus": 3}}})

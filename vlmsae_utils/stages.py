@@ -1,0 +1,190 @@
+"""The stage contract: one declaration per kind of sweep cell, read by the sweep, its executors and
+gather — its notebook, the files a finished run leaves, whether it reads the image folder, whether
+one job's tasks may share it, how its results become tables, and (for a stage added from outside the
+package) how a sweep plans its runs.
+
+The built-in stages are the paper's: extraction and scorer embeddings (chapter 1), training
+(chapter 2), MS scoring (chapter 3), the hierarchy (chapter 4) and steering (chapter 5). A new
+metric or chapter registers a :class:`Stage` (CONTRIBUTING, "A new stage"); nothing else in the
+package changes. This module imports no heavy library, so configuration checks can read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "LEVELS_FILE",
+    "MS_SUMMARY_FILE",
+    "STAGES",
+    "STEERING_SCORES_FILE",
+    "TRAIN_RESULTS_FILE",
+    "GatherContext",
+    "Stage",
+    "cell_kinds",
+    "register_stage",
+    "result_tables",
+    "stage",
+    "stages_of_notebook",
+    "unregister_stage",
+]
+
+#: What each built-in stage leaves in its run folder (the modules that write them import these).
+STORE_MANIFEST = "activations/manifest.json"
+TRAIN_RESULTS_FILE = "results.csv"
+MS_SUMMARY_FILE = "ms_summary.csv"  # one row per set of neurons
+LEVELS_FILE = "levels.csv"  # one row per Matryoshka level
+STEERING_SCORES_FILE = "steering_scores.csv"  # the Table 3 rows
+
+
+@dataclass
+class GatherContext:
+    """What gathering one finished run may read: the run (a ``sweep_plan.Run``), its folder, every
+    run of the sweep (e.g. the training runs a score run's SAEs come from) and the sweep folder."""
+
+    run: Any
+    folder: Path
+    runs: list[Any]
+    root: Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kind of sweep cell."""
+
+    kind: str  # the cell's name in run ids, ``--status`` and an ``executor: resources:`` block
+    notebook: str  # the chapter's number: ``run_notebook`` runs it with the run's parameters
+    outputs: tuple[str, ...]  # files a finished run leaves (relative to its folder): "finished" needs them all
+    reads_images: bool = False  # reads the image folder and writes a store from it (stale when images change)
+    splits_over_tasks: bool = False  # several processes of one job may share one cell (extraction)
+    tables: tuple[str, ...] = ()  # result tables its runs add to (``results/<sweep>/<table>.csv``)
+    gather: Callable[[GatherContext], dict[str, pd.DataFrame]] | None = None  # a finished run → rows per table
+    plan: Callable[[dict[str, Any], list[Any]], list[Any]] | None = None  # extra runs (added stages only)
+
+
+#: Every stage by kind, in registration order (the built-ins first).
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(new: Stage) -> Stage:
+    """Add a stage (or replace one of the same kind); returns it."""
+    if not new.kind.isidentifier():
+        raise ValueError(f"a stage's kind must be a plain name, got {new.kind!r}")
+    if set(new.tables) and new.gather is None:
+        raise ValueError(f"stage {new.kind!r} names result tables {new.tables} but has no gather function")
+    STAGES[new.kind] = new
+    return new
+
+
+def unregister_stage(kind: str) -> None:
+    """Remove a registered stage (tests); the built-ins can be removed too, so take care."""
+    STAGES.pop(kind, None)
+
+
+def stage(kind: str) -> Stage:
+    """The stage of a kind of cell, or an error listing the known ones."""
+    if kind not in STAGES:
+        raise ValueError(f"unknown kind of cell {kind!r}; valid: {', '.join(STAGES)}")
+    return STAGES[kind]
+
+
+def cell_kinds() -> tuple[str, ...]:
+    """The kinds of cell a sweep may hold (what an ``executor: resources:`` block may name)."""
+    return tuple(STAGES)
+
+
+def stages_of_notebook(notebook: str) -> list[Stage]:
+    """The stages whose runs execute ``notebook``."""
+    return [s for s in STAGES.values() if s.notebook == notebook]
+
+
+def result_tables() -> list[str]:
+    """Every result table some stage writes, in stage order."""
+    return list(dict.fromkeys(t for s in STAGES.values() for t in s.tables))
+
+
+# ----------------------------------------------------------------------------- the built-in stages
+
+
+def _gather_score(ctx: GatherContext) -> dict[str, pd.DataFrame]:
+    """MS of each SAE beside its training metrics (``sae``), and the raw neurons' MS (``raw``)."""
+    import pandas as pd
+
+    summary = pd.read_csv(ctx.folder / MS_SUMMARY_FILE)
+    raw = summary[summary.neurons.str.startswith("raw")]
+    labels = ctx.run.labels
+    return {
+        "sae": _score_rows(ctx),
+        "raw": raw.assign(model=labels["model"], layer=str(labels["layer"]), scorer=labels["scorer"]),
+    }
+
+
+def _r2_columns(trained: Any) -> dict[str, float]:
+    """The paper's per-batch "R² %" and the "global R² %" of a training run's results row; a row
+    written before the two were separated (global "R² %", shuffled "R² batch-mean %") is relabelled."""
+    if "R² batch-mean %" in trained:
+        return {"R² %": trained["R² batch-mean %"], "global R² %": trained["R² %"]}
+    return {"R² %": trained["R² %"], "global R² %": trained["global R² %"]}
+
+
+def _score_rows(ctx: GatherContext) -> pd.DataFrame:
+    """One row per SAE of a score run: its training metrics next to its MS."""
+    import pandas as pd
+
+    by_sae_dir = {r.labels["sae_dir"]: r for r in ctx.runs if r.kind == "train"}
+    summary = pd.read_csv(ctx.folder / MS_SUMMARY_FILE).set_index("neurons")
+    labels, rows = ctx.run.labels, []
+    for sae_dir in ctx.run.parameters["sae_paths"]:
+        trained = pd.read_csv(ctx.root / by_sae_dir[sae_dir].out_dir / TRAIN_RESULTS_FILE).iloc[0]
+        ms = summary.loc[Path(sae_dir).name]
+        rows.append(
+            {
+                "model": labels["model"],
+                "layer": str(labels["layer"]),
+                "scorer": labels["scorer"],
+                "SAE": trained["SAE"],
+                "expansion": trained["expansion"],
+                "K": trained["k"],
+                "latents": trained["latents"],
+                **_r2_columns(trained),
+                "L0": trained["L0"],
+                "dead %": trained["dead %"],
+                "MS mean": ms["mean MS"],
+                "MS std": ms["std"],
+                "MS max": ms["best MS"],
+                "dead latents (MS)": ms["dead"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _gather_levels(ctx: GatherContext) -> dict[str, pd.DataFrame]:
+    """The hierarchy's per-level table, labelled with the model and layer."""
+    import pandas as pd
+
+    levels = pd.read_csv(ctx.folder / LEVELS_FILE)
+    return {"hierarchy": levels.assign(model=ctx.run.labels["model"], layer=str(ctx.run.labels["layer"]))}
+
+
+def _gather_steering(ctx: GatherContext) -> dict[str, pd.DataFrame]:
+    """The steering scores (Table 3 rows), labelled with the run's labels."""
+    import pandas as pd
+
+    return {"steering": pd.read_csv(ctx.folder / STEERING_SCORES_FILE).assign(**ctx.run.labels)}
+
+
+for _stage in (
+    Stage("extract", "01", (STORE_MANIFEST,), reads_images=True, splits_over_tasks=True),
+    Stage("embed", "01", (STORE_MANIFEST,), reads_images=True, splits_over_tasks=True),
+    Stage("train", "02", (TRAIN_RESULTS_FILE,)),
+    Stage("score", "03", (MS_SUMMARY_FILE,), tables=("sae", "raw"), gather=_gather_score),
+    Stage("hierarchy", "04", (LEVELS_FILE,), tables=("hierarchy",), gather=_gather_levels),
+    Stage("steer", "05", (STEERING_SCORES_FILE,), tables=("steering",), gather=_gather_steering),
+):
+    register_stage(_stage)
