@@ -310,8 +310,8 @@ def _write_my_shards(
     with tqdm(total=total, desc=f"extract {params['hook']} (rank {rank})", unit="img", disable=not progress) as bar:
         for shard, pixels, good, bad in loader:
             rows, kept, skipped = pending[shard]
-            if finish is not None and good:
-                pixels, good, refused = finish(pixels, good, dataset.records)
+            if finish is not None:  # decode: gpu — the worker read bytes; decode and preprocess on the device
+                pixels, good, refused = finish(pixels, good, dataset.records) if good else (None, [], [])
                 bad = bad + refused
             skipped += bad
             if pixels is not None:
