@@ -24,15 +24,14 @@ from . import hooks
 from .device import resolve_device, resolve_model_dtype
 from .hf import image_backend, image_processor, quiet_transformers
 from .hooks import TOKEN_MODES, HookSpec, check_hook, hook_spec
+from .sources import MODEL_SOURCES, model_source
 from .vision_encoder import VisionEncoder, check_tokens, select_tokens
 
 __all__ = [
     "FAMILY_BUILDERS",
-    "FIXTURE_PREFIX",
     "KNOWN_HUB_MODELS",
     "MODEL_TYPE_FAMILY",
     "OPEN_CLIP_PREFIX",
-    "REHEARSAL_PREFIX",
     "TOKEN_MODES",
     "HookSpec",
     "VisionEncoder",
@@ -53,8 +52,6 @@ __all__ = [
 ]
 
 OPEN_CLIP_PREFIX = "open_clip:"
-FIXTURE_PREFIX = "fixture:"
-REHEARSAL_PREFIX = "rehearsal:"
 
 #: Hub models the paper uses, with the family that loads them.
 KNOWN_HUB_MODELS = {
@@ -109,22 +106,6 @@ def __getattr__(name: str) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def model_source(name_or_path: str | os.PathLike) -> str:
-    """Where ``from_pretrained`` should read a model: ``fixture:NAME`` becomes the fixture's folder
-    (built or trained on first use), ``rehearsal:HUB_ID`` the folder of that model's architecture
-    with random weights (built on first use); hub ids, specs and folders pass through unchanged."""
-    spec = str(name_or_path)
-    if spec.startswith(FIXTURE_PREFIX):
-        from .fixtures import ensure_fixture
-
-        return str(ensure_fixture().model(spec[len(FIXTURE_PREFIX) :]))
-    if spec.startswith(REHEARSAL_PREFIX):
-        from .rehearsal import rehearsal_model
-
-        return str(rehearsal_model(spec[len(REHEARSAL_PREFIX) :]))
-    return spec
-
-
 def load_encoder(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = "auto",
@@ -152,7 +133,7 @@ def load_encoder(
             f"or a hub id such as {', '.join(KNOWN_HUB_MODELS)}"
         )
     encoder.model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
-    if str(name_or_path).startswith((FIXTURE_PREFIX, REHEARSAL_PREFIX)):
+    if str(name_or_path).startswith(tuple(MODEL_SOURCES)):
         encoder.name = str(name_or_path)  # a stable name, independent of where the data home lives
     return encoder
 

@@ -28,6 +28,7 @@ from .device import resolve_device, resolve_model_dtype
 from .gpu_decode import DevicePixels, RawBatches, check_decode, pixel_recipe
 from .io import check_writable
 from .paths import portable_path
+from .sources import data_root
 from .store import ActivationStore, StorePlan, StoreWriter, check_dtype
 
 __all__ = [
@@ -417,8 +418,6 @@ def store_summary(store: ActivationStore) -> dict:
 
 def open_dataset(data_dir: str | os.PathLike, split: str | None) -> ImageFolderDataset:
     """The image set of a notebook's ``data_dir``/``split`` (``"fixture"`` = the embedded default)."""
-    from .fixtures import resolve_data_dir
-
     if data_dir in (None, ""):
         raise ValueError("data_dir is empty: give an image folder or 'fixture'")
-    return ImageFolderDataset(resolve_data_dir(data_dir), split or None)
+    return ImageFolderDataset(data_root(data_dir), split or None)

@@ -24,6 +24,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from .sources import class_caption
+
 __all__ = [
     "BASELINE_NAMES",
     "baseline_text",
@@ -107,7 +109,5 @@ def class_text(folder: str) -> str:
     """Words for a class folder: the fixture's caption for a fixture class (``a red striped
     triangle``), else its readable label (:func:`class_label`: ImageNet wnid → CLIP class name such
     as ``tench``, iNaturalist folder → ``Genus species``, other names without numeric id and ``_``)."""
-    from .fixtures import class_caption
-
     caption = class_caption(folder)
     return class_label(folder) if caption is None else caption

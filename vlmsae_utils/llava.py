@@ -2,7 +2,7 @@
 splicing) and the CLIP text + image towers that judge the steering score.
 
 Sources are hub ids, folders, ``fixture:NAME`` or ``rehearsal:HUB_ID``
-(:func:`vlmsae_utils.encoders.model_source`). Prompting and generation are in :mod:`.generation`,
+(:func:`vlmsae_utils.sources.model_source`). Prompting and generation are in :mod:`.generation`,
 the steering itself in :mod:`.steering`.
 """
 
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .device import resolve_device, resolve_model_dtype
-from .encoders import VisionEncoder, model_source, wrap_clip_vision
+from .encoders import VisionEncoder, wrap_clip_vision
 from .hf import image_processor, quiet_transformers
+from .sources import model_source
 
 __all__ = [
     "ClipTextImage",
