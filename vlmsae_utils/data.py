@@ -13,9 +13,10 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -220,15 +221,16 @@ class ImageFolderDataset:
         content for the store, so an image replaced under the same name is read again."""
         return [file_stamp(self.records[i].path) for i in indices]
 
-    def load(self, index: int) -> Image.Image:
-        """The RGB image at ``index`` (raises :class:`ImageLoadError` for a bad file)."""
+    def load(self, index: int, read: Callable[[Path], Any] = load_image) -> Any:
+        """The RGB image at ``index`` (raises :class:`ImageLoadError` for a bad file); ``read`` reads
+        the file another way with the same errors (``gpu_decode.read_raw``: bytes for the device)."""
         _check_truncation_policy()
-        return load_image(self.records[index].path)
+        return read(self.records[index].path)
 
-    def try_load(self, index: int) -> Image.Image | str:
-        """The RGB image, or the reason it cannot be used (logged once)."""
+    def try_load(self, index: int, read: Callable[[Path], Any] = load_image) -> Any:
+        """The RGB image (or what ``read`` makes of the file), or the reason it cannot be used (logged once)."""
         try:
-            return self.load(index)
+            return self.load(index, read)
         except ImageLoadError as err:
             log.warning("skipping %s: %s", self.records[index].image_id, err.reason)
             return err.reason
@@ -302,12 +304,13 @@ def class_counts(dataset: ImageFolderDataset) -> dict[str, int]:
 
 
 def load_batch(
-    dataset: ImageFolderDataset, indices: Sequence[int]
-) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
-    """Load ``indices``; returns the good images, their indices, and ``(image_id, reason)`` for bad ones."""
+    dataset: ImageFolderDataset, indices: Sequence[int], read: Callable[[Path], Any] = load_image
+) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
+    """Load ``indices`` (with ``read``, default :func:`load_image`); returns the good images, their
+    indices, and ``(image_id, reason)`` for bad ones."""
     images, kept, skipped = [], [], []
     for index in indices:
-        result = dataset.try_load(index)
+        result = dataset.try_load(index, read)
         if isinstance(result, str):
             skipped.append((dataset.records[index].image_id, result))
         else:

@@ -284,22 +284,14 @@ class RawBatches(Dataset):
     ``(shard, [RawImage], kept indices, [(image_id, reason)] of skipped files)``."""
 
     def __init__(self, dataset: data.ImageFolderDataset, batches: list[tuple[int, list[int]]]):
-        self.dataset, self.batches, self.exif = dataset, batches, data.exif_transpose_enabled()
+        self.dataset, self.batches = dataset, batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, item: int):
         shard, indices = self.batches[item]
-        raws, good, bad = [], [], []
-        for index in indices:
-            record = self.dataset.records[index]
-            try:
-                raws.append(read_raw(record.path, self.exif))
-                good.append(index)
-            except data.ImageLoadError as err:
-                bad.append((record.image_id, err.reason))
-        return shard, raws, good, bad
+        return shard, *data.load_batch(self.dataset, indices, read_raw)  # bad files skipped and logged as by default
 
 
 @dataclass
