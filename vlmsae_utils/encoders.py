@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -265,17 +265,12 @@ def transformer_blocks(module: nn.Module, source: str) -> nn.ModuleList:
     raise ValueError(f"{source}: could not find the transformer blocks of {type(module).__name__}")
 
 
-def _hf(model: nn.Module) -> Any:
-    """A transformers model as the checker should see it: its ``config`` and submodules are dynamic."""
-    return model
-
-
 def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """SigLIP / AIMv2: no CLS token; ``post_projection`` is the attention-pool head's output."""
     head = getattr(vision, "head", None)
     if head is None:
         raise ValueError(f"{source}: {family} model without attention-pool head has no post_projection")
-    width = int(_hf(model).config.hidden_size)
+    width = int(cast(Any, model).config.hidden_size)
     return VisionEncoder(
         source, family, model, processor, transformer_blocks(vision, source), head, False, width, width
     )
@@ -283,14 +278,14 @@ def pooled_by_head(model: nn.Module, vision: nn.Module, source: str, family: str
 
 def pooled_by_first_token(model: nn.Module, source: str, family: str, processor) -> VisionEncoder:
     """DINOv2 / ViT (Web-SSL): CLS token; ``post_projection`` is the final layer norm at the CLS token."""
-    width = int(_hf(model).config.hidden_size)
+    width = int(cast(Any, model).config.hidden_size)
     return VisionEncoder(
         source,
         family,
         model,
         processor,
         transformer_blocks(model, source),
-        _hf(model).layernorm,
+        cast(Any, model).layernorm,
         True,
         width,
         width,
@@ -302,9 +297,9 @@ def wrap_clip_vision(model: nn.Module, processor: Callable, name: str) -> Vision
     """Wrap a transformers CLIP vision model (with or without projection, e.g. LLaVA's tower)."""
     vision: Any = getattr(model, "vision_model", model)
     projection = getattr(model, "visual_projection", None) or vision.post_layernorm
-    width = int(_hf(model).config.hidden_size)
+    width = int(cast(Any, model).config.hidden_size)
     projection_dim = (
-        getattr(_hf(model).config, "projection_dim", width) if projection is not vision.post_layernorm else width
+        getattr(cast(Any, model).config, "projection_dim", width) if projection is not vision.post_layernorm else width
     )
     return VisionEncoder(name, "clip", model, processor, vision.encoder.layers, projection, True, width, projection_dim)
 

@@ -120,7 +120,7 @@ def _gather_score(ctx: GatherContext) -> dict[str, pd.DataFrame]:
     raw = summary[summary.neurons.str.startswith("raw")]
     labels = ctx.run.labels
     return {
-        "sae": _score_rows(ctx),
+        "sae": _score_rows(ctx, summary.set_index("neurons")),
         "raw": raw.assign(model=labels["model"], layer=str(labels["layer"]), scorer=labels["scorer"]),
     }
 
@@ -133,12 +133,11 @@ def _r2_columns(trained: Any) -> dict[str, float]:
     return {"R² %": trained["R² %"], "global R² %": trained["global R² %"]}
 
 
-def _score_rows(ctx: GatherContext) -> pd.DataFrame:
-    """One row per SAE of a score run: its training metrics next to its MS."""
+def _score_rows(ctx: GatherContext, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per SAE of a score run: its training metrics next to its MS (``summary`` by neuron set)."""
     import pandas as pd
 
     by_sae_dir = {r.labels["sae_dir"]: r for r in ctx.runs if r.kind == "train"}
-    summary = pd.read_csv(ctx.folder / MS_SUMMARY_FILE).set_index("neurons")
     labels, rows = ctx.run.labels, []
     for sae_dir in ctx.run.parameters["sae_paths"]:
         trained = pd.read_csv(ctx.root / by_sae_dir[sae_dir].out_dir / TRAIN_RESULTS_FILE).iloc[0]

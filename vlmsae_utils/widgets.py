@@ -90,7 +90,6 @@ def neuron_browser(
     the neuron's name from ``latent_names[model]``), and with ``heatmap`` a toggle that adds the neuron's
     patch heatmaps on its top images (:func:`neuron_heatmaps`)."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     names = list(reports)
     model = widgets.Dropdown(options=names, description="neurons")
@@ -106,15 +105,10 @@ def neuron_browser(
         index.max = report.num_neurons - 1
         neuron = rank_to_neuron(report, index.value) if by.value == "MS rank" else index.value
         name = (latent_names or {}).get(model.value, {}).get(neuron)
-        with output:
-            output.clear_output(wait=True)
-            figures = [neuron_card(report, neuron, load, labels, name=name)]
-            if heatmap is not None and show_maps.value:
-                figures.append(heatmap(model.value, neuron))
-            for figure in figures:
-                if figure is not None:
-                    display(figure)
-                    plt.close(figure)
+        figures = [neuron_card(report, neuron, load, labels, name=name)]
+        if heatmap is not None and show_maps.value:
+            figures.append(heatmap(model.value, neuron))
+        _show(output, figures)
 
     for control in (model, by, index, show_maps):
         control.observe(redraw, names="value")
@@ -124,13 +118,24 @@ def neuron_browser(
     return browser
 
 
+def _show(output, figures: list[Figure | None]) -> None:
+    """Replace what an ipywidgets ``Output`` shows with ``figures`` (``None`` entries skipped), closed after."""
+    from IPython.display import display
+
+    with output:
+        output.clear_output(wait=True)
+        for figure in figures:
+            if figure is not None:
+                display(figure)
+                plt.close(figure)
+
+
 def image_explorer(draw: Callable[..., Figure | None], count: int, point: bool = False):
     """An ipywidgets image picker: the image index → ``draw(index)`` (e.g. the image with the latents
     that fire most on it and their heatmaps, :func:`~vlmsae_utils.heatmaps.strongest_latents`). With
     ``point``, a patch selector too: tick *one patch* and move x/y (fractions of the image) →
     ``draw(index, (x, y))``, the latents that fire most on the patch under that point."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     if count < 1:
         raise ValueError("image_explorer needs at least one image")
@@ -142,12 +147,7 @@ def image_explorer(draw: Callable[..., Figure | None], count: int, point: bool =
     output = widgets.Output()
 
     def redraw(*_):
-        with output:
-            output.clear_output(wait=True)
-            figure = draw(index.value, (x.value, y.value)) if at_patch.value else draw(index.value)
-            if figure is not None:
-                display(figure)
-                plt.close(figure)
+        _show(output, [draw(index.value, (x.value, y.value)) if at_patch.value else draw(index.value)])
 
     for control in (index, at_patch, x, y):
         control.observe(redraw, names="value")
