@@ -405,7 +405,7 @@ def test_an_extraction_split_over_two_tasks_writes_the_single_process_store(tmp_
     one a single process writes."""
     block = {"gpus_per_node": 0, "resources": {"extract": {"tasks": 2}}}
     config = sweep.load_config(_small(tmp_path, "split-extract", executor=block, batch_size=4))
-    settings, root = sweep.executor_settings(config), sweep.sweep_dir("split-extract")
+    settings, root = config.executor, sweep.sweep_dir("split-extract")
     val = next(r for r in sweep.expand(config) if r.id == "extract/fixture_mini_clip/L2/val")
     assert settings.resources_for("extract").describe().startswith("2 tasks: 0 GPU")
     status = executor.run_local([executor.Cell(val, settings.resources_for("extract"))], root, settings, progress=False)

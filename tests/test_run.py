@@ -136,7 +136,7 @@ def test_training_notebook_parameters_are_the_training_settings(tmp_path):
     default per setting, each reachable from ``-p`` and from a sweep's ``sae`` section."""
     import ast
 
-    from vlmsae_utils import sweep, train_config
+    from vlmsae_utils import train_config
     from vlmsae_utils.train_config import TrainConfig
 
     ipynb = run.to_ipynb(run.find_notebook("02"), tmp_path / "02.ipynb")
@@ -145,7 +145,6 @@ def test_training_notebook_parameters_are_the_training_settings(tmp_path):
     settings = {name: declared[name] for name in TrainConfig.setting_names() if name in declared}
     assert settings == {name: getattr(preset, name) for name in TrainConfig.setting_names()}
     assert preset.expansion in declared["expansions"] and preset.sae_type in declared["sae_types"]
-    assert set(sweep.SAE_SETTINGS) == set(TrainConfig.setting_names())
     namespace = dict(declared, k=3, init="gaussian", group_fractions=[0.5, 0.5], unrelated=1)
     settings = TrainConfig.settings_in(namespace)
     assert settings == {name: getattr(preset, name) for name in TrainConfig.setting_names()} | {

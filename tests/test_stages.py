@@ -19,7 +19,7 @@ from vlmsae_utils.sweep_plan import Run
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _plan_norms(config: dict, runs: list[Run]) -> list[Run]:
+def _plan_norms(config: sweep.SweepConfig, runs: list[Run]) -> list[Run]:
     """One norms run beside every score run, on the same stores (notebook 03's parameters)."""
     return [
         Run("norms", "03", f"norms/{r.out_dir}", dict(r.parameters), [r.id], labels=dict(r.labels))

@@ -12,6 +12,7 @@ from helpers import FakeRunner, lock_held_elsewhere
 from vlmsae_utils import hooks, run, sweep
 from vlmsae_utils.cli import parse_value
 from vlmsae_utils.paths import repo_root, results_root
+from vlmsae_utils.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,6 +27,12 @@ def _config(tmp_path, **changes) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _with_steps(tmp_path, steps: int) -> sweep.SweepConfig:
+    """The fixture grid (no hierarchy, no steering) with other training steps: the same sweep edited."""
+    sae = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["sae"] | {"steps": steps}
+    return sweep.load_config(_config(tmp_path, sae=sae, hierarchy=None, steering=None))
 
 
 def test_every_config_file_is_valid():
@@ -58,7 +65,11 @@ def test_k_sweep_trains_each_k_in_its_own_folder(tmp_path):
     (score,) = [r for r in runs if r.kind == "score"]
     assert sorted(score.parameters["sae_paths"]) == sorted(r.labels["sae_dir"] for r in trained)
     sae = yaml.safe_load((CONFIGS / "fixture.yaml").read_text())["sae"]
-    for bad, message in (([0, 8], "k must be"), ([], "non-empty list"), (["8"], "list of integers")):
+    for bad, message in (
+        ([0, 8], "k must be"),
+        ([], "non-empty list"),
+        (["8"], r"sae.k: expected int or list of int, got \['8'\]"),
+    ):
         with pytest.raises(sweep.ConfigError, match=message):
             sweep.load_config(_config(tmp_path, sae=sae | {"k": bad}, hierarchy=None, steering=None))
     with pytest.raises(sweep.ConfigError, match="a list of K values sweeps the grid"):
@@ -116,17 +127,17 @@ def test_grid_expansion_counts_and_dependencies(tmp_path):
         ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
         ({"num_workers": -1}, "num_workers: must be at least 0, got -1"),
         ({"decode": "nvjpeg"}, "decode: 'nvjpeg' is not valid; valid: cpu, gpu"),
-        ({"hierarchy": {"group_fractions": [[1]]}}, "hierarchy: "),
+        ({"hierarchy": {"group_fractions": [[1]]}}, r"hierarchy.group_fractions: expected list of number or null"),
         ({"hierarchy": {"group_fractions": [0.5, 0.4]}}, "hierarchy: "),
         ({"hierarchy": {"top_k": 1}}, "hierarchy.top_k: the LCA depth needs image pairs"),
         (
             {"sae": {"types": ["matryoshka_batch_top_k"], "expansions": [2], "group_fractions": [[1]]}},
-            r"sae: group_fractions must be a list of numbers, got \[\[1\]\]",
+            r"sae.group_fractions: expected list of number or null, got \[\[1\]\]",
         ),
         ({"data": {"train": None, "val": {"data_dir": "fixture"}}}, "data.train: a mapping with data_dir"),
         (
             {"data": {"train": {"split": "train"}, "val": {"data_dir": "fixture"}}},
-            "data.train: a mapping with data_dir",
+            r"data.train: missing key\(s\) \['data_dir'\]",
         ),
     ],
 )
@@ -298,10 +309,10 @@ def test_learning_rate_in_yaml_exponent_form_is_a_number(tmp_path):
     text = (CONFIGS / "fixture.yaml").read_text().replace("  lr: null", "  lr: 2e-4")
     path.write_text(text)
     assert yaml.safe_load(text)["sae"]["lr"] == "2e-4"  # what YAML itself reads
-    assert sweep.load_config(path)["sae"]["lr"] == pytest.approx(2e-4)
+    assert sweep.load_config(path).sae.setting("lr") == pytest.approx(2e-4)
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace("  lr: 2e-4", "  lr: fast"))
-    with pytest.raises(sweep.ConfigError, match=r"sae.lr: expected float"):
+    with pytest.raises(sweep.ConfigError, match=r"sae.lr: expected number or null, got 'fast'"):
         sweep.load_config(bad)
 
 
@@ -436,7 +447,7 @@ def test_sections_without_steps_or_group_fractions_use_the_defaults(tmp_path):
     runs = {r.id: r for r in sweep.expand(sweep.load_config(path))}
     hierarchy_sae = runs["train/fixture_mini_clip/L2/hierarchy"].parameters
     assert hierarchy_sae["group_fractions"] == list(PAPER_GROUP_FRACTIONS)
-    assert hierarchy_sae["steps"] == sweep.TRAIN_DEFAULTS.steps
+    assert hierarchy_sae["steps"] == TrainConfig().steps
 
 
 def test_a_redone_training_run_makes_its_score_run_stale(tmp_path):
@@ -445,7 +456,7 @@ def test_a_redone_training_run_makes_its_score_run_stale(tmp_path):
     config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
     root = tmp_path / "sweep"
     sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
-    config["sae"]["steps"] = 400  # only the training runs' own parameters change
+    config = _with_steps(tmp_path, 400)  # only the training runs' own parameters change
     runs = sweep.expand(config)
     dry = sweep.execute(runs, root, dry_run=True, progress=False).set_index("run")
     assert dry.loc["score/fixture_mini_clip/L2/fixture_scorer", "status"] == "would run"
@@ -491,7 +502,7 @@ def test_a_run_whose_input_is_being_redone_is_not_gathered(tmp_path):
     config = sweep.load_config(_config(tmp_path, hierarchy=None, steering=None))
     root = tmp_path / "sweep"
     sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
-    config["sae"]["steps"] = 400
+    config = _with_steps(tmp_path, 400)
     runs = sweep.expand(config)
     score = next(r for r in runs if r.kind == "score")
     assert sweep.is_complete(score, root)  # the hole: its own fingerprint still matches
@@ -511,7 +522,7 @@ def test_a_run_redone_with_other_parameters_starts_from_a_clean_folder(tmp_path)
     train = next(r for r in runs if r.kind == "train")
     (root / train.out_dir / "checkpoint.pt").write_text("written with steps 300")
     (root / train.out_dir / sweep.JOB_FILE).write_text("{}")
-    config["sae"]["steps"] = 400
+    config = _with_steps(tmp_path, 400)
     sweep.execute(sweep.expand(config), root, runner=FakeRunner(), progress=False)
     assert not (root / train.out_dir / "checkpoint.pt").exists()  # cleared before the redo
     assert (root / train.out_dir / sweep.JOB_FILE).exists()  # the job record stays

@@ -117,7 +117,7 @@ def _sweep_main(args: argparse.Namespace) -> int:
     try:
         if args.status:
             config = load_config(args.config, check_data=False)
-            print(cell_states(expand(config), sweep_dir(config["name"])).to_string(index=False))
+            print(cell_states(expand(config), sweep_dir(config.name)).to_string(index=False))
             return 0
         status, results = dispatch(args.config, executor=args.executor, dry_run=args.dry_run, wait=args.wait)
     except (ConfigError, ExecutorError, SweepLockedError, FileNotFoundError) as err:
@@ -139,12 +139,12 @@ def _finish_sweep(args: argparse.Namespace, status, results: dict) -> int:
     failed = "status" in status and status.status.isin(["failed", "blocked"]).any()
     if "sae" in results:
         try:
-            print(f"results chapter: {execute_results_chapter(load_config(args.config)['name'])}")
+            print(f"results chapter: {execute_results_chapter(load_config(args.config).name)}")
         except (NotebookError, ValueError, FileNotFoundError) as err:
             print(f"error: the results chapter failed: {err}", file=sys.stderr)
             return 1
     elif not args.dry_run:  # no SAE table: an older results chapter must not outlive its tables
-        (sweep_dir(load_config(args.config)["name"]) / "results" / f"{RESULTS_NOTEBOOK}_results.ipynb").unlink(
+        (sweep_dir(load_config(args.config).name) / "results" / f"{RESULTS_NOTEBOOK}_results.ipynb").unlink(
             missing_ok=True
         )
     return 1 if failed else 0

@@ -56,6 +56,7 @@ from .executor_jobs import (
 )
 from .executor_local import LocalExecutor, run_local
 from .executor_slurm import SlurmExecutor, slurm_states, submit_slurm
+from .sweep_schema import SweepConfig
 
 __all__ = [
     "ACTIVE_STATES",
@@ -95,7 +96,7 @@ class InlineExecutor:
     name = "inline"
 
     def dispatch(
-        self, config: dict[str, Any], config_path: Path, settings: ExecutorConfig, options: Options
+        self, config: SweepConfig, config_path: Path, settings: ExecutorConfig, options: Options
     ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
         return sweep.run_sweep(config_path, dry_run=options.dry_run, progress=options.progress, runner=options.runner)
 
@@ -119,6 +120,6 @@ def dispatch(
     """Run a sweep file on the executor its ``executor:`` block (or ``executor``) names; returns the
     status table and, once every cell is finished, the gathered results tables."""
     config = sweep.load_config(config_path)
-    settings = sweep.executor_settings(config, Path(config_path).name).with_type(executor)
+    settings = config.executor.with_type(executor)
     options = Options(dry_run=dry_run, wait=wait, progress=progress, runner=runner)
     return executor_named(settings.type).dispatch(config, Path(config_path), settings, options)

@@ -16,6 +16,7 @@ import submitit
 from . import extract, sweep
 from .executor_config import ExecutorConfig, Resources, add_executor_name, remove_executor_name
 from .io import FolderLockedError, atomic_write_json, folder_lock, read_json, sha256_json
+from .sweep_schema import SweepConfig
 
 __all__ = [
     "ACTIVE_STATES",
@@ -232,7 +233,7 @@ class Executor(Protocol):
     name: str
 
     def dispatch(
-        self, config: dict[str, Any], config_path: Path, settings: ExecutorConfig, options: Options
+        self, config: SweepConfig, config_path: Path, settings: ExecutorConfig, options: Options
     ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
         """Run (or submit) the sweep's unfinished cells: the status table and, once every cell is
         finished, the gathered results tables."""
@@ -263,7 +264,7 @@ ACTIVE_STATES = {
 class CellPlan:
     """A sweep about to run as jobs: its config, every run, the cells to (re)do, its folder and settings."""
 
-    config: dict[str, Any]
+    config: SweepConfig
     runs: list[sweep.Run]
     cells: list[Cell]
     root: Path
@@ -288,10 +289,10 @@ class JobExecutor:
         return {}
 
     def dispatch(
-        self, config: dict[str, Any], config_path: Path, settings: ExecutorConfig, options: Options
+        self, config: SweepConfig, config_path: Path, settings: ExecutorConfig, options: Options
     ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
         self.check(options)
-        runs, root = sweep.expand(config), sweep.sweep_dir(config["name"])
+        runs, root = sweep.expand(config), sweep.sweep_dir(config.name)
         cells = plan_cells(runs, root, settings)
         if options.dry_run:
             return job_table(group_jobs(cells)), {}

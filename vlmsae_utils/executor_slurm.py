@@ -141,7 +141,7 @@ class SlurmExecutor(JobExecutor):
             raise ExecutorError("--executor slurm: sbatch is not on PATH; run this on the cluster's login node")
 
     def run_cells(self, plan: CellPlan, options: Options) -> pd.DataFrame:
-        submitted = submit_slurm(plan.cells, plan.root, plan.settings, plan.config["name"], options.runner)
+        submitted = submit_slurm(plan.cells, plan.root, plan.settings, plan.config.name, options.runner)
         if options.wait:
             return _wait_for_slurm(plan.runs, plan.root)
         return _submitted_states(plan.runs, plan.root, submitted)

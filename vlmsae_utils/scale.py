@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .sweep_schema import SweepConfig
 from .train_config import TrainConfig
 
 __all__ = [
@@ -200,9 +201,9 @@ def gpu_commands(device: str = "cuda") -> list[str]:
     ]
 
 
-def _split_images(config: dict, split: str) -> int:
+def _split_images(config: SweepConfig, split: str) -> int:
     """Images of a config's split: iNaturalist 2021 train where its folder says so, else ImageNet."""
-    if "inat" in str(config["data"][split]["data_dir"]).lower() and split == "train":
+    if "inat" in config.data[split].data_dir.lower() and split == "train":
         return INAT2021_TRAIN
     return IMAGENET_TRAIN if split == "train" else IMAGENET_VAL
 
@@ -212,7 +213,7 @@ def _model_width(model: str, layer: int | str) -> int | None:
     return None if known is None else known.projection_dim if layer in ("last", -1) else known.width
 
 
-def cell_seconds(run, config: dict, sustained_tflops: float) -> float | None:
+def cell_seconds(run, config: SweepConfig, sustained_tflops: float) -> float | None:
     """Compute time of one sweep cell from its FLOPs at ``sustained_tflops`` (``None`` where the shapes
     are unknown, e.g. another encoder, or LLaVA's generation in a steering cell)."""
     rate, p, labels = sustained_tflops * 1e12, run.parameters, run.labels
@@ -231,9 +232,10 @@ def cell_seconds(run, config: dict, sustained_tflops: float) -> float | None:
         width = _model_width(labels["model"], labels["layer"])
         if width is None:
             return None
-        expansions = [config["sae"]["expansions"]] if run.kind == "score" else [[config["hierarchy"]["expansion"]]]
+        hierarchy = config.hierarchy
+        expansions = config.sae.expansions if run.kind == "score" or hierarchy is None else (hierarchy.expansion,)
         images = IMAGENET_VAL if run.kind == "score" else _split_images(config, "train")
-        return ms_flops(images, width * sum(expansions[0]) * len(config["sae"]["types"]), 768) / rate
+        return ms_flops(images, round(width * sum(expansions) * len(config.sae.types)), 768) / rate
     return None
 
 
@@ -242,13 +244,13 @@ def cluster_plan(config: str | os.PathLike = "paper_clip_vitl14", sustained_tflo
     of cell: how many, what each asks for (its ``executor:`` block), the longest one and the
     GPU-hours, from FLOPs at ``sustained_tflops``."""
     from .paths import repo_root
-    from .sweep import executor_settings, expand, load_config
+    from .sweep import expand, load_config
 
     path, repo = Path(config), repo_root()
     if not path.is_file() and repo is not None:
         path = repo / "configs" / f"{config}.yaml"
     sweep = load_config(path, check_data=False)
-    settings = executor_settings(sweep)
+    settings = sweep.executor
     runs = expand(sweep)
     rows = []
     for kind in dict.fromkeys(run.kind for run in runs):

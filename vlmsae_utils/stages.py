@@ -65,7 +65,7 @@ class Stage:
     splits_over_tasks: bool = False  # several processes of one job may share one cell (extraction)
     tables: tuple[str, ...] = ()  # result tables its runs add to (``results/<sweep>/<table>.csv``)
     gather: Callable[[GatherContext], dict[str, pd.DataFrame]] | None = None  # a finished run → rows per table
-    plan: Callable[[dict[str, Any], list[Any]], list[Any]] | None = None  # extra runs (added stages only)
+    plan: Callable[[Any, list[Any]], list[Any]] | None = None  # (SweepConfig, runs so far) → extra runs (added stages)
 
 
 #: Every stage by kind, in registration order (the built-ins first).

@@ -29,45 +29,28 @@ from .store import image_list_changed, images_changed
 from .store_format import MANIFEST_FILE, PLAN_FILE
 from .sweep_config import (
     EXECUTION_ONLY,
-    HIERARCHY_KEYS,
-    REQUIRED,
     RESULTS_NOTEBOOK,
     RUNS_FILE,
-    SAE_KEYS,
-    SAE_SETTINGS,
-    SPLIT_KEYS,
-    STEERING_KEYS,
-    STEERING_REQUIRED,
     SWEEP_RELATIVE_PATHS,
-    TOP_KEYS,
-    TRAIN_DEFAULTS,
     ConfigError,
-    executor_settings,
     load_config,
     slug,
 )
 from .sweep_plan import Run, expand
+from .sweep_schema import SweepConfig
 
 __all__ = [
     "DONE_FILE",
     "EXECUTION_ONLY",
-    "HIERARCHY_KEYS",
     "JOB_FILE",
     "KEPT_ON_REDO",
     "LOCK_FILE",
-    "REQUIRED",
     "RESULTS_NOTEBOOK",
     "RUNS_FILE",
-    "SAE_KEYS",
-    "SAE_SETTINGS",
-    "SPLIT_KEYS",
     "STARTED_FILE",
-    "STEERING_KEYS",
-    "STEERING_REQUIRED",
-    "TOP_KEYS",
-    "TRAIN_DEFAULTS",
     "ConfigError",
     "Run",
+    "SweepConfig",
     "SweepLockedError",
     "SweepResults",
     "complete_runs",
@@ -75,7 +58,6 @@ __all__ = [
     "execute",
     "execute_results_chapter",
     "execute_run",
-    "executor_settings",
     "expand",
     "gather",
     "is_complete",
@@ -310,7 +292,7 @@ def _mark_complete(run: Run, root: Path) -> None:
 # ----------------------------------------------------------------------------- results
 
 
-def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.DataFrame]:
+def gather(config: SweepConfig, runs: list[Run], root: Path) -> dict[str, pd.DataFrame]:
     """Collect the finished runs' tables into ``results/<name>/<table>.csv``: each stage's ``gather``
     (:mod:`.stages`) turns a finished run into rows of its tables."""
     tables: dict[str, list[pd.DataFrame]] = {name: [] for name in result_tables()}
@@ -321,7 +303,7 @@ def gather(config: dict[str, Any], runs: list[Run], root: Path) -> dict[str, pd.
             continue
         for name, frame in collect(GatherContext(run, root / run.out_dir, runs, root)).items():
             tables.setdefault(name, []).append(frame)
-    out = results_root() / config["name"]
+    out = results_root() / config.name
     out.mkdir(parents=True, exist_ok=True)
     gathered = {}
     for name, frames in tables.items():
@@ -343,7 +325,7 @@ def run_sweep(
     """Load, expand, execute and gather a sweep; returns the status table and the results tables."""
     config = load_config(config_path)
     runs = expand(config)
-    root = sweep_dir(config["name"])
+    root = sweep_dir(config.name)
     if dry_run:
         return execute(runs, root, dry_run=True, progress=progress, runner=runner), {}
     root.mkdir(parents=True, exist_ok=True)
@@ -414,10 +396,10 @@ def ensure_fixture_results(config_path: str | os.PathLike | None = None) -> Path
     try:
         status, _ = run_sweep(path, progress=False)
     except SweepLockedError:  # another process runs it (make demo runs it beside the chapters): wait for it
-        with folder_lock(sweep_dir(load_config(path)["name"]), "sweep folder", blocking=True):
+        with folder_lock(sweep_dir(load_config(path).name), "sweep folder", blocking=True):
             pass
         status, _ = run_sweep(path, progress=False)
     failed = status[status.status.isin(["failed", "blocked"])]
     if len(failed):
         raise RuntimeError(f"fixture sweep failed: {failed.iloc[0].run}: {failed.iloc[0].message}")
-    return results_root() / load_config(path)["name"]
+    return results_root() / load_config(path).name

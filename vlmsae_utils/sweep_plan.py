@@ -10,13 +10,19 @@ from typing import Any
 from .hierarchy import PAPER_GROUP_FRACTIONS
 from .hooks import DEFAULT_HOOK, EMBEDDING_HOOK
 from .stages import STAGES
-from .sweep_config import SAE_SETTINGS, TRAIN_DEFAULTS, TRAIN_RUN_SETTINGS, ConfigError, grid_ks, slug
+from .sweep_config import ConfigError, slug
+from .sweep_schema import SaeSection, SweepConfig, plain
 from .train import run_name
 
 __all__ = [
+    "TRAIN_RUN_SETTINGS",
     "Run",
     "expand",
 ]
+
+#: Settings every training run passes to notebook 02 (set or not: they are in today's run fingerprints);
+#: any other setting is passed only where the ``sae`` section sets it, so finished sweeps stay finished.
+TRAIN_RUN_SETTINGS = ("k", "batch_size", "lr", "seed", "aux_alpha", "decay_start")
 
 
 @dataclass
@@ -29,6 +35,10 @@ class Run:
     parameters: dict[str, Any]
     depends: list[str] = field(default_factory=list)
     labels: dict[str, Any] = field(default_factory=dict)  # model, layer, … for the results tables
+
+    def __post_init__(self) -> None:
+        """Parameters as a notebook and JSON hold them (a parsed config's tuples as lists)."""
+        self.parameters = plain(self.parameters)
 
     @property
     def id(self) -> str:
@@ -47,28 +57,26 @@ def _layer_dir(layer: int | str, hook: str = DEFAULT_HOOK) -> str:
     return f"L{layer}" if layer == "last" or hook == DEFAULT_HOOK else f"L{layer}_{hook}"
 
 
-def _train_settings(sae: dict[str, Any], k: int | None) -> dict[str, Any]:
+def _train_settings(sae: SaeSection, k: int | None) -> dict[str, Any]:
     """Notebook 02's settings of one training run: :data:`TRAIN_RUN_SETTINGS` (unset: TrainConfig's
-    defaults), ``k`` of the run, and every other setting the ``sae`` section sets (not ``steps`` and
-    ``group_fractions``, which a run's caller chooses)."""
-    settings = {name: sae.get(name, getattr(TRAIN_DEFAULTS, name)) for name in TRAIN_RUN_SETTINGS}
-    settings["k"] = settings["k"] if k is None else k
+    defaults), ``k`` of the run (unset: the section's), and every other setting the ``sae`` section
+    sets (not ``steps`` and ``group_fractions``, which a run's caller chooses)."""
+    settings = {name: sae.setting(name) for name in TRAIN_RUN_SETTINGS if name != "k"}
+    settings["k"] = sae.ks[0] if k is None else k
     chosen = ("steps", "group_fractions", *TRAIN_RUN_SETTINGS)
-    return settings | {name: sae[name] for name in SAE_SETTINGS if name in sae and name not in chosen}
+    return settings | {name: value for name, value in sae.settings.items() if name not in chosen}
 
 
-def expand(config: dict[str, Any]) -> list[Run]:
+def expand(config: SweepConfig) -> list[Run]:
     """Every notebook run of a sweep, dependencies first."""
     runs: list[Run] = []
-    sae = config["sae"]
-    k_sweep = isinstance(sae.get("k"), list)  # each K in its own folder (one K keeps today's folder names)
-    hook = config.get("hook", DEFAULT_HOOK)
+    sae, hook = config.sae, config.hook
     extract = functools.partial(_extract_run, config, runs)
     embed = functools.partial(_embed_run, config, runs)
     train = functools.partial(_train_run, sae, runs)
-    val_embeddings = {s: embed(s, "val") for s in config["scorers"]} if config["models"] else {}
-    for model in config["models"]:
-        for layer in config["layers"]:
+    val_embeddings = {s: embed(s, "val") for s in config.scorers} if config.models else {}
+    for model in config.models:
+        for layer in config.layers:
             train_store, val_store = extract(model, layer, "train"), extract(model, layer, "val")
             trained = [
                 train(
@@ -76,20 +84,21 @@ def expand(config: dict[str, Any]) -> list[Run]:
                     val_store,
                     t,
                     e,
-                    sae.get("group_fractions"),
-                    sae.get("steps", TRAIN_DEFAULTS.steps),
-                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}" + (f"_k{k}" if k_sweep else ""),
+                    sae.setting("group_fractions"),
+                    sae.setting("steps"),
+                    # each K in its own folder when k is a list (one K keeps today's folder names)
+                    f"train/{slug(model)}/{_layer_dir(layer, hook)}/{t}_x{e:g}" + (f"_k{k}" if sae.sweeps_k else ""),
                     k,
                 )
-                for t in sae["types"]
-                for e in sae["expansions"]
-                for k in grid_ks(sae)
+                for t in sae.types
+                for e in sae.expansions
+                for k in sae.ks
             ]
             for scorer, embedding in val_embeddings.items():
                 _add(runs, _score_run(model, layer, hook, scorer, embedding, train_store, val_store, trained))
-            if "hierarchy" in config and layer == config["hierarchy"].get("layer", config["layers"][0]):
+            if config.hierarchy is not None and layer == config.hierarchy_layer():
                 _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
-    if "steering" in config:
+    if config.steering is not None:
         _steering(config, runs, extract, train)
     for added in STAGES.values():  # stages registered from outside the package plan their own runs
         for run in added.plan(config, list(runs)) if added.plan is not None else []:
@@ -99,13 +108,13 @@ def expand(config: dict[str, Any]) -> list[Run]:
     return runs
 
 
-def _store_parameters(config: dict[str, Any]) -> dict[str, Any]:
+def _store_parameters(config: SweepConfig) -> dict[str, Any]:
     """What every extraction of a sweep shares: the storage dtype and the batch size."""
-    return {"dtype": config.get("dtype", "float32"), "batch_size": config.get("batch_size", 64)}
+    return {"dtype": config.dtype, "batch_size": config.batch_size}
 
 
 def _extract_run(
-    config: dict[str, Any],
+    config: SweepConfig,
     runs: list[Run],
     model: str,
     layer,
@@ -115,18 +124,18 @@ def _extract_run(
     hook: str | None = None,
 ) -> Run:
     """Notebook 01 on one split: a model's activations at ``layer`` (the sweep's tokens and hook unless given)."""
-    tokens = config.get("tokens", "cls") if tokens is None else tokens
-    hook = config.get("hook", DEFAULT_HOOK) if hook is None else hook
-    data = config["data"][split]
-    suffix = "" if tokens == config.get("tokens", "cls") else f"_{tokens}{random_k}"
+    tokens = config.tokens if tokens is None else tokens
+    hook = config.hook if hook is None else hook
+    data = config.data[split]
+    suffix = "" if tokens == config.tokens else f"_{tokens}{random_k}"
     run = Run(
         "extract",
         "01",
         f"extract/{slug(model)}/{_layer_dir(layer, hook)}{suffix}/{split}",
         {
             "model": model,
-            "data_dir": data["data_dir"],
-            "split": data.get("split"),
+            "data_dir": data.data_dir,
+            "split": data.split,
             **_layer_params(layer, hook),
             "tokens": tokens,
             "random_k": random_k,
@@ -138,13 +147,13 @@ def _extract_run(
     return _add(runs, run)
 
 
-def _embed_run(config: dict[str, Any], runs: list[Run], scorer: str, split: str) -> Run:
+def _embed_run(config: SweepConfig, runs: list[Run], scorer: str, split: str) -> Run:
     """Notebook 01 for a scorer: its image embeddings of one split."""
-    data = config["data"][split]
+    data = config.data[split]
     params = {
         "model": scorer,
-        "data_dir": data["data_dir"],
-        "split": data.get("split"),
+        "data_dir": data.data_dir,
+        "split": data.split,
         "hook": EMBEDDING_HOOK,
         "layer": -1,
         "tokens": "cls",
@@ -157,7 +166,7 @@ def _embed_run(config: dict[str, Any], runs: list[Run], scorer: str, split: str)
 
 
 def _train_run(
-    sae: dict[str, Any],
+    sae: SaeSection,
     runs: list[Run],
     source: Run,
     validation: Run | None,
@@ -212,33 +221,34 @@ def _score_run(
     )
 
 
-def _add_execution_parameters(config: dict[str, Any], run: Run) -> None:
+def _add_execution_parameters(config: SweepConfig, run: Run) -> None:
     """Every notebook gets the sweep's ``device``; extraction also its ``model_dtype``, ``num_workers``
-    and ``decode``."""
-    run.parameters.setdefault("device", config.get("device", "auto"))
+    and ``decode`` (these two only when set: finished sweeps keep their fingerprints)."""
+    run.parameters.setdefault("device", config.device)
     if run.kind in ("extract", "embed"):
-        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
-        if "num_workers" in config:
-            run.parameters.setdefault("num_workers", config["num_workers"])
-    if run.kind == "extract" and "decode" in config:  # set only when asked: finished sweeps keep their fingerprints
-        run.parameters.setdefault("decode", config["decode"])
+        run.parameters.setdefault("model_dtype", config.model_dtype)
+        if config.num_workers is not None:
+            run.parameters.setdefault("num_workers", config.num_workers)
+    if run.kind == "extract" and config.decode is not None:
+        run.parameters.setdefault("decode", config.decode)
     if run.kind == "steer":
-        run.parameters.setdefault("model_dtype", config.get("model_dtype", "auto"))
+        run.parameters.setdefault("model_dtype", config.model_dtype)
 
 
-def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train) -> None:
+def _hierarchy(config: SweepConfig, runs, train_store, val_store, model, layer, embed, train) -> None:
     """A Matryoshka SAE with the hierarchy's group split, then notebook 04 on the training images."""
-    h, folder = config["hierarchy"], _layer_dir(layer, config.get("hook", DEFAULT_HOOK))
+    h, folder = config.hierarchy, _layer_dir(layer, config.hook)
+    assert h is not None
     matryoshka = train(
         train_store,
         val_store,
         "matryoshka_batch_top_k",
-        h.get("expansion", 2),
-        h.get("group_fractions", list(PAPER_GROUP_FRACTIONS)),
-        h.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
+        h.expansion,
+        h.group_fractions or PAPER_GROUP_FRACTIONS,
+        config.sae.setting("steps") if h.steps is None else h.steps,
         f"train/{slug(model)}/{folder}/hierarchy",
     )
-    scorer = embed(config["scorers"][0], "train")
+    scorer = embed(config.scorers[0], "train")
     _add(
         runs,
         Run(
@@ -248,7 +258,7 @@ def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
             {
                 "train_store": f"{train_store.out_dir}/activations",
                 "sae_path": matryoshka.labels["sae_dir"],
-                "top_k": h.get("top_k", 16),
+                "top_k": h.top_k,
                 "scorer_store": f"{scorer.out_dir}/activations",
             },
             [train_store.id, matryoshka.id, scorer.id],
@@ -257,56 +267,38 @@ def _hierarchy(config, runs, train_store, val_store, model, layer, embed, train)
     )
 
 
-def _steering(config, runs, extract, train) -> None:
-    """An SAE on 2 random tokens per image of the LLaVA vision block, then notebook 05."""
-    s = config["steering"]
-    hook = s.get("hook", DEFAULT_HOOK)  # SAE trained and clamped at the same hook point
-    tokens = extract(s["encoder"], s["layer"], "train", tokens="random_k", random_k=s.get("random_k", 2), hook=hook)
-    folder = _layer_dir(s["layer"], hook)
+def _steering(config: SweepConfig, runs, extract, train) -> None:
+    """An SAE on random tokens per image of the LLaVA vision block, then notebook 05."""
+    s = config.steering
+    assert s is not None
+    # the SAE is trained and clamped at the same hook point
+    tokens = extract(s.encoder, s.layer, "train", tokens="random_k", random_k=s.random_k, hook=s.hook)
+    folder = _layer_dir(s.layer, s.hook)
+    steps = config.sae.setting("steps") if s.steps is None else s.steps
     sae = train(
-        tokens,
-        None,
-        "matryoshka_batch_top_k",
-        s.get("expansion", 4),
-        None,
-        s.get("steps", config["sae"].get("steps", TRAIN_DEFAULTS.steps)),
-        f"train/{slug(s['encoder'])}/{folder}/steering",
+        tokens, None, "matryoshka_batch_top_k", s.expansion, None, steps, f"train/{slug(s.encoder)}/{folder}/steering"
     )
     params = {
-        "llava": s["llava"],
+        "llava": s.llava,
         "sae_path": sae.labels["sae_dir"],
         "train_store": f"{tokens.out_dir}/activations",
-        "layer": s["layer"],
-        "num_images": s.get("num_images", 4),
+        "layer": s.layer,
+        "num_images": s.num_images,
     }
-    params |= {"hook": hook} if hook != DEFAULT_HOOK else {}  # today's steer runs keep their fingerprint
-    params |= {
-        key: s[key]
-        for key in (
-            "alphas",
-            "clip_text_model",
-            "latents",
-            "alpha_scale",
-            "score_alpha",
-            "concept_pool",
-            "concept_tokens",
-            "concept_shortlist",
-            "image_latents",
-        )
-        if key in s
-    }
-    train = config["data"]["train"]
-    if train["data_dir"] != "fixture":  # test images: the first train image of each class, as the authors
-        params["images_dir"] = str(Path(train["data_dir"]) / (train.get("split") or ""))
+    params |= {"hook": s.hook} if s.hook != DEFAULT_HOOK else {}  # today's steer runs keep their fingerprint
+    params |= s.notebook_settings()
+    train = config.data["train"]
+    if train.data_dir != "fixture":  # test images: the first train image of each class, as the authors
+        params["images_dir"] = str(Path(train.data_dir) / (train.split or ""))
     _add(
         runs,
         Run(
             "steer",
             "05",
-            f"steer/{slug(s['llava'])}/{folder}",
+            f"steer/{slug(s.llava)}/{folder}",
             params,
             [tokens.id, sae.id],
-            labels={"llava": s["llava"], "layer": s["layer"]},
+            labels={"llava": s.llava, "layer": s.layer},
         ),
     )
 
