@@ -73,3 +73,21 @@ def test_stage_declarations_are_checked_and_the_builtins_are_the_papers():
         stages.register_stage(stages.Stage("bad", "03", ("x.csv",), tables=("bad",)))
     with pytest.raises(ValueError, match="unknown kind of cell 'nrms'"):
         parse_executor({"type": "local", "resources": {"nrms": {"cpus": 3}}})
+
+
+def test_a_registered_stage_ranks_its_runs_in_a_sweeps_book(tmp_path):
+    """The book builder reads the declaration: a stage ranked before the score stage on its chapter is shown."""
+    from vlmsae_utils import book
+
+    runs = [book.ExecutedRun("03", run_id, tmp_path / "n.ipynb", "ran") for run_id in ("score/m/L2/d", "norms/m/L2/d")]
+    assert [r.run_id for r in book.representatives(runs)] == ["score/m/L2/d"]
+    stages.register_stage(stages.Stage("norms", "03", ("norms.csv",), book_rank=-1))
+    try:
+        assert [r.run_id for r in book.representatives(runs)] == ["norms/m/L2/d"]
+    finally:
+        stages.unregister_stage("norms")
+
+
+def test_a_run_folder_starts_with_its_kind():
+    with pytest.raises(ValueError, match="must start with its kind: norms/"):
+        Run("norms", "03", "score/m/L2/d", {})

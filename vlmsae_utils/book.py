@@ -27,6 +27,7 @@ import yaml
 
 from .io import remove_entry
 from .paths import data_home, outputs_root, repo_root, results_root
+from .stages import book_rank
 
 __all__ = [
     "ERROR_MARKERS",
@@ -306,12 +307,12 @@ def folder_runs(folder: Path) -> list[ExecutedRun]:
 
 
 def representatives(runs: list[ExecutedRun]) -> list[ExecutedRun]:
-    """One run per chapter: the first of its notebook in the sweep's order (the config's first
-    model, layer, SAE type and expansion), a model's extraction before a scorer's embeddings, among
-    the runs that finished — the rule a sweep book states on its front page."""
+    """One run per chapter: the first of its notebook in the sweep's order (the config's first model,
+    layer, SAE type and expansion), by its stage's ``book_rank`` first (a model's extraction before a
+    scorer's embeddings), among the runs that finished — the rule a sweep book states on its front page."""
     chosen: dict[str, ExecutedRun] = {}
     usable = [r for r in runs if r.state in USABLE_STATES]  # never a failed run's page
-    for run in sorted(usable, key=lambda r: r.run_id.startswith("embed/")):  # stable: keeps the sweep's order
+    for run in sorted(usable, key=lambda r: book_rank(r.run_id)):  # stable: keeps the sweep's order
         chosen.setdefault(run.notebook, run)
     return [chosen[n] for n in sorted(chosen)]
 

@@ -27,6 +27,7 @@ __all__ = [
     "TRAIN_RESULTS_FILE",
     "GatherContext",
     "Stage",
+    "book_rank",
     "cell_kinds",
     "register_stage",
     "result_tables",
@@ -66,6 +67,9 @@ class Stage:
     tables: tuple[str, ...] = ()  # result tables its runs add to (``results/<sweep>/<table>.csv``)
     gather: Callable[[GatherContext], dict[str, pd.DataFrame]] | None = None  # a finished run → rows per table
     plan: Callable[[Any, list[Any]], list[Any]] | None = None  # (SweepConfig, runs so far) → extra runs (added stages)
+    #: Among one chapter's runs, a sweep's book shows the lowest rank first (embeddings rank after
+    #: a model's extraction, both notebook 01); ties keep the sweep's order.
+    book_rank: int = 0
 
 
 #: Every stage by kind, in registration order (the built-ins first).
@@ -80,6 +84,13 @@ def register_stage(new: Stage) -> Stage:
         raise ValueError(f"stage {new.kind!r} names result tables {new.tables} but has no gather function")
     STAGES[new.kind] = new
     return new
+
+
+def book_rank(run_id: str) -> int:
+    """The rank of a run's stage among one chapter's runs in a sweep's book (a run id starts with
+    its stage's kind; a page that is no stage's, such as the results chapter, ranks 0)."""
+    declared = STAGES.get(run_id.split("/")[0])
+    return declared.book_rank if declared is not None else 0
 
 
 def unregister_stage(kind: str) -> None:
@@ -180,7 +191,7 @@ def _gather_steering(ctx: GatherContext) -> dict[str, pd.DataFrame]:
 
 for _stage in (
     Stage("extract", "01", (STORE_MANIFEST,), reads_images=True, splits_over_tasks=True),
-    Stage("embed", "01", (STORE_MANIFEST,), reads_images=True, splits_over_tasks=True),
+    Stage("embed", "01", (STORE_MANIFEST,), reads_images=True, splits_over_tasks=True, book_rank=1),
     Stage("train", "02", (TRAIN_RESULTS_FILE,)),
     Stage("score", "03", (MS_SUMMARY_FILE,), tables=("sae", "raw"), gather=_gather_score),
     Stage("hierarchy", "04", (LEVELS_FILE,), tables=("hierarchy",), gather=_gather_levels),
