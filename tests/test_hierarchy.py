@@ -105,7 +105,7 @@ def test_level_summary_equals_a_brute_force_groupby():
         assert table.loc[lv, "excluded %"] == pytest.approx(100 * depths.excluded[level == lv].mean())
         assert table.loc[lv, "LCA depth (mean)"] == pytest.approx(depths.depth_rounded[keep].mean())
         assert table.loc[lv, "MS max"] == pytest.approx(ms[keep].max())
-        assert table.loc[lv, "MS avg"] == pytest.approx(ms[keep].mean())
+        assert table.loc[lv, "MS mean"] == pytest.approx(ms[keep].mean())
         assert table.loc[lv, "fires on %"] == pytest.approx(100 * breadth[level == lv].mean())  # excluded too
     assert table.prefix.tolist() == [2, 7, 16]
     with pytest.raises(ValueError, match="cover 15 latents"):
@@ -181,7 +181,7 @@ def test_lca_depth_grows_with_the_level_when_concepts_nest_by_construction(tmp_p
     sae = matryoshka_or_default("", store=store, name=f"nested{seed}")  # chapter 4's settings: ×2, K = 8, 5 levels
     analysis = h.analyse_levels(sae, store, None, h.image_paths_of(store.class_names), device="cpu")
     depth = analysis.table["LCA depth (mean)"]
-    assert "MS avg" not in analysis.table
+    assert "MS mean" not in analysis.table
     assert depth.iloc[-1] > depth.iloc[0] + 1.5, depth.tolist()
     # The trend, level by level up to one swap of neighbours: the first levels hold 2 and 4 latents,
     # so their means are noisy (Spearman ρ ≥ 0.9 of depth against level).

@@ -61,9 +61,9 @@ def test_02_train_on_defaults(executed_chapters):
 def test_03_monosemanticity_on_defaults(executed_chapters):
     text, figures = _outputs(_chapter(executed_chapters, "03_monosemanticity"))
     assert figures >= 6  # curves, distributions, neuron cards, overlaps, browser card
-    assert "best MS" in text and "Matryoshka ×4" in text and "J > 0.5" in text
+    assert "MS max" in text and "Matryoshka ×4" in text and "J > 0.5" in text
     summary = pd.read_csv(outputs_root() / "ms/fixture_mini_clip" / "ms_summary.csv", index_col=0)
-    assert len(summary) == 3 and summary["best MS"].between(-1, 1).all()
+    assert len(summary) == 3 and summary["MS max"].between(-1, 1).all()
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ def test_04_hierarchy_on_defaults(executed_chapters):
     assert levels["LCA depth (mean)"].dropna().between(0, 7).all()
     control = pd.read_csv(outputs_root() / "hierarchy/fixture_mini_clip" / "nested_control_levels.csv", index_col=0)
     depth = control["LCA depth (mean)"]  # concepts that nest by construction: Table A8's trend
-    assert "MS avg" not in control and depth.iloc[-1] > depth.iloc[0] + 1.5, depth.tolist()
+    assert "MS mean" not in control and depth.iloc[-1] > depth.iloc[0] + 1.5, depth.tolist()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -39,7 +40,7 @@ def test_levels_and_ranks_follow_ms():
     assert scoring.neurons_at_levels(report, (1.0,)) == [0]
     assert widgets.rank_to_neuron(report, 0) == 0
     table = scoring.ms_table([report])
-    assert table.loc["m", "best MS"] == pytest.approx(1.0) and table.loc["m", "dead"] == 0
+    assert table.loc["m", "MS max"] == pytest.approx(1.0) and table.loc["m", "dead"] == 0
 
 
 class _FakeStore:
@@ -72,8 +73,8 @@ def test_ms_tables_of_models_named_by_hub_id_or_path_stay_in_the_folder(tmp_path
 
     assert set(pd.read_csv(per_neuron[0])["neurons"]) == {name}
     on_disk = pd.read_csv(out / scoring.MS_SUMMARY_FILE, index_col=0)
-    assert on_disk.index.tolist() == [name] and on_disk["K"].tolist() == [4]
-    assert on_disk["best MS"].iloc[0] == pytest.approx(summary["best MS"].iloc[0])
+    assert on_disk.index.tolist() == [name] and on_disk["neuron count"].tolist() == [4]
+    assert on_disk["MS max"].iloc[0] == pytest.approx(summary["MS max"].iloc[0])
 
 
 def test_uniqueness_counts_overlaps_of_the_top_images_of_the_given_store(tmp_path):
@@ -127,3 +128,14 @@ def test_latent_names_join_the_per_neuron_ms_table(tmp_path):
     assert again.loc[1, "name score"] == 0.1 and pd.isna(again.loc[0, "label"]) and len(table) == 5
     scoring.label_ms_table(tmp_path, "sae x4", names.iloc[:1])  # relabelled: one set of label columns
     assert pd.isna(pd.read_csv(tmp_path / scoring.ms_table_file("sae x4"), index_col="neuron").loc[1, "label"])
+
+
+def test_tables_written_before_one_spelling_per_column_read_with_todays_names():
+    from vlmsae_utils import columns
+
+    old = pd.DataFrame({"neurons": ["raw"], "K": [64], "best MS": [0.5], "mean MS": [0.1], "std": [0.05], "dead": [0]})
+    current = columns.with_current_names(old, "ms_summary")
+    assert list(current.columns) == ["neurons", "neuron count", "MS max", "MS mean", "MS std", "dead"]
+    assert columns.with_current_names(current, "ms_summary") is current  # already current: untouched
+    levels = columns.with_current_names(pd.DataFrame({"MS avg": [0.2], "MS max": [0.4]}), "levels")
+    assert list(levels.columns) == ["MS mean", "MS max"]

@@ -324,12 +324,12 @@ def test_load_results_filters_one_scorer_and_names_the_sweep_by_folder(tmp_path)
     pd.DataFrame({"scorer": ["dino", "clip", "dino"], "layer": [2, 2, "last"], "MS max": [0.9, 0.8, 0.7]}).to_csv(
         folder / "sae.csv", index=False
     )
-    pd.DataFrame({"scorer": ["clip", "dino"], "layer": [2, 2], "mean MS": [0.1, 0.2]}).to_csv(
-        folder / "raw.csv", index=False
-    )
+    old_raw = {"scorer": ["clip", "dino"], "layer": [2, 2], "K": [8, 8], "best MS": [0.3, 0.4], "mean MS": [0.1, 0.2]}
+    pd.DataFrame(old_raw).to_csv(folder / "raw.csv", index=False)  # gathered before one spelling per column
     results = load_results(folder)
     assert results.scorer == "dino" and results.sae["MS max"].tolist() == [0.9, 0.7]
-    assert results.sae.layer.tolist() == ["2", "last"] and results.raw["mean MS"].tolist() == [0.2]
+    assert results.sae.layer.tolist() == ["2", "last"] and results.raw["MS mean"].tolist() == [0.2]
+    assert results.raw["neuron count"].tolist() == [8] and "K" not in results.raw  # K is only ever the sparsity
     assert results.describe() == "sweep mysweep: 2 SAE runs, scorer dino; tables: raw, sae"
     assert str(tmp_path) not in results.describe()  # a page never shows a machine path
     assert load_results(folder, "clip").sae["MS max"].tolist() == [0.8]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import columns
 from .device import resolve_device
 from .exemplars import TopK
 from .metrics import SparseCodes
@@ -227,7 +228,7 @@ def level_summary(
     group_sizes: Sequence[int],
     breadth: torch.Tensor | np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Table A8 of the paper: per level, LCA depth (rounded mean / majority) and MS avg/max/min.
+    """Table A8 of the paper: per level, LCA depth (rounded mean / majority) and MS mean/max/min.
 
     Depth and MS averages use the latents that are not excluded (fewer than k positive
     images); ``excluded %`` reports how many were left out. ``breadth`` (optional, per latent:
@@ -261,7 +262,7 @@ def level_summary(
         }
         if ms is not None:
             scores = kept.ms.dropna()
-            row |= {"MS avg": scores.mean(), "MS max": scores.max(), "MS min": scores.min()}
+            row |= {columns.MS_MEAN: scores.mean(), columns.MS_MAX: scores.max(), columns.MS_MIN: scores.min()}
         if breadth is not None:
             row["fires on %"] = 100.0 * float(np.asarray(breadth, dtype=float)[levels == level].mean())
         rows.append(row)

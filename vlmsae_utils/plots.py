@@ -11,6 +11,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from . import columns
+
 __all__ = [
     "TRAINING_PANELS",
     "activation_stats",
@@ -298,7 +300,7 @@ def latent_strips(
     return fig
 
 
-def ms_heatmaps(sae: pd.DataFrame, value: str = "MS max") -> Figure:
+def ms_heatmaps(sae: pd.DataFrame, value: str = columns.MS_MAX) -> Figure:
     """Layer × expansion heat map of an MS statistic, one panel per SAE type (the paper's Table 1a)."""
     types = sorted(sae["SAE"].unique())
     fig, axes = plt.subplots(1, len(types), figsize=(3.6 * len(types), 2.8), squeeze=False)
@@ -314,8 +316,8 @@ def quality_by_expansion(sae: pd.DataFrame) -> Figure:
     """R² and L0 against the expansion factor, per SAE type and layer."""
     fig, (r2, l0) = plt.subplots(1, 2, figsize=(9, 3.2))
     frame = sae.assign(run=sae["SAE"] + " · layer " + sae["layer"].astype(str))
-    sns.lineplot(data=frame, x="expansion", y="R² %", hue="run", marker="o", ax=r2)
-    sns.lineplot(data=frame, x="expansion", y="L0", hue="run", marker="o", ax=l0, legend=False)
+    sns.lineplot(data=frame, x="expansion", y=columns.R2, hue="run", marker="o", ax=r2)
+    sns.lineplot(data=frame, x="expansion", y=columns.L0, hue="run", marker="o", ax=l0, legend=False)
     r2.set(xscale="log", title="reconstruction")
     l0.set(xscale="log", title="active latents per input")
     sns.move_legend(r2, "lower right", fontsize=7, title=None)
@@ -330,8 +332,8 @@ def sparsity_by_k(sae: pd.DataFrame) -> Figure:
         run=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format) + " · layer " + sae["layer"].astype(str)
     )
     fig, (r2, ms) = plt.subplots(1, 2, figsize=(9, 3.2))
-    sns.lineplot(data=frame, x="K", y="R² %", hue="run", marker="o", ax=r2)
-    sns.lineplot(data=frame, x="K", y="MS mean", hue="run", style="scorer", marker="o", ax=ms, legend=False)
+    sns.lineplot(data=frame, x=columns.K, y=columns.R2, hue="run", marker="o", ax=r2)
+    sns.lineplot(data=frame, x=columns.K, y=columns.MS_MEAN, hue="run", style="scorer", marker="o", ax=ms, legend=False)
     r2.set(xscale="log", title="reconstruction")
     ms.set(xscale="log", title="mean MS of the latents")
     sns.move_legend(r2, "lower right", fontsize=7, title=None)
@@ -344,12 +346,12 @@ def raw_vs_sae(sae: pd.DataFrame, raw: pd.DataFrame) -> Figure:
     import pandas as pd
 
     rows = [
-        raw.assign(kind="raw neurons")[["layer", "kind", "mean MS"]].rename(columns={"mean MS": "MS mean"}),
-        sae.assign(kind=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format))[["layer", "kind", "MS mean"]],
+        raw.assign(kind="raw neurons")[["layer", "kind", columns.MS_MEAN]],
+        sae.assign(kind=sae["SAE"] + " ×" + sae["expansion"].map("{:g}".format))[["layer", "kind", columns.MS_MEAN]],
     ]
     frame = pd.concat(rows, ignore_index=True).assign(layer=lambda d: d.layer.astype(str))
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    sns.barplot(data=frame, x="layer", y="MS mean", hue="kind", ax=ax)
+    sns.barplot(data=frame, x="layer", y=columns.MS_MEAN, hue="kind", ax=ax)
     ax.set(title="mean MS: raw neurons vs SAE latents", ylabel="mean MS")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title=None)
     fig.tight_layout()

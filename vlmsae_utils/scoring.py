@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from . import columns
 from .data import load_image
 from .device import resolve_device
 from .exemplars import TopK, top_k_images
@@ -132,22 +133,23 @@ def score_neurons(
 
 
 def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
-    """The paper's Table 1a / A2 layout: best, mean ± std MS, dead and flagged neurons per model."""
+    """The paper's Table 1a / A2 layout: best, mean ± std MS, dead and flagged neurons per set of
+    neurons (columns named in :mod:`~vlmsae_utils.columns`)."""
     rows = []
     for report in reports:
         summary = summarize_ms(report.ms)
         rows.append(
             {
-                "neurons": report.name,
-                "K": report.num_neurons,
-                "best MS": summary["max"],
-                "mean MS": summary["mean"],
-                "std": summary["std"],
+                columns.NEURONS: report.name,
+                columns.NEURON_COUNT: report.num_neurons,
+                columns.MS_MAX: summary["max"],
+                columns.MS_MEAN: summary["mean"],
+                columns.MS_STD: summary["std"],
                 "dead": summary["num_dead"],
                 f"< {report.top.k} positive images": int(report.top.flagged.sum()),
             }
         )
-    return pd.DataFrame(rows).set_index("neurons")
+    return pd.DataFrame(rows).set_index(columns.NEURONS)
 
 
 def neurons_at_levels(report: NeuronReport, quantiles: Sequence[float] = (1.0, 0.75, 0.5, 0.25)) -> list[int]:
@@ -278,7 +280,7 @@ def uniqueness_table(
         }
         for name, u in overlaps.items()
     ]
-    return pd.DataFrame(rows).set_index("neurons"), overlaps
+    return pd.DataFrame(rows).set_index(columns.NEURONS), overlaps
 
 
 def save_uniqueness(tops: dict[str, torch.Tensor], out: Path) -> tuple[pd.DataFrame, dict[str, dict]]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import columns
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -127,11 +129,11 @@ def _gather_score(ctx: GatherContext) -> dict[str, pd.DataFrame]:
     """MS of each SAE beside its training metrics (``sae``), and the raw neurons' MS (``raw``)."""
     import pandas as pd
 
-    summary = pd.read_csv(ctx.folder / MS_SUMMARY_FILE)
-    raw = summary[summary.neurons.str.startswith("raw")]
+    summary = columns.with_current_names(pd.read_csv(ctx.folder / MS_SUMMARY_FILE), "ms_summary")
+    raw = summary[summary[columns.NEURONS].str.startswith("raw")]
     labels = ctx.run.labels
     return {
-        "sae": _score_rows(ctx, summary.set_index("neurons")),
+        "sae": _score_rows(ctx, summary.set_index(columns.NEURONS)),
         "raw": raw.assign(model=labels["model"], layer=str(labels["layer"]), scorer=labels["scorer"]),
     }
 
@@ -140,8 +142,8 @@ def _r2_columns(trained: Any) -> dict[str, float]:
     """The paper's per-batch "R² %" and the "global R² %" of a training run's results row; a row
     written before the two were separated (global "R² %", shuffled "R² batch-mean %") is relabelled."""
     if "R² batch-mean %" in trained:
-        return {"R² %": trained["R² batch-mean %"], "global R² %": trained["R² %"]}
-    return {"R² %": trained["R² %"], "global R² %": trained["global R² %"]}
+        return {columns.R2: trained["R² batch-mean %"], columns.GLOBAL_R2: trained[columns.R2]}
+    return {columns.R2: trained[columns.R2], columns.GLOBAL_R2: trained[columns.GLOBAL_R2]}
 
 
 def _score_rows(ctx: GatherContext, summary: pd.DataFrame) -> pd.DataFrame:
@@ -160,14 +162,14 @@ def _score_rows(ctx: GatherContext, summary: pd.DataFrame) -> pd.DataFrame:
                 "scorer": labels["scorer"],
                 "SAE": trained["SAE"],
                 "expansion": trained["expansion"],
-                "K": trained["k"],
+                columns.K: trained["k"],
                 "latents": trained["latents"],
                 **_r2_columns(trained),
-                "L0": trained["L0"],
-                "dead %": trained["dead %"],
-                "MS mean": ms["mean MS"],
-                "MS std": ms["std"],
-                "MS max": ms["best MS"],
+                columns.L0: trained[columns.L0],
+                columns.DEAD_PERCENT: trained[columns.DEAD_PERCENT],
+                columns.MS_MEAN: ms[columns.MS_MEAN],
+                columns.MS_STD: ms[columns.MS_STD],
+                columns.MS_MAX: ms[columns.MS_MAX],
                 "dead latents (MS)": ms["dead"],
             }
         )
@@ -178,7 +180,7 @@ def _gather_levels(ctx: GatherContext) -> dict[str, pd.DataFrame]:
     """The hierarchy's per-level table, labelled with the model and layer."""
     import pandas as pd
 
-    levels = pd.read_csv(ctx.folder / LEVELS_FILE)
+    levels = columns.with_current_names(pd.read_csv(ctx.folder / LEVELS_FILE), "levels")
     return {"hierarchy": levels.assign(model=ctx.run.labels["model"], layer=str(ctx.run.labels["layer"]))}
 
 

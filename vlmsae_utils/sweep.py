@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import kernels
+from . import columns, kernels
 from .data import ImageFolderDataset
 from .io import LOCK_FILE, FolderLockedError, atomic_write_json, folder_lock, read_json, remove_entry, sha256_json
 from .paths import outputs_root, results_root
@@ -373,6 +373,9 @@ def load_results(folder: str | os.PathLike, scorer: str = "") -> SweepResults:
     """Read ``results/<name>/*.csv`` written by `gather`; ``scorer`` empty means the first in the tables."""
     folder = Path(folder)
     tables = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
+    for name, written_from in (("raw", "ms_summary"), ("hierarchy", "levels")):  # gathered before one spelling
+        if name in tables:
+            tables[name] = columns.with_current_names(tables[name], written_from)
     if "sae" not in tables:
         raise FileNotFoundError(
             f"{folder} has no sae.csv: run the sweep first (python -m vlmsae_utils.run --config ...)"

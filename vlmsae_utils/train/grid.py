@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .. import columns
 from ..device import resolve_device
 from ..sae import SAE_LABELS, SAE_TYPES
 from ..store import TrainingData
@@ -100,10 +101,10 @@ def train_grid(
                     "expansion": expansion,
                     "latents": sae.dict_size,
                     "k": k,
-                    "R² %": 100 * final["r2_batch_mean"],
-                    "global R² %": 100 * final["r2"],
-                    "L0": final["l0"],
-                    "dead %": 100 * final.get("dead_frac_val", float("nan")),
+                    columns.R2: 100 * final["r2_batch_mean"],
+                    columns.GLOBAL_R2: 100 * final["r2"],
+                    columns.L0: final["l0"],
+                    columns.DEAD_PERCENT: 100 * final.get("dead_frac_val", float("nan")),
                     "path": str(out / name),
                 }
             )
