@@ -95,7 +95,7 @@ def time_ms_topk(n: int, k: int, d: int, device: str = "cpu", top_k: int = 16) -
     t_mm, _ = _timed(gemm, repeat=2)
     operands.clear()
     t_ms, ms = _timed(lambda: monosemanticity_score(a, e, device=dev), repeat=1)
-    t_top, top = _timed(lambda: top_k_images(a, k=top_k, device=dev), repeat=1)
+    t_top, top = _timed(lambda: top_k_images(a, top_k=top_k, device=dev), repeat=1)
     t_both, both = _timed(lambda: scan_neurons(a, e, top_k=top_k, device=dev), repeat=1)
     same = bool(torch.equal(both.top.values, top.values)) and bool(torch.equal(both.ms.isnan(), ms.isnan()))
     ms_diff = (both.ms - ms).abs().nan_to_num().max().item()
@@ -113,7 +113,7 @@ def bench_large(n: int, k: int, d: int, device: str = "cpu") -> None:
         f"(b) N={n} K={k} D={d}: MS {t_ms:.2f} s, one [K,N]x[N,D] float32 matmul {t_mm:.2f} s, "
         f"ratio {t_ms / t_mm:.2f}x (live neurons {int((~r['ms'].isnan()).sum())})"
     )
-    kk = top.k
+    kk = top.top_k
     t_sort, idx = _timed(lambda: torch.argsort(a.T, dim=1, descending=True)[:, :kk], repeat=1)
     same = bool(torch.equal(top.values, torch.gather(a.T, 1, idx)))  # values: ties may swap indices
     del idx

@@ -22,7 +22,7 @@ def test_dense_matches_torch_topk():
     a = _positive_data()
     ref = torch.topk(a.T, 16, dim=1)
     for src, bs in ((a, 37), (a.numpy(), 1000), (TensorStore(a), 64)):
-        out = top_k_images(src, k=16, batch_size=bs)
+        out = top_k_images(src, top_k=16, batch_size=bs)
         assert isinstance(out, TopK)
         torch.testing.assert_close(out.values, ref.values)
         assert torch.equal(out.indices, ref.indices)
@@ -33,13 +33,13 @@ def test_dense_matches_torch_topk():
 def test_sparse_codes_match_torch_topk():
     g = torch.Generator().manual_seed(1)
     dense = torch.relu(torch.randn(500, 40, generator=g) - 0.5)
-    out = top_k_images(SparseCodes.from_dense(dense), k=8)
+    out = top_k_images(SparseCodes.from_dense(dense), top_k=8)
     ref = torch.topk(dense.T, 8, dim=1)
     pos = ref.values > 0
     assert torch.equal(out.indices[pos], ref.indices[pos])
     torch.testing.assert_close(out.values[pos], ref.values[pos])
     assert torch.equal(out.count_positive, (dense > 0).sum(0))
-    dense_out = top_k_images(dense, k=8, batch_size=33)
+    dense_out = top_k_images(dense, top_k=8, batch_size=33)
     assert torch.equal(dense_out.indices, out.indices)
     torch.testing.assert_close(dense_out.values, out.values, equal_nan=True)
 
@@ -51,7 +51,7 @@ def test_absent_entries_and_flags():
     a[:, 2] = -torch.rand(50)  # never positive
     a[10, 2] = 0.0
     for src in (a, SparseCodes.from_dense(a)):
-        out = top_k_images(src, k=5)
+        out = top_k_images(src, top_k=5)
         assert out.flagged.tolist() == [False, True, True]
         assert out.count_positive.tolist() == [50, 3, 0]
         assert out.indices[0].tolist() == [49, 48, 47, 46, 45]
@@ -71,13 +71,13 @@ def test_per_image_max_with_row_image_index():
     per_image = a.view(n_img, rows_per, 10).amax(1)  # brute force
     ref = torch.topk(per_image.T, 6, dim=1)
     for src, bs in ((a, 7), (TensorStore(a), 5), (a, 1000)):  # batches split images
-        out = top_k_images(src, k=6, row_image_index=img, batch_size=bs)
+        out = top_k_images(src, top_k=6, row_image_index=img, batch_size=bs)
         ok = ref.values > 0
         assert torch.equal(out.indices[ok], ref.indices[ok])
         torch.testing.assert_close(out.values[ok], ref.values[ok])
         assert torch.equal(out.count_positive, (per_image > 0).sum(0))
         assert out.indices[9].tolist() == [2, -1, -1, -1, -1, -1]
-    sp = top_k_images(SparseCodes.from_dense(torch.relu(a)), k=6, row_image_index=img)
+    sp = top_k_images(SparseCodes.from_dense(torch.relu(a)), top_k=6, row_image_index=img)
     pim = torch.relu(per_image)
     ref2 = torch.topk(pim.T, 6, dim=1)
     ok = ref2.values > 0
@@ -87,15 +87,15 @@ def test_per_image_max_with_row_image_index():
 
 def test_top_k_validation():
     with pytest.raises(ValueError, match="k must be"):
-        top_k_images(torch.rand(5, 2), k=0)
+        top_k_images(torch.rand(5, 2), top_k=0)
     with pytest.raises(ValueError, match="row_image_index"):
-        top_k_images(torch.rand(5, 2), k=2, row_image_index=[0, 1])
+        top_k_images(torch.rand(5, 2), top_k=2, row_image_index=[0, 1])
     with pytest.raises(ValueError, match="non-decreasing"):
-        top_k_images(torch.rand(3, 2), k=2, row_image_index=[1, 0, 0])
+        top_k_images(torch.rand(3, 2), top_k=2, row_image_index=[1, 0, 0])
     bad = torch.rand(5, 2)
     bad[1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        top_k_images(bad, k=2)
+        top_k_images(bad, top_k=2)
 
 
 def _brute_jaccard(ind: np.ndarray):

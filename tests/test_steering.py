@@ -301,7 +301,7 @@ def _brute_force_top(dense, image, rows, k, pool):
 def test_concept_top_images_against_dense_brute_force(pool):
     for seed in range(3):
         dense, image, rows = _random_codes(seed)
-        top = steering.concept_top_images(SparseCodes.from_dense(dense), image.numpy(), k=5, pool=pool)
+        top = steering.concept_top_images(SparseCodes.from_dense(dense), image.numpy(), top_k=5, pool=pool)
         _, expected = _brute_force_top(dense, image, rows, 5, pool)
         for j, ranked in enumerate(expected):
             got = [(float(v), int(i)) for v, i in zip(top.values[j], top.indices[j]) if i >= 0]
@@ -326,9 +326,9 @@ def test_mean_and_max_pool_rank_differently_by_hand():
     # image 0: a single strong token (5, 0) → mean 2.5, max 5; image 1: covered (3, 3) → mean 3, max 3
     codes = SparseCodes.from_dense(torch.tensor([[5.0], [0.0], [3.0], [3.0]]))
     image = [0, 0, 1, 1]
-    mean = steering.concept_top_images(codes, image, k=2)  # the authors' default
+    mean = steering.concept_top_images(codes, image, top_k=2)  # the authors' default
     assert mean.indices[0].tolist() == [1, 0] and mean.values[0].tolist() == [3.0, 2.5]
-    peak = steering.concept_top_images(codes, image, k=2, pool="max")
+    peak = steering.concept_top_images(codes, image, top_k=2, pool="max")
     assert peak.indices[0].tolist() == [0, 1] and peak.values[0].tolist() == [5.0, 3.0]
     with pytest.raises(ValueError, match="pool"):
         steering.concept_top_images(codes, image, pool="sum")
@@ -468,7 +468,7 @@ def test_all_token_concept_images_are_the_full_pass_ranking(llava, sae, val_imag
     assert len(latents) >= 3
     n = len(val_images)
     top = all_token_top_images(
-        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, k=3, batch_size=2
+        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, top_k=3, batch_size=2
     )
     for row, j in enumerate(latents):
         order = torch.argsort(means[:, j], descending=True, stable=True).tolist()
@@ -478,7 +478,7 @@ def test_all_token_concept_images_are_the_full_pass_ranking(llava, sae, val_imag
         assert int(top.count_positive[row]) == int((means[:, j] > 0).sum())
     pair = TopK(torch.zeros(64, 2), torch.tensor([[3, 1]]).repeat(64, 1), torch.full((64,), 2))
     short = all_token_top_images(
-        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, pair, k=3
+        model, processor, sae, LAYER, DEFAULT_HOOK, latents, val_images.__getitem__, n, pair, top_k=3
     )
     assert set(short.indices[short.indices >= 0].tolist()) <= {1, 3}
     for row, j in enumerate(latents):  # the shortlisted images keep their full-pass order

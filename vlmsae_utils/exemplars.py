@@ -43,7 +43,7 @@ def _per_image_max(b: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, to
 
 def top_k_images(
     activations: Any,
-    k: int = 16,
+    top_k: int = 16,
     *,
     row_image_index: Any = None,
     batch_size: int | None = None,
@@ -59,17 +59,17 @@ def top_k_images(
     image this is :func:`.neuron_pass.scan_neurons` without embeddings (MS and top-k in one pass).
     """
     n, kdim = rows_and_dim(activations)
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     if row_image_index is None:
-        return scan_neurons(activations, None, top_k=int(k), chunk_size=batch_size, device=device).top_images()
+        return scan_neurons(activations, None, top_k=int(top_k), chunk_size=batch_size, device=device).top_images()
     img_idx = _check_row_index(row_image_index, n)
     if isinstance(activations, SparseCodes):
-        return _top_k_sparse_per_image(activations, int(k), img_idx)
+        return _top_k_sparse_per_image(activations, int(top_k), img_idx)
     batch = _DEFAULT_BATCH if batch_size is None else int(batch_size)
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    top = RunningTopK(kdim, int(k), resolve_device(device))
+    top = RunningTopK(kdim, int(top_k), resolve_device(device))
     for block, ids in _per_image_blocks(activations, img_idx, n, kdim, batch, top.values.device):
         if not torch.isfinite(block).all():
             raise ValueError("activations contain NaN/inf")
@@ -106,7 +106,7 @@ def _per_image_blocks(
         yield _per_image_max(carry_b, carry_img)
 
 
-def _top_k_sparse_per_image(codes: SparseCodes, k: int, img_idx: torch.Tensor) -> TopK:
+def _top_k_sparse_per_image(codes: SparseCodes, top_k: int, img_idx: torch.Tensor) -> TopK:
     """Top-k of sparse codes with several rows per image: the maximum per (image, latent) pair first."""
     v = codes.values.float()
     if not torch.isfinite(v).all():
@@ -115,7 +115,7 @@ def _top_k_sparse_per_image(codes: SparseCodes, k: int, img_idx: torch.Tensor) -
     img, lat = img_idx[codes.row_ids()], codes.indices
     pos = v > 0
     v, img, lat = v[pos], img[pos], lat[pos]
-    top = RunningTopK(kdim, k, torch.device("cpu"))
+    top = RunningTopK(kdim, top_k, torch.device("cpu"))
     if v.numel():
         key = img * kdim + lat
         ukey, inv = torch.unique(key, return_inverse=True)

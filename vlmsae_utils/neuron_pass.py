@@ -205,18 +205,18 @@ class _SparseMSSums:
 
     def __init__(self, codes: SparseCodes, e64: torch.Tensor, q: torch.Tensor) -> None:
         dev = e64.device
-        self.k, self.n, self.e64, self.q = codes.num_latents, len(codes), e64, q
+        self.num_latents, self.n, self.e64, self.q = codes.num_latents, len(codes), e64, q
         lo, hi = _minmax_sparse(codes)
         self.rng = (hi - lo).to(dev)
         self.safe = torch.where(self.rng > 0, self.rng, torch.ones_like(self.rng))
         self.c = torch.where(self.rng > 0, -lo.to(dev) / self.safe, torch.zeros_like(self.safe))
-        self.d_acc = torch.zeros(self.k, e64.shape[1], dtype=torch.float64, device=dev)  # Σ d_kn ê_n
-        self.moments = torch.zeros(4, self.k, dtype=torch.float64, device=dev)  # Σd, Σd², Σd·q, Σd²·q
+        self.d_acc = torch.zeros(self.num_latents, e64.shape[1], dtype=torch.float64, device=dev)  # Σ d_kn ê_n
+        self.moments = torch.zeros(4, self.num_latents, dtype=torch.float64, device=dev)  # Σd, Σd², Σd·q, Σd²·q
 
     def add(self, rows: torch.Tensor, lat: torch.Tensor, values: torch.Tensor, row: int, nb: int) -> None:
         """Fold the stored entries of images ``row`` … ``row + nb − 1`` (local ``rows``) into the sums."""
         d = values.to(torch.float64) / self.safe[lat]
-        sp = torch.sparse_coo_tensor(torch.stack([lat, rows]), d, (self.k, nb), check_invariants=False)
+        sp = torch.sparse_coo_tensor(torch.stack([lat, rows]), d, (self.num_latents, nb), check_invariants=False)
         self.d_acc += torch.sparse.mm(sp, self.e64[row : row + nb])
         qn = self.q[row + rows]
         for i, term in enumerate((d, d * d, d * qn, d * d * qn)):
@@ -236,12 +236,12 @@ class _SparseMSSums:
 # ----------------------------------------------------------------------------- the pass
 
 
-def _check_pass_args(n: int, k: int, top_k: int, chunk_size: int | None, with_ms: bool) -> int:
+def _check_pass_args(n: int, num_neurons: int, top_k: int, chunk_size: int | None, with_ms: bool) -> int:
     """The rows per streamed batch, after refusing bad shapes and sizes."""
     if with_ms and n < 2:
         raise ValueError(f"MS needs at least 2 images (pairs), got N={n}")
-    if k < 1:
-        raise ValueError(f"activations must have at least one neuron, got K={k}")
+    if num_neurons < 1:
+        raise ValueError(f"activations must have at least one neuron, got K={num_neurons}")
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0 (0: no exemplars), got {top_k}")
     batch = _DEFAULT_BATCH if chunk_size is None else int(chunk_size)
@@ -266,20 +266,22 @@ def scan_neurons(
     2048; float32 rounding grows with it). ``neuron_chunk``: neurons per pass, bounding the K×D
     float64 sums (each pass re-reads a store). ``matmul_dtype``: dtype of each batch product
     (sums accumulate in float64). Work runs on ``device``; results come back on the CPU."""
-    n, k = rows_and_dim(activations)
+    n, num_neurons = rows_and_dim(activations)
     with_ms = embeddings is not None
-    batch = _check_pass_args(n, k, top_k, chunk_size, with_ms)
+    batch = _check_pass_args(n, num_neurons, top_k, chunk_size, with_ms)
     dev = resolve_device(device)
     acc_dev = dev if dev.type != "mps" else torch.device("cpu")  # no float64 on MPS
     if isinstance(activations, SparseCodes):
         e_hat, q = _unit_embeddings(embeddings, n, acc_dev, torch.float64) if with_ms else (None, None)
         return _scan_sparse(activations, e_hat, q, int(top_k), batch, acc_dev)
     e_hat, q = _unit_embeddings(embeddings, n, dev, matmul_dtype) if with_ms else (None, None)
-    step = _neuron_block(activations, k, neuron_chunk)
+    step = _neuron_block(activations, num_neurons, neuron_chunk)
     buffers = WorkBuffers()  # shared by the column blocks: allocated (and page-faulted) once
     parts = [
-        _scan_dense_columns(activations, (k0, min(k, k0 + step)), e_hat, q, int(top_k), batch, (dev, acc_dev), buffers)
-        for k0 in range(0, k, step)
+        _scan_dense_columns(
+            activations, (k0, min(num_neurons, k0 + step)), e_hat, q, int(top_k), batch, (dev, acc_dev), buffers
+        )
+        for k0 in range(0, num_neurons, step)
     ]
     ms = torch.cat([p.ms for p in parts]) if with_ms else None  # type: ignore[misc]
     top = concat_tops([p.top for p in parts]) if top_k else None  # type: ignore[misc]
@@ -289,7 +291,7 @@ def scan_neurons(
 _MEMORY_BLOCK = 8192  # neurons per block of an in-memory tensor: small reused buffers, same single read
 
 
-def _neuron_block(activations: Any, k: int, neuron_chunk: int | None) -> int:
+def _neuron_block(activations: Any, num_neurons: int, neuron_chunk: int | None) -> int:
     """Neurons per column block: ``neuron_chunk`` if given; else blocks of an in-memory tensor (each
     element is still read once, its block's buffers stay small) and all neurons for a store (one read)."""
     if neuron_chunk is not None:
@@ -299,7 +301,7 @@ def _neuron_block(activations: Any, k: int, neuron_chunk: int | None) -> int:
     in_memory = isinstance(activations, torch.Tensor) or (
         isinstance(activations, np.ndarray) and not isinstance(activations, np.memmap)
     )
-    return min(k, _MEMORY_BLOCK) if in_memory else k
+    return min(num_neurons, _MEMORY_BLOCK) if in_memory else num_neurons
 
 
 def _scan_dense_columns(

@@ -25,11 +25,12 @@ class TopK(NamedTuple):
 
     @property
     def flagged(self) -> torch.Tensor:
-        """True for neurons with fewer than k positive images (some slots absent)."""
+        """True for neurons with fewer than ``top_k`` positive images (some slots absent)."""
         return self.count_positive < self.values.shape[1]
 
     @property
-    def k(self) -> int:
+    def top_k(self) -> int:
+        """Top images kept per neuron (slots, present or not)."""
         return int(self.values.shape[1])
 
 
@@ -62,10 +63,10 @@ class RunningTopK:
 
     _MAX_PAD = 64  # candidates per neuron merged by one padded top-k; more are reduced by sorting first
 
-    def __init__(self, num_neurons: int, k: int, device: torch.device, buffers: WorkBuffers | None = None) -> None:
-        self.k = int(k)
-        self.values = torch.full((num_neurons, self.k), float("-inf"), device=device)
-        self.indices = torch.full((num_neurons, self.k), -1, dtype=torch.int64, device=device)
+    def __init__(self, num_neurons: int, top_k: int, device: torch.device, buffers: WorkBuffers | None = None) -> None:
+        self.top_k = int(top_k)
+        self.values = torch.full((num_neurons, self.top_k), float("-inf"), device=device)
+        self.indices = torch.full((num_neurons, self.top_k), -1, dtype=torch.int64, device=device)
         self.count = torch.zeros(num_neurons, dtype=torch.int64, device=device)
         self.rows_seen = 0
         self._buffers = buffers or WorkBuffers()
@@ -88,7 +89,7 @@ class RunningTopK:
         self.count += (self._ones(nb) @ positive).to(torch.int64)  # a product: faster than a bool sum
         start = 0
         while start < nb:
-            size = min(nb - start, max(self.k, self.rows_seen))
+            size = min(nb - start, max(self.top_k, self.rows_seen))
             part = block[start : start + size]
             above = torch.gt(part, self.threshold(), out=self._buffer("above", part.shape, torch.bool))
             rows, cols = torch.nonzero(above, as_tuple=True)
@@ -113,7 +114,7 @@ class RunningTopK:
             return
         counts = torch.bincount(lat, minlength=self.count.numel())
         if int(counts.max()) > self._MAX_PAD:
-            lat, img, val = _reduce_heavy(lat, img, val, counts, self._MAX_PAD, self.k)
+            lat, img, val = _reduce_heavy(lat, img, val, counts, self._MAX_PAD, self.top_k)
             counts = torch.bincount(lat, minlength=self.count.numel())
         order = torch.argsort(lat, stable=True)  # grouped by neuron, image order kept within
         lat, img, val = lat[order], img[order], val[order]
@@ -121,14 +122,14 @@ class RunningTopK:
         slot = torch.cumsum(counts > 0, 0) - 1  # neuron → its row among the touched
         width = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
-        col = self.k + torch.arange(lat.numel(), device=lat.device) - starts[lat]
-        pad_v = torch.full((touched.numel(), self.k + width), float("-inf"), device=val.device)
+        col = self.top_k + torch.arange(lat.numel(), device=lat.device) - starts[lat]
+        pad_v = torch.full((touched.numel(), self.top_k + width), float("-inf"), device=val.device)
         pad_i = torch.full_like(pad_v, -1, dtype=torch.int64)
-        pad_v[:, : self.k] = self.values[touched]
-        pad_i[:, : self.k] = self.indices[touched]
+        pad_v[:, : self.top_k] = self.values[touched]
+        pad_i[:, : self.top_k] = self.indices[touched]
         pad_v[slot[lat], col] = val
         pad_i[slot[lat], col] = img
-        top_v, pos = torch.topk(pad_v, self.k, dim=1, sorted=True)
+        top_v, pos = torch.topk(pad_v, self.top_k, dim=1, sorted=True)
         self.values[touched] = top_v
         self.indices[touched] = torch.gather(pad_i, 1, pos)
 
@@ -141,9 +142,9 @@ class RunningTopK:
 
 
 def _reduce_heavy(
-    lat: torch.Tensor, img: torch.Tensor, val: torch.Tensor, counts: torch.Tensor, limit: int, k: int
+    lat: torch.Tensor, img: torch.Tensor, val: torch.Tensor, counts: torch.Tensor, limit: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidates with the neurons holding more than ``limit`` of them cut to their own top k
+    """Candidates with the neurons holding more than ``limit`` of them cut to their own ``top_k``
     (sorted by value, descending, stable), the others unchanged."""
     heavy = (counts > limit)[lat]
     h_lat, h_img, h_val = lat[heavy], img[heavy], val[heavy]
@@ -152,7 +153,7 @@ def _reduce_heavy(
     h_lat = h_lat[order]
     h_counts = torch.bincount(h_lat, minlength=counts.numel())
     rank = torch.arange(h_lat.numel(), device=lat.device) - (torch.cumsum(h_counts, 0) - h_counts)[h_lat]
-    best = order[rank < k]
+    best = order[rank < top_k]
     light = ~heavy
     return (
         torch.cat([lat[light], lat[heavy][best]]),

@@ -146,7 +146,7 @@ def ms_table(reports: Sequence[NeuronReport]) -> pd.DataFrame:
                 columns.MS_MEAN: summary["mean"],
                 columns.MS_STD: summary["std"],
                 "dead": summary["num_dead"],
-                f"< {report.top.k} positive images": int(report.top.flagged.sum()),
+                f"< {report.top.top_k} positive images": int(report.top.flagged.sum()),
             }
         )
     return pd.DataFrame(rows).set_index(columns.NEURONS)
@@ -157,7 +157,7 @@ def neurons_at_levels(report: NeuronReport, quantiles: Sequence[float] = (1.0, 0
     eligible = (~torch.isnan(report.ms)) & (~report.top.flagged)
     ids = torch.nonzero(eligible).flatten()
     if ids.numel() == 0:
-        raise ValueError(f"{report.name}: no live neuron with {report.top.k} positive images")
+        raise ValueError(f"{report.name}: no live neuron with {report.top.top_k} positive images")
     order = ids[torch.argsort(report.ms[ids], descending=True)]
     picks = [int(order[round((1.0 - q) * (len(order) - 1))]) for q in quantiles]
     return list(dict.fromkeys(picks))

@@ -327,15 +327,15 @@ def _as_sparse(codes) -> SparseCodes:
     return SparseCodes.from_dense(torch.as_tensor(codes).float())
 
 
-def concept_top_images(codes: SparseCodes, row_image_index, k: int = 16, pool: str = "mean") -> TopK:
-    """A latent's concept images: its top-``k`` images by its code pooled over each image's rows.
+def concept_top_images(codes: SparseCodes, row_image_index, top_k: int = 16, pool: str = "mean") -> TopK:
+    """A latent's concept images: its top-``top_k`` images by its code pooled over each image's rows.
 
     ``pool="mean"`` (default, the authors' ``--mean_pool``): the sum of the latent's code over the
     image's rows divided by the image's number of rows (absent entries count as 0).
     ``pool="max"``: the largest code over the image's rows (this book's earlier variant).
     ``row_image_index`` gives the image of every row (image-major, non-decreasing, e.g.
     ``store.row_image_index()``). Returns :class:`~vlmsae_utils.exemplars.TopK` over image ids
-    (``values`` are pooled codes in the SAE's code units; −1 / NaN where fewer than ``k`` images
+    (``values`` are pooled codes in the SAE's code units; −1 / NaN where fewer than ``top_k`` images
     have a positive pooled code).
     """
     if pool not in CONCEPT_POOLS:
@@ -347,8 +347,8 @@ def concept_top_images(codes: SparseCodes, row_image_index, k: int = 16, pool: s
     if image.numel() and (int(image.min()) < 0 or bool((image[1:] < image[:-1]).any())):
         raise ValueError("row_image_index must be non-negative and non-decreasing (image-major rows)")
     if pool == "max":
-        return top_k_images(codes, k, row_image_index=image)
-    return top_k_images(_mean_pool(codes, image), k)
+        return top_k_images(codes, top_k, row_image_index=image)
+    return top_k_images(_mean_pool(codes, image), top_k)
 
 
 def _mean_pool(codes: SparseCodes, image: torch.Tensor, chunk_rows: int = 1 << 20) -> SparseCodes:

@@ -148,12 +148,12 @@ def all_token_top_images(
     load: Callable[[int], Image.Image],
     num_images: int,
     shortlist: TopK | None = None,
-    k: int = CONCEPT_IMAGES,
+    top_k: int = CONCEPT_IMAGES,
     batch_size: int = 8,
 ) -> TopK:
-    """Top-``k`` images of each of ``latents`` by its SAE code averaged over *all* tokens of an image
+    """Top-``top_k`` images of each of ``latents`` by its SAE code averaged over *all* tokens of an image
     (CLS included), as the authors rank concept images: one streaming pass of LLaVA's tower over
-    the ``num_images`` training images (``O(len(latents)·k)`` state). With a ``shortlist`` (e.g. each
+    the ``num_images`` training images (``O(len(latents)·top_k)`` state). With a ``shortlist`` (e.g. each
     latent's top images by the stored rows) only those images pass through the tower and each latent
     ranks only its own. Rows follow ``latents``; ``count_positive`` counts the images ranked > 0."""
     chosen = torch.as_tensor(list(latents), dtype=torch.int64)
@@ -161,8 +161,8 @@ def all_token_top_images(
     images = (
         list(range(num_images)) if allowed is None else sorted({int(i) for i in allowed.flatten().tolist() if i >= 0})
     )
-    values = torch.full((len(chosen), k), float("-inf"))
-    indices = torch.full((len(chosen), k), -1, dtype=torch.int64)
+    values = torch.full((len(chosen), top_k), float("-inf"))
+    indices = torch.full((len(chosen), top_k), -1, dtype=torch.int64)
     count = torch.zeros(len(chosen), dtype=torch.int64)
     tower = vision_tower(model)
     for start in range(0, len(images), batch_size):
@@ -171,7 +171,7 @@ def all_token_top_images(
         if allowed is not None:  # each latent ranks only its own shortlisted images
             means = means.masked_fill(~(allowed[:, :, None] == batch[None, None, :]).any(1), 0.0)
         count += (means > 0).sum(1)
-        values, pick = torch.cat([values, means], 1).topk(k, dim=1)
+        values, pick = torch.cat([values, means], 1).topk(top_k, dim=1)
         indices = torch.cat([indices, batch.expand(len(chosen), -1)], 1).gather(1, pick)
     absent = ~(values > 0)
     return TopK(values.masked_fill(absent, float("nan")), indices.masked_fill(absent, -1), count)
