@@ -674,3 +674,20 @@ def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
     torch.save({"weights": torch.zeros(2)}, checkpoint)
     with pytest.raises(ValueError, match="is not a checkpoint of this trainer"):
         train_sae(first, **kwargs)
+
+
+def test_a_grid_resolves_its_device_once_at_its_entry_point(tmp_path, monkeypatch):
+    """train_grid hands its resolved device to training and evaluation (CONTRIBUTING: once, at the entry point)."""
+    from vlmsae_utils.train import evaluate, grid, loop
+
+    calls = []
+
+    def counting(device):
+        calls.append(device)
+        return torch.device("cpu")
+
+    for module in (grid, loop, evaluate):
+        monkeypatch.setattr(module, "resolve_device", counting)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    grid.train_grid(x, x, ["batch_top_k"], [2], tmp_path, "cpu", k=2, steps=2, batch_size=32, progress=False)
+    assert calls == ["cpu"]

@@ -13,6 +13,7 @@ from .batches import (
 )
 
 __all__ = [
+    "evaluate_on",
     "evaluate_sae",
 ]
 
@@ -35,7 +36,12 @@ def evaluate_sae(
     ``dead_frac_val`` (latents never active) and, for Matryoshka, ``r2_prefix_<m>`` per nested
     prefix (global). The SAE is moved to ``device`` (``"auto"``: CUDA if available) and back.
     """
-    dev = resolve_device(device)
+    return evaluate_on(sae, data, batch_size, resolve_device(device))
+
+
+@torch.no_grad()
+def evaluate_on(sae: BaseSAE, data: TrainingData, batch_size: int, dev: torch.device) -> dict[str, float]:
+    """:func:`evaluate_sae` on a device its caller resolved (training resolves it once, at its entry point)."""
     was_training = sae.training
     home = sae.W_enc.device
     sae.eval()

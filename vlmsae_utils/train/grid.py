@@ -22,8 +22,8 @@ from .batches import (
     _resolve_data_on_device,
     _RowSource,
 )
-from .evaluate import evaluate_sae
-from .loop import train_sae
+from .evaluate import evaluate_on
+from .loop import train_on
 
 __all__ = [
     "run_name",
@@ -81,19 +81,11 @@ def train_grid(
             cfg = configs[sae_type, expansion]
             k = cfg.k
             name = run_name(sae_type, expansion, k)
-            sae, history = train_sae(
-                train_data,
-                cfg,
-                val_data=val_data,
-                device=dev,
-                progress=progress,
-                resume=resume,
-                stop_after=stop_after,
-                checkpoint_dir=out / name / "checkpoint",
-            )
+            checkpoint = out / name / "checkpoint"
+            sae, history = train_on(train_data, cfg, dev, val_data, checkpoint, progress, resume, stop_after)
             save_sae(sae, out / name, training=history.attrs["training"], provenance=provenance)
             history.to_csv(out / name / "history.csv", index=False)
-            final = evaluate_sae(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
+            final = evaluate_on(sae, val_data if val_data is not None else train_data, cfg.batch_size, dev)
             rows.append(
                 {
                     "SAE": SAE_LABELS[sae_type],

@@ -28,7 +28,7 @@ from .batches import (
     _TrainingStream,
     data_fingerprint,
 )
-from .evaluate import evaluate_sae
+from .evaluate import evaluate_on
 from .loss import dead_after_batch, estimate_input_scale, geometric_median, lr_lambda, project_decoder_grad, sae_loss
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "check_sae_fits",
     "checkpoint_settings",
     "make_config",
+    "train_on",
     "train_sae",
 ]
 
@@ -134,7 +135,21 @@ def train_sae(
     ``True`` runs the encoder forward in bf16 on CUDA, ``None`` when the GPU supports it (never on the CPU).
     """
     cfg = make_config(config, expansion, **overrides)
-    dev = resolve_device(device)
+    return train_on(data, cfg, resolve_device(device), val_data, checkpoint_dir, progress, resume, stop_after)
+
+
+def train_on(
+    data: TrainingData,
+    cfg: TrainConfig,
+    dev: torch.device,
+    val_data: TrainingData | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> tuple[BaseSAE, pd.DataFrame]:
+    """:func:`train_sae` with its settings made and its device resolved by the caller (once, at the
+    entry point: :func:`train_sae` or :func:`~vlmsae_utils.train.train_grid`)."""
     d = _check_data(data, val_data)
     dict_size, group_sizes = cfg.sizes(d)
     check_sae_fits(d, dict_size, dev)
@@ -392,5 +407,5 @@ def _history_row(
         "threshold": float(state.sae.threshold),
     }
     if val_data is not None:
-        row.update({f"val_{kk}": v for kk, v in evaluate_sae(state.sae, val_data, cfg.batch_size, dev).items()})
+        row.update({f"val_{kk}": v for kk, v in evaluate_on(state.sae, val_data, cfg.batch_size, dev).items()})
     return row
