@@ -91,3 +91,75 @@ def test_a_registered_stage_ranks_its_runs_in_a_sweeps_book(tmp_path):
 def test_a_run_folder_starts_with_its_kind():
     with pytest.raises(ValueError, match="must start with its kind: norms/"):
         Run("norms", "03", "score/m/L2/d", {})
+
+
+NORMS_CHAPTER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# 8. Norms
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+activations_store = ""  # the MS run's validation activations
+device = "auto"
+out_dir = ""
+```
+
+```{code-cell} ipython3
+from pathlib import Path
+
+Path(out_dir, "norms.csv").write_text(f"store\\n{Path(activations_store).parent.name}\\n")
+```
+"""
+
+
+def test_a_chapter_written_outside_the_book_runs_in_a_sweep_and_its_book(tmp_path):
+    """A chapter is a notebook file and a stage declaring it: papermill runs it as a sweep cell, gather
+    reads its table, and the sweep's book takes it as chapter 08, with no edit to the package."""
+    from vlmsae_utils import book
+    from vlmsae_utils.sweep import notebook_runner
+
+    chapter = tmp_path / "08_norms.md"
+    chapter.write_text(NORMS_CHAPTER)
+
+    def plan(config, runs):  # the first MS run's store only: one real notebook execution
+        score = next(r for r in runs if r.kind == "score")
+        params = {"activations_store": score.parameters["activations_store"]}
+        return [Run("norms", str(chapter), f"norms/{score.out_dir}", params, [score.id], labels=dict(score.labels))]
+
+    def gather(ctx):
+        return {"norms": pd.read_csv(ctx.folder / "norms.csv").assign(run=ctx.run.id)}
+
+    def runner(notebook, params, out):  # the built-in stages faked, the new chapter executed for real
+        return (
+            notebook_runner(notebook, params, out) if notebook == str(chapter) else FakeRunner()(notebook, params, out)
+        )
+
+    stages.register_stage(
+        stages.Stage("norms", str(chapter), ("norms.csv",), tables=("norms",), gather=gather, plan=plan)
+    )
+    try:
+        raw = yaml.safe_load((CONFIGS / "fixture.yaml").read_text()) | {"hierarchy": None, "steering": None}
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
+        config = sweep.load_config(tmp_path / "sweep.yaml")
+        runs, root = sweep.expand(config), tmp_path / "root"
+        status = sweep.execute(runs, root, runner=runner, progress=False).set_index("run")
+        (norms,) = [r for r in runs if r.kind == "norms"]
+        assert status.loc[norms.id, "status"] == "ran" and sweep.is_complete(norms, root)
+        assert (root / norms.out_dir / "08_norms.ipynb").is_file()  # the executed chapter, as a book page
+        table = stages.stage("norms").gather(stages.GatherContext(norms, root / norms.out_dir, runs, root))["norms"]
+        assert table.store.tolist() == ["val"]  # its notebook read its parameters
+        executed = [book.ExecutedRun(stages.chapter_of(norms.notebook), norms.id, root / norms.out_dir / "x", "ran")]
+        assert [(r.notebook, r.run_id) for r in book.representatives(executed)] == [("08", norms.id)]
+        assert book._executed_notebook(root / norms.out_dir, norms.notebook).name == "08_norms.ipynb"
+    finally:
+        stages.unregister_stage("norms")

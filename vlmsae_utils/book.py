@@ -27,7 +27,7 @@ import yaml
 
 from .io import remove_entry
 from .paths import data_home, outputs_root, repo_root, results_root
-from .stages import book_rank
+from .stages import book_rank, chapter_of
 
 __all__ = [
     "ERROR_MARKERS",
@@ -262,8 +262,8 @@ class ExecutedRun:
 
 
 def _executed_notebook(folder: Path, notebook: str) -> Path | None:
-    """The executed ``NN_*.ipynb`` of a run folder, if the run wrote one."""
-    return next(iter(sorted(folder.glob(f"{notebook}_*.ipynb"))), None)
+    """The executed ``NN_*.ipynb`` of a run folder (``notebook`` a number or a notebook's path), if any."""
+    return next(iter(sorted(folder.glob(f"{chapter_of(notebook)}_*.ipynb"))), None)
 
 
 def sweep_runs(name: str) -> list[ExecutedRun]:
@@ -283,7 +283,7 @@ def sweep_runs(name: str) -> list[ExecutedRun]:
         if executed is not None:
             marker = root / row.run / DONE_FILE
             parameters = json.loads(marker.read_text())["parameters"] if marker.is_file() else None
-            runs.append(ExecutedRun(row.notebook, row.run, executed, row.status, parameters))
+            runs.append(ExecutedRun(chapter_of(row.notebook), row.run, executed, row.status, parameters))
     results = _executed_notebook(root / "results", RESULTS_NOTEBOOK)
     if results is None and not (results_root() / name / "sae.csv").is_file():
         return runs  # no SAE table (a steering-only sweep): no results chapter to show

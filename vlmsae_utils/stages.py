@@ -31,6 +31,7 @@ __all__ = [
     "Stage",
     "book_rank",
     "cell_kinds",
+    "chapter_of",
     "register_stage",
     "result_tables",
     "stage",
@@ -62,7 +63,7 @@ class Stage:
     """One kind of sweep cell."""
 
     kind: str  # the cell's name in run ids, ``--status`` and an ``executor: resources:`` block
-    notebook: str  # the chapter's number: ``run_notebook`` runs it with the run's parameters
+    notebook: str  # the chapter: its number (``"03"``) or a path to an ``NN_name.md`` notebook outside the book
     outputs: tuple[str, ...]  # files a finished run leaves (relative to its folder): "finished" needs them all
     reads_images: bool = False  # reads the image folder and writes a store from it (stale when images change)
     splits_over_tasks: bool = False  # several processes of one job may share one cell (extraction)
@@ -115,6 +116,11 @@ def cell_kinds() -> tuple[str, ...]:
 def stages_of_notebook(notebook: str) -> list[Stage]:
     """The stages whose runs execute ``notebook``."""
     return [s for s in STAGES.values() if s.notebook == notebook]
+
+
+def chapter_of(notebook: str) -> str:
+    """The chapter number of a stage's notebook: ``"03"`` as it is, ``…/08_norms.md`` → ``"08"``."""
+    return Path(notebook).name.split("_")[0]
 
 
 def result_tables() -> list[str]:
