@@ -39,7 +39,7 @@ class Run:
     def __post_init__(self) -> None:
         """Parameters as a notebook and JSON hold them (a parsed config's tuples as lists); the
         run's folder starts with its stage's kind (gather, executors and the book read it there)."""
-        if not self.out_dir.startswith(f"{self.kind}/"):
+        if self.out_dir.split("/")[0] != self.kind:
             raise ValueError(f"run folder {self.out_dir!r} must start with its kind: {self.kind}/…")
         self.parameters = plain(self.parameters)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -282,27 +280,6 @@ class TrainConfig:
     def field_names(cls) -> tuple[str, ...]:
         """The settings, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def value_types(cls, name: str) -> type | tuple[type, ...]:
-        """Types a setting may take in a YAML/JSON file (for ``isinstance``): its annotation with lists
-        for tuples and ints also accepted where a float is; a single type when there is one."""
-        hints = typing.get_type_hints(cls)
-        if name not in hints:
-            raise ValueError(f"unknown training setting {name!r}; TrainConfig fields: {', '.join(cls.field_names())}")
-        hint = hints[name]
-        parts = (
-            typing.get_args(hint)
-            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-            else (hint,)
-        )
-        out: list[type] = []
-        for part in parts:
-            origin = typing.get_origin(part) or part
-            for t in {tuple: (list,), float: (float, int)}.get(origin, (origin,)):
-                if t not in out:
-                    out.append(t)
-        return out[0] if len(out) == 1 else tuple(out)
 
 
 def grid_configs(
