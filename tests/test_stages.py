@@ -88,6 +88,12 @@ def test_a_registered_stage_ranks_its_runs_in_a_sweeps_book(tmp_path):
         stages.unregister_stage("norms")
 
 
+def test_a_stage_notebook_names_its_chapter():
+    with pytest.raises(ValueError, match=r"chapter number or an NN_name.md file, got 'norms.md'"):
+        stages.register_stage(stages.Stage("norms", "norms.md", ("norms.csv",)))
+    assert "norms" not in stages.STAGES
+
+
 def test_a_run_folder_starts_with_its_kind():
     with pytest.raises(ValueError, match="must start with its kind: norms/"):
         Run("norms", "03", "score/m/L2/d", {})

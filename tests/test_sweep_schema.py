@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,8 @@ def test_the_config_is_parsed_once_into_frozen_typed_sections():
         config.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.data["test"] = config.data["val"]  # type: ignore[index]
+    again = pickle.loads(pickle.dumps(config))  # a plan hook or a job may copy it
+    assert again == config and copy.deepcopy(config) == config
 
 
 @pytest.mark.parametrize("section", [SweepConfig, DataSplit, SaeSection, HierarchySection, SteeringSection])
@@ -90,6 +94,7 @@ def test_steering_settings_the_sweep_passes_are_notebook_05_parameters(tmp_path)
         ({"steering": {"llava": "x", "encoder": "y"}}, r"cfg.yaml.steering: missing key\(s\) \['layer'\]"),
         ({"hierarchy": {"top_k": "16"}}, r"cfg.yaml.hierarchy.top_k: expected int, got '16'"),
         ({"data": ["fixture"]}, r"cfg.yaml.data: expected mapping, got \['fixture'\]"),
+        ({"hierarchy": None}, r"cfg.yaml.hierarchy: empty; write 'hierarchy: \{\}' for its defaults"),
         ({"sae": {"types": ["batch_top_k"], "expansions": [2], "group_fractions": "half"}}, r"sae.group_fractions"),
     ],
 )

@@ -232,10 +232,11 @@ def cell_seconds(run, config: SweepConfig, sustained_tflops: float) -> float | N
         width = _model_width(labels["model"], labels["layer"])
         if width is None:
             return None
-        hierarchy = config.hierarchy
-        expansions = config.sae.expansions if run.kind == "score" or hierarchy is None else (hierarchy.expansion,)
-        images = IMAGENET_VAL if run.kind == "score" else _split_images(config, "train")
-        return ms_flops(images, round(width * sum(expansions) * len(config.sae.types)), 768) / rate
+        if run.kind == "score" or config.hierarchy is None:  # every SAE of the grid on the validation images
+            images, latents = IMAGENET_VAL, width * sum(config.sae.expansions) * len(config.sae.types)
+        else:  # the hierarchy's one Matryoshka SAE on the training images
+            images, latents = _split_images(config, "train"), width * config.hierarchy.expansion
+        return ms_flops(images, round(latents), 768) / rate
     return None
 
 

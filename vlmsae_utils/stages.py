@@ -11,6 +11,7 @@ package changes. This module imports no heavy library, so configuration checks c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,10 @@ def register_stage(new: Stage) -> Stage:
         raise ValueError(f"a stage's kind must be a plain name, got {new.kind!r}")
     if set(new.tables) and new.gather is None:
         raise ValueError(f"stage {new.kind!r} names result tables {new.tables} but has no gather function")
+    if not re.fullmatch(r"\d\d", chapter_of(new.notebook)):
+        raise ValueError(
+            f"stage {new.kind!r}: its notebook must be a chapter number or an NN_name.md file, got {new.notebook!r}"
+        )
     STAGES[new.kind] = new
     return new
 

@@ -19,7 +19,6 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 from .executor_config import ExecutorConfig, parse_executor
@@ -30,6 +29,7 @@ __all__ = [
     "NOTEBOOK_SETTING",
     "ConfigError",
     "DataSplit",
+    "FrozenDict",
     "HierarchySection",
     "SaeSection",
     "Section",
@@ -48,6 +48,21 @@ TRAIN_DEFAULTS = TrainConfig()  # what an unset training setting of the sae sect
 
 class ConfigError(ValueError):
     """A sweep file with unknown keys, wrong types or missing data."""
+
+
+class FrozenDict(dict):
+    """A read-only mapping that still pickles, copies and hashes (a parsed section's mappings)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is read-only: a parsed sweep file is never edited")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
 
 
 def _notebook_setting() -> Any:
@@ -90,7 +105,7 @@ def convert(value: Any, hint: Any, where: str) -> Any:
     elif origin is tuple and isinstance(value, (list, tuple)):
         return tuple(convert(item, args[0], f"{where}[{i}]") for i, item in enumerate(value))
     elif origin in (Mapping, dict) and isinstance(value, Mapping):
-        return MappingProxyType({key: convert(item, args[1], f"{where}.{key}") for key, item in value.items()})
+        return FrozenDict({key: convert(item, args[1], f"{where}.{key}") for key, item in value.items()})
     elif origin is None and isinstance(hint, type) and issubclass(hint, Section):
         return hint.parse(value, where)
     elif origin is None and _is_instance(value, hint):
@@ -194,7 +209,7 @@ class SaeSection(Section):
     #: Active latents per input; a list sweeps the grid over K (Table 1), each K in its own folder.
     k: int | tuple[int, ...] = TRAIN_DEFAULTS.k
     #: The TrainConfig settings the file sets (the keys besides ``types``, ``expansions`` and ``k``).
-    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    settings: Mapping[str, Any] = field(default_factory=FrozenDict)
 
     GRID_KEYS: ClassVar[tuple[str, ...]] = ("types", "expansions", "k")
 
@@ -210,7 +225,7 @@ class SaeSection(Section):
         hints = typing.get_type_hints(TrainConfig)
         settings = {key: convert(v, hints[key], f"{where}.{key}") for key, v in raw.items() if key not in cls.GRID_KEYS}
         grid = parse_fields(cls, {key: raw[key] for key in cls.GRID_KEYS if key in raw}, where)
-        return dataclasses.replace(grid, settings=MappingProxyType(settings))
+        return dataclasses.replace(grid, settings=FrozenDict(settings))
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -317,9 +332,9 @@ class SweepConfig(Section):
     num_workers: int | None = None
     #: Where images are decoded: ``cpu`` (as the authors) or ``gpu`` (``null``: cpu).
     decode: str | None = None
-    #: The hierarchy study (``null``: none).
+    #: The hierarchy study (absent: none; ``{}``: its defaults).
     hierarchy: HierarchySection | None = None
-    #: The steering study (``null``: none).
+    #: The steering study (absent: none).
     steering: SteeringSection | None = None
     #: Where the cells run: inline, local workers or Slurm (:mod:`vlmsae_utils.executor_config`).
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
@@ -329,6 +344,11 @@ class SweepConfig(Section):
         """The file's sections by their fields; the ``executor`` block by its own parser."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}: expected a mapping at the top level")
+        for key in ("hierarchy", "steering"):
+            if key in raw and raw[key] is None:  # every sub-key commented out: not the same as no study
+                raise ConfigError(
+                    f"{where}.{key}: empty; write '{key}: {{}}' for its defaults, or remove the key to run no {key} study"
+                )
         rest = {key: value for key, value in raw.items() if key != "executor"}
         config = parse_fields(cls, rest, where)
         try:
