@@ -31,3 +31,20 @@ def test_cluster_plan_counts_the_grids_jobs_and_sums_their_flops():
     assert float(plan.loc["train", "GPU-hours"]) == pytest.approx(flops / 100e12 / 3600, abs=0.05)
     steering = scale.cluster_plan("paper_steering")
     assert steering.loc["steer", "GPU-hours"] == "—"  # generation is not estimated
+
+
+def test_the_hierarchy_cell_scores_its_one_matryoshka_sae():
+    """The hierarchy run scores one SAE (ε = 2 on CLIP-L's 768-d projection) on iNaturalist train,
+    however many SAE types the grid has."""
+    import dataclasses
+    from pathlib import Path
+
+    from vlmsae_utils import sweep
+
+    config = sweep.load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "paper_hierarchy.yaml", check_data=False
+    )
+    two_types = dataclasses.replace(config, sae=dataclasses.replace(config.sae, types=("batch_top_k", "top_k")))
+    (run,) = [r for r in sweep.expand(config) if r.kind == "hierarchy"]
+    expected = 2.0 * scale.INAT2021_TRAIN * (768 * 2) * 768 / 100e12
+    assert scale.cell_seconds(run, two_types, 100.0) == pytest.approx(expected)
