@@ -259,10 +259,16 @@ def _grid_codes(sae, pixels: torch.Tensor, tokens: torch.Tensor, chosen: list[in
     return codes.reshape(len(pixels), rows, cols, len(chosen)).permute(0, 3, 1, 2).cpu()
 
 
-def _heatmaps(encoder: VisionEncoder, chosen: list[int], codes: torch.Tensor, images: Sequence[Image.Image]):
-    """Codes with the view box and size of each original image."""
+def _heatmaps(
+    encoder: VisionEncoder,
+    chosen: list[int],
+    codes: torch.Tensor,
+    images: Sequence[Image.Image],
+    patch: tuple[int, int] | None = None,
+) -> PatchHeatmaps:
+    """Codes with the view box and size of each original image (and the patch the latents were chosen at)."""
     sizes = [image.size for image in images]
-    return PatchHeatmaps(chosen, codes, [model_view_box(encoder, w, h) for w, h in sizes], sizes)
+    return PatchHeatmaps(chosen, codes, [model_view_box(encoder, w, h) for w, h in sizes], sizes, patch)
 
 
 def _encoder_of(params: dict, device: str | torch.device) -> VisionEncoder | None:
@@ -320,9 +326,7 @@ def strongest_latents(
         peak = sae.encode(tokens[0, patch[0] * cols + patch[1]][None])[0]
     chosen = [int(j) for j in peak.topk(min(n, sae.dict_size)).indices if float(peak[j]) > 0]
     codes = _grid_codes(sae, pixels, tokens, chosen) if chosen else torch.zeros(1, 0, 1, 1)
-    maps = _heatmaps(encoder, chosen, codes, [image])
-    maps.patch = patch
-    return maps
+    return _heatmaps(encoder, chosen, codes, [image], patch)
 
 
 def _patch_under(
